@@ -1,0 +1,112 @@
+//! The command line. Each subcommand is a role (or a tool); its flags
+//! override the configuration keys they name.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shop-mesh",
+    version,
+    about = "A service registry and the shop services that find each other through it"
+)]
+pub struct Cli {
+    /// Configuration file [default: config/default.toml when it exists].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the merged configuration and exit.
+    #[arg(long, global = true)]
+    pub print_config: bool,
+    /// Log as JSON lines [config: log.format].
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub role: Role,
+}
+
+/// What this process runs. The names are the CLI's.
+#[derive(Debug, Subcommand)]
+pub enum Role {
+    /// The registry (Nacos's job), on :8848 by default.
+    Registry(crate::registry::Args),
+    /// The user service, "server-user" (not built yet).
+    User(ServiceArgs),
+    /// The product service, "server-product" (not built yet).
+    Product(ServiceArgs),
+    /// The order service, "server-order" (not built yet).
+    Order(ServiceArgs),
+    /// Everything at once on one machine (not built yet).
+    Up,
+    /// Measures a deployment.
+    #[command(subcommand)]
+    Bench(crate::bench::Bench),
+}
+
+/// The flags every shop service takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    /// Registry addresses, tried in turn (a,b,c).
+    #[arg(long, default_value = "127.0.0.1:8848")]
+    pub registry: String,
+}
+
+impl Role {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Registry(_) => "registry",
+            Role::User(_) => "user",
+            Role::Product(_) => "product",
+            Role::Order(_) => "order",
+            Role::Up => "up",
+            Role::Bench(_) => "bench",
+        }
+    }
+
+    /// Applies this role's flags over the loaded configuration.
+    pub fn apply(&self, config: &mut Config) {
+        if let Role::Registry(args) = self {
+            args.apply(&mut config.registry);
+        }
+    }
+}
+
+/// Loads the configuration, starts logging and runs the chosen role.
+pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(cli.config.as_deref())?;
+    if cli.log_json {
+        config.log.format = LogFormat::Json;
+    }
+    cli.role.apply(&mut config);
+    if cli.print_config {
+        print!("{}", config.to_toml());
+        return Ok(ExitCode::SUCCESS);
+    }
+    crate::telemetry::init(&config.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(cli.role, config))
+}
+
+async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
+    match role {
+        Role::Registry(_) => {
+            let listener = tokio::net::TcpListener::bind(config.registry.listen)
+                .await
+                .map_err(|err| {
+                    anyhow::anyhow!("cannot listen on {}: {err}", config.registry.listen)
+                })?;
+            crate::registry::run(&config.registry, listener, crate::shutdown::on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Role::Bench(bench) => bench.run().await.map(|()| ExitCode::SUCCESS),
+        other => {
+            eprintln!("the {} role is not built yet", other.name());
+            Ok(ExitCode::from(2))
+        }
+    }
+}

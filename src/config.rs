@@ -1,0 +1,90 @@
+//! Layered configuration: built-in defaults < `config/default.toml` (or
+//! `--config FILE`) < `SHOP_MESH__SECTION__KEY` environment variables <
+//! command-line flags, merged into one typed [`Config`].
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The default configuration file, read when it exists and no `--config`
+/// is given.
+pub const DEFAULT_FILE: &str = "config/default.toml";
+
+/// The prefix of configuration environment variables; `__` separates the
+/// section from the key (`SHOP_MESH__REGISTRY__LISTEN`).
+pub const ENV_PREFIX: &str = "SHOP_MESH__";
+
+/// Everything a role can be configured with, one section per concern.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub log: LogConfig,
+    pub registry: crate::registry::Config,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `shop_mesh=debug,tower=warn`);
+    /// `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+}
+
+impl Config {
+    /// Merges the defaults, the file (`path`, else [`DEFAULT_FILE`] if it
+    /// exists) and the environment. Flags are applied by the caller, on the
+    /// typed result.
+    pub fn load(path: Option<&Path>) -> Result<Self, Error> {
+        Self::load_from(path, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    /// [`Config::load`] with the environment given, so tests need not touch
+    /// the process's own.
+    pub fn load_from(path: Option<&Path>, env: Env) -> Result<Self, Error> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(path) if !path.exists() => return Err(Error::MissingFile(path.into())),
+            Some(path) => figment = figment.merge(Toml::file(path)),
+            None if Path::new(DEFAULT_FILE).exists() => {
+                figment = figment.merge(Toml::file(DEFAULT_FILE))
+            }
+            None => {}
+        }
+        figment
+            .merge(env)
+            .extract()
+            .map_err(|err| Error::Invalid(Box::new(err)))
+    }
+
+    /// The merged configuration as TOML, for `--print-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot print: {err}"))
+    }
+}

@@ -1,0 +1,29 @@
+//! shop-mesh: a Nacos-class service registry and the seed's shop services
+//! (user, product, order) that find each other through it, in one binary
+//! that speaks gRPC.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line; its subcommands are the roles.
+//! - [`config`]: layered configuration (defaults < file < environment < flags).
+//! - [`telemetry`]: logging through `tracing`.
+//! - [`shutdown`]: the one shutdown signal every role watches.
+//! - [`server`]: what every gRPC server carries (health, reflection, limits).
+//! - [`pb`]: the generated protobuf and gRPC code, and nothing else.
+//! - [`registry`]: the registry role: its domain ([`registry::Registry`]),
+//!   its gRPC face, persistence and health probes.
+//! - [`bench`]: benchmarks a deployment (`shop-mesh bench registry`).
+//!
+//! Domain code never sees tonic or prost types: the gRPC modules convert at
+//! the edge.
+
+#![forbid(unsafe_code)]
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod pb;
+pub mod registry;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,156 @@
+//! The registry role: `shop-mesh registry`. A Nacos-class naming service
+//! over gRPC: registration, leases kept alive over a stream, health
+//! (heartbeats for ephemeral instances, probes for persistent ones), and a
+//! watch that pushes every change at once.
+
+mod error;
+mod grpc;
+pub mod model;
+mod persist;
+mod probe;
+mod store;
+mod watch;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+pub use error::Error;
+pub use grpc::RegistryService;
+pub use probe::HEALTH_SERVICE_KEY;
+pub use store::{KeepAlive, Registry, Stats};
+pub use watch::{SNAPSHOT_CHUNK, Selector, WatchItem, WatchStream};
+
+use crate::pb::registry::registry_server::RegistryServer;
+use crate::shutdown::Shutdown;
+
+/// The registry's default port, Nacos's.
+pub const DEFAULT_PORT: u16 = 8848;
+
+/// `shop-mesh registry` flags; each overrides its configuration key.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Args {
+    /// Address to listen on [config: registry.listen].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Where persistent instances and service settings are kept
+    /// [config: registry.data_dir].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Args {
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+    }
+}
+
+/// The `[registry]` configuration section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Default heartbeat interval of an ephemeral instance.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Default time without a heartbeat before an instance is unhealthy.
+    #[serde(with = "humantime_serde")]
+    pub unhealthy_timeout: Duration,
+    /// Default time without a heartbeat before an instance is removed.
+    #[serde(with = "humantime_serde")]
+    pub delete_timeout: Duration,
+    /// Bounds of per-instance timings.
+    #[serde(with = "humantime_serde")]
+    pub min_heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+    /// How often persistent instances are probed, and how long a probe may take.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// How long a stopping registry waits for open calls before it exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            data_dir: PathBuf::from("data/registry"),
+            heartbeat_interval: Duration::from_secs(5),
+            unhealthy_timeout: Duration::from_secs(15),
+            delete_timeout: Duration::from_secs(30),
+            min_heartbeat_interval: Duration::from_millis(500),
+            max_timeout: Duration::from_secs(3600),
+            probe_interval: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(10),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Limits that keep one client from taking the registry down.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_instances_per_service: usize,
+    pub max_services_per_namespace: usize,
+    /// Watch streams open at once.
+    pub max_watches: usize,
+    /// Changes kept for watchers that resume; older resumes get a reset.
+    pub watch_history: usize,
+    /// Changes queued for one watcher before it is sent a reset instead.
+    pub watch_queue: usize,
+    /// Largest request message, in bytes.
+    pub max_message_size: usize,
+    pub max_page_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_instances_per_service: 10_000,
+            max_services_per_namespace: 100_000,
+            max_watches: 10_000,
+            watch_history: 10_000,
+            watch_queue: 1024,
+            max_message_size: 4 * 1024 * 1024,
+            max_page_size: 1000,
+        }
+    }
+}
+
+/// Serves the registry on `listener` until `shutdown`.
+pub async fn run(config: &Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+    let registry = Registry::open(config).await.map_err(|err| {
+        anyhow::anyhow!(
+            "cannot open the registry's data dir {}: {err}",
+            config.data_dir.display()
+        )
+    })?;
+    let service = RegistryServer::new(RegistryService::new(registry.clone(), shutdown.clone()))
+        .max_decoding_message_size(config.limits.max_message_size);
+    let server = crate::server::Server::new(shutdown.clone()).await;
+    let routes = server.routes().add_service(service);
+    server
+        .health()
+        .set_serving::<RegistryServer<RegistryService>>()
+        .await;
+    tracing::info!(addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "registry serving");
+    let result = server.serve(routes, listener, config.shutdown_grace).await;
+    registry.close();
+    result
+}

@@ -1,0 +1,268 @@
+//! The registry's gRPC face: each handler converts the request, calls
+//! [`Registry`], and converts the answer back. No domain logic here.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::model::{
+    self, ChangeKind, GroupKey, Instance, InstanceAddr, InstanceSpec, ServiceKey, ServiceSettings,
+    TimingOverrides,
+};
+use super::watch::{Selector, WatchItem};
+use super::{Error, Registry};
+use crate::pb::registry as pb;
+use crate::shutdown::Shutdown;
+
+pub struct RegistryService {
+    registry: Registry,
+    shutdown: Shutdown,
+}
+
+impl RegistryService {
+    pub fn new(registry: Registry, shutdown: Shutdown) -> Self {
+        Self { registry, shutdown }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::registry_server::Registry for RegistryService {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let request = request.into_inner();
+        let instance = request
+            .instance
+            .ok_or_else(|| Error::invalid("instance", "must be set"))?;
+        let spec = InstanceSpec::try_from(instance)?;
+        let registered = self.registry.register(spec, request.lease_id).await?;
+        Ok(Response::new(pb::RegisterResponse {
+            instance_id: registered.instance_id,
+            lease_id: registered.lease,
+            revision: registered.revision,
+            heartbeat_interval_ms: registered.heartbeat_interval.as_millis() as u64,
+        }))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let r = request.into_inner();
+        let key = ServiceKey::parse(&r.namespace, &r.group, &r.service)?;
+        let addr = InstanceAddr::parse(&r.cluster, &r.ip, r.port)?;
+        let revision = self.registry.deregister(&key, &addr).await?;
+        Ok(Response::new(pb::DeregisterResponse { revision }))
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let r = request.into_inner();
+        let group = GroupKey::parse(&r.namespace, &r.group)?;
+        let max = self.registry.config().limits.max_page_size;
+        let page_size = match r.page_size as usize {
+            0 => max.min(100),
+            n if n > max => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("{n} is above the maximum, {max}"),
+                )
+                .into());
+            }
+            n => n,
+        };
+        let page = self
+            .registry
+            .list_services(&group, (r.page as usize).max(1), page_size);
+        Ok(Response::new(pb::ListServicesResponse {
+            services: page
+                .services
+                .into_iter()
+                .map(|s| pb::ServiceSummary {
+                    namespace: s.key.namespace.to_string(),
+                    group: s.key.group.to_string(),
+                    name: s.key.name.to_string(),
+                    instance_count: s.instance_count as u32,
+                    healthy_count: s.healthy_count as u32,
+                    protect_threshold: s.protect_threshold,
+                })
+                .collect(),
+            total: page.total as u32,
+            revision: page.revision,
+        }))
+    }
+
+    async fn get_service(
+        &self,
+        request: Request<pb::GetServiceRequest>,
+    ) -> Result<Response<pb::GetServiceResponse>, Status> {
+        let r = request.into_inner();
+        let key = ServiceKey::parse(&r.namespace, &r.group, &r.service)?;
+        for cluster in &r.clusters {
+            model::parse_name("clusters", cluster, None)?;
+        }
+        let view = self
+            .registry
+            .get_service(&key, r.healthy_only, &r.clusters)?;
+        Ok(Response::new(pb::GetServiceResponse {
+            namespace: view.key.namespace.to_string(),
+            group: view.key.group.to_string(),
+            name: view.key.name.to_string(),
+            instances: view.instances.iter().map(|i| to_pb(i)).collect(),
+            revision: view.revision,
+            protect_threshold: view.protect_threshold,
+            protection_triggered: view.protection_triggered,
+        }))
+    }
+
+    async fn update_service(
+        &self,
+        request: Request<pb::UpdateServiceRequest>,
+    ) -> Result<Response<pb::UpdateServiceResponse>, Status> {
+        let r = request.into_inner();
+        let key = ServiceKey::parse(&r.namespace, &r.group, &r.service)?;
+        let settings = ServiceSettings::parse(r.protect_threshold, r.metadata)?;
+        self.registry.update_service(&key, settings).await?;
+        Ok(Response::new(pb::UpdateServiceResponse {}))
+    }
+
+    type KeepAliveStream = BoxStream<pb::KeepAliveResponse>;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<pb::KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let mut session = self.registry.keep_alive();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    message = inbound.message() => message,
+                    _ = shutdown.cancelled() => break,
+                };
+                // A closed or broken stream ends the session, whose drop
+                // marks its leases' instances unhealthy at once.
+                let Ok(Some(beat)) = message else { break };
+                let answer = session
+                    .beat(beat.lease_id)
+                    .map(|interval| pb::KeepAliveResponse {
+                        lease_id: beat.lease_id,
+                        heartbeat_interval_ms: interval.as_millis() as u64,
+                    });
+                let failed = answer.is_err();
+                if tx.send(answer.map_err(Status::from)).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type WatchStream = BoxStream<pb::WatchResponse>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = request.into_inner();
+        let group = GroupKey::parse(&r.namespace, &r.group)?;
+        let selector = if r.service.is_empty() {
+            Selector::Group(group)
+        } else {
+            Selector::Service(ServiceKey::parse(&r.namespace, &r.group, &r.service)?)
+        };
+        let stream = self
+            .registry
+            .watch(selector, r.start_revision, r.incarnation)?;
+        let incarnation = self.registry.incarnation();
+        let answers = stream
+            .map(move |item| Ok(watch_response(item, incarnation)))
+            .take_until(self.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(answers)))
+    }
+}
+
+impl TryFrom<pb::Instance> for InstanceSpec {
+    type Error = Error;
+
+    fn try_from(i: pb::Instance) -> Result<Self, Error> {
+        Ok(InstanceSpec {
+            service: ServiceKey::parse(&i.namespace, &i.group, &i.service)?,
+            addr: InstanceAddr::parse(&i.cluster, &i.ip, i.port)?,
+            weight: model::parse_weight(i.weight)?,
+            enabled: i.enabled.unwrap_or(true),
+            ephemeral: i.ephemeral.unwrap_or(true),
+            metadata: model::parse_metadata("metadata", i.metadata)?,
+            timings: TimingOverrides {
+                heartbeat_interval_ms: i.heartbeat_interval_ms,
+                unhealthy_timeout_ms: i.unhealthy_timeout_ms,
+                delete_timeout_ms: i.delete_timeout_ms,
+            },
+        })
+    }
+}
+
+pub fn to_pb(i: &Instance) -> pb::Instance {
+    pb::Instance {
+        namespace: i.service.namespace.to_string(),
+        group: i.service.group.to_string(),
+        service: i.service.name.to_string(),
+        cluster: i.addr.cluster.to_string(),
+        ip: i.addr.ip.to_string(),
+        port: i.addr.port.into(),
+        weight: Some(i.weight),
+        enabled: Some(i.enabled),
+        ephemeral: Some(i.ephemeral),
+        metadata: i
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        heartbeat_interval_ms: Some(i.timings.heartbeat_interval_ms.into()),
+        unhealthy_timeout_ms: Some(i.timings.unhealthy_timeout_ms.into()),
+        delete_timeout_ms: Some(i.timings.delete_timeout_ms.into()),
+        healthy: i.healthy,
+        instance_id: i.id(),
+        lease_id: i.lease,
+    }
+}
+
+fn watch_response(item: WatchItem, incarnation: u64) -> pb::WatchResponse {
+    match item {
+        WatchItem::Snapshot {
+            revision,
+            reset,
+            instances,
+            more,
+        } => pb::WatchResponse {
+            revision,
+            incarnation,
+            body: Some(pb::watch_response::Body::Snapshot(pb::Snapshot {
+                reset,
+                instances: instances.iter().map(|i| to_pb(i)).collect(),
+                more,
+            })),
+        },
+        WatchItem::Change(event) => pb::WatchResponse {
+            revision: event.revision,
+            incarnation,
+            body: Some(pb::watch_response::Body::Change(pb::Change {
+                kind: match event.kind {
+                    ChangeKind::Put => pb::change::Kind::Put,
+                    ChangeKind::Removed => pb::change::Kind::Delete,
+                } as i32,
+                instance: Some(to_pb(&event.instance)),
+            })),
+        },
+    }
+}

@@ -1,0 +1,108 @@
+//! What every role's gRPC server carries: `grpc.health.v1.Health` (SERVING
+//! only once the role is ready), server reflection v1 and v1alpha (grpcurl
+//! 1.8 speaks only v1alpha), HTTP/2 keepalive so dead peers are noticed,
+//! and a graceful stop bounded by a grace period.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::shutdown::Shutdown;
+
+/// How often an idle connection is pinged, and how long a ping may go
+/// unanswered before the connection is dropped.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Server {
+    health: HealthReporter,
+    health_service:
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    shutdown: Shutdown,
+}
+
+impl Server {
+    /// A server whose health reads NOT_SERVING until [`Server::serve`].
+    pub async fn new(shutdown: Shutdown) -> Self {
+        let health = HealthReporter::new();
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        );
+        Self {
+            health,
+            health_service,
+            shutdown,
+        }
+    }
+
+    pub fn health(&self) -> &HealthReporter {
+        &self.health
+    }
+
+    /// Health and reflection; the role adds its own services.
+    pub fn routes(&self) -> Routes {
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let v1 = reflection()
+            .build_v1()
+            .expect("embedded descriptors are valid");
+        let v1alpha = reflection()
+            .build_v1alpha()
+            .expect("embedded descriptors are valid");
+        Routes::new(self.health_service.clone())
+            .add_service(v1)
+            .add_service(v1alpha)
+    }
+
+    /// Serves until shutdown; then reports NOT_SERVING, stops accepting and
+    /// waits up to `grace` for open calls to finish.
+    pub async fn serve(
+        &self,
+        routes: Routes,
+        listener: TcpListener,
+        grace: Duration,
+    ) -> anyhow::Result<()> {
+        self.health
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        let shutdown = self.shutdown.clone();
+        let health = self.health.clone();
+        let stopping = async move {
+            shutdown.cancelled().await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+        };
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .tcp_nodelay(true)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
+        tokio::pin!(server);
+        tokio::select! {
+            result = &mut server => return result.map_err(Into::into),
+            _ = self.shutdown.cancelled() => {}
+        }
+        match tokio::time::timeout(grace, server).await {
+            Ok(result) => result.map_err(Into::into),
+            Err(_) => {
+                tracing::warn!(
+                    ?grace,
+                    "open calls outlived the shutdown grace; closing them"
+                );
+                Ok(())
+            }
+        }
+    }
+}

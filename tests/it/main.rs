@@ -1,0 +1,101 @@
+//! Integration tests: roles started in-process on port 0, each with a
+//! private data dir; waits poll a condition under a deadline.
+
+mod config;
+mod grpcurl;
+mod registry_api;
+mod registry_core;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use shop_mesh::pb::registry::registry_client::RegistryClient;
+use shop_mesh::registry;
+use shop_mesh::shutdown::Shutdown;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// A registry role serving on 127.0.0.1:0.
+pub struct TestRegistry {
+    pub addr: SocketAddr,
+    pub config: registry::Config,
+    shutdown: Shutdown,
+    task: JoinHandle<anyhow::Result<()>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestRegistry {
+    /// A registry with a fresh data dir.
+    pub async fn start() -> TestRegistry {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut registry::Config)) -> TestRegistry {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = registry::Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        adjust(&mut config);
+        let mut started = Self::start_on(config).await;
+        started._dir = Some(dir);
+        started
+    }
+
+    /// A registry on an existing configuration (its data dir kept by the
+    /// caller), so a test can restart it.
+    pub async fn start_on(config: registry::Config) -> TestRegistry {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn({
+            let (config, shutdown) = (config.clone(), shutdown.clone());
+            async move { registry::run(&config, listener, shutdown).await }
+        });
+        TestRegistry {
+            addr,
+            config,
+            shutdown,
+            task,
+            _dir: None,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> RegistryClient<Channel> {
+        RegistryClient::connect(self.url())
+            .await
+            .expect("connect to the registry")
+    }
+
+    /// Stops it the way SIGTERM would, and waits for it to exit.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("registry task")
+            .expect("registry exits cleanly");
+    }
+}
+
+/// Polls `check` until it is true, or panics after `deadline`.
+pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let give_up = tokio::time::Instant::now() + deadline;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,556 @@
+//! The registry over gRPC: what a client sees, status codes included.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use shop_mesh::pb::registry as pb;
+use shop_mesh::pb::registry::registry_client::RegistryClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::{TestRegistry, wait_until};
+
+fn instance(service: &str, port: u32) -> pb::Instance {
+    pb::Instance {
+        service: service.into(),
+        ip: "127.0.0.1".into(),
+        port,
+        ..Default::default()
+    }
+}
+
+async fn register(client: &mut RegistryClient<Channel>, i: pb::Instance) -> pb::RegisterResponse {
+    client
+        .register(pb::RegisterRequest {
+            instance: Some(i),
+            lease_id: 0,
+        })
+        .await
+        .expect("register")
+        .into_inner()
+}
+
+async fn get(
+    client: &mut RegistryClient<Channel>,
+    service: &str,
+    healthy_only: bool,
+) -> pb::GetServiceResponse {
+    client
+        .get_service(pb::GetServiceRequest {
+            service: service.into(),
+            healthy_only,
+            ..Default::default()
+        })
+        .await
+        .expect("get service")
+        .into_inner()
+}
+
+async fn next_change(watch: &mut tonic::Streaming<pb::WatchResponse>) -> (u64, pb::Change) {
+    let answer = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("a change within 5 s")
+        .expect("stream ok")
+        .expect("stream open");
+    match answer.body {
+        Some(pb::watch_response::Body::Change(change)) => (answer.revision, change),
+        other => panic!("expected a change, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn register_get_deregister_move_the_revision_by_one_each() {
+    let registry = TestRegistry::start().await;
+    let mut client = registry.client().await;
+
+    let first = register(&mut client, instance("server-user", 8060)).await;
+    assert_eq!(first.revision, 1);
+    assert_eq!(
+        first.instance_id,
+        "127.0.0.1#8060#DEFAULT#DEFAULT_GROUP@@server-user"
+    );
+    assert_ne!(first.lease_id, 0);
+    assert_eq!(first.heartbeat_interval_ms, 5_000);
+
+    let service = get(&mut client, "server-user", false).await;
+    assert_eq!(service.instances.len(), 1);
+    let got = &service.instances[0];
+    assert!(got.healthy);
+    assert_eq!(
+        (
+            got.namespace.as_str(),
+            got.group.as_str(),
+            got.cluster.as_str()
+        ),
+        ("public", "DEFAULT_GROUP", "DEFAULT")
+    );
+    assert_eq!(
+        (got.weight, got.enabled, got.ephemeral),
+        (Some(1.0), Some(true), Some(true))
+    );
+
+    let again = register(&mut client, instance("server-user", 8060)).await;
+    assert_eq!(again.revision, 1, "the same registration changes nothing");
+    let mut heavier = instance("server-user", 8060);
+    heavier.weight = Some(2.0);
+    let changed = register(&mut client, heavier).await;
+    assert_eq!(changed.revision, 2, "an update is one change");
+    assert_eq!(changed.instance_id, first.instance_id);
+    let service = get(&mut client, "server-user", false).await;
+    assert_eq!(service.instances.len(), 1, "still one instance");
+    assert_eq!(service.instances[0].weight, Some(2.0));
+
+    let gone = client
+        .deregister(pb::DeregisterRequest {
+            service: "server-user".into(),
+            ip: "127.0.0.1".into(),
+            port: 8060,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(gone.revision, 3);
+    let err = client
+        .get_service(pb::GetServiceRequest {
+            service: "server-user".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn list_services_counts_and_pages() {
+    let registry = TestRegistry::start().await;
+    let mut client = registry.client().await;
+    for name in ["a", "b", "c"] {
+        register(&mut client, instance(name, 1)).await;
+        register(&mut client, instance(name, 2)).await;
+    }
+    let mut elsewhere = instance("d", 1);
+    elsewhere.group = "OTHER".into();
+    register(&mut client, elsewhere).await;
+
+    let page = |page, page_size| pb::ListServicesRequest {
+        page,
+        page_size,
+        ..Default::default()
+    };
+    let first = client.list_services(page(1, 2)).await.unwrap().into_inner();
+    assert_eq!(first.total, 3);
+    let names: Vec<_> = first.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(
+        (
+            first.services[0].instance_count,
+            first.services[0].healthy_count
+        ),
+        (2, 2)
+    );
+    let second = client.list_services(page(2, 2)).await.unwrap().into_inner();
+    assert_eq!(
+        second
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["c"]
+    );
+
+    let err = client.list_services(page(1, 5_000)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("page_size"), "{}", err.message());
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn each_bad_input_gets_its_code_and_names_its_field() {
+    let registry = TestRegistry::start().await;
+    let mut client = registry.client().await;
+    let with = |f: fn(&mut pb::Instance)| {
+        let mut i = instance("svc", 80);
+        f(&mut i);
+        i
+    };
+    let big_metadata: HashMap<_, _> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
+    let cases: Vec<(pb::Instance, &str)> = vec![
+        (with(|i| i.service.clear()), "service"),
+        (with(|i| i.service = "x".repeat(129)), "service"),
+        (with(|i| i.service = "bad name".into()), "service"),
+        (with(|i| i.service = "a/b".into()), "service"),
+        (with(|i| i.namespace = "ns!".into()), "namespace"),
+        (with(|i| i.group = "g roup".into()), "group"),
+        (with(|i| i.cluster = "c#1".into()), "cluster"),
+        (with(|i| i.port = 0), "port"),
+        (with(|i| i.port = 65_536), "port"),
+        (with(|i| i.ip = "localhost".into()), "ip"),
+        (with(|i| i.ip = "300.1.1.1".into()), "ip"),
+        (with(|i| i.ip.clear()), "ip"),
+        (with(|i| i.weight = Some(-1.0)), "weight"),
+        (with(|i| i.weight = Some(f64::NAN)), "weight"),
+        (with(|i| i.weight = Some(10_001.0)), "weight"),
+        (
+            with(|i| i.metadata = [("k".into(), "v".repeat(1025))].into()),
+            "metadata",
+        ),
+        (
+            with(|i| i.heartbeat_interval_ms = Some(1)),
+            "heartbeat_interval_ms",
+        ),
+        (
+            pb::Instance {
+                metadata: big_metadata,
+                ..instance("svc", 80)
+            },
+            "metadata",
+        ),
+    ];
+    for (bad, field) in cases {
+        let err = client
+            .register(pb::RegisterRequest {
+                instance: Some(bad.clone()),
+                lease_id: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "message {:?} should name {field}",
+            err.message()
+        );
+    }
+    let err = client
+        .register(pb::RegisterRequest {
+            instance: None,
+            lease_id: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let err = client
+        .register(pb::RegisterRequest {
+            instance: Some(instance("svc", 80)),
+            lease_id: 424_242,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("lease 424242"), "{}", err.message());
+
+    let err = client
+        .deregister(pb::DeregisterRequest {
+            service: "svc".into(),
+            ip: "127.0.0.1".into(),
+            port: 80,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let err = client
+        .update_service(pb::UpdateServiceRequest {
+            service: "svc".into(),
+            protect_threshold: 1.5,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("protect_threshold:"));
+
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(pb::KeepAliveRequest { lease_id: 99 })
+        .await
+        .unwrap();
+    let mut answers = client
+        .keep_alive(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = answers.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("lease 99"));
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn limits_answer_resource_exhausted_and_oversize_messages_are_refused() {
+    let registry = TestRegistry::start_with(|c| {
+        c.limits.max_instances_per_service = 2;
+        c.limits.max_services_per_namespace = 2;
+        c.limits.max_watches = 1;
+        c.limits.max_message_size = 16 * 1024;
+    })
+    .await;
+    let mut client = registry.client().await;
+    register(&mut client, instance("a", 1)).await;
+    register(&mut client, instance("a", 2)).await;
+    let err = client
+        .register(pb::RegisterRequest {
+            instance: Some(instance("a", 3)),
+            lease_id: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    register(&mut client, instance("a", 2)).await;
+
+    register(&mut client, instance("b", 1)).await;
+    let err = client
+        .register(pb::RegisterRequest {
+            instance: Some(instance("c", 1)),
+            lease_id: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    let _held = client
+        .watch(pb::WatchRequest {
+            service: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = client
+        .watch(pb::WatchRequest {
+            service: "b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+
+    let mut huge = instance("a", 1);
+    huge.metadata = (0..40)
+        .map(|i| (format!("k{i}"), "v".repeat(1000)))
+        .collect();
+    let err = client
+        .register(pb::RegisterRequest {
+            instance: Some(huge),
+            lease_id: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+
+    register(&mut client, instance("a", 1)).await;
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn a_broken_keepalive_stream_shows_unhealthy_at_once_and_a_new_one_heals_without_a_remove() {
+    let registry = TestRegistry::start().await;
+    let mut client = registry.client().await;
+    let lease = register(&mut client, instance("svc", 1)).await.lease_id;
+
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(pb::KeepAliveRequest { lease_id: lease })
+        .await
+        .unwrap();
+    let mut answers = client
+        .keep_alive(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    assert_eq!(
+        (answer.lease_id, answer.heartbeat_interval_ms),
+        (lease, 5_000)
+    );
+
+    let mut watch = client
+        .watch(pb::WatchRequest {
+            service: "svc".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = watch.message().await.unwrap().unwrap();
+    let mut revision = snapshot.revision;
+
+    // The keep-alive connection goes away: a fresh channel, dropped.
+    drop(tx);
+    drop(answers);
+    let (_, change) = next_change(&mut watch).await;
+    assert_eq!(change.kind(), pb::change::Kind::Put);
+    assert!(
+        !change.instance.as_ref().unwrap().healthy,
+        "unhealthy long before the 15 s timeout"
+    );
+    revision += 1;
+
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(pb::KeepAliveRequest { lease_id: lease })
+        .await
+        .unwrap();
+    let mut answers = client
+        .keep_alive(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    answers.message().await.unwrap().unwrap();
+    let (rev, change) = next_change(&mut watch).await;
+    assert_eq!(rev, revision + 1);
+    assert_eq!(change.kind(), pb::change::Kind::Put);
+    assert!(change.instance.unwrap().healthy);
+    drop(tx);
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn a_watch_resumes_over_grpc_with_its_incarnation() {
+    let registry = TestRegistry::start().await;
+    let mut client = registry.client().await;
+    register(&mut client, instance("svc", 1)).await;
+    let mut watch = client
+        .watch(pb::WatchRequest {
+            service: "svc".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    drop(watch);
+
+    register(&mut client, instance("svc", 2)).await;
+    register(&mut client, instance("svc", 3)).await;
+    let mut watch = client
+        .watch(pb::WatchRequest {
+            service: "svc".into(),
+            start_revision: first.revision + 1,
+            incarnation: first.incarnation,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_change(&mut watch).await.1.instance.unwrap().port, 2);
+    assert_eq!(next_change(&mut watch).await.1.instance.unwrap().port, 3);
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn a_persistent_instance_follows_its_health_server_and_survives_a_restart() {
+    // A real grpc.health.v1 server whose status the test flips.
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = shop_mesh::registry::Config {
+        data_dir: dir.path().into(),
+        probe_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let registry = TestRegistry::start_on(config.clone()).await;
+    let mut client = registry.client().await;
+    let mut db = instance("mysql", port.into());
+    db.ephemeral = Some(false);
+    let registered = register(&mut client, db).await;
+    assert_eq!(registered.lease_id, 0, "persistent instances hold no lease");
+
+    let healthy = |client: &RegistryClient<Channel>| {
+        let mut client = client.clone();
+        async move { get(&mut client, "mysql", true).await.instances.len() == 1 }
+    };
+    wait_until(
+        "the probe to find it healthy",
+        Duration::from_secs(10),
+        || healthy(&client),
+    )
+    .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    wait_until(
+        "the probe to find it not serving",
+        Duration::from_secs(10),
+        || {
+            let check = healthy(&client);
+            async move { !check.await }
+        },
+    )
+    .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    wait_until(
+        "the probe to find it serving again",
+        Duration::from_secs(10),
+        || healthy(&client),
+    )
+    .await;
+
+    registry.stop().await;
+    let registry = TestRegistry::start_on(config).await;
+    let mut client = registry.client().await;
+    let service = get(&mut client, "mysql", false).await;
+    assert_eq!(service.instances.len(), 1, "it survived the restart");
+    assert_eq!(service.instances[0].ephemeral, Some(false));
+    wait_until(
+        "the new registry's probe to find it healthy",
+        Duration::from_secs(10),
+        || healthy(&client),
+    )
+    .await;
+
+    // Deregistered, it stays gone after another restart.
+    client
+        .deregister(pb::DeregisterRequest {
+            service: "mysql".into(),
+            ip: "127.0.0.1".into(),
+            port: port.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let config = registry.config.clone();
+    registry.stop().await;
+    let registry = TestRegistry::start_on(config).await;
+    let mut client = registry.client().await;
+    let err = client
+        .get_service(pb::GetServiceRequest {
+            service: "mysql".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn a_registration_cannot_flip_ephemeral_to_persistent() {
+    let registry = TestRegistry::start().await;
+    let mut client = registry.client().await;
+    register(&mut client, instance("svc", 1)).await;
+    let mut persistent = instance("svc", 1);
+    persistent.ephemeral = Some(false);
+    let err = client
+        .register(pb::RegisterRequest {
+            instance: Some(persistent),
+            lease_id: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    registry.stop().await;
+}
