@@ -1,13 +1,393 @@
-//! `shop-mesh bench`: measures a deployment.
+//! `shop-mesh bench`: measures a deployment, so anyone can check the
+//! figures in BENCHMARKS.md on their own machine.
+//!
+//! Without `--registry`, the registry bench starts this same binary as a
+//! child process (`shop-mesh registry` on a free loopback port) so that its
+//! resident memory can be read; with it, it measures the registry given.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use tokio::process::{Child, Command};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::pb::registry as pb;
+use crate::pb::registry::registry_client::RegistryClient;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
-    /// The registry: registrations/s, queries/s, watch delivery latency, memory.
-    Registry,
+    /// The registry: registrations/s, queries/s, watch delivery latency and
+    /// resident memory.
+    Registry(RegistryBench),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegistryBench {
+    /// A running registry to measure; by default one is started here.
+    #[arg(long)]
+    pub registry: Option<SocketAddr>,
+    /// Instances to register (each with its own lease).
+    #[arg(long, default_value_t = 100_000)]
+    pub instances: usize,
+    /// Instances per service.
+    #[arg(long, default_value_t = 10)]
+    pub per_service: usize,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 128)]
+    pub concurrency: usize,
+    /// HTTP/2 connections the calls share.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// How long to run queries.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub query_time: Duration,
+    /// Other watch streams open while watch latency is measured.
+    #[arg(long, default_value_t = 1000)]
+    pub watchers: usize,
+    /// Watch deliveries to time.
+    #[arg(long, default_value_t = 2000)]
+    pub samples: usize,
 }
 
 impl Bench {
     pub async fn run(self) -> anyhow::Result<()> {
-        anyhow::bail!("not yet")
+        match self {
+            Bench::Registry(bench) => bench.run().await,
+        }
+    }
+}
+
+/// A registry started for the bench, stopped when dropped.
+struct Spawned {
+    child: Child,
+    data_dir: std::path::PathBuf,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+impl Spawned {
+    async fn start() -> anyhow::Result<(Spawned, SocketAddr)> {
+        let addr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+            probe.local_addr()?
+        };
+        let data_dir = std::env::temp_dir().join(format!("shop-mesh-bench-{}", std::process::id()));
+        let child = Command::new(std::env::current_exe()?)
+            .args(["registry", "--listen", &addr.to_string(), "--data-dir"])
+            .arg(&data_dir)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the registry")?;
+        Ok((Spawned { child, data_dir }, addr))
+    }
+
+    /// CPU time the registry has used (user + system).
+    fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()?)).ok()?;
+        // Fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(Duration::from_millis(ticks * 10))
+    }
+
+    fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+}
+
+impl RegistryBench {
+    pub async fn run(self) -> anyhow::Result<()> {
+        if self.per_service == 0 || self.concurrency == 0 || self.connections == 0 {
+            bail!("--per-service, --concurrency and --connections must be at least 1");
+        }
+        let (spawned, addr) = match self.registry {
+            Some(addr) => (None, addr),
+            None => {
+                let (spawned, addr) = Spawned::start().await?;
+                (Some(spawned), addr)
+            }
+        };
+        let channels = connect(addr, self.connections).await?;
+        // Idle: started, one client connected, nothing registered.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle_rss = spawned.as_ref().and_then(Spawned::rss_bytes);
+
+        println!("shop-mesh registry bench against {addr}");
+        println!(
+            "  {} instances ({} per service), {} calls in flight over {} connections",
+            self.instances, self.per_service, self.concurrency, self.connections
+        );
+        let cpu = || spawned.as_ref().and_then(Spawned::cpu_time);
+        let cpu_before = cpu();
+        let registrations = self.register_all(&channels).await?;
+        let registration_cpu = cpu_per_call(cpu_before, cpu(), self.instances);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let loaded_rss = spawned.as_ref().and_then(Spawned::rss_bytes);
+        let cpu_before = cpu();
+        let queries = self.query(&channels).await?;
+        let query_cpu = cpu_per_call(cpu_before, cpu(), queries.calls);
+        let watch = self.watch_latency(&channels).await?;
+
+        let mib =
+            |b: Option<u64>| b.map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+        println!();
+        println!("| measure | result |");
+        println!("|---|---|");
+        println!(
+            "| registrations/s | {:.0} (p50 {}, p99 {}) |",
+            registrations.rate,
+            us(registrations.latency.value_at_quantile(0.5)),
+            us(registrations.latency.value_at_quantile(0.99))
+        );
+        println!(
+            "| GetService queries/s ({} instances a service) | {:.0} (p50 {}, p99 {}) |",
+            self.per_service,
+            queries.rate,
+            us(queries.latency.value_at_quantile(0.5)),
+            us(queries.latency.value_at_quantile(0.99))
+        );
+        println!(
+            "| watch delivery, register to event ({} other watches open) | p50 {}, p99 {}, max {} |",
+            self.watchers,
+            us(watch.value_at_quantile(0.5)),
+            us(watch.value_at_quantile(0.99)),
+            us(watch.max())
+        );
+        println!("| resident memory, idle | {} |", mib(idle_rss));
+        println!(
+            "| resident memory, {} instances | {} |",
+            self.instances,
+            mib(loaded_rss)
+        );
+        if let (Some(reg), Some(query)) = (registration_cpu, query_cpu) {
+            println!(
+                "| registry CPU per call (so calls/s per core without the bench client) | register {:.1} µs ({:.0}/s), GetService {:.1} µs ({:.0}/s) |",
+                reg,
+                1e6 / reg,
+                query,
+                1e6 / query
+            );
+        }
+        if let (Some(idle), Some(loaded)) = (idle_rss, loaded_rss) {
+            println!(
+                "| memory per instance | {:.0} bytes |",
+                loaded.saturating_sub(idle) as f64 / self.instances.max(1) as f64
+            );
+        }
+        drop(spawned);
+        Ok(())
+    }
+
+    /// Registers every instance, `concurrency` calls at a time.
+    async fn register_all(&self, channels: &[Channel]) -> anyhow::Result<Rate> {
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..self.concurrency)
+            .map(|t| {
+                let mut client = RegistryClient::new(channels[t % channels.len()].clone());
+                let (next, total, per_service) = (next.clone(), self.instances, self.per_service);
+                tokio::spawn(async move {
+                    let mut latency = histogram();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= total {
+                            return Ok::<_, tonic::Status>(latency);
+                        }
+                        let call = Instant::now();
+                        client
+                            .register(pb::RegisterRequest {
+                                instance: Some(bench_instance(i, per_service)),
+                                lease_id: 0,
+                            })
+                            .await?;
+                        latency.saturating_record(call.elapsed().as_micros() as u64);
+                    }
+                })
+            })
+            .collect();
+        let latency = merge(tasks).await?;
+        Ok(Rate {
+            rate: self.instances as f64 / started.elapsed().as_secs_f64(),
+            calls: self.instances,
+            latency,
+        })
+    }
+
+    /// GetService on random services for `query_time`.
+    async fn query(&self, channels: &[Channel]) -> anyhow::Result<Rate> {
+        let services = self.instances.div_ceil(self.per_service).max(1);
+        let done = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let until = started + self.query_time;
+        let tasks: Vec<_> = (0..self.concurrency)
+            .map(|t| {
+                let mut client = RegistryClient::new(channels[t % channels.len()].clone());
+                let done = done.clone();
+                tokio::spawn(async move {
+                    let mut latency = histogram();
+                    while Instant::now() < until {
+                        let service = format!("bench-{}", rand::random_range(0..services));
+                        let call = Instant::now();
+                        client
+                            .get_service(pb::GetServiceRequest {
+                                service,
+                                healthy_only: true,
+                                ..Default::default()
+                            })
+                            .await?;
+                        latency.saturating_record(call.elapsed().as_micros() as u64);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(latency)
+                })
+            })
+            .collect();
+        let latency = merge(tasks).await?;
+        let calls = done.load(Ordering::Relaxed);
+        Ok(Rate {
+            rate: calls as f64 / started.elapsed().as_secs_f64(),
+            calls,
+            latency,
+        })
+    }
+
+    /// Opens `watchers` streams on other services, then times register →
+    /// event on one more watcher, one registration at a time.
+    async fn watch_latency(&self, channels: &[Channel]) -> anyhow::Result<Histogram<u64>> {
+        let services = self.instances.div_ceil(self.per_service).max(1);
+        let mut background = tokio::task::JoinSet::new();
+        for w in 0..self.watchers {
+            let mut client = RegistryClient::new(channels[w % channels.len()].clone());
+            let mut stream = client
+                .watch(pb::WatchRequest {
+                    service: format!("bench-{}", w % services),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            background.spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
+        }
+        let mut client = RegistryClient::new(channels[0].clone());
+        let mut target = client
+            .watch(pb::WatchRequest {
+                service: "bench-watch".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        target.message().await?.context("the watch closed")?;
+        let mut latency = histogram();
+        for s in 0..self.samples {
+            let mut instance = bench_instance(self.instances + s, 1);
+            instance.service = "bench-watch".into();
+            let sent = Instant::now();
+            client
+                .register(pb::RegisterRequest {
+                    instance: Some(instance),
+                    lease_id: 0,
+                })
+                .await?;
+            target.message().await?.context("the watch closed")?;
+            latency.saturating_record(sent.elapsed().as_micros() as u64);
+        }
+        background.abort_all();
+        Ok(latency)
+    }
+}
+
+struct Rate {
+    rate: f64,
+    calls: usize,
+    latency: Histogram<u64>,
+}
+
+/// Microseconds of registry CPU per call between two readings.
+fn cpu_per_call(before: Option<Duration>, after: Option<Duration>, calls: usize) -> Option<f64> {
+    let used = after?.checked_sub(before?)?;
+    Some(used.as_secs_f64() * 1e6 / calls.max(1) as f64)
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+async fn merge(
+    tasks: Vec<tokio::task::JoinHandle<Result<Histogram<u64>, tonic::Status>>>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut all = histogram();
+    for task in tasks {
+        all.add(task.await??)?;
+    }
+    Ok(all)
+}
+
+fn us(micros: u64) -> String {
+    if micros >= 10_000 {
+        format!("{:.1} ms", micros as f64 / 1000.0)
+    } else {
+        format!("{micros} µs")
+    }
+}
+
+/// Instance `i`: service `bench-{i / per_service}`, a distinct address,
+/// and timeouts long enough that nothing expires during the bench.
+fn bench_instance(i: usize, per_service: usize) -> pb::Instance {
+    let ip = Ipv4Addr::from(0x0a00_0000 | (i as u32 & 0x00ff_ffff));
+    pb::Instance {
+        service: format!("bench-{}", i / per_service),
+        ip: IpAddr::V4(ip).to_string(),
+        port: 8080,
+        unhealthy_timeout_ms: Some(30 * 60 * 1000),
+        delete_timeout_ms: Some(60 * 60 * 1000),
+        ..Default::default()
+    }
+}
+
+async fn connect(addr: SocketAddr, connections: usize) -> anyhow::Result<Vec<Channel>> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut channels = Vec::with_capacity(connections);
+    while channels.len() < connections {
+        match endpoint.connect().await {
+            Ok(channel) => channels.push(channel),
+            Err(err) if Instant::now() > deadline => {
+                bail!("cannot reach the registry at {addr}: {err}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channels[0].clone());
+    loop {
+        let serving = health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .map(|r| {
+                r.into_inner().status()
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving
+            })
+            .unwrap_or(false);
+        if serving {
+            return Ok(channels);
+        }
+        if Instant::now() > deadline {
+            bail!("the registry at {addr} does not report SERVING");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

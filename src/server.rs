@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -86,9 +86,8 @@ impl Server {
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .tcp_nodelay(true)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
+            .serve_with_incoming_shutdown(incoming(listener), stopping);
         tokio::pin!(server);
         tokio::select! {
             result = &mut server => return result.map_err(Into::into),
@@ -105,4 +104,13 @@ impl Server {
             }
         }
     }
+}
+
+/// Accepted connections with Nagle off (small answers must not wait for
+/// an ACK) and TCP keepalive on (a peer that vanished is noticed even
+/// when idle).
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(KEEPALIVE_INTERVAL))
 }

@@ -8,12 +8,16 @@
 //! exactly one, lands in the history and reaches the watchers in the same
 //! order.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -72,7 +76,9 @@ struct State {
     /// At most one entry per lease (the lease's `queued`); a heartbeat only
     /// moves a deadline later, so entries are re-checked when they fire
     /// rather than moved on every heartbeat.
-    deadlines: BTreeSet<(Instant, LeaseId)>,
+    deadlines: BTreeSet<(Millis, LeaseId)>,
+    /// What `Millis` count from.
+    epoch: Instant,
     history: VecDeque<Event>,
     history_limit: usize,
     next_watcher: u64,
@@ -94,20 +100,68 @@ struct Service {
     /// Settings were set explicitly: the service outlives its instances
     /// and is persisted.
     explicit: bool,
-    instances: HashMap<InstanceAddr, Arc<Instance>>,
+    instances: HashSet<Slot>,
     healthy: usize,
 }
 
+/// An instance in its service's set, found by its address: the set holds
+/// one pointer per instance, not a copy of the key.
+#[derive(Debug, Clone)]
+struct Slot(Arc<Instance>);
+
+impl PartialEq for Slot {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.addr == other.0.addr
+    }
+}
+
+impl Eq for Slot {}
+
+impl Hash for Slot {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.addr.hash(state)
+    }
+}
+
+impl Borrow<InstanceAddr> for Slot {
+    fn borrow(&self) -> &InstanceAddr {
+        &self.0.addr
+    }
+}
+
+impl Service {
+    fn get(&self, addr: &InstanceAddr) -> Option<&Arc<Instance>> {
+        self.instances.get(addr).map(|slot| &slot.0)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<Instance>> {
+        self.instances.iter().map(|slot| &slot.0)
+    }
+}
+
+/// Milliseconds since the registry opened: lease times take 8 bytes each
+/// where an `Instant` takes 16, and there is a lease per instance.
+type Millis = u64;
+
 struct Lease {
-    last_seen: Instant,
+    last_seen: Millis,
     /// KeepAlive streams attached now.
     streams: u32,
     /// A stream broke and none has resumed: the instances are unhealthy
     /// until a heartbeat arrives.
     orphaned: bool,
-    members: Vec<(Arc<ServiceKey>, InstanceAddr)>,
+    /// Its instances, as last stored (kept current by whoever replaces
+    /// one); nearly always exactly one.
+    members: SmallVec<[Arc<Instance>; 1]>,
     /// The lease's entry in `deadlines`, if any.
-    queued: Option<Instant>,
+    queued: Option<NonZeroU64>,
+}
+
+impl Lease {
+    fn forget(&mut self, key: &ServiceKey, addr: &InstanceAddr) {
+        self.members
+            .retain(|m| !(*m.service == *key && m.addr == *addr));
+    }
 }
 
 impl Registry {
@@ -161,6 +215,7 @@ impl Registry {
                 leases: HashMap::new(),
                 next_lease: 1,
                 deadlines: BTreeSet::new(),
+                epoch: Instant::now(),
                 history: VecDeque::new(),
                 history_limit: config.limits.watch_history,
                 next_watcher: 1,
@@ -243,7 +298,7 @@ impl Registry {
                 ))
             })?;
             if let Some(lease) = state.leases.get_mut(&removed.lease) {
-                lease.members.retain(|(s, a)| !(**s == *key && a == addr));
+                lease.forget(key, addr);
             }
             (removed, state.revision)
         };
@@ -323,12 +378,7 @@ impl Registry {
         let in_clusters = |i: &Arc<Instance>| {
             clusters.is_empty() || clusters.iter().any(|c| **c == *i.addr.cluster)
         };
-        let mut instances: Vec<_> = service
-            .instances
-            .values()
-            .filter(|i| in_clusters(i))
-            .cloned()
-            .collect();
+        let mut instances: Vec<_> = service.iter().filter(|i| in_clusters(i)).cloned().collect();
         let total = instances.len();
         let healthy = instances.iter().filter(|i| i.healthy).count();
         let threshold = service.settings.protect_threshold;
@@ -422,7 +472,7 @@ impl Registry {
     /// Records a probe's verdict on a persistent instance.
     pub(super) fn set_probed_health(&self, key: &ServiceKey, addr: &InstanceAddr, healthy: bool) {
         let mut state = self.inner.state.lock();
-        let Some(current) = state.services.get(key).and_then(|s| s.instances.get(addr)) else {
+        let Some(current) = state.services.get(key).and_then(|s| s.get(addr)) else {
             return;
         };
         if current.healthy != healthy && !current.ephemeral {
@@ -618,7 +668,7 @@ impl State {
             key: Arc::new(key.clone()),
             settings: ServiceSettings::default(),
             explicit: false,
-            instances: HashMap::new(),
+            instances: HashSet::new(),
             healthy: 0,
         })
     }
@@ -650,7 +700,7 @@ impl State {
         let existing = self
             .services
             .get(&spec.service)
-            .and_then(|s| s.instances.get(&spec.addr))
+            .and_then(|s| s.get(&spec.addr))
             .cloned();
         match &existing {
             Some(existing) if existing.ephemeral != spec.ephemeral => {
@@ -690,7 +740,7 @@ impl State {
             )));
         }
 
-        let now = Instant::now();
+        let now = self.now();
         // Registering a known instance without a lease id keeps its lease:
         // registering twice is one registration.
         let lease_id = match (&existing, lease_id) {
@@ -708,7 +758,7 @@ impl State {
                         last_seen: now,
                         streams: 0,
                         orphaned: false,
-                        members: Vec::with_capacity(1),
+                        members: SmallVec::new(),
                         queued: None,
                     },
                 );
@@ -720,8 +770,7 @@ impl State {
             && existing.lease != lease_id
             && let Some(old) = self.leases.get_mut(&existing.lease)
         {
-            old.members
-                .retain(|(s, a)| !(**s == spec.service && *a == spec.addr));
+            old.forget(&spec.service, &spec.addr);
         }
 
         let service_key = self.ensure_service(&spec.service).key.clone();
@@ -744,10 +793,8 @@ impl State {
         if let Some(lease) = self.leases.get_mut(&lease_id) {
             lease.last_seen = now;
             lease.orphaned = false;
-            let member = (service_key, instance.addr.clone());
-            if !lease.members.contains(&member) {
-                lease.members.push(member);
-            }
+            lease.forget(&service_key, &instance.addr);
+            lease.members.push(instance.clone());
             self.evaluate(inner, lease_id, now);
         }
         let registered = Registered {
@@ -764,18 +811,25 @@ impl State {
     }
 
     fn heartbeat(&mut self, inner: &Inner, id: LeaseId, attach: bool) -> Result<Duration, Error> {
-        let Some(lease) = self.leases.get_mut(&id) else {
+        let Some(_) = self.leases.get(&id) else {
             return Err(Error::NotFound(format!(
                 "lease {id} is unknown or expired; register again"
             )));
         };
-        lease.last_seen = Instant::now();
+        let now = self.now();
+        let lease = self.leases.get_mut(&id).expect("looked up above");
+        lease.last_seen = now;
         lease.orphaned = false;
         if attach {
             lease.streams += 1;
         }
-        let interval = self.lease_interval(inner, id);
-        self.evaluate(inner, id, Instant::now());
+        let interval = lease
+            .members
+            .iter()
+            .map(|i| i.timings.heartbeat_interval())
+            .min()
+            .unwrap_or(inner.config.heartbeat_interval);
+        self.evaluate(inner, id, now);
         Ok(interval)
     }
 
@@ -786,59 +840,52 @@ impl State {
         lease.streams = lease.streams.saturating_sub(1);
         if lease.streams == 0 {
             lease.orphaned = true;
-            self.evaluate(inner, id, Instant::now());
+            let now = self.now();
+            self.evaluate(inner, id, now);
         }
-    }
-
-    /// The shortest heartbeat interval among a lease's instances.
-    fn lease_interval(&self, inner: &Inner, id: LeaseId) -> Duration {
-        self.leases
-            .get(&id)
-            .into_iter()
-            .flat_map(|lease| &lease.members)
-            .filter_map(|(key, addr)| self.services.get(key)?.instances.get(addr))
-            .map(|i| i.timings.heartbeat_interval())
-            .min()
-            .unwrap_or(inner.config.heartbeat_interval)
     }
 
     /// Brings a lease's instances up to date at `now`: healthy while the
     /// lease is attached or recently seen, unhealthy past the unhealthy
     /// timeout or when orphaned, removed past the delete timeout; then
     /// schedules the lease's next deadline.
-    fn evaluate(&mut self, inner: &Inner, id: LeaseId, now: Instant) {
-        let Some(lease) = self.leases.get(&id) else {
+    fn evaluate(&mut self, inner: &Inner, id: LeaseId, now: Millis) {
+        let Some(lease) = self.leases.get_mut(&id) else {
             return;
         };
         let (last_seen, orphaned) = (lease.last_seen, lease.orphaned);
-        let members = lease.members.clone();
-        let mut kept = Vec::with_capacity(members.len());
-        let mut next: Option<Instant> = None;
-        for (key, addr) in members {
+        let members = std::mem::take(&mut lease.members);
+        let mut kept = SmallVec::new();
+        let mut next: Option<Millis> = None;
+        for member in members {
             let Some(current) = self
                 .services
-                .get(&*key)
-                .and_then(|s| s.instances.get(&addr))
+                .get(&*member.service)
+                .and_then(|s| s.get(&member.addr))
+                .cloned()
             else {
                 continue;
             };
-            let unhealthy_at = last_seen + current.timings.unhealthy_timeout();
-            let delete_at = last_seen + current.timings.delete_timeout();
+            let unhealthy_at = last_seen + u64::from(current.timings.unhealthy_timeout_ms);
+            let delete_at = last_seen + u64::from(current.timings.delete_timeout_ms);
             if now >= delete_at {
-                self.remove(&key, &addr);
+                self.remove(&current.service, &current.addr);
                 continue;
             }
             let healthy = !orphaned && now < unhealthy_at;
-            if healthy != current.healthy {
+            let current = if healthy != current.healthy {
                 let changed = Arc::new(Instance {
                     healthy,
-                    ..(**current).clone()
+                    ..(*current).clone()
                 });
-                self.put(changed);
-            }
+                self.put(changed.clone());
+                changed
+            } else {
+                current
+            };
             let due = if healthy { unhealthy_at } else { delete_at };
             next = Some(next.map_or(due, |n| n.min(due)));
-            kept.push((key, addr));
+            kept.push(current);
         }
         let empty = kept.is_empty();
         let lease = self.leases.get_mut(&id).expect("looked up above");
@@ -846,26 +893,27 @@ impl State {
         if empty {
             // A lease without instances lives a delete timeout, so a
             // client may still register on it.
-            let expire_at = last_seen + inner.config.delete_timeout;
+            let expire_at = last_seen + inner.config.delete_timeout.as_millis() as u64;
             if now >= expire_at {
                 if let Some(at) = lease.queued {
-                    self.deadlines.remove(&(at, id));
+                    self.deadlines.remove(&(at.get(), id));
                 }
                 self.leases.remove(&id);
                 return;
             }
             next = Some(expire_at);
         }
-        let due = next.expect("set for a non-empty or unexpired lease");
+        // Deadlines are at least a timeout after `last_seen`, so never 0.
+        let due = next.expect("set for a non-empty or unexpired lease").max(1);
         match lease.queued {
-            Some(at) if at <= due => {}
+            Some(at) if at.get() <= due => {}
             queued => {
                 if let Some(at) = queued {
-                    self.deadlines.remove(&(at, id));
+                    self.deadlines.remove(&(at.get(), id));
                 }
                 let earliest = self.deadlines.first().map(|(at, _)| *at);
                 self.deadlines.insert((due, id));
-                lease.queued = Some(due);
+                lease.queued = NonZeroU64::new(due);
                 if earliest.is_none_or(|at| due < at) {
                     inner.reaper.notify_one();
                 }
@@ -874,10 +922,11 @@ impl State {
     }
 
     /// Runs every lease whose deadline has come; answers the next deadline.
-    fn reap(&mut self, inner: &Inner, now: Instant) -> Option<Instant> {
+    fn reap(&mut self, inner: &Inner) -> Option<Instant> {
+        let now = self.now();
         while let Some(&(at, id)) = self.deadlines.first() {
             if at > now {
-                return Some(at);
+                return Some(self.epoch + Duration::from_millis(at));
             }
             self.deadlines.pop_first();
             if let Some(lease) = self.leases.get_mut(&id) {
@@ -888,12 +937,18 @@ impl State {
         None
     }
 
-    /// Stores an instance (new or changed) and publishes the change.
+    fn now(&self) -> Millis {
+        self.epoch.elapsed().as_millis() as Millis
+    }
+
+    /// Stores an instance (new or changed) and publishes the change. The
+    /// caller keeps its lease's member current.
     fn put(&mut self, instance: Arc<Instance>) {
         let service = self.ensure_service(&instance.service);
         let previous = service
             .instances
-            .insert(instance.addr.clone(), instance.clone());
+            .replace(Slot(instance.clone()))
+            .map(|slot| slot.0);
         if previous.as_ref().is_some_and(|p| p.healthy) {
             service.healthy -= 1;
         }
@@ -907,7 +962,7 @@ impl State {
     /// nothing left worth keeping.
     fn remove(&mut self, key: &ServiceKey, addr: &InstanceAddr) -> Option<Arc<Instance>> {
         let service = self.services.get_mut(key)?;
-        let removed = service.instances.remove(addr)?;
+        let removed = service.instances.take(addr)?.0;
         if removed.healthy {
             service.healthy -= 1;
         }
@@ -963,7 +1018,7 @@ impl State {
 
     fn snapshot(&self, selector: &Selector) -> Vec<Arc<Instance>> {
         let sorted = |service: &Service| {
-            let mut instances: Vec<_> = service.instances.values().cloned().collect();
+            let mut instances: Vec<_> = service.iter().cloned().collect();
             instances.sort_by(|a, b| a.addr.cmp(&b.addr));
             instances
         };
@@ -1037,7 +1092,7 @@ impl State {
         let instances = self
             .services
             .values()
-            .flat_map(|s| s.instances.values())
+            .flat_map(|s| s.iter())
             .filter(|i| !i.ephemeral)
             .map(|i| (**i).clone())
             .collect();
@@ -1068,7 +1123,7 @@ async fn reap(inner: Weak<Inner>, wake: Arc<Notify>, closed: CancellationToken) 
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let next = strong.state.lock().reap(&strong, Instant::now());
+        let next = strong.state.lock().reap(&strong);
         drop(strong);
         let sleep = async {
             match next {
