@@ -22,6 +22,7 @@ pub const ENV_PREFIX: &str = "SHOP_MESH__";
 pub struct Config {
     pub log: LogConfig,
     pub registry: crate::registry::Config,
+    pub discovery: crate::discovery::Config,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,6 +12,8 @@
 //! - [`pb`]: the generated protobuf and gRPC code, and nothing else.
 //! - [`registry`]: the registry role: its domain ([`registry::Registry`]),
 //!   its gRPC face, persistence and health probes.
+//! - [`discovery`]: the client side: self-registration, the resolver that
+//!   watches a service, and the balanced channel callers use.
 //! - [`bench`]: benchmarks a deployment (`shop-mesh bench registry`).
 //!
 //! Domain code never sees tonic or prost types: the gRPC modules convert at
@@ -22,6 +24,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod pb;
 pub mod registry;
 pub mod server;

@@ -150,7 +150,10 @@ pub async fn run(config: &Config, listener: TcpListener, shutdown: Shutdown) -> 
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
     tracing::info!(addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "registry serving");
-    let result = server.serve(routes, listener, config.shutdown_grace).await;
+    let stop = shutdown.clone().cancelled_owned();
+    let result = server
+        .serve(routes, listener, config.shutdown_grace, stop)
+        .await;
     registry.close();
     result
 }

@@ -64,34 +64,41 @@ impl Server {
             .add_service(v1alpha)
     }
 
-    /// Serves until shutdown; then reports NOT_SERVING, stops accepting and
-    /// waits up to `grace` for open calls to finish.
+    /// Serves until `stop` resolves, then stops accepting and waits up to
+    /// `grace` for open calls. Health reads NOT_SERVING from the moment
+    /// the shutdown signal fires, which may be earlier than `stop` (a
+    /// service first leaves the registry, then stops).
     pub async fn serve(
         &self,
         routes: Routes,
         listener: TcpListener,
         grace: Duration,
+        stop: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         self.health
             .set_service_status("", ServingStatus::Serving)
             .await;
-        let shutdown = self.shutdown.clone();
-        let health = self.health.clone();
-        let stopping = async move {
+        let (shutdown, health) = (self.shutdown.clone(), self.health.clone());
+        tokio::spawn(async move {
             shutdown.cancelled().await;
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
+        });
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+        let stop = async move {
+            stop.await;
+            let _ = stopped_tx.send(());
         };
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming(listener), stopping);
+            .serve_with_incoming_shutdown(incoming(listener), stop);
         tokio::pin!(server);
         tokio::select! {
             result = &mut server => return result.map_err(Into::into),
-            _ = self.shutdown.cancelled() => {}
+            _ = stopped_rx => {}
         }
         match tokio::time::timeout(grace, server).await {
             Ok(result) => result.map_err(Into::into),

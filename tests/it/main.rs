@@ -2,6 +2,7 @@
 //! private data dir; waits poll a condition under a deadline.
 
 mod config;
+mod discovery;
 mod grpcurl;
 mod registry_api;
 mod registry_core;
@@ -45,7 +46,12 @@ impl TestRegistry {
     /// A registry on an existing configuration (its data dir kept by the
     /// caller), so a test can restart it.
     pub async fn start_on(config: registry::Config) -> TestRegistry {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(config, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A registry on a given address: a restart on the same port.
+    pub async fn start_at(config: registry::Config, addr: SocketAddr) -> TestRegistry {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = Shutdown::new();
         let task = tokio::spawn({

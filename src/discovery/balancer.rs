@@ -1,0 +1,411 @@
+//! The balanced channel: a tower `Service` that the generated gRPC clients
+//! use like a plain `Channel`, spreading calls over a service's endpoints
+//! as the resolver reports them.
+//!
+//! Choice is power of two choices: two endpoints drawn at random in
+//! proportion to their weights, the one with fewer calls in flight per unit
+//! of weight wins. That keeps traffic in proportion to the weights when the
+//! endpoints are alike, and away from one that is slow (its calls pile up). A failing endpoint fails fast and so looks
+//! idle: ejection (see [`super::endpoint`]) takes it out. A call marked
+//! [`RetrySafe`] that fails is tried once more on another endpoint, under a
+//! retry budget. An empty set fails at once with UNAVAILABLE.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use http_body_util::BodyExt;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tonic::body::Body;
+use tonic::transport::Channel;
+use tower::Service;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use super::endpoint::{EjectionPolicy, Endpoint};
+use super::resolver::{Change, EndpointInfo};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Marks a call as safe to send twice (idempotent): if it fails on one
+/// endpoint it is retried once on another. Insert it with
+/// [`retry_safe`].
+#[derive(Debug, Clone, Copy)]
+pub struct RetrySafe;
+
+/// Marks a request [`RetrySafe`].
+pub fn retry_safe<T>(mut request: tonic::Request<T>) -> tonic::Request<T> {
+    request.extensions_mut().insert(RetrySafe);
+    request
+}
+
+/// How a balanced channel calls.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalanceConfig {
+    /// The deadline of a call that sets none.
+    pub call_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How long a call waits for the first answer from the registry.
+    pub resolve_timeout: Duration,
+    pub ejection: EjectionPolicy,
+    /// Retries allowed, as a share of calls (0.2: at most 20 % extra load).
+    pub retry_percent: f32,
+}
+
+type Endpoints = Option<Arc<Vec<Arc<Endpoint>>>>;
+
+/// A channel to every healthy instance of one service.
+#[derive(Clone)]
+pub struct BalancedChannel {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    service: String,
+    /// `None` until the resolver's first answer.
+    endpoints: watch::Receiver<Endpoints>,
+    budget: TpsBudget,
+    config: BalanceConfig,
+    _stop: DropGuard,
+}
+
+impl BalancedChannel {
+    /// A channel fed by `changes` (a resolver's output).
+    pub fn new(service: &str, mut changes: mpsc::Receiver<Change>, config: BalanceConfig) -> Self {
+        let (tx, rx) = watch::channel(None);
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let endpoint_config = config.clone();
+        tokio::spawn(async move {
+            let mut table: HashMap<SocketAddr, Arc<Endpoint>> = HashMap::new();
+            loop {
+                let change = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    change = changes.recv() => change,
+                };
+                let Some(change) = change else { return };
+                apply(&mut table, change, &endpoint_config);
+                // Take whatever else is queued before publishing once.
+                while let Ok(change) = changes.try_recv() {
+                    apply(&mut table, change, &endpoint_config);
+                }
+                tx.send_replace(Some(Arc::new(table.values().cloned().collect())));
+            }
+        });
+        Self {
+            shared: Arc::new(Shared {
+                service: service.into(),
+                endpoints: rx,
+                budget: TpsBudget::new(Duration::from_secs(10), 10, config.retry_percent),
+                config,
+                _stop: stop.drop_guard(),
+            }),
+        }
+    }
+
+    pub fn service(&self) -> &str {
+        &self.shared.service
+    }
+
+    /// The endpoints calls may go to now, with their weights.
+    pub fn endpoints(&self) -> Vec<(SocketAddr, f64)> {
+        let current = self.shared.endpoints.borrow().clone();
+        let mut all: Vec<_> = current
+            .iter()
+            .flat_map(|list| list.iter())
+            .map(|e| (e.addr, e.weight()))
+            .collect();
+        all.sort_by_key(|(addr, _)| *addr);
+        all
+    }
+}
+
+fn apply(table: &mut HashMap<SocketAddr, Arc<Endpoint>>, change: Change, config: &BalanceConfig) {
+    let add = |table: &mut HashMap<SocketAddr, Arc<Endpoint>>, info: EndpointInfo| match table
+        .get(&info.addr)
+    {
+        Some(existing) => existing.set_weight(info.weight),
+        None => {
+            let endpoint = Arc::new(Endpoint::new(
+                info.addr,
+                info.weight,
+                connect(info.addr, config),
+            ));
+            table.insert(info.addr, endpoint);
+        }
+    };
+    match change {
+        Change::Reset(list) => {
+            let mut next = HashMap::with_capacity(list.len());
+            for info in list {
+                if let Some(existing) = table.remove(&info.addr) {
+                    next.insert(info.addr, existing);
+                }
+                add(&mut next, info);
+            }
+            *table = next;
+        }
+        Change::Add(info) => add(table, info),
+        Change::Remove(addr) => {
+            table.remove(&addr);
+        }
+    }
+}
+
+fn connect(addr: SocketAddr, config: &BalanceConfig) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a socket address is a valid URI")
+        .connect_timeout(config.connect_timeout)
+        .timeout(config.call_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy()
+}
+
+impl Service<http::Request<Body>> for BalancedChannel {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Endpoint channels queue calls themselves; choosing happens in call.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move { shared.dispatch(request).await })
+    }
+}
+
+impl Shared {
+    async fn dispatch(
+        &self,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, BoxError> {
+        let Some(list) = self.resolved().await else {
+            return Ok(tonic::Status::unavailable(format!(
+                "no instance of {} is known yet: the registry has not answered",
+                self.service
+            ))
+            .into_http());
+        };
+        let Some(first) = pick(&list, None) else {
+            return Ok(tonic::Status::unavailable(format!(
+                "no healthy instance of {}",
+                self.service
+            ))
+            .into_http());
+        };
+        self.budget.deposit();
+        let (request, spare) = if request.extensions().get::<RetrySafe>().is_some() {
+            let (one, two) = duplicate(request).await?;
+            (one, Some(two))
+        } else {
+            (request, None)
+        };
+        let failure = match self.call_endpoint(&first, request).await {
+            Ok(answer) => return Ok(answer),
+            Err(failure) => failure,
+        };
+        let second = spare
+            .filter(|_| self.budget.withdraw())
+            .and_then(|spare| Some((pick(&list, Some(first.addr))?, spare)));
+        match second {
+            Some((endpoint, spare)) => {
+                tracing::debug!(service = %self.service, from = %first.addr, to = %endpoint.addr, "retrying on another endpoint");
+                self.call_endpoint(&endpoint, spare).await.or_else(Ok)
+            }
+            None => Ok(failure),
+        }
+    }
+
+    /// The endpoint list, waiting (up to `resolve_timeout`) for the
+    /// resolver's first answer.
+    async fn resolved(&self) -> Option<Arc<Vec<Arc<Endpoint>>>> {
+        let mut endpoints = self.endpoints.clone();
+        let ready = tokio::time::timeout(
+            self.config.resolve_timeout,
+            endpoints.wait_for(Option::is_some),
+        )
+        .await;
+        match ready {
+            Ok(Ok(list)) => list.clone(),
+            _ => None,
+        }
+    }
+
+    /// One attempt: `Ok` for an answer to pass on, `Err` for a failure
+    /// that may be retried (carrying the answer to give if it is not).
+    async fn call_endpoint(
+        &self,
+        endpoint: &Endpoint,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, http::Response<Body>> {
+        let mut channel = endpoint.channel.clone();
+        let result = {
+            let _counted = endpoint.start_call();
+            match tower::ServiceExt::ready(&mut channel).await {
+                Ok(channel) => channel.call(request).await,
+                Err(err) => Err(err),
+            }
+        };
+        let failure = match result {
+            Ok(response) if grpc_code(&response) != Some(tonic::Code::Unavailable) => {
+                endpoint.record(true, &self.config.ejection);
+                return Ok(response);
+            }
+            Ok(unavailable) => unavailable,
+            Err(err) => self.transport_status(endpoint, &err).into_http(),
+        };
+        endpoint.record(false, &self.config.ejection);
+        Err(failure)
+    }
+
+    fn transport_status(
+        &self,
+        endpoint: &Endpoint,
+        err: &tonic::transport::Error,
+    ) -> tonic::Status {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(cause) = source {
+            if cause.is::<tonic::TimeoutExpired>() {
+                return tonic::Status::deadline_exceeded(format!(
+                    "{} instance {} did not answer in time",
+                    self.service, endpoint.addr
+                ));
+            }
+            if cause.is::<tonic::ConnectError>() {
+                return tonic::Status::unavailable(format!(
+                    "cannot connect to {} instance {}: {}",
+                    self.service,
+                    endpoint.addr,
+                    error_chain(err)
+                ));
+            }
+            source = cause.source();
+        }
+        tonic::Status::unavailable(format!(
+            "{} instance {} failed: {}",
+            self.service,
+            endpoint.addr,
+            error_chain(err)
+        ))
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The gRPC status a response carries in its headers (a trailers-only
+/// answer, as errors are); `None` for a normal answer.
+fn grpc_code(response: &http::Response<Body>) -> Option<tonic::Code> {
+    let value = response.headers().get("grpc-status")?.to_str().ok()?;
+    Some(tonic::Code::from_i32(value.parse().ok()?))
+}
+
+/// Two draws by weight among the endpoints not ejected (all of them if
+/// every one is ejected, rather than fail), the one with fewer calls in
+/// flight wins. `exclude` is skipped unless it is the only one.
+fn pick(list: &[Arc<Endpoint>], exclude: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
+    let now = Instant::now();
+    let eligible = |e: &&Arc<Endpoint>| Some(e.addr) != exclude;
+    let mut candidates: Vec<&Arc<Endpoint>> = list
+        .iter()
+        .filter(eligible)
+        .filter(|e| e.is_available(now))
+        .collect();
+    if candidates.is_empty() {
+        candidates = list.iter().filter(eligible).collect();
+    }
+    let total: f64 = candidates.iter().map(|e| e.weight()).sum();
+    if candidates.is_empty() || total <= 0.0 {
+        return None;
+    }
+    let draw = || {
+        let mut point = rand::random_range(0.0..total);
+        for endpoint in &candidates {
+            point -= endpoint.weight();
+            if point < 0.0 {
+                return *endpoint;
+            }
+        }
+        candidates[candidates.len() - 1]
+    };
+    // Two distinct endpoints when there are two (a few redraws suffice).
+    let a = draw();
+    let mut b = draw();
+    for _ in 0..3 {
+        if b.addr != a.addr || candidates.len() == 1 {
+            break;
+        }
+        b = draw();
+    }
+    // Calls in flight per unit of weight: at equal latency, traffic in
+    // proportion to the weights keeps this level, so the comparison is a
+    // fair coin and the weighted draws decide; a slow endpoint's calls pile
+    // up and it loses.
+    let load = |e: &Endpoint| e.in_flight() as f64 / e.weight();
+    Some(if load(b) < load(a) { b } else { a }.clone())
+}
+
+/// A request twice over, its body read into memory, for a retry.
+async fn duplicate(
+    request: http::Request<Body>,
+) -> Result<(http::Request<Body>, http::Request<Body>), BoxError> {
+    let (parts, body) = request.into_parts();
+    let bytes = body.collect().await?.to_bytes();
+    let make = |bytes| {
+        let mut copy = http::Request::new(Body::new(http_body_util::Full::new(bytes)));
+        *copy.method_mut() = parts.method.clone();
+        *copy.uri_mut() = parts.uri.clone();
+        *copy.version_mut() = parts.version;
+        *copy.headers_mut() = parts.headers.clone();
+        *copy.extensions_mut() = parts.extensions.clone();
+        copy
+    };
+    Ok((make(bytes.clone()), make(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_budget_allows_about_a_fifth_extra() {
+        // The same budget the channel builds: 20 % of calls over 10 s, plus
+        // a floor of 10 retries a second.
+        let budget = TpsBudget::new(Duration::from_secs(10), 10, 0.2);
+        let mut retried = 0;
+        for _ in 0..1000 {
+            budget.deposit();
+            if budget.withdraw() {
+                retried += 1;
+            }
+        }
+        // 1000 calls in an instant: 20 % of them plus the floor's reserve.
+        assert!((200..=310).contains(&retried), "{retried} retries");
+
+        // Ten seconds later the deposits have expired: only the floor.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let mut later = 0;
+        while budget.withdraw() {
+            later += 1;
+            assert!(later < 1000, "the budget must run out");
+        }
+        assert!(later <= 100, "{later} retries from the floor alone");
+    }
+}

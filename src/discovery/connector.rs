@@ -1,0 +1,96 @@
+//! Reaching the registry: a list of addresses (`a,b,c`) tried in turn,
+//! with back-off and jitter between rounds.
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::pb::registry::registry_client::RegistryClient;
+use crate::shutdown::Shutdown;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct Connector {
+    endpoints: Vec<Endpoint>,
+    max_backoff: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no registry address given")]
+    Empty,
+    #[error("registry address {0:?} is not host:port: {1}")]
+    BadAddress(String, String),
+}
+
+impl Connector {
+    /// `addrs`: `host:port` (or `http://host:port`), comma-separated.
+    /// `max_backoff` caps the wait between rounds, so a service is back
+    /// within about that long after the registry returns.
+    pub fn new(addrs: &str, max_backoff: Duration) -> Result<Self, Error> {
+        let endpoints = addrs
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|addr| {
+                let uri = if addr.contains("://") {
+                    addr.to_string()
+                } else {
+                    format!("http://{addr}")
+                };
+                Endpoint::from_shared(uri)
+                    .map(|e| {
+                        e.connect_timeout(CONNECT_TIMEOUT)
+                            .tcp_nodelay(true)
+                            .http2_keep_alive_interval(Duration::from_secs(10))
+                            .keep_alive_timeout(Duration::from_secs(5))
+                            .keep_alive_while_idle(true)
+                    })
+                    .map_err(|err| Error::BadAddress(addr.into(), err.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(Error::Empty);
+        }
+        Ok(Self {
+            endpoints,
+            max_backoff,
+        })
+    }
+
+    /// A connected client: each address in turn, then a back-off, until one
+    /// answers; `None` once `shutdown` fires.
+    pub async fn connect(&self, shutdown: &Shutdown) -> Option<RegistryClient<Channel>> {
+        let mut delays = self.backoff();
+        loop {
+            for endpoint in &self.endpoints {
+                match endpoint.connect().await {
+                    Ok(channel) => return Some(RegistryClient::new(channel)),
+                    Err(err) => {
+                        tracing::debug!(registry = %endpoint.uri(), %err, "registry unreachable")
+                    }
+                }
+                if shutdown.is_cancelled() {
+                    return None;
+                }
+            }
+            let delay = delays.next().unwrap_or(self.max_backoff);
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Exponential with jitter, from 50 ms up to `max_backoff`.
+    pub fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(self.max_backoff)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+}
