@@ -41,6 +41,20 @@ pub enum Role {
     Order(ServiceArgs),
     /// Everything at once on one machine (not built yet).
     Up,
+    /// Lists the services of a namespace and group.
+    Services(crate::inspect::Scope),
+    /// Lists one service's instances.
+    Instances {
+        service: String,
+        #[command(flatten)]
+        scope: crate::inspect::Scope,
+    },
+    /// Prints each change to a service as it happens, until Ctrl-C.
+    Watch {
+        service: String,
+        #[command(flatten)]
+        scope: crate::inspect::Scope,
+    },
     /// Measures a deployment.
     #[command(subcommand)]
     Bench(crate::bench::Bench),
@@ -63,13 +77,20 @@ impl Role {
             Role::Order(_) => "order",
             Role::Up => "up",
             Role::Bench(_) => "bench",
+            Role::Services(_) => "services",
+            Role::Instances { .. } => "instances",
+            Role::Watch { .. } => "watch",
         }
     }
 
     /// Applies this role's flags over the loaded configuration.
     pub fn apply(&self, config: &mut Config) {
-        if let Role::Registry(args) = self {
-            args.apply(&mut config.registry);
+        match self {
+            Role::Registry(args) => args.apply(&mut config.registry),
+            Role::Services(scope) | Role::Instances { scope, .. } | Role::Watch { scope, .. } => {
+                scope.apply(&mut config.discovery)
+            }
+            _ => {}
         }
     }
 }
@@ -104,6 +125,22 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Role::Bench(bench) => bench.run().await.map(|()| ExitCode::SUCCESS),
+        Role::Services(scope) => crate::inspect::services(&config.discovery, scope.json)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Role::Instances { service, scope } => {
+            crate::inspect::instances(&config.discovery, &service, scope.json)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Role::Watch { service, scope } => crate::inspect::watch(
+            &config.discovery,
+            &service,
+            scope.json,
+            crate::shutdown::on_signal(),
+        )
+        .await
+        .map(|()| ExitCode::SUCCESS),
         other => {
             eprintln!("the {} role is not built yet", other.name());
             Ok(ExitCode::from(2))

@@ -14,6 +14,7 @@
 //!   its gRPC face, persistence and health probes.
 //! - [`discovery`]: the client side: self-registration, the resolver that
 //!   watches a service, and the balanced channel callers use.
+//! - [`inspect`]: `services`, `instances`, `watch`: a look into the registry.
 //! - [`bench`]: benchmarks a deployment (`shop-mesh bench registry`).
 //!
 //! Domain code never sees tonic or prost types: the gRPC modules convert at
@@ -25,6 +26,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod inspect;
 pub mod pb;
 pub mod registry;
 pub mod server;

@@ -4,6 +4,7 @@
 mod config;
 mod discovery;
 mod grpcurl;
+mod inspect;
 mod registry_api;
 mod registry_core;
 

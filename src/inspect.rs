@@ -1,0 +1,285 @@
+//! Commands that look into the registry: `services`, `instances`, `watch`.
+//! Tables for people, `--json` (one object per line) for scripts.
+
+use std::io::Write;
+
+use serde_json::json;
+
+use crate::discovery::Connector;
+use crate::pb::registry as pb;
+use crate::pb::registry::registry_client::RegistryClient;
+use crate::shutdown::Shutdown;
+
+/// Where to look.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Scope {
+    /// Registry addresses, tried in turn (a,b,c) [config: discovery.registry].
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// [config: discovery.namespace]
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// [config: discovery.group]
+    #[arg(long)]
+    pub group: Option<String>,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Scope {
+    pub fn apply(&self, config: &mut crate::discovery::Config) {
+        if let Some(registry) = &self.registry {
+            config.registry = registry.clone();
+        }
+        if let Some(namespace) = &self.namespace {
+            config.namespace = namespace.clone();
+        }
+        if let Some(group) = &self.group {
+            config.group = group.clone();
+        }
+    }
+}
+
+async fn client(
+    config: &crate::discovery::Config,
+) -> anyhow::Result<RegistryClient<tonic::transport::Channel>> {
+    let connector = Connector::new(&config.registry, config.reconnect_max_backoff)?;
+    // One round over the addresses, no retrying: a person is waiting.
+    let give_up = Shutdown::new();
+    let attempt = connector.connect(&give_up);
+    tokio::pin!(attempt);
+    tokio::select! {
+        client = &mut attempt => client.ok_or_else(|| anyhow::anyhow!("cannot reach the registry at {}", config.registry)),
+        _ = tokio::time::sleep(config.connect_timeout * 2) => {
+            give_up.cancel();
+            anyhow::bail!("cannot reach the registry at {}", config.registry)
+        }
+    }
+}
+
+fn status(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+/// `shop-mesh services`
+pub async fn services(config: &crate::discovery::Config, json: bool) -> anyhow::Result<()> {
+    let mut client = client(config).await?;
+    let mut all = Vec::new();
+    for page in 1.. {
+        let answer = client
+            .list_services(pb::ListServicesRequest {
+                namespace: config.namespace.clone(),
+                group: config.group.clone(),
+                page,
+                page_size: 1000,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let done = answer.services.len() < 1000;
+        all.extend(answer.services);
+        if done {
+            break;
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        for s in &all {
+            let line = json!({"namespace": s.namespace, "group": s.group, "service": s.name,
+                "instances": s.instance_count, "healthy": s.healthy_count, "protect_threshold": s.protect_threshold});
+            writeln!(out, "{line}")?;
+        }
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.instance_count.to_string(),
+                s.healthy_count.to_string(),
+            ]
+        })
+        .collect();
+    write!(
+        out,
+        "{}",
+        table(&["SERVICE", "INSTANCES", "HEALTHY"], &rows)
+    )?;
+    Ok(())
+}
+
+/// `shop-mesh instances <service>`
+pub async fn instances(
+    config: &crate::discovery::Config,
+    service: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut client = client(config).await?;
+    let answer = client
+        .get_service(pb::GetServiceRequest {
+            namespace: config.namespace.clone(),
+            group: config.group.clone(),
+            service: service.into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    if json {
+        for i in &answer.instances {
+            writeln!(out, "{}", instance_json(i))?;
+        }
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = answer.instances.iter().map(instance_row).collect();
+    write!(
+        out,
+        "{}",
+        table(
+            &[
+                "ADDRESS",
+                "CLUSTER",
+                "WEIGHT",
+                "HEALTHY",
+                "ENABLED",
+                "EPHEMERAL"
+            ],
+            &rows
+        )
+    )?;
+    Ok(())
+}
+
+/// `shop-mesh watch <service>`: each change as it arrives, until Ctrl-C.
+pub async fn watch(
+    config: &crate::discovery::Config,
+    service: &str,
+    json: bool,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let mut client = client(config).await?;
+    let mut stream = client
+        .watch(pb::WatchRequest {
+            namespace: config.namespace.clone(),
+            group: config.group.clone(),
+            service: service.into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    loop {
+        let answer = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            answer = stream.message() => answer.map_err(status)?,
+        };
+        let Some(answer) = answer else {
+            anyhow::bail!("the registry closed the watch");
+        };
+        let mut out = std::io::stdout().lock();
+        match answer.body {
+            Some(pb::watch_response::Body::Snapshot(snapshot)) => {
+                for i in &snapshot.instances {
+                    if json {
+                        writeln!(
+                            out,
+                            "{}",
+                            json!({"revision": answer.revision, "event": if snapshot.reset { "reset" } else { "snapshot" }, "instance": instance_json(i)})
+                        )?;
+                    } else {
+                        writeln!(
+                            out,
+                            "{:>8}  {:<8}  {}",
+                            answer.revision,
+                            if snapshot.reset { "RESET" } else { "SNAPSHOT" },
+                            instance_row(i).join("  ")
+                        )?;
+                    }
+                }
+            }
+            Some(pb::watch_response::Body::Change(change)) => {
+                let kind = match change.kind() {
+                    pb::change::Kind::Delete => "DELETE",
+                    _ => "PUT",
+                };
+                if let Some(i) = &change.instance {
+                    if json {
+                        writeln!(
+                            out,
+                            "{}",
+                            json!({"revision": answer.revision, "event": kind.to_lowercase(), "instance": instance_json(i)})
+                        )?;
+                    } else {
+                        writeln!(
+                            out,
+                            "{:>8}  {:<8}  {}",
+                            answer.revision,
+                            kind,
+                            instance_row(i).join("  ")
+                        )?;
+                    }
+                }
+            }
+            None => {}
+        }
+        out.flush()?;
+    }
+}
+
+fn address(i: &pb::Instance) -> String {
+    if i.ip.contains(':') {
+        format!("[{}]:{}", i.ip, i.port)
+    } else {
+        format!("{}:{}", i.ip, i.port)
+    }
+}
+
+fn instance_row(i: &pb::Instance) -> Vec<String> {
+    vec![
+        address(i),
+        i.cluster.clone(),
+        i.weight.unwrap_or(1.0).to_string(),
+        yes_no(i.healthy),
+        yes_no(i.enabled.unwrap_or(true)),
+        yes_no(i.ephemeral.unwrap_or(true)),
+    ]
+}
+
+fn instance_json(i: &pb::Instance) -> serde_json::Value {
+    json!({"service": i.service, "address": address(i), "cluster": i.cluster,
+        "weight": i.weight.unwrap_or(1.0), "healthy": i.healthy, "enabled": i.enabled.unwrap_or(true),
+        "ephemeral": i.ephemeral.unwrap_or(true), "metadata": i.metadata, "instance_id": i.instance_id})
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.into()
+}
+
+/// Left-aligned columns, two spaces apart.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        text.trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}

@@ -1,0 +1,133 @@
+//! `shop-mesh services | instances | watch`, the real binary against an
+//! in-process registry.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use shop_mesh::pb::registry as pb;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::TestRegistry;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
+
+async fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).output().await.unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn services_and_instances_print_tables_and_json() {
+    let registry = TestRegistry::start().await;
+    let mut client = registry.client().await;
+    client
+        .register(pb::RegisterRequest {
+            instance: Some(pb::Instance {
+                service: "server-product".into(),
+                ip: "127.0.0.1".into(),
+                port: 8070,
+                weight: Some(2.0),
+                ..Default::default()
+            }),
+            lease_id: 0,
+        })
+        .await
+        .unwrap();
+    let addr = registry.addr.to_string();
+
+    let (ok, out, _) = run(&["services", "--registry", &addr]).await;
+    assert!(ok);
+    assert_eq!(
+        out,
+        "SERVICE         INSTANCES  HEALTHY\nserver-product  1          1\n"
+    );
+
+    let (ok, out, _) = run(&["instances", "server-product", "--registry", &addr]).await;
+    assert!(ok);
+    assert!(
+        out.lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("127.0.0.1:8070  DEFAULT  2  "),
+        "{out}"
+    );
+
+    let (ok, out, _) = run(&["instances", "server-product", "--registry", &addr, "--json"]).await;
+    assert!(ok);
+    let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(line["address"], "127.0.0.1:8070");
+    assert_eq!(line["healthy"], true);
+
+    let (ok, _, err) = run(&["instances", "nobody", "--registry", &addr]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("NotFound: service public/DEFAULT_GROUP/nobody is not registered"),
+        "{err}"
+    );
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn watch_prints_each_change_as_it_happens() {
+    let registry = TestRegistry::start().await;
+    let addr = registry.addr.to_string();
+    let mut child = Command::new(BIN)
+        .args(["watch", "server-user", "--registry", &addr, "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+
+    let mut client = registry.client().await;
+    // Registered until the watch has seen it: the watch may start after
+    // the first registration (then it is in its snapshot) or before.
+    client
+        .register(pb::RegisterRequest {
+            instance: Some(pb::Instance {
+                service: "server-user".into(),
+                ip: "127.0.0.1".into(),
+                port: 8060,
+                ..Default::default()
+            }),
+            lease_id: 0,
+        })
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert!(
+        ["put", "snapshot"].contains(&first["event"].as_str().unwrap()),
+        "{first}"
+    );
+    assert_eq!(first["instance"]["address"], "127.0.0.1:8060");
+
+    client
+        .deregister(pb::DeregisterRequest {
+            service: "server-user".into(),
+            ip: "127.0.0.1".into(),
+            port: 8060,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let next: serde_json::Value = serde_json::from_str(&next).unwrap();
+    assert_eq!(next["event"], "delete");
+    child.kill().await.unwrap();
+    registry.stop().await;
+}
