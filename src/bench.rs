@@ -18,11 +18,18 @@ use tonic::transport::{Channel, Endpoint};
 use crate::pb::registry as pb;
 use crate::pb::registry::registry_client::RegistryClient;
 
+mod discovery;
+
+pub use discovery::DiscoveryBench;
+
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
     /// The registry: registrations/s, queries/s, watch delivery latency and
     /// resident memory.
     Registry(RegistryBench),
+    /// Discovery and balancing: their cost per call beside a plain channel,
+    /// and the time from an instance's death to its removal from callers.
+    Discovery(DiscoveryBench),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -57,6 +64,7 @@ impl Bench {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
             Bench::Registry(bench) => bench.run().await,
+            Bench::Discovery(bench) => bench.run().await,
         }
     }
 }

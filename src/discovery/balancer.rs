@@ -111,6 +111,18 @@ impl BalancedChannel {
         &self.shared.service
     }
 
+    /// Resolves once the endpoint set (its addresses) satisfies `ready`.
+    pub async fn wait_for(&self, ready: impl Fn(&[SocketAddr]) -> bool) {
+        let mut endpoints = self.shared.endpoints.clone();
+        let _ = endpoints
+            .wait_for(|list| {
+                let addrs: Vec<SocketAddr> =
+                    list.iter().flat_map(|l| l.iter()).map(|e| e.addr).collect();
+                ready(&addrs)
+            })
+            .await;
+    }
+
     /// The endpoints calls may go to now, with their weights.
     pub fn endpoints(&self) -> Vec<(SocketAddr, f64)> {
         let current = self.shared.endpoints.borrow().clone();
@@ -228,6 +240,9 @@ impl Shared {
     /// The endpoint list, waiting (up to `resolve_timeout`) for the
     /// resolver's first answer.
     async fn resolved(&self) -> Option<Arc<Vec<Arc<Endpoint>>>> {
+        if let Some(list) = self.endpoints.borrow().as_ref() {
+            return Some(list.clone());
+        }
         let mut endpoints = self.endpoints.clone();
         let ready = tokio::time::timeout(
             self.config.resolve_timeout,
@@ -323,36 +338,41 @@ fn grpc_code(response: &http::Response<Body>) -> Option<tonic::Code> {
 fn pick(list: &[Arc<Endpoint>], exclude: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
     let now = Instant::now();
     let eligible = |e: &&Arc<Endpoint>| Some(e.addr) != exclude;
-    let mut candidates: Vec<&Arc<Endpoint>> = list
-        .iter()
-        .filter(eligible)
-        .filter(|e| e.is_available(now))
-        .collect();
-    if candidates.is_empty() {
-        candidates = list.iter().filter(eligible).collect();
+    let available = |e: &&Arc<Endpoint>| eligible(e) && e.is_available(now);
+    if list.iter().any(|e| available(&e)) {
+        pick_among(list.iter().filter(available))
+    } else {
+        pick_among(list.iter().filter(eligible))
     }
-    let total: f64 = candidates.iter().map(|e| e.weight()).sum();
-    if candidates.is_empty() || total <= 0.0 {
+}
+
+fn pick_among<'a>(
+    candidates: impl Iterator<Item = &'a Arc<Endpoint>> + Clone,
+) -> Option<Arc<Endpoint>> {
+    let total: f64 = candidates.clone().map(|e| e.weight()).sum();
+    if total <= 0.0 {
         return None;
     }
     let draw = || {
         let mut point = rand::random_range(0.0..total);
-        for endpoint in &candidates {
+        let mut last = None;
+        for endpoint in candidates.clone() {
             point -= endpoint.weight();
+            last = Some(endpoint);
             if point < 0.0 {
-                return *endpoint;
+                break;
             }
         }
-        candidates[candidates.len() - 1]
+        last
     };
+    let a = draw()?;
     // Two distinct endpoints when there are two (a few redraws suffice).
-    let a = draw();
-    let mut b = draw();
+    let mut b = draw()?;
     for _ in 0..3 {
-        if b.addr != a.addr || candidates.len() == 1 {
+        if b.addr != a.addr {
             break;
         }
-        b = draw();
+        b = draw()?;
     }
     // Calls in flight per unit of weight: at equal latency, traffic in
     // proportion to the weights keeps this level, so the comparison is a
