@@ -29,6 +29,10 @@ struct Probe {
     port: u16,
     delay: Duration,
     in_flight: Arc<AtomicUsize>,
+    /// Calls received, answered or not.
+    calls: Arc<AtomicUsize>,
+    /// Answer every call with UNAVAILABLE.
+    failing: bool,
 }
 
 impl tonic::server::NamedService for Probe {
@@ -44,6 +48,10 @@ impl tonic::server::UnaryService<pb::KeepAliveRequest> for ProbeCall {
     fn call(&mut self, _: tonic::Request<pb::KeepAliveRequest>) -> Self::Future {
         let probe = self.0.clone();
         Box::pin(async move {
+            probe.calls.fetch_add(1, Ordering::SeqCst);
+            if probe.failing {
+                return Err(tonic::Status::unavailable("failing on purpose"));
+            }
             probe.in_flight.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(probe.delay).await;
             probe.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -104,6 +112,7 @@ fn discovery_config(registry: SocketAddr) -> discovery::Config {
 struct Instance {
     port: u16,
     in_flight: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
     shutdown: Shutdown,
     runtime: Option<tokio::runtime::Runtime>,
     exited: Option<tokio::sync::oneshot::Receiver<anyhow::Result<()>>>,
@@ -111,6 +120,10 @@ struct Instance {
 
 impl Instance {
     fn start(registry: SocketAddr, weight: f64, delay: Duration) -> Instance {
+        Self::start_with(registry, weight, delay, false)
+    }
+
+    fn start_with(registry: SocketAddr, weight: f64, delay: Duration, failing: bool) -> Instance {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -120,10 +133,13 @@ impl Instance {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
         let probe = Probe {
             port,
             delay,
             in_flight: in_flight.clone(),
+            calls: calls.clone(),
+            failing,
         };
         let shutdown = Shutdown::new();
         let (tx, exited) = tokio::sync::oneshot::channel();
@@ -144,6 +160,7 @@ impl Instance {
         Instance {
             port,
             in_flight,
+            calls,
             shutdown,
             runtime: Some(runtime),
             exited: Some(exited),
@@ -548,4 +565,52 @@ async fn an_empty_service_fails_fast_with_unavailable() {
         started.elapsed() < Duration::from_secs(2),
         "it did not hang"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_retry_safe_calls_stay_within_the_budget() {
+    let registry = TestRegistry::start().await;
+    let instances: Vec<_> = (0..2)
+        .map(|_| Instance::start_with(registry.addr, 1.0, Duration::ZERO, true))
+        .collect();
+    let config = discovery::Config {
+        // Keep both in rotation, so every failure could be retried.
+        eject_after: 1_000_000,
+        ..discovery_config(registry.addr)
+    };
+    let mesh = Mesh::new(&config).unwrap();
+    let channel = mesh.channel("probe");
+    wait_for_endpoints(&channel, 2).await;
+
+    let calls = 2_000;
+    for _ in 0..calls {
+        let err = call(&channel, true).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+    }
+    let attempts: usize = instances
+        .iter()
+        .map(|i| i.calls.load(Ordering::SeqCst))
+        .sum();
+    let retries = attempts - calls;
+    // 20 % of the calls, plus the budget's floor of 10 a second over its
+    // 10 s window.
+    assert!(retries > 0, "retry-safe calls were retried");
+    assert!(
+        retries <= calls / 5 + 100,
+        "{retries} retries for {calls} calls"
+    );
+
+    // Calls not marked retry-safe are never sent twice.
+    let before: usize = instances
+        .iter()
+        .map(|i| i.calls.load(Ordering::SeqCst))
+        .sum();
+    for _ in 0..100 {
+        call(&channel, false).await.unwrap_err();
+    }
+    let after: usize = instances
+        .iter()
+        .map(|i| i.calls.load(Ordering::SeqCst))
+        .sum();
+    assert_eq!(after - before, 100);
 }
