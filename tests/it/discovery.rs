@@ -614,3 +614,28 @@ async fn retries_of_retry_safe_calls_stay_within_the_budget() {
         .sum();
     assert_eq!(after - before, 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_addresses_are_tried_in_turn() {
+    let registry = TestRegistry::start().await;
+    // Nothing listens on the first address.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let list = format!("{dead_addr},{}", registry.addr);
+    let mut config = discovery_config(registry.addr);
+    config.registry = list;
+    let instance = Instance::start(registry.addr, 1.0, Duration::ZERO);
+    let mesh = Mesh::new(&config).unwrap();
+    let channel = mesh.channel("probe");
+    wait_for_endpoints(&channel, 1).await;
+    assert_eq!(call(&channel, false).await.unwrap(), instance.port);
+
+    let err = Mesh::new(&discovery::Config {
+        registry: " , ".into(),
+        ..Default::default()
+    })
+    .err()
+    .expect("an empty list is refused");
+    assert_eq!(err.to_string(), "no registry address given");
+}
