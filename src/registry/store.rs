@@ -174,8 +174,9 @@ impl Registry {
         {
             let mut state = registry.inner.state.lock();
             for (key, settings) in loaded.services {
-                state.ensure_service(&key).explicit = true;
-                state.ensure_service(&key).settings = settings;
+                let service = state.ensure_service(&key);
+                service.explicit = true;
+                service.settings = settings;
             }
             for mut instance in loaded.instances {
                 // Health is not stored: it is probed again.
