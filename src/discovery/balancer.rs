@@ -3,9 +3,10 @@
 //! as the resolver reports them.
 //!
 //! Choice is power of two choices: two endpoints drawn at random in
-//! proportion to their weights, the one with fewer calls in flight per unit
-//! of weight wins. That keeps traffic in proportion to the weights when the
-//! endpoints are alike, and away from one that is slow (its calls pile up). A failing endpoint fails fast and so looks
+//! proportion to their weights; the first stands unless it has clearly
+//! more calls in flight per unit of weight than the second. That keeps
+//! traffic in proportion to the weights when the endpoints are alike, and
+//! away from one that is slow (its calls pile up). A failing endpoint fails fast and so looks
 //! idle: ejection (see [`super::endpoint`]) takes it out. A call marked
 //! [`RetrySafe`] that fails is tried once more on another endpoint, under a
 //! retry budget. An empty set fails at once with UNAVAILABLE.
@@ -374,12 +375,13 @@ fn pick_among<'a>(
         }
         b = draw()?;
     }
-    // Calls in flight per unit of weight: at equal latency, traffic in
-    // proportion to the weights keeps this level, so the comparison is a
-    // fair coin and the weighted draws decide; a slow endpoint's calls pile
-    // up and it loses.
-    let load = |e: &Endpoint| e.in_flight() as f64 / e.weight();
-    Some(if load(b) < load(a) { b } else { a }.clone())
+    // Calls in flight per unit of weight. The first draw (by weight) stands
+    // unless it is busier than the second even with one more call on the
+    // second: the ordinary jitter of a call or two in flight then leaves
+    // the weighted draw to decide, so traffic follows the weights, while a
+    // slow endpoint, whose calls pile up, loses.
+    let load = |e: &Endpoint, extra: usize| (e.in_flight() + extra) as f64 / e.weight();
+    Some(if load(a, 0) > load(b, 1) { b } else { a }.clone())
 }
 
 /// A request twice over, its body read into memory, for a retry.

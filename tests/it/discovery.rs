@@ -288,6 +288,12 @@ async fn weights_one_two_zero_are_honoured() {
     let (seen, failed) = load(&channel, 3000, 8).await;
     assert_eq!(failed, 0);
     let share = |i: &Instance| seen.get(&i.port).copied().unwrap_or(0);
+    eprintln!(
+        "weights 1:2:0 got {} : {} : {}",
+        share(&one),
+        share(&two),
+        share(&zero)
+    );
     assert!((850..=1150).contains(&share(&one)), "{seen:?}");
     assert!((1700..=2300).contains(&share(&two)), "{seen:?}");
     assert_eq!(share(&zero), 0, "weight 0 takes no traffic");
@@ -418,6 +424,7 @@ async fn a_slow_instance_gets_clearly_less_traffic() {
     let (seen, failed) = load(&channel, 1500, 16).await;
     assert_eq!(failed, 0);
     let slow_share = seen.get(&slow.port).copied().unwrap_or(0);
+    eprintln!("the slow instance got {slow_share} of 1500");
     assert!(
         slow_share < 250,
         "the slow one got {slow_share} of 1500 (fair: 500): {seen:?}"
