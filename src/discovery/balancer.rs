@@ -108,10 +108,6 @@ impl BalancedChannel {
         }
     }
 
-    pub fn service(&self) -> &str {
-        &self.shared.service
-    }
-
     /// Resolves once the endpoint set (its addresses) satisfies `ready`.
     pub async fn wait_for(&self, ready: impl Fn(&[SocketAddr]) -> bool) {
         let mut endpoints = self.shared.endpoints.clone();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -19,7 +19,6 @@ const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A running registration.
 pub struct Registration {
-    registered: watch::Receiver<bool>,
     left: tokio::task::JoinHandle<()>,
 }
 
@@ -33,21 +32,14 @@ impl Registration {
         shutdown: Shutdown,
         drain_delay: Duration,
     ) -> Registration {
-        let (tx, registered) = watch::channel(false);
         let left = tokio::spawn(async move {
-            let client = keep_registered(&connector, &instance, &shutdown, &tx).await;
-            tx.send_replace(false);
+            let client = keep_registered(&connector, &instance, &shutdown).await;
             if let Some(client) = client {
                 deregister(client, &instance).await;
             }
             tokio::time::sleep(drain_delay).await;
         });
-        Registration { registered, left }
-    }
-
-    /// True while the registry holds this instance as far as we know.
-    pub fn registered(&self) -> watch::Receiver<bool> {
-        self.registered.clone()
+        Registration { left }
     }
 
     /// Resolves once the instance has left the registry (after shutdown).
@@ -62,7 +54,6 @@ async fn keep_registered(
     connector: &Connector,
     instance: &pb::Instance,
     shutdown: &Shutdown,
-    registered: &watch::Sender<bool>,
 ) -> Option<RegistryClient<Channel>> {
     let mut lease = 0;
     let mut backoff = connector.backoff();
@@ -81,7 +72,6 @@ async fn keep_registered(
             Ok(answer) => {
                 let answer = answer.into_inner();
                 lease = answer.lease_id;
-                registered.send_replace(true);
                 backoff = connector.backoff();
                 tracing::info!(instance = %answer.instance_id, lease, "registered");
                 let interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
@@ -97,7 +87,6 @@ async fn keep_registered(
                     }
                     Ended::Broken => {
                         tracing::warn!("lost the registry; reconnecting");
-                        registered.send_replace(false);
                     }
                 }
             }

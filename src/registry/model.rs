@@ -211,12 +211,6 @@ impl Timings {
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms.into())
     }
-    pub fn unhealthy_timeout(&self) -> Duration {
-        Duration::from_millis(self.unhealthy_timeout_ms.into())
-    }
-    pub fn delete_timeout(&self) -> Duration {
-        Duration::from_millis(self.delete_timeout_ms.into())
-    }
 }
 
 /// Per-instance timing overrides, as asked; the registry checks them
@@ -263,11 +257,6 @@ impl Instance {
             "{}#{}#{}#{}@@{}",
             self.addr.ip, self.addr.port, self.addr.cluster, self.service.group, self.service.name
         )
-    }
-
-    /// Whether a balancer may send it traffic.
-    pub fn is_serving(&self) -> bool {
-        self.healthy && self.enabled && self.weight > 0.0
     }
 }
 

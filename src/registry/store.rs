@@ -64,7 +64,6 @@ pub struct Stats {
     /// Events queued for watchers, over all of them: bounded by the number
     /// of watchers times the per-watcher queue.
     pub queued_events: usize,
-    pub history: usize,
 }
 
 struct State {
@@ -466,7 +465,6 @@ impl Registry {
             leases: state.leases.len(),
             watchers,
             queued_events,
-            history: state.history.len(),
         }
     }
 

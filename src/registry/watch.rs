@@ -99,10 +99,6 @@ pub struct WatchStream {
 }
 
 impl WatchStream {
-    pub fn selector(&self) -> &Selector {
-        &self.selector
-    }
-
     /// Replaces the lost subscription with a new one and queues a reset
     /// snapshot taken at the same moment, so nothing falls between them.
     fn resync(&mut self) {
