@@ -45,16 +45,12 @@ async fn client(
     config: &crate::discovery::Config,
 ) -> anyhow::Result<RegistryClient<tonic::transport::Channel>> {
     let connector = Connector::new(&config.registry, config.reconnect_max_backoff)?;
-    // One round over the addresses, no retrying: a person is waiting.
-    let give_up = Shutdown::new();
-    let attempt = connector.connect(&give_up);
-    tokio::pin!(attempt);
-    tokio::select! {
-        client = &mut attempt => client.ok_or_else(|| anyhow::anyhow!("cannot reach the registry at {}", config.registry)),
-        _ = tokio::time::sleep(config.connect_timeout * 2) => {
-            give_up.cancel();
-            anyhow::bail!("cannot reach the registry at {}", config.registry)
-        }
+    // No endless retrying: a person is waiting. Dropping the attempt at
+    // the deadline stops it.
+    let never = Shutdown::new();
+    match tokio::time::timeout(config.connect_timeout * 2, connector.connect(&never)).await {
+        Ok(Some(client)) => Ok(client),
+        _ => anyhow::bail!("cannot reach the registry at {}", config.registry),
     }
 }
 
@@ -179,51 +175,34 @@ pub async fn watch(
         let Some(answer) = answer else {
             anyhow::bail!("the registry closed the watch");
         };
-        let mut out = std::io::stdout().lock();
-        match answer.body {
-            Some(pb::watch_response::Body::Snapshot(snapshot)) => {
-                for i in &snapshot.instances {
-                    if json {
-                        writeln!(
-                            out,
-                            "{}",
-                            json!({"revision": answer.revision, "event": if snapshot.reset { "reset" } else { "snapshot" }, "instance": instance_json(i)})
-                        )?;
-                    } else {
-                        writeln!(
-                            out,
-                            "{:>8}  {:<8}  {}",
-                            answer.revision,
-                            if snapshot.reset { "RESET" } else { "SNAPSHOT" },
-                            instance_row(i).join("  ")
-                        )?;
-                    }
-                }
+        // Every instance of a snapshot is a line of its own, like a change.
+        let (event, instances) = match answer.body {
+            Some(pb::watch_response::Body::Snapshot(s)) => {
+                (if s.reset { "reset" } else { "snapshot" }, s.instances)
             }
             Some(pb::watch_response::Body::Change(change)) => {
-                let kind = match change.kind() {
-                    pb::change::Kind::Delete => "DELETE",
-                    _ => "PUT",
+                let event = match change.kind() {
+                    pb::change::Kind::Delete => "delete",
+                    _ => "put",
                 };
-                if let Some(i) = &change.instance {
-                    if json {
-                        writeln!(
-                            out,
-                            "{}",
-                            json!({"revision": answer.revision, "event": kind.to_lowercase(), "instance": instance_json(i)})
-                        )?;
-                    } else {
-                        writeln!(
-                            out,
-                            "{:>8}  {:<8}  {}",
-                            answer.revision,
-                            kind,
-                            instance_row(i).join("  ")
-                        )?;
-                    }
-                }
+                (event, change.instance.into_iter().collect())
             }
-            None => {}
+            None => continue,
+        };
+        let mut out = std::io::stdout().lock();
+        for i in &instances {
+            if json {
+                let line = json!({"revision": answer.revision, "event": event, "instance": instance_json(i)});
+                writeln!(out, "{line}")?;
+            } else {
+                let row = instance_row(i).join("  ");
+                writeln!(
+                    out,
+                    "{:>8}  {:<8}  {row}",
+                    answer.revision,
+                    event.to_uppercase()
+                )?;
+            }
         }
         out.flush()?;
     }
