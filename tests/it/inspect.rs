@@ -4,11 +4,10 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use shop_mesh::pb::registry as pb;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::Command;
 
-use crate::TestRegistry;
+use crate::{TestRegistry, deregister, instance, register};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
 
@@ -25,19 +24,9 @@ async fn run(args: &[&str]) -> (bool, String, String) {
 async fn services_and_instances_print_tables_and_json() {
     let registry = TestRegistry::start().await;
     let mut client = registry.client().await;
-    client
-        .register(pb::RegisterRequest {
-            instance: Some(pb::Instance {
-                service: "server-product".into(),
-                ip: "127.0.0.1".into(),
-                port: 8070,
-                weight: Some(2.0),
-                ..Default::default()
-            }),
-            lease_id: 0,
-        })
-        .await
-        .unwrap();
+    let mut product = instance("server-product", 8070);
+    product.weight = Some(2.0);
+    register(&mut client, product).await;
     let addr = registry.addr.to_string();
 
     let (ok, out, _) = run(&["services", "--registry", &addr]).await;
@@ -72,6 +61,16 @@ async fn services_and_instances_print_tables_and_json() {
     registry.stop().await;
 }
 
+/// The next line the watch prints, as JSON; within 10 s.
+async fn next_json<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut Lines<R>) -> serde_json::Value {
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("a line within 10 s")
+        .expect("readable output")
+        .expect("the watch still running");
+    serde_json::from_str(&line).expect("a JSON line")
+}
+
 #[tokio::test]
 async fn watch_prints_each_change_as_it_happens() {
     let registry = TestRegistry::start().await;
@@ -88,45 +87,16 @@ async fn watch_prints_each_change_as_it_happens() {
     let mut client = registry.client().await;
     // Registered until the watch has seen it: the watch may start after
     // the first registration (then it is in its snapshot) or before.
-    client
-        .register(pb::RegisterRequest {
-            instance: Some(pb::Instance {
-                service: "server-user".into(),
-                ip: "127.0.0.1".into(),
-                port: 8060,
-                ..Default::default()
-            }),
-            lease_id: 0,
-        })
-        .await
-        .unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    register(&mut client, instance("server-user", 8060)).await;
+    let first = next_json(&mut lines).await;
     assert!(
         ["put", "snapshot"].contains(&first["event"].as_str().unwrap()),
         "{first}"
     );
     assert_eq!(first["instance"]["address"], "127.0.0.1:8060");
 
-    client
-        .deregister(pb::DeregisterRequest {
-            service: "server-user".into(),
-            ip: "127.0.0.1".into(),
-            port: 8060,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let next: serde_json::Value = serde_json::from_str(&next).unwrap();
+    deregister(&mut client, "server-user", 8060).await.unwrap();
+    let next = next_json(&mut lines).await;
     assert_eq!(next["event"], "delete");
     child.kill().await.unwrap();
     registry.stop().await;

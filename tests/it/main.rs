@@ -11,6 +11,7 @@ mod registry_core;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
 use shop_mesh::registry;
 use shop_mesh::shutdown::Shutdown;
@@ -86,6 +87,50 @@ impl TestRegistry {
             .expect("registry task")
             .expect("registry exits cleanly");
     }
+}
+
+/// An instance of `service` on 127.0.0.1:`port`, everything else default.
+pub fn instance(service: &str, port: u32) -> pb::Instance {
+    pb::Instance {
+        service: service.into(),
+        ip: "127.0.0.1".into(),
+        port,
+        ..Default::default()
+    }
+}
+
+/// Registers on a new lease, or panics.
+pub async fn register(
+    client: &mut RegistryClient<Channel>,
+    i: pb::Instance,
+) -> pb::RegisterResponse {
+    client
+        .register(pb::RegisterRequest {
+            instance: Some(i),
+            lease_id: 0,
+        })
+        .await
+        .expect("register")
+        .into_inner()
+}
+
+/// Deregisters `service` on 127.0.0.1:`port`, in the default namespace,
+/// group and cluster.
+pub async fn deregister(
+    client: &mut RegistryClient<Channel>,
+    service: &str,
+    port: u32,
+) -> Result<pb::DeregisterResponse, tonic::Status> {
+    let request = pb::DeregisterRequest {
+        service: service.into(),
+        ip: "127.0.0.1".into(),
+        port,
+        ..Default::default()
+    };
+    client
+        .deregister(request)
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 /// Polls `check` until it is true, or panics after `deadline`.

@@ -10,27 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::{TestRegistry, wait_until};
-
-fn instance(service: &str, port: u32) -> pb::Instance {
-    pb::Instance {
-        service: service.into(),
-        ip: "127.0.0.1".into(),
-        port,
-        ..Default::default()
-    }
-}
-
-async fn register(client: &mut RegistryClient<Channel>, i: pb::Instance) -> pb::RegisterResponse {
-    client
-        .register(pb::RegisterRequest {
-            instance: Some(i),
-            lease_id: 0,
-        })
-        .await
-        .expect("register")
-        .into_inner()
-}
+use crate::{TestRegistry, deregister, instance, register, wait_until};
 
 async fn get(
     client: &mut RegistryClient<Channel>,
@@ -102,16 +82,7 @@ async fn register_get_deregister_move_the_revision_by_one_each() {
     assert_eq!(service.instances.len(), 1, "still one instance");
     assert_eq!(service.instances[0].weight, Some(2.0));
 
-    let gone = client
-        .deregister(pb::DeregisterRequest {
-            service: "server-user".into(),
-            ip: "127.0.0.1".into(),
-            port: 8060,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let gone = deregister(&mut client, "server-user", 8060).await.unwrap();
     assert_eq!(gone.revision, 3);
     let err = client
         .get_service(pb::GetServiceRequest {
@@ -244,15 +215,7 @@ async fn each_bad_input_gets_its_code_and_names_its_field() {
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("lease 424242"), "{}", err.message());
 
-    let err = client
-        .deregister(pb::DeregisterRequest {
-            service: "svc".into(),
-            ip: "127.0.0.1".into(),
-            port: 80,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = deregister(&mut client, "svc", 80).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
     let err = client
@@ -513,15 +476,7 @@ async fn a_persistent_instance_follows_its_health_server_and_survives_a_restart(
     .await;
 
     // Deregistered, it stays gone after another restart.
-    client
-        .deregister(pb::DeregisterRequest {
-            service: "mysql".into(),
-            ip: "127.0.0.1".into(),
-            port: port.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    deregister(&mut client, "mysql", port.into()).await.unwrap();
     let config = registry.config.clone();
     registry.stop().await;
     let registry = TestRegistry::start_on(config).await;
