@@ -19,8 +19,10 @@ use crate::pb::registry as pb;
 use crate::pb::registry::registry_client::RegistryClient;
 
 mod discovery;
+mod isolated;
 
 pub use discovery::DiscoveryBench;
+pub use isolated::Isolated;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {

@@ -4,9 +4,8 @@
 //!
 //! Everything runs in this process: a registry, three target instances
 //! (each serving `grpc.health.v1.Health`, registered as `bench-target`),
-//! and the callers. Each instance has a runtime of its own, so that
-//! dropping the runtime kills it the way a crashed process dies: its
-//! sockets close with no goodbye.
+//! and the callers. Each instance is [`Isolated`], so it can be killed the
+//! way a crashed process dies.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,9 +17,9 @@ use hdrhistogram::Histogram;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+use super::Isolated;
 use super::histogram;
 use crate::discovery::{self, Announce, BalancedChannel, Mesh};
-use crate::server::Server;
 use crate::shutdown::Shutdown;
 
 const TARGET: &str = "bench-target";
@@ -44,56 +43,13 @@ pub struct DiscoveryBench {
     pub kills: usize,
 }
 
-/// A target instance on a runtime of its own.
-struct Target {
-    addr: SocketAddr,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Target {
-    fn start(registry: SocketAddr, name: &'static str) -> anyhow::Result<Target> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let config = discovery::Config {
-            registry: registry.to_string(),
-            ..Default::default()
-        };
-        runtime.spawn(async move {
-            let shutdown = Shutdown::new();
-            let server = Server::new(shutdown.clone()).await;
-            let routes = server.routes();
-            let listener = match tokio::net::TcpListener::from_std(listener) {
-                Ok(listener) => listener,
-                Err(err) => return tracing::error!(%err, "bench target cannot listen"),
-            };
-            let announce = Announce::new(name);
-            let served = discovery::serve(&server, routes, listener, announce, &config, shutdown);
-            if let Err(err) = served.await {
-                tracing::error!(%err, "bench target failed");
-            }
-        });
-        Ok(Target {
-            addr,
-            runtime: Some(runtime),
-        })
-    }
-
-    fn kill(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A target instance: health and reflection only, registered as `name`.
+fn target(registry: SocketAddr, name: &str) -> anyhow::Result<Isolated> {
+    let config = discovery::Config {
+        registry: registry.to_string(),
+        ..Default::default()
+    };
+    Isolated::start(config, Announce::new(name), |_, routes| routes)
 }
 
 type Run = (f64, Histogram<u64>);
@@ -115,9 +71,9 @@ impl DiscoveryBench {
         });
 
         let targets = (0..3)
-            .map(|_| Target::start(registry, TARGET))
+            .map(|_| target(registry, TARGET))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let single = Target::start(registry, SINGLE)?;
+        let single = target(registry, SINGLE)?;
         let mesh = Mesh::new(&discovery::Config {
             registry: registry.to_string(),
             ..Default::default()
@@ -225,7 +181,7 @@ impl DiscoveryBench {
     ) -> anyhow::Result<Histogram<u64>> {
         let mut times = histogram();
         for _ in 0..self.kills {
-            let mut target = Target::start(registry, TARGET)?;
+            let mut target = target(registry, TARGET)?;
             let addr = target.addr;
             tokio::time::timeout(
                 Duration::from_secs(10),

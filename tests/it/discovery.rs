@@ -13,9 +13,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use shop_mesh::bench::Isolated;
 use shop_mesh::discovery::{self, Announce, BalancedChannel, Mesh, retry_safe};
 use shop_mesh::pb::registry as pb;
-use shop_mesh::server::Server;
 use shop_mesh::shutdown::Shutdown;
 use tokio::time::Instant;
 use tonic::body::Body;
@@ -108,14 +108,12 @@ fn discovery_config(registry: SocketAddr) -> discovery::Config {
     }
 }
 
-/// A test service registered as "probe", on its own runtime.
+/// A test service registered as "probe", on a runtime of its own.
 struct Instance {
     port: u16,
     in_flight: Arc<AtomicUsize>,
     calls: Arc<AtomicUsize>,
-    shutdown: Shutdown,
-    runtime: Option<tokio::runtime::Runtime>,
-    exited: Option<tokio::sync::oneshot::Receiver<anyhow::Result<()>>>,
+    isolated: Isolated,
 }
 
 impl Instance {
@@ -124,60 +122,29 @@ impl Instance {
     }
 
     fn start_with(registry: SocketAddr, weight: f64, delay: Duration, failing: bool) -> Instance {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let in_flight = Arc::new(AtomicUsize::new(0));
         let calls = Arc::new(AtomicUsize::new(0));
-        let probe = Probe {
-            port,
-            delay,
-            in_flight: in_flight.clone(),
-            calls: calls.clone(),
-            failing,
-        };
-        let shutdown = Shutdown::new();
-        let (tx, exited) = tokio::sync::oneshot::channel();
         let mut announce = Announce::new("probe");
         announce.weight = weight;
-        let config = discovery_config(registry);
-        runtime.spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let server = Server::new(shutdown.clone()).await;
-                let routes = server.routes().add_service(probe);
-                let result =
-                    discovery::serve(&server, routes, listener, announce, &config, shutdown).await;
-                let _ = tx.send(result);
+        let isolated = Isolated::start(discovery_config(registry), announce, {
+            let (in_flight, calls) = (in_flight.clone(), calls.clone());
+            move |addr, routes| {
+                routes.add_service(Probe {
+                    port: addr.port(),
+                    delay,
+                    in_flight,
+                    calls,
+                    failing,
+                })
             }
-        });
+        })
+        .unwrap();
         Instance {
-            port,
+            port: isolated.addr.port(),
             in_flight,
             calls,
-            shutdown,
-            runtime: Some(runtime),
-            exited: Some(exited),
+            isolated,
         }
-    }
-
-    /// Gone at once, sockets and all, as with kill -9.
-    fn kill(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -330,7 +297,7 @@ async fn an_instance_killed_mid_load_costs_no_call_once_the_registry_marks_it() 
 
     tokio::time::sleep(Duration::from_millis(200)).await;
     let killed = instances[1].port;
-    instances[1].kill();
+    instances[1].isolated.kill();
     wait_until(
         "the registry to mark it unhealthy",
         Duration::from_secs(5),
@@ -524,7 +491,7 @@ async fn a_stopping_service_leaves_the_registry_first_and_cuts_no_call() {
     })
     .await;
 
-    instance.shutdown.cancel();
+    instance.isolated.shutdown.cancel();
     let removed = tokio::time::timeout(Duration::from_secs(5), watch.message())
         .await
         .expect("a change in time")
@@ -555,7 +522,7 @@ async fn a_stopping_service_leaves_the_registry_first_and_cuts_no_call() {
             "no in-flight call was cut"
         );
     }
-    let exited = instance.exited.take().unwrap().await.unwrap();
+    let exited = instance.isolated.exited().await;
     assert!(exited.is_ok(), "{exited:?}");
 }
 
