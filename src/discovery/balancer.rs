@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
+use smallvec::SmallVec;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -334,26 +335,28 @@ fn grpc_code(response: &http::Response<Body>) -> Option<tonic::Code> {
 /// flight wins. `exclude` is skipped unless it is the only one.
 fn pick(list: &[Arc<Endpoint>], exclude: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
     let now = Instant::now();
-    let eligible = |e: &&Arc<Endpoint>| Some(e.addr) != exclude;
-    let available = |e: &&Arc<Endpoint>| eligible(e) && e.is_available(now);
-    if list.iter().any(|e| available(&e)) {
-        pick_among(list.iter().filter(available))
-    } else {
-        pick_among(list.iter().filter(eligible))
+    // Each endpoint's outlier state is read once per call, here.
+    let eligible = || list.iter().filter(|e| Some(e.addr) != exclude);
+    let mut candidates: SmallVec<[&Arc<Endpoint>; 8]> =
+        eligible().filter(|e| e.is_available(now)).collect();
+    if candidates.is_empty() {
+        candidates = eligible().collect();
     }
+    pick_among(&candidates)
 }
 
-fn pick_among<'a>(
-    candidates: impl Iterator<Item = &'a Arc<Endpoint>> + Clone,
-) -> Option<Arc<Endpoint>> {
-    let total: f64 = candidates.clone().map(|e| e.weight()).sum();
+fn pick_among(candidates: &[&Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
+    if let [only] = candidates {
+        return (only.weight() > 0.0).then(|| Arc::clone(only));
+    }
+    let total: f64 = candidates.iter().map(|e| e.weight()).sum();
     if total <= 0.0 {
         return None;
     }
     let draw = || {
         let mut point = rand::random_range(0.0..total);
         let mut last = None;
-        for endpoint in candidates.clone() {
+        for &endpoint in candidates {
             point -= endpoint.weight();
             last = Some(endpoint);
             if point < 0.0 {
