@@ -276,26 +276,35 @@ async fn an_instance_killed_mid_load_costs_no_call_once_the_registry_marks_it() 
     let channel = mesh.channel("probe");
     wait_for_endpoints(&channel, 3).await;
 
-    let stop = Arc::new(tokio::sync::Notify::new());
+    let stop = Shutdown::new();
+    let done = Arc::new(AtomicUsize::new(0));
     let calls: Vec<_> = (0..8)
         .map(|_| {
-            let (channel, stop) = (channel.clone(), stop.clone());
+            let (channel, stop, done) = (channel.clone(), stop.clone(), done.clone());
             tokio::spawn(async move {
                 let mut outcomes = Vec::new();
-                let stopped = stop.notified();
-                tokio::pin!(stopped);
                 loop {
                     let started = Instant::now();
                     tokio::select! {
-                        _ = &mut stopped => return outcomes,
+                        _ = stop.cancelled() => return outcomes,
                         result = call(&channel, true) => outcomes.push((started, result)),
                     }
+                    done.fetch_add(1, Ordering::Relaxed);
                 }
             })
         })
         .collect();
 
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let victim = instances[1].calls.clone();
+    wait_until(
+        "the doomed instance to be serving calls",
+        Duration::from_secs(5),
+        || {
+            let served = victim.load(Ordering::Relaxed);
+            async move { served >= 50 }
+        },
+    )
+    .await;
     let killed = instances[1].port;
     instances[1].isolated.kill();
     wait_until(
@@ -305,8 +314,17 @@ async fn an_instance_killed_mid_load_costs_no_call_once_the_registry_marks_it() 
     )
     .await;
     let marked = Instant::now();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.notify_waiters();
+    let done_at_mark = done.load(Ordering::Relaxed);
+    wait_until(
+        "300 more calls after the mark",
+        Duration::from_secs(10),
+        || {
+            let n = done.load(Ordering::Relaxed);
+            async move { n >= done_at_mark + 300 }
+        },
+    )
+    .await;
+    stop.cancel();
 
     let mut after = 0;
     let mut failed_after = Vec::new();
