@@ -105,13 +105,16 @@ fn flags_override_the_environment() {
             "--listen",
             "127.0.0.1:3000",
             "--data-dir",
-            "/tmp/x",
+            "var/registry",
         ])
         .unwrap();
         let mut config = Config::load_from(None, env()).unwrap();
         cli.role.apply(&mut config);
         assert_eq!(config.registry.listen.port(), 3000);
-        assert_eq!(config.registry.data_dir, std::path::PathBuf::from("/tmp/x"));
+        assert_eq!(
+            config.registry.data_dir,
+            std::path::PathBuf::from("var/registry")
+        );
         Ok(())
     });
 }
