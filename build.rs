@@ -3,7 +3,12 @@
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["shopmesh/registry/v1/registry.proto"];
+const PROTOS: &[&str] = &[
+    "shopmesh/registry/v1/registry.proto",
+    "shopmesh/shop/v1/user.proto",
+    "shopmesh/shop/v1/product.proto",
+    "shopmesh/shop/v1/order.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

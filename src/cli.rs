@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
+use crate::shop::ServiceArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,11 +34,12 @@ pub struct Cli {
 pub enum Role {
     /// The registry (Nacos's job), on :8848 by default.
     Registry(crate::registry::Args),
-    /// The user service, "server-user" (not built yet).
+    /// The user service, "server-user", on :8060 by default.
     User(ServiceArgs),
-    /// The product service, "server-product" (not built yet).
+    /// The product service, "server-product", on :8070 by default.
     Product(ServiceArgs),
-    /// The order service, "server-order" (not built yet).
+    /// The order service, "server-order", on :8080 by default; finds the
+    /// other two through the registry.
     Order(ServiceArgs),
     /// Everything at once on one machine (not built yet).
     Up,
@@ -60,14 +62,6 @@ pub enum Role {
     Bench(crate::bench::Bench),
 }
 
-/// The flags every shop service takes.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ServiceArgs {
-    /// Registry addresses, tried in turn (a,b,c).
-    #[arg(long, default_value = "127.0.0.1:8848")]
-    pub registry: String,
-}
-
 impl Role {
     pub fn name(&self) -> &'static str {
         match self {
@@ -87,6 +81,9 @@ impl Role {
     pub fn apply(&self, config: &mut Config) {
         match self {
             Role::Registry(args) => args.apply(&mut config.registry),
+            Role::User(args) => args.apply(&mut config.discovery, &mut config.user),
+            Role::Product(args) => args.apply(&mut config.discovery, &mut config.product),
+            Role::Order(args) => args.apply(&mut config.discovery, &mut config.order),
             Role::Services(scope) | Role::Instances { scope, .. } | Role::Watch { scope, .. } => {
                 scope.apply(&mut config.discovery)
             }
@@ -116,12 +113,23 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
     match role {
         Role::Registry(_) => {
-            let listener = tokio::net::TcpListener::bind(config.registry.listen)
-                .await
-                .map_err(|err| {
-                    anyhow::anyhow!("cannot listen on {}: {err}", config.registry.listen)
-                })?;
+            let listener = bind(config.registry.listen).await?;
             crate::registry::run(&config.registry, listener, crate::shutdown::on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Role::User(_) => {
+            let listener = bind(config.user.listen).await?;
+            crate::user::run(&config, listener, crate::shutdown::on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Role::Product(_) => {
+            let listener = bind(config.product.listen).await?;
+            crate::product::run(&config, listener, crate::shutdown::on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Role::Order(_) => {
+            let listener = bind(config.order.listen).await?;
+            crate::order::run(&config, listener, crate::shutdown::on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Role::Bench(bench) => bench.run().await.map(|()| ExitCode::SUCCESS),
@@ -146,4 +154,10 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))
 }

@@ -8,6 +8,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::shop::ServiceConfig;
+
 /// The default configuration file, read when it exists and no `--config`
 /// is given.
 pub const DEFAULT_FILE: &str = "config/default.toml";
@@ -17,12 +19,30 @@ pub const DEFAULT_FILE: &str = "config/default.toml";
 pub const ENV_PREFIX: &str = "SHOP_MESH__";
 
 /// Everything a role can be configured with, one section per concern.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub log: LogConfig,
     pub registry: crate::registry::Config,
     pub discovery: crate::discovery::Config,
+    pub user: ServiceConfig,
+    pub product: ServiceConfig,
+    pub order: ServiceConfig,
+    pub shop: crate::shop::Rules,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            log: LogConfig::default(),
+            registry: crate::registry::Config::default(),
+            discovery: crate::discovery::Config::default(),
+            user: ServiceConfig::for_role("user", crate::user::DEFAULT_PORT),
+            product: ServiceConfig::for_role("product", crate::product::DEFAULT_PORT),
+            order: ServiceConfig::for_role("order", crate::order::DEFAULT_PORT),
+            shop: crate::shop::Rules::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

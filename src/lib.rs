@@ -14,6 +14,11 @@
 //!   its gRPC face, persistence and health probes.
 //! - [`discovery`]: the client side: self-registration, the resolver that
 //!   watches a service, and the balanced channel callers use.
+//! - [`shop`]: what the shop services share: their configuration, storage
+//!   (sea-orm), exact money, unique ids and errors.
+//! - [`user`], [`product`], [`order`]: the shop's three roles, the seed's
+//!   services; the order service reaches the other two only through
+//!   discovery.
 //! - [`inspect`]: `services`, `instances`, `watch`: a look into the registry.
 //! - [`bench`]: benchmarks a deployment (`shop-mesh bench registry`).
 //!
@@ -27,8 +32,12 @@ pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod inspect;
+pub mod order;
 pub mod pb;
+pub mod product;
 pub mod registry;
 pub mod server;
+pub mod shop;
 pub mod shutdown;
 pub mod telemetry;
+pub mod user;

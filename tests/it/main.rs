@@ -7,6 +7,7 @@ mod grpcurl;
 mod inspect;
 mod registry_api;
 mod registry_core;
+mod shop;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -150,4 +151,11 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Says that a test did not run and why, on the terminal even when the
+/// test harness captures output (it captures only the print macros).
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
 }

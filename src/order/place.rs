@@ -1,0 +1,322 @@
+//! Placing an order, the seed's flow done right: the user and the product
+//! through discovery, the stock check, the deduction (one conditional
+//! update on the product side, keyed by the request), then the order and
+//! its item in one local transaction; if that cannot be written, the
+//! deduction is restored. Every step is safe to repeat under the same
+//! request id.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use tonic::{Code, Status};
+
+use super::store::{Asked, Claim, Item, Order, Orders};
+use crate::discovery::{BalancedChannel, retry_safe};
+use crate::pb::shop as pb;
+use crate::pb::shop::product_service_client::ProductServiceClient;
+use crate::pb::shop::user_service_client::UserServiceClient;
+use crate::shop::ids::IdGenerator;
+use crate::shop::{Error, Money, PRODUCT_SERVICE, USER_SERVICE};
+
+/// Attempts one call may move through when the product service answers
+/// that an attempt's key was closed by an earlier compensation.
+const MAX_ATTEMPT_STEPS: usize = 8;
+
+/// A PlaceOrder request, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaceOrder {
+    pub user_id: i64,
+    pub product_id: i64,
+    pub count: i32,
+    /// None: the server makes one.
+    pub request_id: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Placer {
+    pub orders: Orders,
+    pub ids: IdGenerator,
+    pub users: UserServiceClient<BalancedChannel>,
+    pub products: ProductServiceClient<BalancedChannel>,
+}
+
+impl Placer {
+    pub async fn place(&self, request: PlaceOrder) -> Result<Order, Error> {
+        let request_id = match request.request_id {
+            Some(request_id) => request_id,
+            None => format!("auto-{}", self.ids.next()?),
+        };
+        let asked = Asked {
+            user_id: request.user_id,
+            product_id: request.product_id,
+            count: request.count,
+        };
+        let attempt = match self.orders.claim(&request_id, asked).await? {
+            Claim::Placing { attempt } => attempt,
+            Claim::Done { order_id } => return self.orders.get(order_id).await,
+            Claim::InProgress => {
+                return Err(Error::Aborted(format!(
+                    "request_id {request_id} is being placed by another call; retry shortly"
+                )));
+            }
+            Claim::Mismatch(before) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "request_id {request_id} was used for user {}, product {}, count {}; a different order needs a new request_id",
+                    before.user_id, before.product_id, before.count
+                )));
+            }
+        };
+        match self.checked(asked).await {
+            Ok(user) => {
+                self.deduct_and_write(&request_id, attempt, asked, user)
+                    .await
+            }
+            Err(refused) => {
+                // Nothing was deducted: the request leaves no row behind.
+                if let Err(err) = self.orders.forget(&request_id, attempt).await {
+                    tracing::warn!(%err, request_id, "cannot drop a refused request; the sweeper will");
+                }
+                Err(refused)
+            }
+        }
+    }
+
+    /// The user and the product, and whether there is stock: the checks
+    /// that refuse an order before anything is taken.
+    async fn checked(&self, asked: Asked) -> Result<pb::User, Error> {
+        let user = self
+            .users
+            .clone()
+            .get_user(retry_safe(tonic::Request::new(pb::GetUserRequest {
+                id: asked.user_id,
+            })))
+            .await
+            .map_err(|status| dependency(USER_SERVICE, status))?
+            .into_inner();
+        let product = self
+            .products
+            .clone()
+            .get_product(retry_safe(tonic::Request::new(pb::GetProductRequest {
+                id: asked.product_id,
+            })))
+            .await
+            .map_err(|status| dependency(PRODUCT_SERVICE, status))?
+            .into_inner();
+        if product.stock < asked.count {
+            return Err(Error::FailedPrecondition(format!(
+                "product {} has {} in stock, {} requested",
+                product.id, product.stock, asked.count
+            )));
+        }
+        let price = product_price(&product)?;
+        if price.times(asked.count as u32).is_none() {
+            return Err(Error::invalid(
+                "count",
+                format!("{} × {price} is more than an order can total", asked.count),
+            ));
+        }
+        Ok(user)
+    }
+
+    async fn deduct_and_write(
+        &self,
+        request_id: &str,
+        mut attempt: i32,
+        asked: Asked,
+        user: pb::User,
+    ) -> Result<Order, Error> {
+        let mut steps = 0;
+        let product = loop {
+            let deduct = pb::DeductStockRequest {
+                product_id: asked.product_id,
+                count: asked.count,
+                request_id: deduction_key(request_id, attempt),
+            };
+            let answer = self
+                .products
+                .clone()
+                .deduct_stock(retry_safe(tonic::Request::new(deduct)))
+                .await;
+            match answer.map(tonic::Response::into_inner) {
+                Ok(deducted) if deducted.outcome() == pb::DeductOutcome::Deducted => {
+                    match deducted.product {
+                        Some(product) => break product,
+                        None => {
+                            self.compensate(request_id, attempt).await;
+                            return Err(Error::Unavailable(format!(
+                                "{PRODUCT_SERVICE} answered without the product; nothing was bought, retry"
+                            )));
+                        }
+                    }
+                }
+                Ok(_cancelled) => {
+                    steps += 1;
+                    if steps > MAX_ATTEMPT_STEPS
+                        || !self.orders.next_attempt(request_id, attempt).await?
+                    {
+                        return Err(Error::Aborted(format!(
+                            "request_id {request_id} is being placed by another call; retry shortly"
+                        )));
+                    }
+                    attempt += 1;
+                }
+                Err(status) if definite(&status) => {
+                    if let Err(err) = self.orders.forget(request_id, attempt).await {
+                        tracing::warn!(%err, request_id, "cannot drop a refused request; the sweeper will");
+                    }
+                    return Err(dependency(PRODUCT_SERVICE, status));
+                }
+                Err(status) => {
+                    // It may or may not have been taken: close the key.
+                    self.compensate(request_id, attempt).await;
+                    return Err(Error::Unavailable(format!(
+                        "{PRODUCT_SERVICE} did not confirm the stock deduction ({}); nothing was bought, retry with the same request_id",
+                        status.message()
+                    )));
+                }
+            }
+        };
+        let price = product_price(&product)?;
+        let order = match (self.ids.next(), self.ids.next()) {
+            (Ok(order_id), Ok(item_id)) => Order {
+                id: order_id,
+                user_id: user.id,
+                user_name: user.username,
+                phone: user.phone,
+                address: user.address,
+                total_price: price
+                    .times(asked.count as u32)
+                    .ok_or_else(|| Error::invalid("count", "the total is too large"))?,
+                request_id: request_id.to_owned(),
+                created_at: crate::shop::db::now(),
+                items: vec![Item {
+                    id: item_id,
+                    product_id: product.id,
+                    product_name: product.name,
+                    price,
+                    count: asked.count,
+                }],
+            },
+            (Err(err), _) | (_, Err(err)) => {
+                self.compensate(request_id, attempt).await;
+                return Err(err);
+            }
+        };
+        match self.orders.place(attempt, &order).await {
+            Ok(true) => Ok(order),
+            Ok(false) => Err(Error::Aborted(format!(
+                "request_id {request_id} took too long and was undone; retry with the same request_id"
+            ))),
+            Err(err) => {
+                tracing::warn!(error = %err, request_id, "cannot write an order; restoring its stock");
+                let restored = self.compensate(request_id, attempt).await;
+                Err(Error::Unavailable(format!(
+                    "the order could not be stored (the order database refused the write); {}; retry with the same request_id",
+                    if restored {
+                        "its stock deduction was restored"
+                    } else {
+                        "its stock deduction will be restored"
+                    }
+                )))
+            }
+        }
+    }
+
+    /// Restores this attempt's deduction unless its order was written.
+    /// True when it is settled; when not (a service or the database is
+    /// away), the request stays unsettled and the sweeper finishes it.
+    pub async fn compensate(&self, request_id: &str, attempt: i32) -> bool {
+        match self.settle(request_id, attempt).await {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(%err, request_id, attempt, "cannot restore a deduction yet; it is retried");
+                false
+            }
+        }
+    }
+
+    async fn settle(&self, request_id: &str, attempt: i32) -> Result<(), Error> {
+        if !self.orders.begin_compensation(request_id, attempt).await? {
+            return Ok(());
+        }
+        let restore = pb::RestoreStockRequest {
+            request_id: deduction_key(request_id, attempt),
+        };
+        self.products
+            .clone()
+            .restore_stock(retry_safe(tonic::Request::new(restore)))
+            .await
+            .map_err(|status| dependency(PRODUCT_SERVICE, status))?;
+        self.orders.finish_compensation(request_id, attempt).await
+    }
+
+    /// Settles requests whose callers died or gave up; runs every
+    /// `interval` until `shutdown`.
+    pub async fn sweep(
+        self,
+        interval: Duration,
+        pending_timeout: Duration,
+        shutdown: crate::shutdown::Shutdown,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let stale = Utc::now()
+                - chrono::Duration::from_std(pending_timeout).unwrap_or(chrono::Duration::MAX);
+            match self.orders.unsettled(stale, 100).await {
+                Ok(found) => {
+                    for request in found {
+                        tracing::info!(
+                            request_id = request.request_id,
+                            "settling an abandoned order request"
+                        );
+                        self.compensate(&request.request_id, request.attempt).await;
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "cannot look for unsettled order requests"),
+            }
+        }
+    }
+}
+
+/// The key one attempt deducts under.
+pub fn deduction_key(request_id: &str, attempt: i32) -> String {
+    format!("{request_id}#{attempt}")
+}
+
+fn product_price(product: &pb::Product) -> Result<Money, Error> {
+    Money::parse(&product.price).map_err(|reason| {
+        Error::Unavailable(format!(
+            "{PRODUCT_SERVICE} sent an unreadable price for product {}: {reason}",
+            product.id
+        ))
+    })
+}
+
+/// A refusal that means the call did nothing.
+fn definite(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::OutOfRange
+    )
+}
+
+/// A dependency's answer, as this service's: refusals pass through with
+/// their words; anything else is UNAVAILABLE, naming the service.
+fn dependency(service: &str, status: Status) -> Error {
+    match status.code() {
+        Code::NotFound => Error::NotFound(status.message().to_owned()),
+        Code::FailedPrecondition => Error::FailedPrecondition(status.message().to_owned()),
+        Code::InvalidArgument | Code::OutOfRange => {
+            Error::FailedPrecondition(format!("{service} refused: {}", status.message()))
+        }
+        Code::Aborted => Error::Aborted(format!("{service}: {}", status.message())),
+        _ => Error::Unavailable(if status.message().contains(service) {
+            status.message().to_owned()
+        } else {
+            format!("{service}: {}", status.message())
+        }),
+    }
+}

@@ -1,0 +1,219 @@
+//! What the three shop services (user, product, order) share: their
+//! configuration and flags, their storage (sea-orm over SQLite, MySQL or
+//! PostgreSQL), exact money, unique ids, and the one error type they answer
+//! with.
+
+pub mod db;
+mod error;
+pub mod ids;
+pub mod money;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use error::Error;
+pub use money::Money;
+
+/// The registry names of the three services.
+pub const USER_SERVICE: &str = "server-user";
+pub const PRODUCT_SERVICE: &str = "server-product";
+pub const ORDER_SERVICE: &str = "server-order";
+
+/// The `[user]`, `[product]` and `[order]` configuration sections: where a
+/// shop service listens and what it stores in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub listen: SocketAddr,
+    /// `host:port` to register instead of the bound address (behind NAT,
+    /// in a container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Holds the SQLite file when no database URL is given.
+    pub data_dir: PathBuf,
+    /// `sqlite://FILE?mode=rwc`, `mysql://USER:PASS@HOST/DB` or
+    /// `postgres://USER:PASS@HOST/DB`; by default a SQLite file under
+    /// `data_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// Load the seed's rows into empty tables on start.
+    pub seed_data: bool,
+    /// Connections in the pool.
+    pub max_connections: u32,
+}
+
+impl ServiceConfig {
+    /// The defaults of the role `name` on `port`: `data/<name>`.
+    pub fn for_role(name: &str, port: u16) -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], port)),
+            advertise: None,
+            data_dir: PathBuf::from("data").join(name),
+            database_url: None,
+            seed_data: true,
+            max_connections: 8,
+        }
+    }
+}
+
+/// The `[shop]` section: the rules of the order flow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Rules {
+    /// The largest count one order may ask for.
+    pub max_order_count: u32,
+    /// How long an order instance's id worker lease lasts unrenewed; it is
+    /// renewed at a third of that, and ids stop before it runs out.
+    #[serde(with = "humantime_serde")]
+    pub id_lease: Duration,
+    /// An order still being placed after this long is taken to have died
+    /// with its instance, and its stock deduction is restored.
+    #[serde(with = "humantime_serde")]
+    pub pending_timeout: Duration,
+    /// How often an order instance looks for such orders.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            max_order_count: 10_000,
+            id_lease: Duration::from_secs(30),
+            pending_timeout: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The flags every shop service takes; each overrides its configuration key.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServiceArgs {
+    /// Registry addresses, tried in turn: a,b,c [config: discovery.registry].
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Address to listen on [config: <role>.listen].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// host:port to register instead of the bound address [config: <role>.advertise].
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Where the SQLite file lives [config: <role>.data_dir].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// sqlite://, mysql:// or postgres:// URL [config: <role>.database_url].
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Do not load the seed's rows into empty tables [config: <role>.seed_data].
+    #[arg(long)]
+    pub no_seed_data: bool,
+}
+
+impl ServiceArgs {
+    pub fn apply(&self, discovery: &mut crate::discovery::Config, service: &mut ServiceConfig) {
+        if let Some(registry) = &self.registry {
+            discovery.registry = registry.clone();
+        }
+        if let Some(listen) = self.listen {
+            service.listen = listen;
+        }
+        if let Some(advertise) = &self.advertise {
+            service.advertise = Some(advertise.clone());
+        }
+        if let Some(dir) = &self.data_dir {
+            service.data_dir = dir.clone();
+        }
+        if let Some(url) = &self.database_url {
+            service.database_url = Some(url.clone());
+        }
+        if self.no_seed_data {
+            service.seed_data = false;
+        }
+    }
+}
+
+/// Checks a request id: 1 to `max` printable characters.
+pub fn parse_request_id(field: &str, value: &str, max: usize) -> Result<String, Error> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    if value.chars().count() > max {
+        return Err(Error::invalid(
+            field,
+            format!("is longer than {max} characters"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "holds a control character"));
+    }
+    Ok(value.to_owned())
+}
+
+/// Checks an id field: a positive number.
+pub fn parse_id(field: &str, value: i64) -> Result<i64, Error> {
+    if value <= 0 {
+        return Err(Error::invalid(
+            field,
+            format!("must be a positive id, got {value}"),
+        ));
+    }
+    Ok(value)
+}
+
+/// A page size: 0 means the default (100), at most 1000.
+pub fn page_size(value: i32) -> Result<u64, Error> {
+    match value {
+        0 => Ok(100),
+        1..=1000 => Ok(value as u64),
+        _ => Err(Error::invalid(
+            "page_size",
+            format!("must be between 0 and 1000, got {value}"),
+        )),
+    }
+}
+
+/// A page token: empty, or the id the last page ended at.
+pub fn page_token(value: &str) -> Result<Option<i64>, Error> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .map(Some)
+        .ok_or_else(|| {
+            Error::invalid(
+                "page_token",
+                "is not a token this service gave; start again without one",
+            )
+        })
+}
+
+/// Starts a shop service: binds its health and reflection, adds `routes`,
+/// and serves it registered as `service` until shutdown.
+pub async fn serve(
+    config: &crate::config::Config,
+    service: &ServiceConfig,
+    name: &str,
+    listener: tokio::net::TcpListener,
+    add: impl FnOnce(tonic::service::Routes) -> tonic::service::Routes,
+    shutdown: crate::shutdown::Shutdown,
+) -> anyhow::Result<()> {
+    let server = crate::server::Server::new(shutdown.clone()).await;
+    let mut announce = crate::discovery::Announce::new(name);
+    announce.advertise = service.advertise.clone();
+    let routes = add(server.routes());
+    crate::discovery::serve(
+        &server,
+        routes,
+        listener,
+        announce,
+        &config.discovery,
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,161 @@
+//! Opening a shop service's database: a URL (SQLite, MySQL, PostgreSQL) or
+//! by default a SQLite file under the data dir; migrations at start.
+
+use std::time::Duration;
+
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, DbErr, SqlErr,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
+use sea_orm_migration::MigratorTrait;
+
+use super::ServiceConfig;
+
+/// How long a SQLite writer waits for another to finish before it gives up.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The URL a service stores in: the configured one, or
+/// `sqlite://<data_dir>/<file>.db?mode=rwc`.
+pub fn url(config: &ServiceConfig, file: &str) -> String {
+    match &config.database_url {
+        Some(url) => url.clone(),
+        None => format!(
+            "sqlite://{}?mode=rwc",
+            config.data_dir.join(format!("{file}.db")).display()
+        ),
+    }
+}
+
+/// `url` with any password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((credentials, host)) => match credentials.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Connects to the service's database and brings its schema up to date
+/// with `M`. A SQLite file's directory is made if missing; SQLite runs in
+/// WAL mode with full fsync, so a committed order survives a crash.
+pub async fn open<M: MigratorTrait>(
+    config: &ServiceConfig,
+    file: &str,
+) -> anyhow::Result<DatabaseConnection> {
+    let url = url(config, file);
+    if config.database_url.is_none() {
+        std::fs::create_dir_all(&config.data_dir).map_err(|err| {
+            anyhow::anyhow!(
+                "cannot create the data dir {}: {err}",
+                config.data_dir.display()
+            )
+        })?;
+    }
+    let db = connect(&url, config.max_connections)
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot open the database {}: {err}", redact(&url)))?;
+    migrate::<M>(&db)
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot migrate the database {}: {err}", redact(&url)))?;
+    Ok(db)
+}
+
+/// A pool on `url`, nothing more.
+pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
+    let mut options = ConnectOptions::new(url);
+    options
+        .max_connections(max_connections.max(1))
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|options| {
+            options
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                .foreign_keys(true)
+        });
+    Database::connect(options).await
+}
+
+/// Runs `M`'s pending migrations. Instances of one service sharing a
+/// database may start together; the loser of that race finds the work
+/// done on its next try.
+pub async fn migrate<M: MigratorTrait>(db: &DatabaseConnection) -> Result<(), DbErr> {
+    let mut tries = 0;
+    loop {
+        match M::up(db, None).await {
+            Ok(()) => return Ok(()),
+            Err(err) if tries < 3 => {
+                tries += 1;
+                tracing::debug!(error = %err, "migration raced another instance; trying again");
+                tokio::time::sleep(Duration::from_millis(
+                    50 * tries + rand::random_range(0..50),
+                ))
+                .await;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// A transaction that will write: on SQLite it takes the write lock at
+/// BEGIN (IMMEDIATE), so it waits for another writer instead of failing
+/// when it first writes after reading.
+pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    db.begin_with_options(TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..Default::default()
+    })
+    .await
+}
+
+/// A timestamp column: DATETIME(6) on MySQL (its TIMESTAMP keeps whole
+/// seconds and ends in 2038), TIMESTAMP WITH TIME ZONE elsewhere. Values
+/// are written in UTC at microseconds ([`now`]), so what is read back
+/// equals what was written on every backend.
+pub fn timestamp_column(
+    backend: sea_orm::DbBackend,
+    column: impl sea_orm_migration::prelude::IntoIden,
+) -> sea_orm_migration::prelude::ColumnDef {
+    let mut def = sea_orm_migration::prelude::ColumnDef::new(column);
+    match backend {
+        sea_orm::DbBackend::MySql => {
+            def.custom(sea_orm_migration::prelude::Alias::new("DATETIME(6)"))
+        }
+        _ => def.timestamp_with_time_zone(),
+    };
+    def.not_null().to_owned()
+}
+
+/// The time now, at the microseconds every backend keeps.
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    let now = chrono::Utc::now();
+    chrono::DurationRound::duration_trunc(now, chrono::TimeDelta::microseconds(1)).unwrap_or(now)
+}
+
+pub fn is_unique_violation(err: &DbErr) -> bool {
+    matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_a_log() {
+        assert_eq!(
+            redact("mysql://root:secret@db:3306/shop"),
+            "mysql://root:***@db:3306/shop"
+        );
+        assert_eq!(redact("postgres://app@db/shop"), "postgres://app@db/shop");
+        assert_eq!(redact("sqlite://a.db?mode=rwc"), "sqlite://a.db?mode=rwc");
+    }
+}

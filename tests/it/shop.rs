@@ -1,0 +1,286 @@
+//! The shop on each database: a registry, the user, product and order
+//! roles in-process on port 0, and a private database per test (a temp dir
+//! of SQLite files, or a fresh MariaDB or PostgreSQL database that is
+//! dropped at the end).
+
+mod ids;
+mod orders;
+mod products;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, EntityTrait, PaginatorTrait};
+use shop_mesh::config::Config;
+use shop_mesh::discovery::{BalancedChannel, Mesh};
+use shop_mesh::pb::shop::order_service_client::OrderServiceClient;
+use shop_mesh::pb::shop::product_service_client::ProductServiceClient;
+use shop_mesh::shop::{ORDER_SERVICE, PRODUCT_SERVICE, ServiceConfig, USER_SERVICE};
+use shop_mesh::shutdown::Shutdown;
+use tokio::task::JoinHandle;
+
+use crate::TestRegistry;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    MySql,
+    Postgres,
+}
+
+/// A test for each database: `backend_tests!(name)` runs `name(Backend)`
+/// as `name::sqlite`, `name::mysql` and `name::postgres`.
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::super::Backend;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(Backend::Sqlite, concat!(stringify!($name), "_sqlite")).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() {
+                super::$name(Backend::MySql, concat!(stringify!($name), "_mysql")).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(Backend::Postgres, concat!(stringify!($name), "_postgres")).await
+            }
+        }
+    )*};
+}
+pub(crate) use backend_tests;
+
+/// A private database for one test.
+pub struct TestDb {
+    pub backend: Backend,
+    dir: tempfile::TempDir,
+    /// MySQL and PostgreSQL: one fresh database that all roles share, as
+    /// the seed's services share one schema; its admin URL and name.
+    server: Option<(String, String, String)>,
+}
+
+impl TestDb {
+    /// A fresh database, or None (with a SKIPPED line saying why) when the
+    /// server is not reachable outside CI. In CI every backend must run.
+    pub async fn create(backend: Backend, test: &str) -> Option<TestDb> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (admin, label, env) = match backend {
+            Backend::Sqlite => {
+                return Some(TestDb {
+                    backend,
+                    dir,
+                    server: None,
+                });
+            }
+            Backend::MySql => (
+                std::env::var("SHOP_MESH_TEST_MYSQL_URL")
+                    .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into()),
+                "MariaDB/MySQL",
+                "SHOP_MESH_TEST_MYSQL_URL",
+            ),
+            Backend::Postgres => (
+                std::env::var("SHOP_MESH_TEST_POSTGRES_URL")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+                "PostgreSQL",
+                "SHOP_MESH_TEST_POSTGRES_URL",
+            ),
+        };
+        let server = match Database::connect(&admin).await {
+            Ok(server) => server,
+            Err(err) if std::env::var_os("CI").is_none() => {
+                crate::skipped(&format!(
+                    "{test}: {label} at {admin} is not reachable ({err}); start it or point {env} at one"
+                ));
+                return None;
+            }
+            Err(err) => panic!("{label} at {admin} must be reachable in CI: {err}"),
+        };
+        // Both servers allow 63 characters in a name.
+        let short: String = test.chars().take(40).collect();
+        let name = format!("sm_{short}_{:08x}", rand::random::<u32>());
+        server
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|err| panic!("create database {name}: {err}"));
+        server.close().await.ok();
+        let base = admin.rsplit_once('/').expect("a URL with a database").0;
+        let url = format!("{base}/{name}");
+        Some(TestDb {
+            backend,
+            dir,
+            server: Some((admin, name, url)),
+        })
+    }
+
+    /// A role's configuration: port 0 on loopback, this test's database.
+    pub fn service(&self, role: &str) -> ServiceConfig {
+        let mut config = ServiceConfig::for_role(role, 0);
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.data_dir = self.dir.path().join(role);
+        config.database_url = self.server.as_ref().map(|(_, _, url)| url.clone());
+        config
+    }
+
+    /// A connection of the test's own to what `role` stores in.
+    pub async fn connect(&self, role: &str) -> DatabaseConnection {
+        let url = shop_mesh::shop::db::url(&self.service(role), role);
+        shop_mesh::shop::db::connect(&url, 2)
+            .await
+            .unwrap_or_else(|err| panic!("connect to {url}: {err}"))
+    }
+}
+
+impl Drop for TestDb {
+    /// Drops a server database, also when the test failed; a SQLite dir
+    /// goes with its TempDir.
+    fn drop(&mut self) {
+        let Some((admin, name, _)) = self.server.take() else {
+            return;
+        };
+        let drop = match self.backend {
+            Backend::Postgres => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            _ => format!("DROP DATABASE IF EXISTS {name}"),
+        };
+        // Drop runs inside the test's runtime, which cannot block on
+        // itself: the statement runs on a thread with a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let server = Database::connect(&admin).await?;
+                server.execute_unprepared(&drop).await?;
+                server.close().await?;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("warning: dropping the test database {name} failed");
+        }
+    }
+}
+
+struct RunningRole {
+    name: &'static str,
+    shutdown: Shutdown,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// A registry, one user, `products` product and `orders` order instances.
+pub struct TestShop {
+    pub db: TestDb,
+    pub config: Config,
+    pub mesh: Mesh,
+    registry: TestRegistry,
+    roles: Vec<RunningRole>,
+}
+
+impl TestShop {
+    pub async fn start(
+        backend: Backend,
+        test: &str,
+        products: usize,
+        orders: usize,
+    ) -> Option<TestShop> {
+        let db = TestDb::create(backend, test).await?;
+        let registry = TestRegistry::start().await;
+        let mut config = Config::default();
+        config.discovery.registry = registry.addr.to_string();
+        config.user = db.service("user");
+        config.product = db.service("product");
+        config.order = db.service("order");
+        let mesh = Mesh::new(&config.discovery).expect("mesh");
+        let mut shop = TestShop {
+            db,
+            config,
+            mesh,
+            registry,
+            roles: Vec::new(),
+        };
+        shop.spawn("user");
+        for _ in 0..products {
+            shop.spawn("product");
+        }
+        for _ in 0..orders {
+            shop.spawn("order");
+        }
+        for (service, count) in [
+            (USER_SERVICE, 1),
+            (PRODUCT_SERVICE, products),
+            (ORDER_SERVICE, orders),
+        ] {
+            let channel = shop.mesh.channel(service);
+            let ready = channel.wait_for(|endpoints| endpoints.len() == count);
+            if tokio::time::timeout(Duration::from_secs(30), ready)
+                .await
+                .is_err()
+            {
+                for role in &shop.roles {
+                    assert!(!role.task.is_finished(), "the {} role stopped", role.name);
+                }
+                panic!("{service} never had {count} instances");
+            }
+        }
+        Some(shop)
+    }
+
+    fn spawn(&mut self, name: &'static str) {
+        let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let shutdown = Shutdown::new();
+        let config = self.config.clone();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                match name {
+                    "user" => shop_mesh::user::run(&config, listener, shutdown).await,
+                    "product" => shop_mesh::product::run(&config, listener, shutdown).await,
+                    _ => shop_mesh::order::run(&config, listener, shutdown).await,
+                }
+            }
+        });
+        self.roles.push(RunningRole {
+            name,
+            shutdown,
+            task,
+        });
+    }
+
+    /// PlaceOrder and friends, through the registry like any caller.
+    pub fn orders(&self) -> OrderServiceClient<BalancedChannel> {
+        OrderServiceClient::new(self.mesh.channel(ORDER_SERVICE))
+    }
+
+    pub fn products(&self) -> ProductServiceClient<BalancedChannel> {
+        ProductServiceClient::new(self.mesh.channel(PRODUCT_SERVICE))
+    }
+
+    /// Stops every role as SIGTERM would and checks each exited cleanly.
+    pub async fn stop(self) {
+        for role in &self.roles {
+            role.shutdown.cancel();
+        }
+        for role in self.roles {
+            role.task
+                .await
+                .expect("role task")
+                .unwrap_or_else(|err| panic!("the {} role failed: {err:#}", role.name));
+        }
+        self.registry.stop().await;
+    }
+}
+
+/// Rows in `E`'s table.
+pub async fn rows<E>(db: &DatabaseConnection, _table: E) -> u64
+where
+    E: EntityTrait,
+    E::Model: Sync,
+{
+    E::find().count(db).await.expect("count rows")
+}
