@@ -126,3 +126,44 @@ fn the_shipped_default_file_says_what_the_built_in_defaults_are() {
         Config::load_from(Some(&file), Env::prefixed("SHOP_MESH_TEST_NOTHING__")).unwrap();
     assert_eq!(from_file, Config::default());
 }
+
+#[test]
+fn a_shop_service_takes_its_database_and_registry_from_flags_over_the_environment() {
+    Jail::expect_with(|jail| {
+        jail.set_env(
+            "SHOP_MESH__PRODUCT__DATABASE_URL",
+            "sqlite://env.db?mode=rwc",
+        );
+        jail.set_env("SHOP_MESH__DISCOVERY__REGISTRY", "10.0.0.1:8848");
+        let env_only = Config::load_from(None, env()).unwrap();
+        assert_eq!(
+            env_only.product.database_url.as_deref(),
+            Some("sqlite://env.db?mode=rwc")
+        );
+        assert!(env_only.product.seed_data);
+
+        let cli = Cli::try_parse_from([
+            "shop-mesh",
+            "product",
+            "--registry",
+            "127.0.0.1:9000,127.0.0.1:9001",
+            "--listen",
+            "127.0.0.1:7070",
+            "--database-url",
+            "postgres://shop@db/shop",
+            "--no-seed-data",
+        ])
+        .unwrap();
+        let mut config = env_only.clone();
+        cli.role.apply(&mut config);
+        assert_eq!(config.discovery.registry, "127.0.0.1:9000,127.0.0.1:9001");
+        assert_eq!(config.product.listen.port(), 7070);
+        assert_eq!(
+            config.product.database_url.as_deref(),
+            Some("postgres://shop@db/shop")
+        );
+        assert!(!config.product.seed_data);
+        assert_eq!(config.user, env_only.user, "other roles keep theirs");
+        Ok(())
+    });
+}

@@ -89,7 +89,7 @@ impl TestDb {
                 "SHOP_MESH_TEST_POSTGRES_URL",
             ),
         };
-        let server = match Database::connect(&admin).await {
+        let server = match reach(&admin).await {
             Ok(server) => server,
             Err(err) if std::env::var_os("CI").is_none() => {
                 crate::skipped(&format!(
@@ -132,6 +132,23 @@ impl TestDb {
             .await
             .unwrap_or_else(|err| panic!("connect to {url}: {err}"))
     }
+}
+
+/// The admin connection, after a plain TCP connect so that a server that is
+/// not running is told at once rather than after the pool's timeout.
+async fn reach(admin: &str) -> anyhow::Result<DatabaseConnection> {
+    let host = admin
+        .split_once("://")
+        .and_then(|(_, rest)| {
+            rest.rsplit_once('@')
+                .map_or(Some(rest), |(_, host)| Some(host))
+        })
+        .and_then(|rest| rest.split('/').next())
+        .ok_or_else(|| anyhow::anyhow!("no host in the URL"))?;
+    tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(host))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to {host} timed out"))??;
+    Ok(shop_mesh::shop::db::connect(admin, 1).await?)
 }
 
 impl Drop for TestDb {
@@ -187,6 +204,17 @@ impl TestShop {
         products: usize,
         orders: usize,
     ) -> Option<TestShop> {
+        Self::start_with(backend, test, products, orders, |_| {}).await
+    }
+
+    /// [`TestShop::start`] with the configuration adjusted first.
+    pub async fn start_with(
+        backend: Backend,
+        test: &str,
+        products: usize,
+        orders: usize,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Option<TestShop> {
         let db = TestDb::create(backend, test).await?;
         let registry = TestRegistry::start().await;
         let mut config = Config::default();
@@ -194,6 +222,7 @@ impl TestShop {
         config.user = db.service("user");
         config.product = db.service("product");
         config.order = db.service("order");
+        adjust(&mut config);
         let mesh = Mesh::new(&config.discovery).expect("mesh");
         let mut shop = TestShop {
             db,

@@ -2,7 +2,9 @@
 //! database.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
+use sea_orm::ActiveValue::Set;
 use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter};
 use shop_mesh::order::store::{item, order, request};
 use shop_mesh::pb::shop as pb;
@@ -18,6 +20,7 @@ backend_tests!(
     two_hundred_orders_for_a_hundred_in_stock,
     the_same_request_id_buys_once,
     a_refused_write_restores_the_stock,
+    an_abandoned_order_is_undone_by_the_sweeper,
 );
 
 fn place(user_id: i64, product_id: i64, count: i32, request_id: &str) -> pb::PlaceOrderRequest {
@@ -427,4 +430,96 @@ async fn refuse_item_writes(db: &DatabaseConnection, backend: Backend, refuse: b
             .await
             .unwrap_or_else(|err| panic!("{statement}: {err}"));
     }
+}
+
+/// With no product instance registered, an order fails at once with
+/// UNAVAILABLE naming the missing service, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_without_a_product_service_is_unavailable() {
+    let shop = TestShop::start(Backend::Sqlite, "no_product", 0, 1)
+        .await
+        .expect("SQLite is always there");
+    let mut orders = shop.orders();
+    let failed = orders
+        .place_order(place(1001, 1001, 1, "lonely-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+    assert!(
+        failed
+            .message()
+            .contains("no healthy instance of server-product"),
+        "{failed:?}"
+    );
+    let orders_db = shop.db.connect("order").await;
+    assert_eq!(rows(&orders_db, request::Entity).await, 0);
+    assert_eq!(rows(&orders_db, order::Entity).await, 0);
+    shop.stop().await;
+}
+
+/// An order instance died between the deduction and the write: its
+/// request stays pending. Once it is older than the pending timeout, a
+/// live order instance restores the deduction and marks it failed, and a
+/// retry of the request then buys once.
+async fn an_abandoned_order_is_undone_by_the_sweeper(backend: Backend, test: &str) {
+    let Some(shop) = TestShop::start_with(backend, test, 1, 1, |config| {
+        config.shop.sweep_interval = std::time::Duration::from_millis(50);
+    })
+    .await
+    else {
+        return;
+    };
+    let (products_db, orders_db) = (
+        shop.db.connect("product").await,
+        shop.db.connect("order").await,
+    );
+    // What the dead instance left: its claim, and its deduction.
+    let long_ago = shop_mesh::shop::db::now() - chrono::TimeDelta::hours(1);
+    request::Entity::insert(request::ActiveModel {
+        request_id: Set("dead-1".into()),
+        attempt: Set(0),
+        state: Set(request::PENDING.into()),
+        user_id: Set(1001),
+        product_id: Set(1003),
+        count: Set(7),
+        order_id: Set(None),
+        updated_at: Set(long_ago),
+    })
+    .exec_without_returning(&orders_db)
+    .await
+    .unwrap();
+    shop.products()
+        .deduct_stock(pb::DeductStockRequest {
+            product_id: 1003,
+            count: 7,
+            request_id: "dead-1#0".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(stock(&products_db, 1003).await, 93);
+
+    crate::wait_until(
+        "the sweeper settles dead-1",
+        Duration::from_secs(10),
+        || async {
+            let found = request::Entity::find_by_id("dead-1")
+                .one(&orders_db)
+                .await
+                .unwrap();
+            found.is_some_and(|found| found.state == request::FAILED)
+        },
+    )
+    .await;
+    assert_eq!(stock(&products_db, 1003).await, 100);
+    assert_eq!(rows(&orders_db, order::Entity).await, 0);
+
+    let placed = shop
+        .orders()
+        .place_order(place(1001, 1003, 7, "dead-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(placed.total_price, "34993.00");
+    assert_eq!(stock(&products_db, 1003).await, 93);
+    shop.stop().await;
 }
