@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::client::{ClientArgs, OrderCommand, ProductCommand, UserCommand};
 use crate::config::{Config, LogFormat};
+use crate::discovery::Mesh;
 use crate::shop::ServiceArgs;
 
 #[derive(Debug, Parser)]
@@ -34,15 +36,17 @@ pub struct Cli {
 pub enum Role {
     /// The registry (Nacos's job), on :8848 by default.
     Registry(crate::registry::Args),
-    /// The user service, "server-user", on :8060 by default.
-    User(ServiceArgs),
-    /// The product service, "server-product", on :8070 by default.
-    Product(ServiceArgs),
-    /// The order service, "server-order", on :8080 by default; finds the
-    /// other two through the registry.
-    Order(ServiceArgs),
-    /// Everything at once on one machine (not built yet).
-    Up,
+    /// The user service, "server-user", on :8060 by default; or, with a
+    /// command, a client of it.
+    User(UserRole),
+    /// The product service, "server-product", on :8070 by default; or, with
+    /// a command, a client of it.
+    Product(ProductRole),
+    /// The order service, "server-order", on :8080 by default, which finds
+    /// the other two through the registry; or, with a command, a client of it.
+    Order(OrderRole),
+    /// The registry and every service at once, on this machine, on SQLite.
+    Up(crate::up::Args),
     /// Lists the services of a namespace and group.
     Services(crate::inspect::Scope),
     /// Lists one service's instances.
@@ -62,6 +66,36 @@ pub enum Role {
     Bench(crate::bench::Bench),
 }
 
+/// `shop-mesh user [get ID]`: the service, or a command against it.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct UserRole {
+    #[command(flatten)]
+    pub serve: ServiceArgs,
+    #[command(subcommand)]
+    pub command: Option<UserCommand>,
+}
+
+/// `shop-mesh product [get ID | list]`.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ProductRole {
+    #[command(flatten)]
+    pub serve: ServiceArgs,
+    #[command(subcommand)]
+    pub command: Option<ProductCommand>,
+}
+
+/// `shop-mesh order [place ... | get ID | list --user ID]`.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct OrderRole {
+    #[command(flatten)]
+    pub serve: ServiceArgs,
+    #[command(subcommand)]
+    pub command: Option<OrderCommand>,
+}
+
 impl Role {
     pub fn name(&self) -> &'static str {
         match self {
@@ -69,7 +103,7 @@ impl Role {
             Role::User(_) => "user",
             Role::Product(_) => "product",
             Role::Order(_) => "order",
-            Role::Up => "up",
+            Role::Up(_) => "up",
             Role::Bench(_) => "bench",
             Role::Services(_) => "services",
             Role::Instances { .. } => "instances",
@@ -81,15 +115,37 @@ impl Role {
     pub fn apply(&self, config: &mut Config) {
         match self {
             Role::Registry(args) => args.apply(&mut config.registry),
-            Role::User(args) => args.apply(&mut config.discovery, &mut config.user),
-            Role::Product(args) => args.apply(&mut config.discovery, &mut config.product),
-            Role::Order(args) => args.apply(&mut config.discovery, &mut config.order),
+            Role::User(UserRole {
+                command: Some(command),
+                ..
+            }) => client_apply(command.client(), config),
+            Role::Product(ProductRole {
+                command: Some(command),
+                ..
+            }) => client_apply(command.client(), config),
+            Role::Order(OrderRole {
+                command: Some(command),
+                ..
+            }) => client_apply(command.client(), config),
+            Role::User(role) => role.serve.apply(&mut config.discovery, &mut config.user),
+            Role::Product(role) => role.serve.apply(&mut config.discovery, &mut config.product),
+            Role::Order(role) => role.serve.apply(&mut config.discovery, &mut config.order),
+            Role::Up(args) => args.apply(config),
             Role::Services(scope) | Role::Instances { scope, .. } | Role::Watch { scope, .. } => {
                 scope.apply(&mut config.discovery)
             }
             _ => {}
         }
     }
+}
+
+/// A client command: its registry, and quiet logs (a person reads its
+/// output).
+fn client_apply(client: &ClientArgs, config: &mut Config) {
+    if let Some(registry) = &client.registry {
+        config.discovery.registry = registry.clone();
+    }
+    config.log.level = "warn".into();
 }
 
 /// Loads the configuration, starts logging and runs the chosen role.
@@ -117,6 +173,27 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
             crate::registry::run(&config.registry, listener, crate::shutdown::on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Role::User(UserRole {
+            command: Some(command),
+            ..
+        }) => command
+            .run(&Mesh::new(&config.discovery)?)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Role::Product(ProductRole {
+            command: Some(command),
+            ..
+        }) => command
+            .run(&Mesh::new(&config.discovery)?)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Role::Order(OrderRole {
+            command: Some(command),
+            ..
+        }) => command
+            .run(&Mesh::new(&config.discovery)?)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Role::User(_) => {
             let listener = bind(config.user.listen).await?;
             crate::user::run(&config, listener, crate::shutdown::on_signal()).await?;
@@ -125,6 +202,10 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
         Role::Product(_) => {
             let listener = bind(config.product.listen).await?;
             crate::product::run(&config, listener, crate::shutdown::on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Role::Up(args) => {
+            crate::up::run(&config, &args, crate::shutdown::on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Role::Order(_) => {
@@ -149,10 +230,6 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
         )
         .await
         .map(|()| ExitCode::SUCCESS),
-        other => {
-            eprintln!("the {} role is not built yet", other.name());
-            Ok(ExitCode::from(2))
-        }
     }
 }
 

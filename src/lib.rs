@@ -19,6 +19,9 @@
 //! - [`user`], [`product`], [`order`]: the shop's three roles, the seed's
 //!   services; the order service reaches the other two only through
 //!   discovery.
+//! - [`up`]: `shop-mesh up`, the registry and every service in one process.
+//! - [`client`]: `shop-mesh user get`, `product get|list`, `order
+//!   place|get|list`: clients that find their service through the registry.
 //! - [`inspect`]: `services`, `instances`, `watch`: a look into the registry.
 //! - [`bench`]: benchmarks a deployment (`shop-mesh bench registry`).
 //!
@@ -29,6 +32,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod discovery;
 pub mod inspect;
@@ -40,4 +44,5 @@ pub mod server;
 pub mod shop;
 pub mod shutdown;
 pub mod telemetry;
+pub mod up;
 pub mod user;

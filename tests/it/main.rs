@@ -3,6 +3,7 @@
 
 mod config;
 mod discovery;
+mod e2e;
 mod grpcurl;
 mod inspect;
 mod registry_api;

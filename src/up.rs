@@ -1,0 +1,267 @@
+//! `shop-mesh up`: the whole system on one machine, for a first look. The
+//! registry and the three services run in this one process, but each
+//! service has its own listener and its own database and registers
+//! through the registry's gRPC API exactly as a separate process would;
+//! the order service finds the others by name. Ctrl-C stops the services
+//! first (each deregisters and drains), then the registry.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::discovery::Mesh;
+use crate::shop::{ORDER_SERVICE, PRODUCT_SERVICE, USER_SERVICE};
+use crate::shutdown::Shutdown;
+
+/// How long the services may take to start and register.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `shop-mesh up` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Instances of the user and of the product service, on the ports
+    /// after their first (8061, 8071, ...), or the next free ones.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub replicas: u16,
+    /// Where the registry and the services keep their data (SQLite files).
+    #[arg(long, default_value = "data")]
+    pub data_dir: PathBuf,
+    /// The address every role listens on and registers.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Log at info level (up logs warnings only, so its summary stays
+    /// readable; RUST_LOG wins over both).
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+impl Args {
+    /// Points every role's data under `data_dir`, on `host`, at the
+    /// registry this process runs.
+    pub fn apply(&self, config: &mut Config) {
+        config.registry.data_dir = self.data_dir.join("registry");
+        config.registry.listen.set_ip(self.host);
+        config.discovery.registry = config.registry.listen.to_string();
+        for (role, service) in [
+            ("user", &mut config.user),
+            ("product", &mut config.product),
+            ("order", &mut config.order),
+        ] {
+            service.data_dir = self.data_dir.join(role);
+            service.listen.set_ip(self.host);
+            service.advertise = None;
+        }
+        if !self.verbose {
+            config.log.level = "warn".into();
+        }
+    }
+}
+
+/// One role this process runs.
+struct Running {
+    role: &'static str,
+    service: &'static str,
+    addr: SocketAddr,
+    store: String,
+}
+
+/// Runs everything until `shutdown`; prints what runs where once all of
+/// it is registered.
+pub async fn run(config: &Config, args: &Args, shutdown: Shutdown) -> anyhow::Result<()> {
+    let registry_stop = Shutdown::new();
+    let registry_listener = bind(config.registry.listen, "the registry", None).await?;
+    let registry_addr = registry_listener.local_addr()?;
+    let mut config = config.clone();
+    config.discovery.registry = registry_addr.to_string();
+    let mut registry = tokio::spawn({
+        let (config, stop) = (config.registry.clone(), registry_stop.clone());
+        async move { crate::registry::run(&config, registry_listener, stop).await }
+    });
+
+    let mut running = vec![Running {
+        role: "registry",
+        service: "",
+        addr: registry_addr,
+        store: config.registry.data_dir.display().to_string(),
+    }];
+    let mut services = JoinSet::new();
+    let plan: [(&'static str, &'static str, u16); 3] = [
+        ("user", USER_SERVICE, args.replicas),
+        ("product", PRODUCT_SERVICE, args.replicas),
+        ("order", ORDER_SERVICE, 1),
+    ];
+    let mut started = Ok(());
+    'plan: for (role, service, count) in plan {
+        let service_config = match role {
+            "user" => &config.user,
+            "product" => &config.product,
+            _ => &config.order,
+        };
+        let mut next_port = service_config.listen.port();
+        for replica in 0..count {
+            let first = SocketAddr::new(service_config.listen.ip(), next_port);
+            let scan = (replica > 0).then_some(64);
+            let listener = match bind(first, role, scan).await {
+                Ok(listener) => listener,
+                Err(err) => {
+                    started = Err(err);
+                    break 'plan;
+                }
+            };
+            let addr = listener.local_addr()?;
+            // Port 0 (tests) stays 0: each replica gets its own.
+            if next_port != 0 {
+                next_port = addr.port().saturating_add(1);
+            }
+            running.push(Running {
+                role,
+                service,
+                addr,
+                store: match &service_config.database_url {
+                    Some(url) => crate::shop::db::redact(url),
+                    None => service_config
+                        .data_dir
+                        .join(format!("{role}.db"))
+                        .display()
+                        .to_string(),
+                },
+            });
+            let (config, stop) = (config.clone(), shutdown.clone());
+            services.spawn(async move {
+                let result = match role {
+                    "user" => crate::user::run(&config, listener, stop).await,
+                    "product" => crate::product::run(&config, listener, stop).await,
+                    _ => crate::order::run(&config, listener, stop).await,
+                };
+                (role, addr, result)
+            });
+        }
+    }
+
+    if started.is_ok() {
+        started = tokio::select! {
+            ready = registered(&config, args.replicas.into()) => ready,
+            Some(ended) = services.join_next() => Err(ended_early(ended)),
+            ended = &mut registry => Err(anyhow::anyhow!(
+                "the registry stopped: {}",
+                ended.map_or_else(|err| err.to_string(), |result| format!("{result:?}"))
+            )),
+            _ = shutdown.cancelled() => Ok(()),
+        };
+    }
+    if started.is_ok() && !shutdown.is_cancelled() {
+        let mut out = std::io::stdout().lock();
+        write!(out, "{}", summary(&running, &args.data_dir))?;
+        out.flush()?;
+        drop(out);
+        started = tokio::select! {
+            _ = shutdown.cancelled() => Ok(()),
+            Some(ended) = services.join_next() => Err(ended_early(ended)),
+        };
+    }
+
+    // Services first, so each can deregister while the registry is there.
+    shutdown.cancel();
+    let mut result = started;
+    while let Some(ended) = services.join_next().await {
+        if let Ok((role, addr, Err(err))) = ended {
+            tracing::error!(role, %addr, "stopped with an error: {err:#}");
+            if result.is_ok() {
+                result = Err(err.context(format!("the {role} service at {addr}")));
+            }
+        }
+    }
+    registry_stop.cancel();
+    registry.await??;
+    result
+}
+
+/// Waits until every service is registered and healthy, as a caller sees
+/// it through a watch.
+async fn registered(config: &Config, replicas: usize) -> anyhow::Result<()> {
+    let mesh = Mesh::new(&config.discovery)?;
+    let all = async {
+        for (service, count) in [
+            (USER_SERVICE, replicas),
+            (PRODUCT_SERVICE, replicas),
+            (ORDER_SERVICE, 1),
+        ] {
+            mesh.channel(service)
+                .wait_for(|endpoints| endpoints.len() >= count)
+                .await;
+        }
+    };
+    tokio::time::timeout(START_TIMEOUT, all)
+        .await
+        .map_err(|_| anyhow::anyhow!("the services did not all register within {START_TIMEOUT:?}"))
+}
+
+fn ended_early(
+    ended: Result<(&'static str, SocketAddr, anyhow::Result<()>), tokio::task::JoinError>,
+) -> anyhow::Error {
+    match ended {
+        Ok((role, addr, Err(err))) => err.context(format!("the {role} service at {addr}")),
+        Ok((role, addr, Ok(()))) => anyhow::anyhow!("the {role} service at {addr} stopped"),
+        Err(err) => anyhow::anyhow!("a service failed: {err}"),
+    }
+}
+
+/// Binds `addr`; with `scan`, the next free port among that many after it.
+async fn bind(addr: SocketAddr, what: &str, scan: Option<u16>) -> anyhow::Result<TcpListener> {
+    let tries = scan.unwrap_or(1);
+    let mut last = None;
+    for offset in 0..tries {
+        let Some(port) = addr.port().checked_add(offset) else {
+            break;
+        };
+        match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
+            Ok(listener) => return Ok(listener),
+            Err(err) => last = Some(err),
+        }
+    }
+    let err = last.map_or_else(|| "no port to try".to_string(), |err| err.to_string());
+    anyhow::bail!(
+        "cannot listen on {addr} for {what}: {err} (is shop-mesh already running? stop it, or set another port in the configuration)"
+    )
+}
+
+fn summary(running: &[Running], data_dir: &std::path::Path) -> String {
+    let rows: Vec<Vec<String>> = running
+        .iter()
+        .map(|r| {
+            vec![
+                r.role.to_string(),
+                if r.service.is_empty() { "-" } else { r.service }.to_string(),
+                r.addr.to_string(),
+                r.store.clone(),
+            ]
+        })
+        .collect();
+    let registry = running[0].addr;
+    let order = running
+        .iter()
+        .find(|r| r.role == "order")
+        .map_or(registry, |r| r.addr);
+    let registry_flag =
+        if registry.port() == crate::registry::DEFAULT_PORT && registry.ip().is_loopback() {
+            String::new()
+        } else {
+            format!(" --registry {registry}")
+        };
+    format!(
+        "shop-mesh is up: a registry and {} service instances, on SQLite under {}\n\n{}\n\
+         Try:\n\
+         \x20 shop-mesh order place --user 1001 --product 1001 --count 10{registry_flag}\n\
+         \x20 shop-mesh product get 1001{registry_flag}\n\
+         \x20 grpcurl -plaintext -d '{{\"user_id\":1001}}' {order} shopmesh.shop.v1.OrderService/ListOrders\n\n\
+         Ctrl-C stops everything.\n",
+        running.len() - 1,
+        data_dir.display(),
+        crate::inspect::table(&["ROLE", "SERVICE", "ADDRESS", "STORE"], &rows),
+    )
+}

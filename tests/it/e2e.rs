@@ -1,0 +1,483 @@
+//! End to end: the real binary as separate processes (a registry, a user,
+//! two products and an order service), the seed's walkthrough through the
+//! client commands and through grpcurl, a product process killed with
+//! SIGKILL under load, and SIGTERM for the rest: each exits 0 having left
+//! the registry.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use parking_lot::Mutex;
+use shop_mesh::pb::registry as reg;
+use shop_mesh::pb::registry::registry_client::RegistryClient;
+use shop_mesh::pb::shop as pb;
+use shop_mesh::pb::shop::order_service_client::OrderServiceClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+use crate::grpcurl::grpcurl_output;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
+
+/// A shop-mesh process with its JSON log lines collected.
+struct Process {
+    name: String,
+    child: Child,
+    log: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Process {
+    fn start(name: &str, args: &[&str]) -> Process {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg("--log-json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start shop-mesh");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn({
+            let log = log.clone();
+            async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(line) = serde_json::from_str(&line) {
+                        log.lock().push(line);
+                    }
+                }
+            }
+        });
+        Process {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id().expect("running") as i32)
+    }
+
+    /// The fields of the first log line whose message is `message`.
+    async fn logged(&self, message: &str) -> serde_json::Value {
+        let mut found = None;
+        crate::wait_until(
+            &format!("{} to log {message:?}", self.name),
+            Duration::from_secs(30),
+            || {
+                found = self
+                    .log
+                    .lock()
+                    .iter()
+                    .find(|line| line["fields"]["message"] == message)
+                    .map(|line| line["fields"].clone());
+                let seen = found.is_some();
+                async move { seen }
+            },
+        )
+        .await;
+        found.unwrap()
+    }
+
+    /// Sends `signal` and waits for the exit code.
+    async fn signal(&mut self, signal: Signal) -> Option<i32> {
+        kill(self.pid(), signal).expect("signal");
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit after {signal}", self.name))
+            .unwrap();
+        status.code()
+    }
+}
+
+/// Starts a shop service on port 0 under `dir`, and returns it with its
+/// bound address.
+async fn service(role: &str, registry: &str, dir: &Path) -> (Process, String) {
+    let data = dir.join(role);
+    let process = Process::start(
+        role,
+        &[
+            role,
+            "--registry",
+            registry,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    let addr = process.logged("serving").await["bound"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (process, addr)
+}
+
+/// A client command; its exit, stdout and stderr.
+async fn client(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).output().await.unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// The registered addresses of `service`, healthy or not.
+async fn registered(registry: &mut RegistryClient<Channel>, service: &str) -> Vec<String> {
+    let answer = registry
+        .get_service(reg::GetServiceRequest {
+            service: service.into(),
+            ..Default::default()
+        })
+        .await;
+    match answer {
+        Ok(answer) => answer
+            .into_inner()
+            .instances
+            .iter()
+            .map(|i| format!("{}:{}", i.ip, i.port))
+            .collect(),
+        Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
+        Err(status) => panic!("GetService {service}: {status:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut registry_process = Process::start(
+        "registry",
+        &[
+            "registry",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.path().join("registry").to_str().unwrap(),
+        ],
+    );
+    let registry_addr = registry_process.logged("registry serving").await["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let registry = registry_addr.as_str();
+    let (mut user, user_addr) = service("user", registry, dir.path()).await;
+    let (mut product_a, product_a_addr) = service("product", registry, dir.path()).await;
+    let (mut product_b, product_b_addr) = service("product", registry, dir.path()).await;
+    let (mut order, order_addr) = service("order", registry, dir.path()).await;
+
+    let mut registry_client = RegistryClient::connect(format!("http://{registry}"))
+        .await
+        .unwrap();
+    for (name, count) in [
+        ("server-user", 1),
+        ("server-product", 2),
+        ("server-order", 1),
+    ] {
+        crate::wait_until(
+            &format!("{count} of {name} registered"),
+            Duration::from_secs(30),
+            || {
+                let mut registry_client = registry_client.clone();
+                async move { registered(&mut registry_client, name).await.len() == count }
+            },
+        )
+        .await;
+    }
+
+    // The seed's walkthrough, through the client commands.
+    let (ok, _, err) = client(&[
+        "order",
+        "place",
+        "--user",
+        "1001",
+        "--product",
+        "1001",
+        "--count",
+        "1001",
+        "--registry",
+        registry,
+    ])
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("FailedPrecondition: product 1001 has 100 in stock, 1001 requested"),
+        "{err}"
+    );
+    let (ok, out, err) = client(&[
+        "order",
+        "place",
+        "--user",
+        "1001",
+        "--product",
+        "1001",
+        "--count",
+        "10",
+        "--registry",
+        registry,
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let line = out.lines().nth(1).expect("an order line");
+    assert!(
+        line.contains("1001 binghe") && line.contains("1001 华为") && line.contains("23990.00"),
+        "{out}"
+    );
+    let (ok, out, _) = client(&["product", "get", "1001", "--json", "--registry", registry]).await;
+    assert!(ok);
+    let product: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(product["stock"], 90);
+    let (ok, out, _) = client(&["user", "get", "1001", "--registry", registry]).await;
+    assert!(ok);
+    assert!(
+        out.contains("binghe") && out.contains("13212345678"),
+        "{out}"
+    );
+
+    // The same, through grpcurl (reflection, no proto files).
+    let refused = tokio::task::spawn_blocking({
+        let order_addr = order_addr.clone();
+        move || {
+            grpcurl_output(&[
+                "-plaintext",
+                "-d",
+                r#"{"user_id":1001,"product_id":1001,"count":1001}"#,
+                &order_addr,
+                "shopmesh.shop.v1.OrderService/PlaceOrder",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    let mut expected_stock = 90;
+    if let Some(refused) = refused {
+        assert!(!refused.status.success());
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains("Code: FailedPrecondition"), "{err}");
+        let placed = tokio::task::spawn_blocking({
+            let order_addr = order_addr.clone();
+            move || {
+                grpcurl_output(&[
+                    "-plaintext",
+                    "-d",
+                    r#"{"user_id":1001,"product_id":1001,"count":10,"request_id":"grpcurl-1"}"#,
+                    &order_addr,
+                    "shopmesh.shop.v1.OrderService/PlaceOrder",
+                ])
+                .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        assert!(placed.status.success());
+        let placed: serde_json::Value = serde_json::from_slice(&placed.stdout).unwrap();
+        assert_eq!(placed["totalPrice"], "23990.00");
+        assert_eq!(placed["items"][0]["productName"], "华为");
+        expected_stock -= 10;
+    }
+
+    // kill -9 one product under load: no order fails.
+    let channel = Channel::from_shared(format!("http://{order_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let placed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = tokio::spawn({
+        let orders = OrderServiceClient::new(channel);
+        let placed = placed.clone();
+        async move {
+            let mut failed = Vec::new();
+            for i in 0..60 {
+                let request = pb::PlaceOrderRequest {
+                    user_id: 1001,
+                    product_id: 1002,
+                    count: 1,
+                    request_id: format!("load-{i}"),
+                };
+                if let Err(status) = orders.clone().place_order(request).await {
+                    failed.push(status);
+                }
+                placed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            failed
+        }
+    });
+    crate::wait_until("20 orders before the kill", Duration::from_secs(30), || {
+        let placed = placed.load(std::sync::atomic::Ordering::Relaxed);
+        async move { placed >= 20 }
+    })
+    .await;
+    assert_eq!(product_a.signal(Signal::SIGKILL).await, None, "killed");
+    let failed = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "orders failed after a product was killed: {failed:?}"
+    );
+    let (ok, out, _) = client(&["product", "list", "--json", "--registry", registry]).await;
+    assert!(ok);
+    let stocks: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(stocks[0]["stock"], expected_stock);
+    assert_eq!(stocks[1]["stock"], 40, "60 of 1002 sold, no more, no fewer");
+    let (ok, out, _) = client(&[
+        "order",
+        "list",
+        "--user",
+        "1001",
+        "--json",
+        "--registry",
+        registry,
+    ])
+    .await;
+    assert!(ok);
+    assert_eq!(
+        out.lines().count(),
+        60 + 1 + usize::from(expected_stock == 80)
+    );
+
+    // SIGTERM: each exits 0, and is gone from the registry at once (a
+    // crashed instance would linger, unhealthy, for the delete timeout).
+    for (process, service, addr) in [
+        (&mut order, "server-order", &order_addr),
+        (&mut product_b, "server-product", &product_b_addr),
+        (&mut user, "server-user", &user_addr),
+    ] {
+        assert_eq!(
+            process.signal(Signal::SIGTERM).await,
+            Some(0),
+            "{} exit",
+            process.name
+        );
+        let left = registered(&mut registry_client, service).await;
+        assert!(
+            !left.contains(addr),
+            "{service} {addr} still registered: {left:?}"
+        );
+        process.logged("deregistered").await;
+    }
+    assert_eq!(
+        registered(&mut registry_client, "server-product").await,
+        vec![product_a_addr.clone()],
+        "only the killed product is left, to expire"
+    );
+    assert_eq!(registry_process.signal(Signal::SIGTERM).await, Some(0));
+}
+
+/// `shop-mesh up` as a newcomer runs it (here on port 0 everywhere): it
+/// prints what runs where, the printed commands work, and Ctrl-C stops
+/// every instance, each deregistering, with exit code 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_everything_and_ctrl_c_stops_it_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["up", "--replicas", "2", "--log-json", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "info")
+        .env("SHOP_MESH__REGISTRY__LISTEN", "127.0.0.1:0")
+        .env("SHOP_MESH__USER__LISTEN", "127.0.0.1:0")
+        .env("SHOP_MESH__PRODUCT__LISTEN", "127.0.0.1:0")
+        .env("SHOP_MESH__ORDER__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::<serde_json::Value>::new()));
+    let mut errors = BufReader::new(child.stderr.take().unwrap()).lines();
+    let reader = tokio::spawn({
+        let log = log.clone();
+        async move {
+            while let Ok(Some(line)) = errors.next_line().await {
+                if let Ok(line) = serde_json::from_str(&line) {
+                    log.lock().push(line);
+                }
+            }
+        }
+    });
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut summary = Vec::new();
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(60), out.next_line())
+        .await
+        .expect("up prints its summary within 60 s")
+        .unwrap()
+    {
+        let done = line.starts_with("Ctrl-C");
+        summary.push(line);
+        if done {
+            break;
+        }
+    }
+    let summary = summary.join("\n");
+    let column = |role: &str| -> Vec<String> {
+        summary
+            .lines()
+            .filter(|line| line.starts_with(&format!("{role} ")))
+            .map(|line| line.split_whitespace().nth(2).unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(column("registry").len(), 1, "{summary}");
+    assert_eq!(column("user").len(), 2, "{summary}");
+    assert_eq!(column("product").len(), 2, "{summary}");
+    assert_eq!(column("order").len(), 1, "{summary}");
+    assert!(summary.contains("shop-mesh order place --user 1001 --product 1001 --count 10"));
+    let registry = column("registry").remove(0);
+
+    let (ok, out, err) = client(&[
+        "order",
+        "place",
+        "--user",
+        "1001",
+        "--product",
+        "1001",
+        "--count",
+        "10",
+        "--registry",
+        &registry,
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("23990.00"), "{out}");
+    let (ok, out, _) = client(&["product", "get", "1001", "--json", "--registry", &registry]).await;
+    assert!(ok);
+    assert!(out.contains(r#""stock":90"#), "{out}");
+    let instances = Command::new(BIN)
+        .args([
+            "instances",
+            "server-product",
+            "--json",
+            "--registry",
+            &registry,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&instances.stdout).lines().count(),
+        2
+    );
+
+    kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGINT).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("up stops within 30 s of Ctrl-C")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    reader.await.unwrap(); // every log line read, to the end
+    let deregistered = log
+        .lock()
+        .iter()
+        .filter(|line| line["fields"]["message"] == "deregistered")
+        .count();
+    assert_eq!(deregistered, 5, "every instance left the registry");
+}
