@@ -54,6 +54,7 @@ pub async fn run(
         config,
         &config.order,
         ORDER_SERVICE,
+        <OrderServiceServer<OrderGrpc> as tonic::server::NamedService>::NAME,
         listener,
         |routes| routes.add_service(service),
         shutdown,

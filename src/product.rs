@@ -36,6 +36,7 @@ pub async fn run(
         config,
         &config.product,
         PRODUCT_SERVICE,
+        <ProductServiceServer<ProductGrpc> as tonic::server::NamedService>::NAME,
         listener,
         |routes| routes.add_service(service),
         shutdown,

@@ -144,7 +144,9 @@ pub async fn run(config: &Config, listener: TcpListener, shutdown: Shutdown) -> 
     let service = RegistryServer::new(RegistryService::new(registry.clone(), shutdown.clone()))
         .max_decoding_message_size(config.limits.max_message_size);
     let server = crate::server::Server::new(shutdown.clone()).await;
-    let routes = server.routes().add_service(service);
+    let routes = server
+        .routes(&[<RegistryServer<RegistryService> as tonic::server::NamedService>::NAME])
+        .add_service(service);
     server
         .health()
         .set_serving::<RegistryServer<RegistryService>>()

@@ -46,12 +46,22 @@ impl Server {
         &self.health
     }
 
-    /// Health and reflection; the role adds its own services.
-    pub fn routes(&self) -> Routes {
+    /// Health and reflection; the role adds its own services, named in
+    /// `services` (`shopmesh.shop.v1.OrderService`) so that reflection
+    /// lists those and no other service of the crate's protos.
+    pub fn routes(&self, services: &[&str]) -> Routes {
         let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            let advertised = services.iter().copied().chain([
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ]);
+            advertised.fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |builder, name| builder.with_service_name(name),
+            )
         };
         let v1 = reflection()
             .build_v1()

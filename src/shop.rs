@@ -193,12 +193,14 @@ pub fn page_token(value: &str) -> Result<Option<i64>, Error> {
         })
 }
 
-/// Starts a shop service: binds its health and reflection, adds `routes`,
-/// and serves it registered as `service` until shutdown.
+/// Starts a shop service: its health and reflection (advertising
+/// `grpc_service`), the routes `add` adds, served and registered as
+/// `name` until shutdown.
 pub async fn serve(
     config: &crate::config::Config,
     service: &ServiceConfig,
     name: &str,
+    grpc_service: &str,
     listener: tokio::net::TcpListener,
     add: impl FnOnce(tonic::service::Routes) -> tonic::service::Routes,
     shutdown: crate::shutdown::Shutdown,
@@ -206,7 +208,7 @@ pub async fn serve(
     let server = crate::server::Server::new(shutdown.clone()).await;
     let mut announce = crate::discovery::Announce::new(name);
     announce.advertise = service.advertise.clone();
-    let routes = add(server.routes());
+    let routes = add(server.routes(&[grpc_service]));
     crate::discovery::serve(
         &server,
         routes,

@@ -35,6 +35,7 @@ pub async fn run(
         config,
         &config.user,
         USER_SERVICE,
+        <UserServiceServer<UserGrpc> as tonic::server::NamedService>::NAME,
         listener,
         |routes| routes.add_service(service),
         shutdown,

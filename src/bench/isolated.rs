@@ -43,7 +43,7 @@ impl Isolated {
                 let served = async {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
                     let server = Server::new(shutdown.clone()).await;
-                    let routes = add(addr, server.routes());
+                    let routes = add(addr, server.routes(&[]));
                     discovery::serve(&server, routes, listener, announce, &config, shutdown).await
                 };
                 let _ = tx.send(served.await);

@@ -258,6 +258,23 @@ async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
     .unwrap();
     let mut expected_stock = 90;
     if let Some(refused) = refused {
+        let listed = tokio::task::spawn_blocking({
+            let order_addr = order_addr.clone();
+            move || grpcurl_output(&["-plaintext", &order_addr, "list"]).unwrap()
+        })
+        .await
+        .unwrap();
+        let listed = String::from_utf8(listed.stdout).unwrap();
+        let services: Vec<&str> = listed.lines().collect();
+        assert!(
+            services.contains(&"shopmesh.shop.v1.OrderService"),
+            "{listed}"
+        );
+        assert!(services.contains(&"grpc.health.v1.Health"), "{listed}");
+        assert!(
+            !listed.contains("Registry") && !listed.contains("ProductService"),
+            "the order port lists only what it serves: {listed}"
+        );
         assert!(!refused.status.success());
         let err = String::from_utf8_lossy(&refused.stderr);
         assert!(err.contains("Code: FailedPrecondition"), "{err}");
