@@ -132,7 +132,9 @@ impl Role {
             Role::Order(role) => role.serve.apply(&mut config.discovery, &mut config.order),
             Role::Up(args) => args.apply(config),
             Role::Services(scope) | Role::Instances { scope, .. } | Role::Watch { scope, .. } => {
-                scope.apply(&mut config.discovery)
+                scope.apply(&mut config.discovery);
+                // A person reads the output; only warnings go beside it.
+                config.log.level = "warn".into();
             }
             _ => {}
         }
