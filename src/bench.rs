@@ -20,9 +20,11 @@ use crate::pb::registry::registry_client::RegistryClient;
 
 mod discovery;
 mod isolated;
+mod orders;
 
 pub use discovery::DiscoveryBench;
 pub use isolated::Isolated;
+pub use orders::OrdersBench;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
@@ -32,6 +34,9 @@ pub enum Bench {
     /// Discovery and balancing: their cost per call beside a plain channel,
     /// and the time from an instance's death to its removal from callers.
     Discovery(DiscoveryBench),
+    /// The shop: PlaceOrder and GetProduct through discovery, on SQLite or
+    /// a scratch MySQL/PostgreSQL database.
+    Orders(OrdersBench),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -67,6 +72,7 @@ impl Bench {
         match self {
             Bench::Registry(bench) => bench.run().await,
             Bench::Discovery(bench) => bench.run().await,
+            Bench::Orders(bench) => bench.run().await,
         }
     }
 }

@@ -62,123 +62,175 @@ impl Args {
     }
 }
 
-/// One role this process runs.
-struct Running {
-    role: &'static str,
-    service: &'static str,
-    addr: SocketAddr,
-    store: String,
+/// One role a [`Stack`] runs.
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub role: &'static str,
+    /// Its registry name; empty for the registry.
+    pub service: &'static str,
+    pub addr: SocketAddr,
+    /// Where it stores: a file, or a database URL without its password.
+    pub store: String,
+}
+
+type Ended = (&'static str, SocketAddr, anyhow::Result<()>);
+
+/// The registry and every service, running in this process: what `up`
+/// shows a newcomer, and what `bench orders` measures.
+pub struct Stack {
+    pub running: Vec<Running>,
+    /// The services' shutdown; the registry has its own, cancelled last.
+    shutdown: Shutdown,
+    registry_stop: Shutdown,
+    registry: tokio::task::JoinHandle<anyhow::Result<()>>,
+    services: JoinSet<Ended>,
+}
+
+impl Stack {
+    /// Starts the registry on `config.registry.listen`, then `replicas`
+    /// user and product instances and one order instance, and waits until
+    /// all are registered. The services stop when `shutdown` fires (or
+    /// [`Stack::stop`] is called).
+    pub async fn start(
+        config: &Config,
+        replicas: u16,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<Stack> {
+        let registry_stop = Shutdown::new();
+        let registry_listener = bind(config.registry.listen, "the registry", None).await?;
+        let registry_addr = registry_listener.local_addr()?;
+        let mut config = config.clone();
+        config.discovery.registry = registry_addr.to_string();
+        let registry = tokio::spawn({
+            let (config, stop) = (config.registry.clone(), registry_stop.clone());
+            async move { crate::registry::run(&config, registry_listener, stop).await }
+        });
+        let mut stack = Stack {
+            running: vec![Running {
+                role: "registry",
+                service: "",
+                addr: registry_addr,
+                store: config.registry.data_dir.display().to_string(),
+            }],
+            shutdown,
+            registry_stop,
+            registry,
+            services: JoinSet::new(),
+        };
+        match stack.spawn_services(&config, replicas).await {
+            Ok(()) => Ok(stack),
+            Err(err) => Err(stack.stop(Err(err)).await.unwrap_err()),
+        }
+    }
+
+    pub fn registry(&self) -> SocketAddr {
+        self.running[0].addr
+    }
+
+    async fn spawn_services(&mut self, config: &Config, replicas: u16) -> anyhow::Result<()> {
+        let plan: [(&'static str, &'static str, u16); 3] = [
+            ("user", USER_SERVICE, replicas),
+            ("product", PRODUCT_SERVICE, replicas),
+            ("order", ORDER_SERVICE, 1),
+        ];
+        for (role, service, count) in plan {
+            let service_config = match role {
+                "user" => &config.user,
+                "product" => &config.product,
+                _ => &config.order,
+            };
+            let mut next_port = service_config.listen.port();
+            for replica in 0..count {
+                let first = SocketAddr::new(service_config.listen.ip(), next_port);
+                let listener = bind(first, role, (replica > 0).then_some(64)).await?;
+                let addr = listener.local_addr()?;
+                // Port 0 (tests, benches) stays 0: each replica gets its own.
+                if next_port != 0 {
+                    next_port = addr.port().saturating_add(1);
+                }
+                self.running.push(Running {
+                    role,
+                    service,
+                    addr,
+                    store: match &service_config.database_url {
+                        Some(url) => crate::shop::db::redact(url),
+                        None => service_config
+                            .data_dir
+                            .join(format!("{role}.db"))
+                            .display()
+                            .to_string(),
+                    },
+                });
+                let (config, stop) = (config.clone(), self.shutdown.clone());
+                self.services.spawn(async move {
+                    let result = match role {
+                        "user" => crate::user::run(&config, listener, stop).await,
+                        "product" => crate::product::run(&config, listener, stop).await,
+                        _ => crate::order::run(&config, listener, stop).await,
+                    };
+                    (role, addr, result)
+                });
+            }
+        }
+        tokio::select! {
+            ready = registered(config, replicas.into()) => ready,
+            Some(ended) = self.services.join_next() => Err(ended_early(ended)),
+            ended = &mut self.registry => Err(anyhow::anyhow!(
+                "the registry stopped: {}",
+                ended.map_or_else(|err| err.to_string(), |result| format!("{result:?}"))
+            )),
+            _ = self.shutdown.cancelled() => Ok(()),
+        }
+    }
+
+    /// Resolves when a service ends on its own (it failed); until then,
+    /// never.
+    pub async fn ended(&mut self) -> anyhow::Error {
+        match self.services.join_next().await {
+            Some(ended) => ended_early(ended),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops the services (each deregisters and drains), then the
+    /// registry; `result` is what ended the run, and wins over later errors.
+    pub async fn stop(mut self, result: anyhow::Result<()>) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let mut result = result;
+        while let Some(ended) = self.services.join_next().await {
+            if let Ok((role, addr, Err(err))) = ended {
+                tracing::error!(role, %addr, "stopped with an error: {err:#}");
+                if result.is_ok() {
+                    result = Err(err.context(format!("the {role} service at {addr}")));
+                }
+            }
+        }
+        self.registry_stop.cancel();
+        let registry = (&mut self.registry).await;
+        match registry {
+            Ok(Err(err)) if result.is_ok() => Err(err.context("the registry")),
+            Err(err) if result.is_ok() => Err(anyhow::anyhow!("the registry failed: {err}")),
+            _ => result,
+        }
+    }
 }
 
 /// Runs everything until `shutdown`; prints what runs where once all of
 /// it is registered.
 pub async fn run(config: &Config, args: &Args, shutdown: Shutdown) -> anyhow::Result<()> {
-    let registry_stop = Shutdown::new();
-    let registry_listener = bind(config.registry.listen, "the registry", None).await?;
-    let registry_addr = registry_listener.local_addr()?;
-    let mut config = config.clone();
-    config.discovery.registry = registry_addr.to_string();
-    let mut registry = tokio::spawn({
-        let (config, stop) = (config.registry.clone(), registry_stop.clone());
-        async move { crate::registry::run(&config, registry_listener, stop).await }
-    });
-
-    let mut running = vec![Running {
-        role: "registry",
-        service: "",
-        addr: registry_addr,
-        store: config.registry.data_dir.display().to_string(),
-    }];
-    let mut services = JoinSet::new();
-    let plan: [(&'static str, &'static str, u16); 3] = [
-        ("user", USER_SERVICE, args.replicas),
-        ("product", PRODUCT_SERVICE, args.replicas),
-        ("order", ORDER_SERVICE, 1),
-    ];
-    let mut started = Ok(());
-    'plan: for (role, service, count) in plan {
-        let service_config = match role {
-            "user" => &config.user,
-            "product" => &config.product,
-            _ => &config.order,
-        };
-        let mut next_port = service_config.listen.port();
-        for replica in 0..count {
-            let first = SocketAddr::new(service_config.listen.ip(), next_port);
-            let scan = (replica > 0).then_some(64);
-            let listener = match bind(first, role, scan).await {
-                Ok(listener) => listener,
-                Err(err) => {
-                    started = Err(err);
-                    break 'plan;
-                }
-            };
-            let addr = listener.local_addr()?;
-            // Port 0 (tests) stays 0: each replica gets its own.
-            if next_port != 0 {
-                next_port = addr.port().saturating_add(1);
-            }
-            running.push(Running {
-                role,
-                service,
-                addr,
-                store: match &service_config.database_url {
-                    Some(url) => crate::shop::db::redact(url),
-                    None => service_config
-                        .data_dir
-                        .join(format!("{role}.db"))
-                        .display()
-                        .to_string(),
-                },
-            });
-            let (config, stop) = (config.clone(), shutdown.clone());
-            services.spawn(async move {
-                let result = match role {
-                    "user" => crate::user::run(&config, listener, stop).await,
-                    "product" => crate::product::run(&config, listener, stop).await,
-                    _ => crate::order::run(&config, listener, stop).await,
-                };
-                (role, addr, result)
-            });
-        }
+    let mut stack = Stack::start(config, args.replicas, shutdown.clone()).await?;
+    if shutdown.is_cancelled() {
+        return stack.stop(Ok(())).await;
     }
-
-    if started.is_ok() {
-        started = tokio::select! {
-            ready = registered(&config, args.replicas.into()) => ready,
-            Some(ended) = services.join_next() => Err(ended_early(ended)),
-            ended = &mut registry => Err(anyhow::anyhow!(
-                "the registry stopped: {}",
-                ended.map_or_else(|err| err.to_string(), |result| format!("{result:?}"))
-            )),
-            _ = shutdown.cancelled() => Ok(()),
-        };
-    }
-    if started.is_ok() && !shutdown.is_cancelled() {
-        let mut out = std::io::stdout().lock();
-        write!(out, "{}", summary(&running, &args.data_dir))?;
-        out.flush()?;
-        drop(out);
-        started = tokio::select! {
-            _ = shutdown.cancelled() => Ok(()),
-            Some(ended) = services.join_next() => Err(ended_early(ended)),
-        };
-    }
-
-    // Services first, so each can deregister while the registry is there.
-    shutdown.cancel();
-    let mut result = started;
-    while let Some(ended) = services.join_next().await {
-        if let Ok((role, addr, Err(err))) = ended {
-            tracing::error!(role, %addr, "stopped with an error: {err:#}");
-            if result.is_ok() {
-                result = Err(err.context(format!("the {role} service at {addr}")));
-            }
-        }
-    }
-    registry_stop.cancel();
-    registry.await??;
-    result
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", summary(&stack.running, &args.data_dir))?;
+    out.flush()?;
+    drop(out);
+    let result = tokio::select! {
+        _ = shutdown.cancelled() => Ok(()),
+        err = stack.ended() => Err(err),
+    };
+    stack.stop(result).await
 }
 
 /// Waits until every service is registered and healthy, as a caller sees
@@ -201,9 +253,7 @@ async fn registered(config: &Config, replicas: usize) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("the services did not all register within {START_TIMEOUT:?}"))
 }
 
-fn ended_early(
-    ended: Result<(&'static str, SocketAddr, anyhow::Result<()>), tokio::task::JoinError>,
-) -> anyhow::Error {
+fn ended_early(ended: Result<Ended, tokio::task::JoinError>) -> anyhow::Error {
     match ended {
         Ok((role, addr, Err(err))) => err.context(format!("the {role} service at {addr}")),
         Ok((role, addr, Ok(()))) => anyhow::anyhow!("the {role} service at {addr} stopped"),
