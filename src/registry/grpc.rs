@@ -151,8 +151,21 @@ impl pb::registry_server::Registry for RegistryService {
                     _ = shutdown.cancelled() => break,
                 };
                 // A closed or broken stream ends the session, whose drop
-                // marks its leases' instances unhealthy at once.
-                let Ok(Some(beat)) = message else { break };
+                // marks its leases' instances unhealthy at once. A message
+                // that does not decode (tonic says INTERNAL) is the
+                // caller's, and is answered so before the stream ends.
+                let beat = match message {
+                    Ok(Some(beat)) => beat,
+                    Err(status) if status.code() == tonic::Code::Internal => {
+                        let malformed = Status::invalid_argument(format!(
+                            "malformed KeepAlive message: {}",
+                            status.message()
+                        ));
+                        let _ = tx.send(Err(malformed)).await;
+                        break;
+                    }
+                    Ok(None) | Err(_) => break,
+                };
                 let answer = session
                     .beat(beat.lease_id)
                     .map(|interval| pb::KeepAliveResponse {

@@ -1,6 +1,7 @@
 //! Integration tests: roles started in-process on port 0, each with a
 //! private data dir; waits poll a condition under a deadline.
 
+mod bad_input;
 mod config;
 mod discovery;
 mod e2e;

@@ -193,7 +193,7 @@ pub struct TestShop {
     pub db: TestDb,
     pub config: Config,
     pub mesh: Mesh,
-    registry: TestRegistry,
+    pub registry: TestRegistry,
     roles: Vec<RunningRole>,
 }
 

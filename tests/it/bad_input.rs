@@ -1,0 +1,206 @@
+//! Bad input never takes a server down or gets INTERNAL: malformed gRPC
+//! requests to every RPC of every role, and raw garbage to every port.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use shop_mesh::shop::{ORDER_SERVICE, PRODUCT_SERVICE, USER_SERVICE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tower::{Service, ServiceExt};
+
+use crate::shop::{Backend, TestShop};
+
+/// Every RPC, by the role that serves it.
+const RPCS: &[(&str, &[&str])] = &[
+    (
+        "registry",
+        &[
+            "/shopmesh.registry.v1.Registry/Register",
+            "/shopmesh.registry.v1.Registry/Deregister",
+            "/shopmesh.registry.v1.Registry/ListServices",
+            "/shopmesh.registry.v1.Registry/GetService",
+            "/shopmesh.registry.v1.Registry/UpdateService",
+            "/shopmesh.registry.v1.Registry/KeepAlive",
+            "/shopmesh.registry.v1.Registry/Watch",
+            "/grpc.health.v1.Health/Check",
+        ],
+    ),
+    (
+        USER_SERVICE,
+        &[
+            "/shopmesh.shop.v1.UserService/GetUser",
+            "/grpc.health.v1.Health/Check",
+        ],
+    ),
+    (
+        PRODUCT_SERVICE,
+        &[
+            "/shopmesh.shop.v1.ProductService/GetProduct",
+            "/shopmesh.shop.v1.ProductService/ListProducts",
+            "/shopmesh.shop.v1.ProductService/DeductStock",
+            "/shopmesh.shop.v1.ProductService/RestoreStock",
+        ],
+    ),
+    (
+        ORDER_SERVICE,
+        &[
+            "/shopmesh.shop.v1.OrderService/PlaceOrder",
+            "/shopmesh.shop.v1.OrderService/GetOrder",
+            "/shopmesh.shop.v1.OrderService/ListOrders",
+        ],
+    ),
+];
+
+/// gRPC bodies that are not a request: (what, bytes).
+const MALFORMED: &[(&str, &[u8])] = &[
+    // A frame whose message is a string field that claims 5 bytes and has 1.
+    ("truncated protobuf", &[0, 0, 0, 0, 3, 0x0a, 0x05, 0x41]),
+    // A field number 0 and a wire type that does not exist.
+    ("invalid protobuf", &[0, 0, 0, 0, 2, 0x07, 0xff]),
+    // A frame header that promises 100 bytes, then the stream ends.
+    ("truncated frame", &[0, 0, 0, 0, 100, 1, 2, 3]),
+    // Compression flags that are not 0 or 1, or 1 with no encoding.
+    ("bad compression flag", &[7, 0, 0, 0, 1, 0]),
+    ("compressed, no encoding", &[1, 0, 0, 0, 1, 0]),
+    // Half a frame header.
+    ("half a header", &[0, 0, 0]),
+];
+
+async fn addresses(shop: &TestShop) -> Vec<(&'static str, SocketAddr)> {
+    let mut all = vec![("registry", shop.registry.addr)];
+    for (service, _) in &RPCS[1..] {
+        let endpoints = shop.mesh.channel(service).endpoints();
+        all.push((service, endpoints[0].0));
+    }
+    all
+}
+
+/// The grpc-status of a raw request, from the headers or the trailers.
+async fn raw_call(
+    channel: &mut Channel,
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+) -> (u32, String) {
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(
+            Full::new(Bytes::copy_from_slice(body)).map_err(|never| match never {}),
+        ))
+        .unwrap();
+    let response = channel.ready().await.unwrap().call(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let collected = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .expect("an answer within 10 s")
+        .expect("a body");
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let field = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .or_else(|| trailers.get(name))
+            .map(|value| value.to_str().unwrap().to_string())
+    };
+    let code = field("grpc-status")
+        .expect("a grpc-status")
+        .parse()
+        .unwrap();
+    (code, field("grpc-message").unwrap_or_default())
+}
+
+async fn serving(addr: SocketAddr) -> bool {
+    let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .is_ok_and(|answer| answer.into_inner().status == 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_invalid_argument_everywhere() {
+    let shop = TestShop::start(Backend::Sqlite, "malformed", 1, 1)
+        .await
+        .unwrap();
+    for (role, addr) in addresses(&shop).await {
+        let mut channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let paths = RPCS.iter().find(|(name, _)| *name == role).unwrap().1;
+        for path in paths {
+            for (what, body) in MALFORMED {
+                let (code, message) = raw_call(&mut channel, addr, path, body).await;
+                assert!(
+                    code == 3,
+                    "{role} {path} with {what}: grpc-status {code} {message:?}"
+                );
+            }
+        }
+        assert!(
+            serving(addr).await,
+            "{role} serves after malformed requests"
+        );
+    }
+    shop.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_wire_leaves_every_server_serving() {
+    let shop = TestShop::start(Backend::Sqlite, "garbage", 1, 1)
+        .await
+        .unwrap();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut noise = vec![0u8; 4096];
+    for byte in noise.iter_mut() {
+        *byte = rand::random();
+    }
+    let openings: Vec<(&str, Vec<u8>)> = vec![
+        ("random bytes", noise.clone()),
+        (
+            "an HTTP/1 request",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "the preface, then noise",
+            [preface.as_slice(), &noise].concat(),
+        ),
+        // A SETTINGS frame header that promises 64 KiB, then nothing.
+        (
+            "the preface, then half a frame",
+            [preface.as_slice(), &[0, 1, 0, 4, 0, 0, 0, 0, 0]].concat(),
+        ),
+        ("half the preface", preface[..10].to_vec()),
+    ];
+    for (role, addr) in addresses(&shop).await {
+        for (what, bytes) in &openings {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            // The peer may close before all is written; that is fine.
+            let _ = stream.write_all(bytes).await;
+            let _ = stream.shutdown().await;
+            let mut sink = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut sink)).await;
+            assert!(
+                read.is_ok(),
+                "{role} kept a connection after {what} open for 15 s"
+            );
+        }
+        assert!(serving(addr).await, "{role} serves after garbage");
+    }
+    shop.stop().await;
+}
