@@ -101,7 +101,7 @@ impl Server {
             let _ = stopped_tx.send(());
         };
         let server = tonic::transport::Server::builder()
-            .layer(tower::util::MapResponseLayer::new(malformed_is_invalid))
+            .layer(tower::util::MapResponseLayer::new(caller_faults))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_routes(routes)
@@ -125,23 +125,26 @@ impl Server {
 }
 
 /// tonic answers a request it cannot decode (bytes that are not the
-/// message, a truncated gRPC frame, a bad compression flag) with INTERNAL.
-/// That is the caller's bad input, not the server's fault, so it is
-/// answered INVALID_ARGUMENT here. The roles' own handlers never answer
-/// INTERNAL, so every INTERNAL a server would send is such a case.
-fn malformed_is_invalid<B>(mut response: http::Response<B>) -> http::Response<B> {
+/// message, a truncated gRPC frame, a bad compression flag) with INTERNAL,
+/// and one over the size limit with OUT_OF_RANGE. Both are the caller's
+/// doing, not the server's, so they are answered INVALID_ARGUMENT and
+/// RESOURCE_EXHAUSTED here. The roles' own handlers never answer either
+/// code, so every such answer a server would send is one of these cases.
+fn caller_faults<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
-    if headers.get("grpc-status").is_some_and(|code| code == "13") {
-        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
-        // grpc-message is percent-encoded; the prefix is too.
-        let message = headers
-            .get("grpc-message")
-            .and_then(|message| message.to_str().ok())
-            .unwrap_or("");
-        let message = format!("malformed%20request:%20{message}");
-        if let Ok(message) = http::HeaderValue::from_str(&message) {
-            headers.insert("grpc-message", message);
-        }
+    let (code, prefix) = match headers.get("grpc-status").map(|code| code.as_bytes()) {
+        Some(b"13") => ("3", "malformed%20request:%20"),
+        Some(b"11") => ("8", ""),
+        _ => return response,
+    };
+    headers.insert("grpc-status", http::HeaderValue::from_static(code));
+    // grpc-message is percent-encoded; the prefix is too.
+    let message = headers
+        .get("grpc-message")
+        .and_then(|message| message.to_str().ok())
+        .unwrap_or("");
+    if let Ok(message) = http::HeaderValue::from_str(&format!("{prefix}{message}")) {
+        headers.insert("grpc-message", message);
     }
     response
 }

@@ -204,3 +204,34 @@ async fn garbage_on_the_wire_leaves_every_server_serving() {
     }
     shop.stop().await;
 }
+
+/// A request over the 4 MiB limit is refused with RESOURCE_EXHAUSTED on
+/// every port, and the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_requests_are_resource_exhausted_everywhere() {
+    let shop = TestShop::start(Backend::Sqlite, "oversize", 1, 1)
+        .await
+        .unwrap();
+    // One frame of 5 MiB: a string field of 5 MiB less its tag and length.
+    let size = 5 * 1024 * 1024;
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(size as u32).to_be_bytes());
+    body.extend_from_slice(&[0x0a, 0xfb, 0xff, 0xbf, 0x02]);
+    body.resize(5 + size, b'x');
+    for (role, addr) in addresses(&shop).await {
+        let mut channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let path = RPCS.iter().find(|(name, _)| *name == role).unwrap().1[0];
+        let (code, message) = raw_call(&mut channel, addr, path, &body).await;
+        assert_eq!(code, 8, "{role} {path}: {message:?}");
+        assert!(message.contains("too%20large"), "{message}");
+        assert!(
+            serving(addr).await,
+            "{role} serves after an oversize request"
+        );
+    }
+    shop.stop().await;
+}

@@ -304,7 +304,7 @@ async fn limits_answer_resource_exhausted_and_oversize_messages_are_refused() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("too large"), "{}", err.message());
 
     register(&mut client, instance("a", 1)).await;
