@@ -235,3 +235,113 @@ async fn oversize_requests_are_resource_exhausted_everywhere() {
     }
     shop.stop().await;
 }
+
+fn rss_kib(pid: nix::unistd::Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Opens `count` watch streams and `count` KeepAlive streams (each beating
+/// a lease of its own instance) over a few connections, then drops them
+/// all, connections too, as clients that vanish would.
+async fn open_and_abandon(addr: &str, count: usize, round: usize) {
+    use shop_mesh::pb::registry as reg;
+    use shop_mesh::pb::registry::registry_client::RegistryClient;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        clients.push(RegistryClient::new(channel));
+    }
+    let mut streams = Vec::new();
+    let mut senders = Vec::new();
+    for i in 0..count {
+        let mut client = clients[i % clients.len()].clone();
+        let watch = client
+            .watch(reg::WatchRequest {
+                service: format!("w{}", i % 50),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push(watch);
+        let registered = client
+            .register(reg::RegisterRequest {
+                instance: Some(crate::instance(
+                    &format!("k{round}-{}", i % 100),
+                    10_000 + i as u32,
+                )),
+                lease_id: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(reg::KeepAliveRequest {
+            lease_id: registered.lease_id,
+        })
+        .await
+        .unwrap();
+        let mut answers = client
+            .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        answers.message().await.unwrap().expect("a first answer");
+        senders.push((tx, answers));
+    }
+    drop((streams, senders, clients));
+}
+
+/// Thousands of watch and KeepAlive streams opened and abandoned leave the
+/// registry's memory near where it was: nothing is kept for them, and the
+/// allocator (jemalloc, purging in the background) gives the pages back (their instances are removed after
+/// the delete timeout, 2 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_streams_give_their_memory_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = crate::e2e::Process::start_with_env(
+        "registry",
+        &[
+            "registry",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[
+            ("SHOP_MESH__REGISTRY__HEARTBEAT_INTERVAL", "500ms"),
+            ("SHOP_MESH__REGISTRY__UNHEALTHY_TIMEOUT", "1s"),
+            ("SHOP_MESH__REGISTRY__DELETE_TIMEOUT", "2s"),
+        ],
+    );
+    let addr = registry.logged("registry serving").await["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid = registry.pid();
+    // Warm up (allocator arenas, connection buffers), then the baseline.
+    open_and_abandon(&addr, 500, 0).await;
+    let baseline = rss_kib(pid);
+    open_and_abandon(&addr, 4000, 1).await;
+    let peak = rss_kib(pid);
+    let limit = baseline + baseline / 4 + 4096;
+    let mut settled = peak;
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(90);
+    while settled > limit && tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        settled = rss_kib(pid);
+    }
+    assert!(
+        settled <= limit,
+        "registry RSS: baseline {baseline} KiB, with 4000 + 4000 streams {peak} KiB, 90 s after {settled} KiB"
+    );
+    eprintln!(
+        "registry RSS: baseline {baseline} KiB, with 4000 + 4000 streams {peak} KiB, then {settled} KiB"
+    );
+}

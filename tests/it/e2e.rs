@@ -25,16 +25,21 @@ use crate::grpcurl::grpcurl_output;
 const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
 
 /// A shop-mesh process with its JSON log lines collected.
-struct Process {
+pub struct Process {
     name: String,
     child: Child,
     log: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Process {
-    fn start(name: &str, args: &[&str]) -> Process {
+    pub fn start(name: &str, args: &[&str]) -> Process {
+        Self::start_with_env(name, args, &[])
+    }
+
+    pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
         let mut child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .arg("--log-json")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -61,12 +66,12 @@ impl Process {
         }
     }
 
-    fn pid(&self) -> Pid {
+    pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id().expect("running") as i32)
     }
 
     /// The fields of the first log line whose message is `message`.
-    async fn logged(&self, message: &str) -> serde_json::Value {
+    pub async fn logged(&self, message: &str) -> serde_json::Value {
         let mut found = None;
         crate::wait_until(
             &format!("{} to log {message:?}", self.name),
@@ -87,7 +92,7 @@ impl Process {
     }
 
     /// Sends `signal` and waits for the exit code.
-    async fn signal(&mut self, signal: Signal) -> Option<i32> {
+    pub async fn signal(&mut self, signal: Signal) -> Option<i32> {
         kill(self.pid(), signal).expect("signal");
         let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
