@@ -61,6 +61,9 @@ pub enum Role {
         #[command(flatten)]
         scope: crate::inspect::Scope,
     },
+    /// Runs the shop as processes under load and faults, and checks that
+    /// nothing was oversold, lost or doubled.
+    Soak(crate::soak::Args),
     /// Measures a deployment.
     #[command(subcommand)]
     Bench(crate::bench::Bench),
@@ -105,6 +108,7 @@ impl Role {
             Role::Order(_) => "order",
             Role::Up(_) => "up",
             Role::Bench(_) => "bench",
+            Role::Soak(_) => "soak",
             Role::Services(_) => "services",
             Role::Instances { .. } => "instances",
             Role::Watch { .. } => "watch",
@@ -131,6 +135,8 @@ impl Role {
             Role::Product(role) => role.serve.apply(&mut config.discovery, &mut config.product),
             Role::Order(role) => role.serve.apply(&mut config.discovery, &mut config.order),
             Role::Up(args) => args.apply(config),
+            // Its table is the output; its own logs only when they warn.
+            Role::Soak(_) => config.log.level = "warn".into(),
             Role::Services(scope) | Role::Instances { scope, .. } | Role::Watch { scope, .. } => {
                 scope.apply(&mut config.discovery);
                 // A person reads the output; only warnings go beside it.
@@ -215,6 +221,11 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
             crate::order::run(&config, listener, crate::shutdown::on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Role::Soak(args) => Ok(if crate::soak::run(args).await? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
         Role::Bench(bench) => bench.run().await.map(|()| ExitCode::SUCCESS),
         Role::Services(scope) => crate::inspect::services(&config.discovery, scope.json)
             .await

@@ -22,6 +22,8 @@
 //! - [`up`]: `shop-mesh up`, the registry and every service in one process.
 //! - [`client`]: `shop-mesh user get`, `product get|list`, `order
 //!   place|get|list`: clients that find their service through the registry.
+//! - [`soak`]: the reliability suite: the shop as processes, under load and
+//!   faults, checked against its databases.
 //! - [`inspect`]: `services`, `instances`, `watch`: a look into the registry.
 //! - [`bench`]: benchmarks a deployment (`shop-mesh bench registry`).
 //!
@@ -43,6 +45,7 @@ pub mod registry;
 pub mod server;
 pub mod shop;
 pub mod shutdown;
+pub mod soak;
 pub mod telemetry;
 pub mod up;
 pub mod user;

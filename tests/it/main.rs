@@ -11,6 +11,7 @@ mod properties;
 mod registry_api;
 mod registry_core;
 mod shop;
+mod soak;
 
 use std::net::SocketAddr;
 use std::time::Duration;

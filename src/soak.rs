@@ -1,0 +1,417 @@
+//! `shop-mesh soak`: the reliability suite. The shop runs as separate
+//! processes of this binary (a registry, a user, two products, two
+//! orders); 64 clients place orders (retrying with the same request id,
+//! with back-off) and read; a fault is injected a third of the way in and
+//! repaired at two thirds; then the databases are checked: nothing
+//! oversold, nothing lost, nothing doubled. Tests run every scenario in a
+//! short form; a person runs the long form with one command.
+
+mod deployment;
+mod invariants;
+mod load;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sys::signal::Signal;
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
+
+pub use deployment::Deployment;
+pub use invariants::Checked;
+pub use load::Outcome;
+
+use crate::discovery::Mesh;
+use crate::product::store::product;
+use crate::shop::{ORDER_SERVICE, PRODUCT_SERVICE, USER_SERVICE, db};
+
+/// The stock each product starts a run with.
+const STOCK: i32 = 1_000_000;
+
+/// A fault, and what repairs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// No fault: the control.
+    Baseline,
+    /// kill -9 of one product instance; a new one started later.
+    KillProduct,
+    /// kill -9 of one order instance, possibly mid-order; restarted later.
+    KillOrder,
+    /// kill -9 of the registry; restarted on its port later.
+    KillRegistry,
+    /// SIGSTOP of one product instance (hung, connections open) for longer
+    /// than the unhealthy timeout, then SIGCONT.
+    StopProduct,
+    /// The product database locked by another writer for the fault window
+    /// (SQLite only).
+    SqliteLocked,
+    /// Every connection to the database killed from the server side,
+    /// again and again through the fault window (MySQL/MariaDB only).
+    MysqlKill,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Baseline => "baseline",
+            Scenario::KillProduct => "kill -9 a product",
+            Scenario::KillOrder => "kill -9 an order instance",
+            Scenario::KillRegistry => "kill -9 the registry",
+            Scenario::StopProduct => "SIGSTOP a product past the unhealthy timeout",
+            Scenario::SqliteLocked => "the SQLite product database locked",
+            Scenario::MysqlKill => "MariaDB connections killed by the server",
+        }
+    }
+
+    /// Whether the fault takes out one instance of a replicated service
+    /// (then no order may fail), rather than something every order needs.
+    pub fn replicated(self) -> bool {
+        matches!(
+            self,
+            Scenario::Baseline
+                | Scenario::KillProduct
+                | Scenario::KillOrder
+                | Scenario::StopProduct
+        )
+    }
+}
+
+/// `shop-mesh soak` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Scenarios to run [default: every one the database allows].
+    #[arg(long, value_enum)]
+    pub scenario: Vec<Scenario>,
+    /// How long each scenario's load runs.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Clients at once.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// A MySQL/MariaDB or PostgreSQL server to run on, as a URL with a
+    /// database the user may create databases from (a fresh database is
+    /// made for each scenario and dropped after); SQLite files by default.
+    #[arg(long)]
+    pub database_url: Option<String>,
+}
+
+/// One scenario's run.
+#[derive(Debug)]
+pub struct Report {
+    pub scenario: Scenario,
+    pub outcome: Outcome,
+    pub checked: Checked,
+    /// When the fault began and ended, from the start of the load.
+    pub fault: (Duration, Duration),
+    /// Each process's exit code on SIGTERM at the end.
+    pub exits: Vec<(&'static str, Option<i32>)>,
+}
+
+impl Report {
+    /// PlaceOrder calls that still failed after their client's retries, as
+    /// a share of all.
+    pub fn failed_share(&self) -> f64 {
+        self.outcome.failed.len() as f64 / self.outcome.orders.max(1) as f64
+    }
+
+    /// Orders that failed for good although they started after the fault
+    /// was repaired.
+    pub fn failed_after_repair(&self) -> usize {
+        self.outcome
+            .failed_at
+            .iter()
+            .filter(|at| **at > self.fault.1)
+            .count()
+    }
+
+    pub fn row(&self) -> String {
+        let o = &self.outcome;
+        format!(
+            "| {} | {} | {} | {} | {} | {} ({:.2} %) | {} of {} | {} |",
+            self.scenario.name(),
+            o.orders,
+            o.placed.len(),
+            o.placed_after_retry,
+            o.refused,
+            o.failed.len(),
+            self.failed_share() * 100.0,
+            o.read_failures,
+            o.reads,
+            if self.checked.violations.is_empty() && o.wrong.is_empty() {
+                "hold".to_string()
+            } else {
+                let mut broken = self.checked.violations.join("; ");
+                for (request_id, code, message) in o.wrong.iter().take(3) {
+                    let _ = write!(broken, "; {request_id}: {code:?} {message}");
+                }
+                broken
+            }
+        )
+    }
+}
+
+pub const TABLE_HEADER: &str = "| scenario | orders | placed | placed after a retry | refused (stock) | failed after retries | reads failed | invariants |\n|---|---|---|---|---|---|---|---|";
+
+/// Runs one scenario: deploy, load, fault, repair, check, stop.
+pub async fn run_scenario(
+    bin: &Path,
+    scenario: Scenario,
+    clients: usize,
+    duration: Duration,
+    database_url: Option<&str>,
+) -> anyhow::Result<Report> {
+    let dir = tempdir(scenario)?;
+    let result = run_in(bin, &dir, scenario, clients, duration, database_url).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_in(
+    bin: &Path,
+    dir: &Path,
+    scenario: Scenario,
+    clients: usize,
+    duration: Duration,
+    database_url: Option<&str>,
+) -> anyhow::Result<Report> {
+    let mut deployment = Deployment::start(bin, dir, database_url).await?;
+    let products_db = db::connect(&deployment.url("product"), 2).await?;
+    let orders_db = db::connect(&deployment.url("order"), 2).await?;
+    product::Entity::update_many()
+        .col_expr(product::Column::Stock, Expr::value(STOCK))
+        .filter(product::Column::Id.is_in(load::PRODUCTS))
+        .exec(&products_db)
+        .await?;
+    let initial: HashMap<i64, i32> = load::PRODUCTS.iter().map(|id| (*id, STOCK)).collect();
+
+    let mut discovery = crate::discovery::Config {
+        registry: deployment.registry_addr(),
+        ..Default::default()
+    };
+    discovery.call_timeout = Duration::from_secs(5);
+    let mesh = Mesh::new(&discovery)?;
+    for (service, count) in [(USER_SERVICE, 1), (PRODUCT_SERVICE, 2), (ORDER_SERVICE, 2)] {
+        let channel = mesh.channel(service);
+        let ready = channel.wait_for(|endpoints| endpoints.len() == count);
+        tokio::time::timeout(Duration::from_secs(30), ready)
+            .await
+            .with_context(|| format!("{service} never had {count} instances"))?;
+    }
+
+    let started = Instant::now();
+    let load = tokio::spawn({
+        let mesh = mesh.clone();
+        async move { load::run(&mesh, clients, duration).await }
+    });
+    // The fault's schedule: a third of the way in, for a third.
+    tokio::time::sleep(duration / 3).await;
+    let fault_began = started.elapsed();
+    let fault = inject(&mut deployment, scenario, duration / 3).await?;
+    let fault_ended = started.elapsed();
+    repair(&mut deployment, scenario, fault).await?;
+    let fault_repaired = started.elapsed().max(fault_ended);
+    let outcome = load.await.context("the load")?;
+    let checked =
+        invariants::check(&products_db, &orders_db, &initial, Duration::from_secs(30)).await?;
+    products_db.close().await.ok();
+    orders_db.close().await.ok();
+    let exits = deployment.stop().await?;
+    Ok(Report {
+        scenario,
+        outcome,
+        checked,
+        fault: (fault_began, fault_repaired),
+        exits,
+    })
+}
+
+/// What a fault left to repair.
+enum Fault {
+    None,
+    Killed,
+    Stopped,
+}
+
+/// Starts the fault and lets it last `length`.
+async fn inject(
+    deployment: &mut Deployment,
+    scenario: Scenario,
+    length: Duration,
+) -> anyhow::Result<Fault> {
+    match scenario {
+        Scenario::Baseline => {
+            tokio::time::sleep(length).await;
+            Ok(Fault::None)
+        }
+        Scenario::KillProduct => {
+            deployment.products[1].kill().await?;
+            tokio::time::sleep(length).await;
+            Ok(Fault::Killed)
+        }
+        Scenario::KillOrder => {
+            deployment.orders[1].kill().await?;
+            tokio::time::sleep(length).await;
+            Ok(Fault::Killed)
+        }
+        Scenario::KillRegistry => {
+            deployment.registry.kill().await?;
+            tokio::time::sleep(length).await;
+            Ok(Fault::Killed)
+        }
+        Scenario::StopProduct => {
+            deployment.products[1].signal(Signal::SIGSTOP)?;
+            tokio::time::sleep(length).await;
+            Ok(Fault::Stopped)
+        }
+        Scenario::SqliteLocked => {
+            let url = deployment.url("product");
+            if !url.starts_with("sqlite:") {
+                bail!("the sqlite-locked scenario needs the SQLite backend");
+            }
+            // One connection, holding the write lock for the whole window.
+            let locker = db::connect(&url, 1).await?;
+            locker.execute_unprepared("BEGIN EXCLUSIVE").await?;
+            tokio::time::sleep(length).await;
+            locker.execute_unprepared("ROLLBACK").await?;
+            locker.close().await.ok();
+            Ok(Fault::None)
+        }
+        Scenario::MysqlKill => {
+            let url = deployment.url("product");
+            if !url.starts_with("mysql:") {
+                bail!("the mysql-kill scenario needs a MySQL/MariaDB database");
+            }
+            let admin = db::connect(&url, 1).await?;
+            let until = Instant::now() + length;
+            while Instant::now() < until {
+                let ids = admin
+                    .query_all_raw(sea_orm::Statement::from_string(
+                        sea_orm::DbBackend::MySql,
+                        "SELECT id FROM information_schema.processlist \
+                         WHERE db = DATABASE() AND id <> CONNECTION_ID()",
+                    ))
+                    .await?;
+                for row in ids {
+                    let id: i64 = row.try_get_by_index::<i64>(0)?;
+                    // It may be gone already.
+                    let _ = admin.execute_unprepared(&format!("KILL {id}")).await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            admin.close().await.ok();
+            Ok(Fault::None)
+        }
+    }
+}
+
+async fn repair(
+    deployment: &mut Deployment,
+    scenario: Scenario,
+    fault: Fault,
+) -> anyhow::Result<()> {
+    let bin = deployment.bin.clone();
+    match (scenario, fault) {
+        (Scenario::KillProduct, Fault::Killed) => deployment.products[1].restart(&bin).await,
+        (Scenario::KillOrder, Fault::Killed) => deployment.orders[1].restart(&bin).await,
+        (Scenario::KillRegistry, Fault::Killed) => deployment.registry.restart(&bin).await,
+        (Scenario::StopProduct, Fault::Stopped) => deployment.products[1].signal(Signal::SIGCONT),
+        _ => Ok(()),
+    }
+}
+
+fn tempdir(scenario: Scenario) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "shop-mesh-soak-{}-{:?}-{:08x}",
+        std::process::id(),
+        scenario,
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// `shop-mesh soak`: every scenario asked for, one after another, and a
+/// table of what happened.
+pub async fn run(args: Args) -> anyhow::Result<bool> {
+    let bin = std::env::current_exe()?;
+    let server = args.database_url.as_deref();
+    let scenarios = if args.scenario.is_empty() {
+        let mut all = vec![
+            Scenario::Baseline,
+            Scenario::KillProduct,
+            Scenario::KillOrder,
+            Scenario::KillRegistry,
+            Scenario::StopProduct,
+        ];
+        match server {
+            None => all.push(Scenario::SqliteLocked),
+            Some(url) if url.starts_with("mysql:") => all.push(Scenario::MysqlKill),
+            Some(_) => {}
+        }
+        all
+    } else {
+        args.scenario.clone()
+    };
+    println!(
+        "shop-mesh soak: {} clients, {:?} a scenario, on {}",
+        args.clients,
+        args.duration,
+        server.map_or("SQLite".to_string(), db::redact)
+    );
+    println!();
+    println!("{TABLE_HEADER}");
+    let mut all_held = true;
+    for scenario in scenarios {
+        let database = match server {
+            Some(url) => Some(fresh_database(url, scenario).await?),
+            None => None,
+        };
+        let report = run_scenario(
+            &bin,
+            scenario,
+            args.clients,
+            args.duration,
+            database.as_ref().map(|(url, _)| url.as_str()),
+        )
+        .await;
+        if let (Some(url), Some((_, name))) = (server, &database) {
+            drop_database(url, name).await;
+        }
+        let report = report?;
+        all_held &= report.checked.violations.is_empty() && report.outcome.wrong.is_empty();
+        println!("{}", report.row());
+    }
+    Ok(all_held)
+}
+
+/// A new database beside the one `server` names; its URL and name.
+async fn fresh_database(server: &str, scenario: Scenario) -> anyhow::Result<(String, String)> {
+    let name = format!("shopmesh_soak_{:?}_{:08x}", scenario, rand::random::<u32>()).to_lowercase();
+    let admin = db::connect(server, 1).await?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await?;
+    admin.close().await.ok();
+    let base = server
+        .rsplit_once('/')
+        .map(|(base, _)| base)
+        .context("the database URL names no database")?;
+    Ok((format!("{base}/{name}"), name))
+}
+
+async fn drop_database(server: &str, name: &str) {
+    if let Ok(admin) = db::connect(server, 1).await {
+        let force = if server.starts_with("postgres") {
+            " WITH (FORCE)"
+        } else {
+            ""
+        };
+        let _ = admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}{force}"))
+            .await;
+        admin.close().await.ok();
+    }
+}

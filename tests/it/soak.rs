@@ -1,0 +1,90 @@
+//! The reliability suite's short form: each fault against the real
+//! processes under 64 retrying clients, then the invariants against the
+//! databases. `shop-mesh soak` runs the long form.
+
+use std::path::Path;
+use std::time::Duration;
+
+use shop_mesh::soak::{Report, Scenario, run_scenario};
+
+use crate::shop::{Backend, TestDb};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
+/// Long enough for a 4 s fault past the 3 s unhealthy timeout the suite's
+/// processes run with.
+const DURATION: Duration = Duration::from_secs(12);
+const CLIENTS: usize = 64;
+
+fn holds(report: &Report) {
+    let row = report.row();
+    let o = &report.outcome;
+    assert!(o.placed.len() > 100, "the load ran: {row}");
+    assert!(report.checked.violations.is_empty(), "{row}");
+    assert!(o.wrong.is_empty(), "answers no client should get: {row}");
+    if report.scenario.replicated() {
+        assert!(
+            o.failed.is_empty(),
+            "no order may fail for good: {row} {:?}",
+            o.failed
+        );
+    } else {
+        assert_eq!(
+            report.failed_after_repair(),
+            0,
+            "orders failed after the repair: {row}"
+        );
+    }
+    for (role, code) in &report.exits {
+        assert_eq!(
+            *code,
+            Some(0),
+            "the {role} process's exit on SIGTERM: {row}"
+        );
+    }
+}
+
+async fn scenario(scenario: Scenario, database_url: Option<&str>) {
+    let report = run_scenario(Path::new(BIN), scenario, CLIENTS, DURATION, database_url)
+        .await
+        .unwrap_or_else(|err| panic!("{}: {err:#}", scenario.name()));
+    holds(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baseline() {
+    scenario(Scenario::Baseline, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_a_product() {
+    scenario(Scenario::KillProduct, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_an_order_instance() {
+    scenario(Scenario::KillOrder, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_the_registry() {
+    scenario(Scenario::KillRegistry, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_a_product_past_the_unhealthy_timeout() {
+    scenario(Scenario::StopProduct, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_the_sqlite_product_database() {
+    scenario(Scenario::SqliteLocked, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_the_mariadb_connections() {
+    let Some(db) = TestDb::create(Backend::MySql, "soak_mysql_kill").await else {
+        return;
+    };
+    let url = db.service("shop").database_url.expect("a server database");
+    scenario(Scenario::MysqlKill, Some(&url)).await;
+}
