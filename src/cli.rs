@@ -100,21 +100,6 @@ pub struct OrderRole {
 }
 
 impl Role {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Role::Registry(_) => "registry",
-            Role::User(_) => "user",
-            Role::Product(_) => "product",
-            Role::Order(_) => "order",
-            Role::Up(_) => "up",
-            Role::Bench(_) => "bench",
-            Role::Soak(_) => "soak",
-            Role::Services(_) => "services",
-            Role::Instances { .. } => "instances",
-            Role::Watch { .. } => "watch",
-        }
-    }
-
     /// Applies this role's flags over the loaded configuration.
     pub fn apply(&self, config: &mut Config) {
         match self {

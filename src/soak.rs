@@ -21,8 +21,7 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
 
 pub use deployment::Deployment;
-pub use invariants::Checked;
-pub use load::Outcome;
+pub use load::{Failed, Outcome};
 
 use crate::discovery::Mesh;
 use crate::product::store::product;
@@ -103,7 +102,8 @@ pub struct Args {
 pub struct Report {
     pub scenario: Scenario,
     pub outcome: Outcome,
-    pub checked: Checked,
+    /// Every invariant that did not hold.
+    pub violations: Vec<String>,
     /// When the fault began and ended, from the start of the load.
     pub fault: (Duration, Duration),
     /// Each process's exit code on SIGTERM at the end.
@@ -121,9 +121,9 @@ impl Report {
     /// was repaired.
     pub fn failed_after_repair(&self) -> usize {
         self.outcome
-            .failed_at
+            .failed
             .iter()
-            .filter(|at| **at > self.fault.1)
+            .filter(|failed| failed.started > self.fault.1)
             .count()
     }
 
@@ -140,10 +140,10 @@ impl Report {
             self.failed_share() * 100.0,
             o.read_failures,
             o.reads,
-            if self.checked.violations.is_empty() && o.wrong.is_empty() {
+            if self.violations.is_empty() && o.wrong.is_empty() {
                 "hold".to_string()
             } else {
-                let mut broken = self.checked.violations.join("; ");
+                let mut broken = self.violations.join("; ");
                 for (request_id, code, message) in o.wrong.iter().take(3) {
                     let _ = write!(broken, "; {request_id}: {code:?} {message}");
                 }
@@ -209,12 +209,11 @@ async fn run_in(
     // The fault's schedule: a third of the way in, for a third.
     tokio::time::sleep(duration / 3).await;
     let fault_began = started.elapsed();
-    let fault = inject(&mut deployment, scenario, duration / 3).await?;
-    let fault_ended = started.elapsed();
-    repair(&mut deployment, scenario, fault).await?;
-    let fault_repaired = started.elapsed().max(fault_ended);
+    inject(&mut deployment, scenario, duration / 3).await?;
+    repair(&mut deployment, scenario).await?;
+    let fault_repaired = started.elapsed();
     let outcome = load.await.context("the load")?;
-    let checked =
+    let violations =
         invariants::check(&products_db, &orders_db, &initial, Duration::from_secs(30)).await?;
     products_db.close().await.ok();
     orders_db.close().await.ok();
@@ -222,17 +221,20 @@ async fn run_in(
     Ok(Report {
         scenario,
         outcome,
-        checked,
+        violations,
         fault: (fault_began, fault_repaired),
         exits,
     })
 }
 
-/// What a fault left to repair.
-enum Fault {
-    None,
-    Killed,
-    Stopped,
+/// The process a fault takes out, for the scenarios that take one out.
+fn victim(deployment: &mut Deployment, scenario: Scenario) -> Option<&mut deployment::Process> {
+    match scenario {
+        Scenario::KillProduct | Scenario::StopProduct => Some(&mut deployment.products[1]),
+        Scenario::KillOrder => Some(&mut deployment.orders[1]),
+        Scenario::KillRegistry => Some(&mut deployment.registry),
+        _ => None,
+    }
 }
 
 /// Starts the fault and lets it last `length`.
@@ -240,31 +242,18 @@ async fn inject(
     deployment: &mut Deployment,
     scenario: Scenario,
     length: Duration,
-) -> anyhow::Result<Fault> {
+) -> anyhow::Result<()> {
     match scenario {
-        Scenario::Baseline => {
-            tokio::time::sleep(length).await;
-            Ok(Fault::None)
-        }
-        Scenario::KillProduct => {
-            deployment.products[1].kill().await?;
-            tokio::time::sleep(length).await;
-            Ok(Fault::Killed)
-        }
-        Scenario::KillOrder => {
-            deployment.orders[1].kill().await?;
-            tokio::time::sleep(length).await;
-            Ok(Fault::Killed)
-        }
-        Scenario::KillRegistry => {
-            deployment.registry.kill().await?;
-            tokio::time::sleep(length).await;
-            Ok(Fault::Killed)
+        Scenario::KillProduct | Scenario::KillOrder | Scenario::KillRegistry => {
+            victim(deployment, scenario)
+                .expect("a victim")
+                .kill()
+                .await?;
         }
         Scenario::StopProduct => {
-            deployment.products[1].signal(Signal::SIGSTOP)?;
-            tokio::time::sleep(length).await;
-            Ok(Fault::Stopped)
+            victim(deployment, scenario)
+                .expect("a victim")
+                .signal(Signal::SIGSTOP)?;
         }
         Scenario::SqliteLocked => {
             let url = deployment.url("product");
@@ -277,7 +266,7 @@ async fn inject(
             tokio::time::sleep(length).await;
             locker.execute_unprepared("ROLLBACK").await?;
             locker.close().await.ok();
-            Ok(Fault::None)
+            return Ok(());
         }
         Scenario::MysqlKill => {
             let url = deployment.url("product");
@@ -302,23 +291,22 @@ async fn inject(
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             admin.close().await.ok();
-            Ok(Fault::None)
+            return Ok(());
         }
+        Scenario::Baseline => {}
     }
+    tokio::time::sleep(length).await;
+    Ok(())
 }
 
-async fn repair(
-    deployment: &mut Deployment,
-    scenario: Scenario,
-    fault: Fault,
-) -> anyhow::Result<()> {
+/// Undoes the fault: a killed process starts again (the registry on its
+/// port), a stopped one continues.
+async fn repair(deployment: &mut Deployment, scenario: Scenario) -> anyhow::Result<()> {
     let bin = deployment.bin.clone();
-    match (scenario, fault) {
-        (Scenario::KillProduct, Fault::Killed) => deployment.products[1].restart(&bin).await,
-        (Scenario::KillOrder, Fault::Killed) => deployment.orders[1].restart(&bin).await,
-        (Scenario::KillRegistry, Fault::Killed) => deployment.registry.restart(&bin).await,
-        (Scenario::StopProduct, Fault::Stopped) => deployment.products[1].signal(Signal::SIGCONT),
-        _ => Ok(()),
+    match (scenario, victim(deployment, scenario)) {
+        (Scenario::StopProduct, Some(stopped)) => stopped.signal(Signal::SIGCONT),
+        (_, Some(killed)) => killed.restart(&bin).await,
+        (_, None) => Ok(()),
     }
 }
 
@@ -381,7 +369,7 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
             drop_database(url, name).await;
         }
         let report = report?;
-        all_held &= report.checked.violations.is_empty() && report.outcome.wrong.is_empty();
+        all_held &= report.violations.is_empty() && report.outcome.wrong.is_empty();
         println!("{}", report.row());
     }
     Ok(all_held)

@@ -299,7 +299,7 @@ fn product_price(product: &pb::Product) -> Result<Money, Error> {
 fn definite(status: &Status) -> bool {
     matches!(
         status.code(),
-        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::OutOfRange
+        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
     )
 }
 
@@ -309,7 +309,7 @@ fn dependency(service: &str, status: Status) -> Error {
     match status.code() {
         Code::NotFound => Error::NotFound(status.message().to_owned()),
         Code::FailedPrecondition => Error::FailedPrecondition(status.message().to_owned()),
-        Code::InvalidArgument | Code::OutOfRange => {
+        Code::InvalidArgument => {
             Error::FailedPrecondition(format!("{service} refused: {}", status.message()))
         }
         Code::Aborted => Error::Aborted(format!("{service}: {}", status.message())),

@@ -299,10 +299,6 @@ impl Orders {
         Orders { db }
     }
 
-    pub fn db(&self) -> &DatabaseConnection {
-        &self.db
-    }
-
     /// Takes `request_id` for this call: new, or a retry after a failed
     /// attempt.
     pub async fn claim(&self, request_id: &str, asked: Asked) -> Result<Claim, Error> {

@@ -35,16 +35,24 @@ pub struct Outcome {
     pub placed_after_retry: usize,
     /// Refused for stock (FAILED_PRECONDITION): a real answer, not a failure.
     pub refused: usize,
-    /// Still failing when the client gave up, with the last status.
-    pub failed: Vec<(String, Code, String)>,
+    /// Still failing when the client gave up.
+    pub failed: Vec<Failed>,
     /// Answers no retry should get (INVALID_ARGUMENT, NOT_FOUND, INTERNAL...).
     pub wrong: Vec<(String, Code, String)>,
     /// Reads (GetProduct, GetUser, ListOrders): done, and failed.
     pub reads: usize,
     pub read_failures: usize,
-    /// When each PlaceOrder that failed for good was started, from the
-    /// start of the load.
-    pub failed_at: Vec<Duration>,
+}
+
+/// A PlaceOrder its client gave up on.
+#[derive(Debug, Clone)]
+pub struct Failed {
+    pub request_id: String,
+    /// The last answer.
+    pub code: Code,
+    pub message: String,
+    /// When the client first sent it, from the start of the load.
+    pub started: Duration,
 }
 
 /// Runs `clients` clients for `duration` against the shop behind `mesh`.
@@ -138,11 +146,12 @@ impl Clients {
                 }
             }
             if started.elapsed() > GIVE_UP_AFTER {
-                let mut outcome = outcome.lock();
-                outcome
-                    .failed
-                    .push((request_id, status.code(), status.message().to_owned()));
-                outcome.failed_at.push(started - load_started);
+                outcome.lock().failed.push(Failed {
+                    request_id,
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                    started: started - load_started,
+                });
                 return;
             }
             let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);

@@ -19,7 +19,7 @@ fn holds(report: &Report) {
     let row = report.row();
     let o = &report.outcome;
     assert!(o.placed.len() > 100, "the load ran: {row}");
-    assert!(report.checked.violations.is_empty(), "{row}");
+    assert!(report.violations.is_empty(), "{row}");
     assert!(o.wrong.is_empty(), "answers no client should get: {row}");
     if report.scenario.replicated() {
         assert!(
