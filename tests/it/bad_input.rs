@@ -12,6 +12,8 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tower::{Service, ServiceExt};
 
+use shop_mesh::soak::process::Process;
+
 use crate::shop::{Backend, TestShop};
 
 /// Every RPC, by the role that serves it.
@@ -305,26 +307,20 @@ async fn open_and_abandon(addr: &str, count: usize, round: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_streams_give_their_memory_back() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = crate::e2e::Process::start_with_env(
-        "registry",
-        &[
-            "registry",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-        ],
-        &[
-            ("SHOP_MESH__REGISTRY__HEARTBEAT_INTERVAL", "500ms"),
-            ("SHOP_MESH__REGISTRY__UNHEALTHY_TIMEOUT", "1s"),
-            ("SHOP_MESH__REGISTRY__DELETE_TIMEOUT", "2s"),
-        ],
-    );
-    let addr = registry.logged("registry serving").await["addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let pid = registry.pid();
+    let args = ["registry", "--listen", "127.0.0.1:0", "--data-dir"];
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.push(dir.path().display().to_string());
+    let timings = [
+        ("SHOP_MESH__REGISTRY__HEARTBEAT_INTERVAL", "500ms"),
+        ("SHOP_MESH__REGISTRY__UNHEALTHY_TIMEOUT", "1s"),
+        ("SHOP_MESH__REGISTRY__DELETE_TIMEOUT", "2s"),
+    ];
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shop-mesh"));
+    let registry = Process::start(bin, "registry", args, &timings)
+        .await
+        .unwrap();
+    let addr = registry.addr.clone();
+    let pid = registry.pid().unwrap();
     // Warm up (allocator arenas, connection buffers), then the baseline.
     open_and_abandon(&addr, 500, 0).await;
     let baseline = rss_kib(pid);

@@ -5,124 +5,37 @@
 //! the registry.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use parking_lot::Mutex;
+use nix::sys::signal::Signal;
 use shop_mesh::pb::registry as reg;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
 use shop_mesh::pb::shop as pb;
 use shop_mesh::pb::shop::order_service_client::OrderServiceClient;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use shop_mesh::soak::process::Process;
+use tokio::process::Command;
 use tonic::transport::Channel;
 
 use crate::grpcurl::grpcurl_output;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
 
-/// A shop-mesh process with its JSON log lines collected.
-pub struct Process {
-    name: String,
-    child: Child,
-    log: Arc<Mutex<Vec<serde_json::Value>>>,
-}
-
-impl Process {
-    pub fn start(name: &str, args: &[&str]) -> Process {
-        Self::start_with_env(name, args, &[])
-    }
-
-    pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .envs(env.iter().copied())
-            .arg("--log-json")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start shop-mesh");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        tokio::spawn({
-            let log = log.clone();
-            async move {
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if let Ok(line) = serde_json::from_str(&line) {
-                        log.lock().push(line);
-                    }
-                }
-            }
-        });
-        Process {
-            name: name.into(),
-            child,
-            log,
-        }
-    }
-
-    pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id().expect("running") as i32)
-    }
-
-    /// The fields of the first log line whose message is `message`.
-    pub async fn logged(&self, message: &str) -> serde_json::Value {
-        let mut found = None;
-        crate::wait_until(
-            &format!("{} to log {message:?}", self.name),
-            Duration::from_secs(30),
-            || {
-                found = self
-                    .log
-                    .lock()
-                    .iter()
-                    .find(|line| line["fields"]["message"] == message)
-                    .map(|line| line["fields"].clone());
-                let seen = found.is_some();
-                async move { seen }
-            },
-        )
-        .await;
-        found.unwrap()
-    }
-
-    /// Sends `signal` and waits for the exit code.
-    pub async fn signal(&mut self, signal: Signal) -> Option<i32> {
-        kill(self.pid(), signal).expect("signal");
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("{} did not exit after {signal}", self.name))
-            .unwrap();
-        status.code()
-    }
-}
-
-/// Starts a shop service on port 0 under `dir`, and returns it with its
-/// bound address.
-async fn service(role: &str, registry: &str, dir: &Path) -> (Process, String) {
-    let data = dir.join(role);
-    let process = Process::start(
+/// A shop service on port 0 under `dir`, registered with `registry`.
+async fn service(role: &'static str, registry: &str, dir: &Path) -> Process {
+    let args = [
         role,
-        &[
-            role,
-            "--registry",
-            registry,
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-    );
-    let addr = process.logged("serving").await["bound"]
-        .as_str()
+        "--registry",
+        registry,
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ];
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.push(dir.join(role).display().to_string());
+    Process::start(Path::new(BIN), role, args, &[])
+        .await
         .unwrap()
-        .to_string();
-    (process, addr)
 }
 
 /// A client command; its exit, stdout and stderr.
@@ -158,25 +71,20 @@ async fn registered(registry: &mut RegistryClient<Channel>, service: &str) -> Ve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
     let dir = tempfile::tempdir().unwrap();
-    let mut registry_process = Process::start(
-        "registry",
-        &[
-            "registry",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            dir.path().join("registry").to_str().unwrap(),
-        ],
-    );
-    let registry_addr = registry_process.logged("registry serving").await["addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let registry_args = ["registry", "--listen", "127.0.0.1:0", "--data-dir"];
+    let mut registry_args: Vec<String> = registry_args.iter().map(|a| a.to_string()).collect();
+    registry_args.push(dir.path().join("registry").display().to_string());
+    let mut registry_process = Process::start(Path::new(BIN), "registry", registry_args, &[])
+        .await
+        .unwrap();
+    let registry_addr = registry_process.addr.clone();
     let registry = registry_addr.as_str();
-    let (mut user, user_addr) = service("user", registry, dir.path()).await;
-    let (mut product_a, product_a_addr) = service("product", registry, dir.path()).await;
-    let (mut product_b, product_b_addr) = service("product", registry, dir.path()).await;
-    let (mut order, order_addr) = service("order", registry, dir.path()).await;
+    let mut user = service("user", registry, dir.path()).await;
+    let mut product_a = service("product", registry, dir.path()).await;
+    let mut product_b = service("product", registry, dir.path()).await;
+    let mut order = service("order", registry, dir.path()).await;
+    let (user_addr, product_a_addr) = (user.addr.clone(), product_a.addr.clone());
+    let (product_b_addr, order_addr) = (product_b.addr.clone(), order.addr.clone());
 
     let mut registry_client = RegistryClient::connect(format!("http://{registry}"))
         .await
@@ -338,7 +246,11 @@ async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
         async move { placed >= 20 }
     })
     .await;
-    assert_eq!(product_a.signal(Signal::SIGKILL).await, None, "killed");
+    assert_eq!(
+        product_a.stop_with(Signal::SIGKILL).await.unwrap(),
+        None,
+        "killed"
+    );
     let failed = load.await.unwrap();
     assert!(
         failed.is_empty(),
@@ -376,24 +288,27 @@ async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
         (&mut user, "server-user", &user_addr),
     ] {
         assert_eq!(
-            process.signal(Signal::SIGTERM).await,
+            process.stop_with(Signal::SIGTERM).await.unwrap(),
             Some(0),
             "{} exit",
-            process.name
+            process.role
         );
         let left = registered(&mut registry_client, service).await;
         assert!(
             !left.contains(addr),
             "{service} {addr} still registered: {left:?}"
         );
-        process.logged("deregistered").await;
+        process.logged("deregistered").await.unwrap();
     }
     assert_eq!(
         registered(&mut registry_client, "server-product").await,
         vec![product_a_addr.clone()],
         "only the killed product is left, to expire"
     );
-    assert_eq!(registry_process.signal(Signal::SIGTERM).await, Some(0));
+    assert_eq!(
+        registry_process.stop_with(Signal::SIGTERM).await.unwrap(),
+        Some(0)
+    );
 }
 
 /// `shop-mesh up` as a newcomer runs it (here on port 0 everywhere): it
@@ -402,44 +317,22 @@ async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_everything_and_ctrl_c_stops_it_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["up", "--replicas", "2", "--log-json", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", "info")
-        .env("SHOP_MESH__REGISTRY__LISTEN", "127.0.0.1:0")
-        .env("SHOP_MESH__USER__LISTEN", "127.0.0.1:0")
-        .env("SHOP_MESH__PRODUCT__LISTEN", "127.0.0.1:0")
-        .env("SHOP_MESH__ORDER__LISTEN", "127.0.0.1:0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let log = Arc::new(Mutex::new(Vec::<serde_json::Value>::new()));
-    let mut errors = BufReader::new(child.stderr.take().unwrap()).lines();
-    let reader = tokio::spawn({
-        let log = log.clone();
-        async move {
-            while let Ok(Some(line)) = errors.next_line().await {
-                if let Ok(line) = serde_json::from_str(&line) {
-                    log.lock().push(line);
-                }
-            }
-        }
-    });
-    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut summary = Vec::new();
-    while let Some(line) = tokio::time::timeout(Duration::from_secs(60), out.next_line())
+    let args = ["up", "--replicas", "2", "--data-dir"];
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.push(dir.path().join("data").display().to_string());
+    let port_0 = [
+        ("SHOP_MESH__REGISTRY__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__USER__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__PRODUCT__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__ORDER__LISTEN", "127.0.0.1:0"),
+    ];
+    let mut up = Process::start(Path::new(BIN), "up", args, &port_0)
         .await
-        .expect("up prints its summary within 60 s")
-        .unwrap()
-    {
-        let done = line.starts_with("Ctrl-C");
-        summary.push(line);
-        if done {
-            break;
-        }
-    }
+        .unwrap();
+    let summary = up
+        .printed(|line| line.starts_with("Ctrl-C"))
+        .await
+        .expect("up prints its summary");
     let summary = summary.join("\n");
     let column = |role: &str| -> Vec<String> {
         summary
@@ -489,17 +382,7 @@ async fn up_runs_everything_and_ctrl_c_stops_it_cleanly() {
         2
     );
 
-    kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGINT).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("up stops within 30 s of Ctrl-C")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-    reader.await.unwrap(); // every log line read, to the end
-    let deregistered = log
-        .lock()
-        .iter()
-        .filter(|line| line["fields"]["message"] == "deregistered")
-        .count();
+    assert_eq!(up.stop_with(Signal::SIGINT).await.unwrap(), Some(0));
+    let deregistered = up.count_logged("deregistered");
     assert_eq!(deregistered, 5, "every instance left the registry");
 }
