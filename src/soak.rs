@@ -366,8 +366,10 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
             database.as_ref().map(|(url, _)| url.as_str()),
         )
         .await;
-        if let (Some(url), Some((_, name))) = (server, &database) {
-            drop_database(url, name).await;
+        if let (Some(url), Some((_, name))) = (server, &database)
+            && let Err(err) = db::drop_database(url, name).await
+        {
+            tracing::warn!(%err, name, "cannot drop the scenario's database");
         }
         let report = report?;
         all_held &= report.violations.is_empty() && report.outcome.wrong.is_empty();
@@ -379,28 +381,5 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
 /// A new database beside the one `server` names; its URL and name.
 async fn fresh_database(server: &str, scenario: Scenario) -> anyhow::Result<(String, String)> {
     let name = format!("shopmesh_soak_{:?}_{:08x}", scenario, rand::random::<u32>()).to_lowercase();
-    let admin = db::connect(server, 1).await?;
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await?;
-    admin.close().await.ok();
-    let base = server
-        .rsplit_once('/')
-        .map(|(base, _)| base)
-        .context("the database URL names no database")?;
-    Ok((format!("{base}/{name}"), name))
-}
-
-async fn drop_database(server: &str, name: &str) {
-    if let Ok(admin) = db::connect(server, 1).await {
-        let force = if server.starts_with("postgres") {
-            " WITH (FORCE)"
-        } else {
-            ""
-        };
-        let _ = admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}{force}"))
-            .await;
-        admin.close().await.ok();
-    }
+    Ok((db::create_database(server, &name).await?, name))
 }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, DbErr, SqlErr,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbErr,
+    SqlErr, SqliteTransactionMode, TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 
@@ -104,6 +104,39 @@ pub async fn migrate<M: MigratorTrait>(db: &DatabaseConnection) -> Result<(), Db
             Err(err) => return Err(err),
         }
     }
+}
+
+/// Creates the database `name` on the server `server` points at (a URL
+/// whose user may create databases); answers the new database's URL.
+pub async fn create_database(server: &str, name: &str) -> Result<String, DbErr> {
+    let Some((base, _)) = server.rsplit_once('/') else {
+        return Err(DbErr::Custom(format!(
+            "{} names no database",
+            redact(server)
+        )));
+    };
+    let admin = connect(server, 1).await?;
+    let created = admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await;
+    admin.close().await?;
+    created.map(|_| format!("{base}/{name}"))
+}
+
+/// Drops the database `name` on the server `server` points at, closing
+/// any connection still open to it (PostgreSQL refuses otherwise).
+pub async fn drop_database(server: &str, name: &str) -> Result<(), DbErr> {
+    let admin = connect(server, 1).await?;
+    let force = if server.starts_with("postgres") {
+        " WITH (FORCE)"
+    } else {
+        ""
+    };
+    let dropped = admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}{force}"))
+        .await;
+    admin.close().await?;
+    dropped.map(drop)
 }
 
 /// A transaction that will write: on SQLite it takes the write lock at

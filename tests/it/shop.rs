@@ -10,7 +10,7 @@ mod products;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, EntityTrait, PaginatorTrait};
+use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
 use shop_mesh::config::Config;
 use shop_mesh::discovery::{BalancedChannel, Mesh};
 use shop_mesh::pb::shop::order_service_client::OrderServiceClient;
@@ -56,7 +56,6 @@ pub(crate) use backend_tests;
 
 /// A private database for one test.
 pub struct TestDb {
-    pub backend: Backend,
     dir: tempfile::TempDir,
     /// MySQL and PostgreSQL: one fresh database that all roles share, as
     /// the seed's services share one schema; its admin URL and name.
@@ -70,11 +69,7 @@ impl TestDb {
         let dir = tempfile::tempdir().expect("temp dir");
         let (admin, label, env) = match backend {
             Backend::Sqlite => {
-                return Some(TestDb {
-                    backend,
-                    dir,
-                    server: None,
-                });
+                return Some(TestDb { dir, server: None });
             }
             Backend::MySql => (
                 std::env::var("SHOP_MESH_TEST_MYSQL_URL")
@@ -89,8 +84,8 @@ impl TestDb {
                 "SHOP_MESH_TEST_POSTGRES_URL",
             ),
         };
-        let server = match reach(&admin).await {
-            Ok(server) => server,
+        match reach(&admin).await {
+            Ok(()) => {}
             Err(err) if std::env::var_os("CI").is_none() => {
                 crate::skipped(&format!(
                     "{test}: {label} at {admin} is not reachable ({err}); start it or point {env} at one"
@@ -102,15 +97,10 @@ impl TestDb {
         // Both servers allow 63 characters in a name.
         let short: String = test.chars().take(40).collect();
         let name = format!("sm_{short}_{:08x}", rand::random::<u32>());
-        server
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        let url = shop_mesh::shop::db::create_database(&admin, &name)
             .await
             .unwrap_or_else(|err| panic!("create database {name}: {err}"));
-        server.close().await.ok();
-        let base = admin.rsplit_once('/').expect("a URL with a database").0;
-        let url = format!("{base}/{name}");
         Some(TestDb {
-            backend,
             dir,
             server: Some((admin, name, url)),
         })
@@ -134,9 +124,9 @@ impl TestDb {
     }
 }
 
-/// The admin connection, after a plain TCP connect so that a server that is
-/// not running is told at once rather than after the pool's timeout.
-async fn reach(admin: &str) -> anyhow::Result<DatabaseConnection> {
+/// Whether the server answers: a plain TCP connect first, so that one not
+/// running is told at once rather than after the pool's timeout.
+async fn reach(admin: &str) -> anyhow::Result<()> {
     let host = admin
         .split_once("://")
         .and_then(|(_, rest)| {
@@ -148,7 +138,11 @@ async fn reach(admin: &str) -> anyhow::Result<DatabaseConnection> {
     tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(host))
         .await
         .map_err(|_| anyhow::anyhow!("connecting to {host} timed out"))??;
-    Ok(shop_mesh::shop::db::connect(admin, 1).await?)
+    shop_mesh::shop::db::connect(admin, 1)
+        .await?
+        .close()
+        .await?;
+    Ok(())
 }
 
 impl Drop for TestDb {
@@ -158,22 +152,17 @@ impl Drop for TestDb {
         let Some((admin, name, _)) = self.server.take() else {
             return;
         };
-        let drop = match self.backend {
-            Backend::Postgres => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-            _ => format!("DROP DATABASE IF EXISTS {name}"),
-        };
         // Drop runs inside the test's runtime, which cannot block on
         // itself: the statement runs on a thread with a runtime of its own.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let server = Database::connect(&admin).await?;
-                server.execute_unprepared(&drop).await?;
-                server.close().await?;
+        let dropped = std::thread::spawn({
+            let name = name.clone();
+            move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(shop_mesh::shop::db::drop_database(&admin, &name))?;
                 anyhow::Ok(())
-            })
+            }
         })
         .join();
         if !matches!(dropped, Ok(Ok(()))) {
