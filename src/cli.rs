@@ -120,25 +120,35 @@ impl Role {
             Role::Product(role) => role.serve.apply(&mut config.discovery, &mut config.product),
             Role::Order(role) => role.serve.apply(&mut config.discovery, &mut config.order),
             Role::Up(args) => args.apply(config),
-            // Its table is the output; its own logs only when they warn.
-            Role::Soak(_) => config.log.level = "warn".into(),
             Role::Services(scope) | Role::Instances { scope, .. } | Role::Watch { scope, .. } => {
-                scope.apply(&mut config.discovery);
-                // A person reads the output; only warnings go beside it.
-                config.log.level = "warn".into();
+                scope.apply(&mut config.discovery)
             }
             _ => {}
+        }
+        if self.prints_for_people() {
+            config.log.level = "warn".into();
+        }
+    }
+
+    /// Whether a person reads what this prints (a table, a summary, a
+    /// client's answer): then only warnings are logged beside it.
+    fn prints_for_people(&self) -> bool {
+        match self {
+            Role::User(UserRole { command, .. }) => command.is_some(),
+            Role::Product(ProductRole { command, .. }) => command.is_some(),
+            Role::Order(OrderRole { command, .. }) => command.is_some(),
+            Role::Up(args) => !args.verbose,
+            Role::Soak(_) | Role::Services(_) | Role::Instances { .. } | Role::Watch { .. } => true,
+            Role::Registry(_) | Role::Bench(_) => false,
         }
     }
 }
 
-/// A client command: its registry, and quiet logs (a person reads its
-/// output).
+/// A client command's registry.
 fn client_apply(client: &ClientArgs, config: &mut Config) {
     if let Some(registry) = &client.registry {
         config.discovery.registry = registry.clone();
     }
-    config.log.level = "warn".into();
 }
 
 /// Loads the configuration, starts logging and runs the chosen role.
@@ -162,7 +172,7 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
     match role {
         Role::Registry(_) => {
-            let listener = bind(config.registry.listen).await?;
+            let listener = crate::server::bind(config.registry.listen, "registry", None).await?;
             crate::registry::run(&config.registry, listener, crate::shutdown::on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -188,12 +198,12 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
             .await
             .map(|()| ExitCode::SUCCESS),
         Role::User(_) => {
-            let listener = bind(config.user.listen).await?;
+            let listener = crate::server::bind(config.user.listen, "user", None).await?;
             crate::user::run(&config, listener, crate::shutdown::on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Role::Product(_) => {
-            let listener = bind(config.product.listen).await?;
+            let listener = crate::server::bind(config.product.listen, "product", None).await?;
             crate::product::run(&config, listener, crate::shutdown::on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -202,7 +212,7 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Role::Order(_) => {
-            let listener = bind(config.order.listen).await?;
+            let listener = crate::server::bind(config.order.listen, "order", None).await?;
             crate::order::run(&config, listener, crate::shutdown::on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -229,10 +239,4 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
         .await
         .map(|()| ExitCode::SUCCESS),
     }
-}
-
-async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))
 }

@@ -3,6 +3,7 @@
 //! 1.8 speaks only v1alpha), HTTP/2 keepalive so dead peers are noticed,
 //! and a graceful stop bounded by a grace period.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -156,4 +157,23 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(KEEPALIVE_INTERVAL))
+}
+
+/// Binds `addr` for `what`; with `scan`, the first free port among that
+/// many from it.
+pub async fn bind(addr: SocketAddr, what: &str, scan: Option<u16>) -> anyhow::Result<TcpListener> {
+    let mut last = None;
+    for offset in 0..scan.unwrap_or(1) {
+        let Some(port) = addr.port().checked_add(offset) else {
+            break;
+        };
+        match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
+            Ok(listener) => return Ok(listener),
+            Err(err) => last = Some(err),
+        }
+    }
+    let err = last.map_or_else(|| "no port to try".to_string(), |err| err.to_string());
+    anyhow::bail!(
+        "cannot listen on {addr} for {what}: {err} (is another process on that port? set another in the configuration)"
+    )
 }

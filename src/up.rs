@@ -10,11 +10,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::discovery::Mesh;
+use crate::server::bind;
 use crate::shop::{ORDER_SERVICE, PRODUCT_SERVICE, USER_SERVICE};
 use crate::shutdown::Shutdown;
 
@@ -55,9 +55,6 @@ impl Args {
             service.data_dir = self.data_dir.join(role);
             service.listen.set_ip(self.host);
             service.advertise = None;
-        }
-        if !self.verbose {
-            config.log.level = "warn".into();
         }
     }
 }
@@ -259,25 +256,6 @@ fn ended_early(ended: Result<Ended, tokio::task::JoinError>) -> anyhow::Error {
         Ok((role, addr, Ok(()))) => anyhow::anyhow!("the {role} service at {addr} stopped"),
         Err(err) => anyhow::anyhow!("a service failed: {err}"),
     }
-}
-
-/// Binds `addr`; with `scan`, the next free port among that many after it.
-async fn bind(addr: SocketAddr, what: &str, scan: Option<u16>) -> anyhow::Result<TcpListener> {
-    let tries = scan.unwrap_or(1);
-    let mut last = None;
-    for offset in 0..tries {
-        let Some(port) = addr.port().checked_add(offset) else {
-            break;
-        };
-        match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
-            Ok(listener) => return Ok(listener),
-            Err(err) => last = Some(err),
-        }
-    }
-    let err = last.map_or_else(|| "no port to try".to_string(), |err| err.to_string());
-    anyhow::bail!(
-        "cannot listen on {addr} for {what}: {err} (is shop-mesh already running? stop it, or set another port in the configuration)"
-    )
 }
 
 fn summary(running: &[Running], data_dir: &std::path::Path) -> String {

@@ -239,9 +239,7 @@ async fn oversize_requests_are_resource_exhausted_everywhere() {
 }
 
 fn rss_kib(pid: nix::unistd::Pid) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    shop_mesh::bench::rss_bytes(pid.as_raw() as u32).expect("the registry's VmRSS") / 1024
 }
 
 /// Opens `count` watch streams and `count` KeepAlive streams (each beating
