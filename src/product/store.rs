@@ -4,7 +4,7 @@
 
 use sea_orm::entity::prelude::*;
 use sea_orm::sea_query::ExprTrait;
-use sea_orm::{ActiveValue::Set, DatabaseConnection, QueryOrder, QuerySelect};
+use sea_orm::{ActiveValue::Set, DatabaseConnection, DatabaseTransaction, QueryOrder, QuerySelect};
 use sea_orm_migration::prelude::{ColumnDef, DynIden, Table};
 use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, SchemaManager};
 
@@ -222,17 +222,7 @@ impl Products {
     ) -> Result<Deducted, Error> {
         let storage = |err| Error::storage("deducting stock", err);
         let txn = begin_write(&self.db).await.map_err(storage)?;
-        let now = crate::shop::db::now();
-        let recorded = deduction::Entity::insert(deduction::ActiveModel {
-            request_id: Set(request_id.to_owned()),
-            product_id: Set(product_id),
-            count: Set(count),
-            state: Set(deduction::DEDUCTED.into()),
-            created_at: Set(now),
-            updated_at: Set(now),
-        })
-        .exec_without_returning(&txn)
-        .await;
+        let recorded = record(&txn, request_id, product_id, count, deduction::DEDUCTED).await;
         match recorded {
             Ok(_) => {}
             Err(err) if is_unique_violation(&err) => {
@@ -281,9 +271,7 @@ impl Products {
             .await
             .map_err(storage)?
         else {
-            return Err(Error::Unavailable(format!(
-                "the deduction {request_id} is being written by another call; retry"
-            )));
+            return Err(in_flight(request_id));
         };
         if before.state == deduction::RESTORED {
             return Ok(Deducted::Cancelled);
@@ -303,17 +291,7 @@ impl Products {
     pub async fn restore(&self, request_id: &str) -> Result<Restored, Error> {
         let storage = |err| Error::storage("restoring stock", err);
         let txn = begin_write(&self.db).await.map_err(storage)?;
-        let now = crate::shop::db::now();
-        let closed = deduction::Entity::insert(deduction::ActiveModel {
-            request_id: Set(request_id.to_owned()),
-            product_id: Set(0),
-            count: Set(0),
-            state: Set(deduction::RESTORED.into()),
-            created_at: Set(now),
-            updated_at: Set(now),
-        })
-        .exec_without_returning(&txn)
-        .await;
+        let closed = record(&txn, request_id, 0, 0, deduction::RESTORED).await;
         match closed {
             Ok(_) => {
                 txn.commit().await.map_err(storage)?;
@@ -329,7 +307,10 @@ impl Products {
         let txn = begin_write(&self.db).await.map_err(storage)?;
         let flipped = deduction::Entity::update_many()
             .col_expr(deduction::Column::State, Expr::value(deduction::RESTORED))
-            .col_expr(deduction::Column::UpdatedAt, Expr::value(now))
+            .col_expr(
+                deduction::Column::UpdatedAt,
+                Expr::value(crate::shop::db::now()),
+            )
             .filter(deduction::Column::RequestId.eq(request_id))
             .filter(deduction::Column::State.eq(deduction::DEDUCTED))
             .exec(&txn)
@@ -339,11 +320,7 @@ impl Products {
             .one(&txn)
             .await
             .map_err(storage)?
-            .ok_or_else(|| {
-                Error::Unavailable(format!(
-                    "the deduction {request_id} is being written by another call; retry"
-                ))
-            })?;
+            .ok_or_else(|| in_flight(request_id))?;
         if flipped.rows_affected == 1 {
             product::Entity::update_many()
                 .col_expr(
@@ -391,6 +368,35 @@ impl Products {
         }
         Ok(())
     }
+}
+
+/// Records what `request_id` did, in `txn`; a unique violation when it is
+/// on record already.
+async fn record(
+    txn: &DatabaseTransaction,
+    request_id: &str,
+    product_id: i64,
+    count: i32,
+    state: &str,
+) -> Result<u64, DbErr> {
+    let now = crate::shop::db::now();
+    deduction::Entity::insert(deduction::ActiveModel {
+        request_id: Set(request_id.to_owned()),
+        product_id: Set(product_id),
+        count: Set(count),
+        state: Set(state.to_owned()),
+        created_at: Set(now),
+        updated_at: Set(now),
+    })
+    .exec_without_returning(txn)
+    .await
+}
+
+/// The record of `request_id` is in another call's open transaction.
+fn in_flight(request_id: &str) -> Error {
+    Error::Unavailable(format!(
+        "the deduction {request_id} is being written by another call; retry"
+    ))
 }
 
 fn not_found(id: i64) -> Error {
