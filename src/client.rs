@@ -130,23 +130,21 @@ impl ProductCommand {
                 (vec![product], client.json)
             }
             ProductCommand::List { client } => {
-                let mut all = Vec::new();
-                let mut page_token = String::new();
-                loop {
-                    let page = products
-                        .list_products(retry_safe(tonic::Request::new(pb::ListProductsRequest {
+                let all = all_pages(|page_token| {
+                    let mut products = products.clone();
+                    async move {
+                        let request = pb::ListProductsRequest {
                             page_size: 1000,
                             page_token,
-                        })))
-                        .await
-                        .map_err(status)?
-                        .into_inner();
-                    all.extend(page.products);
-                    if page.next_page_token.is_empty() {
-                        break;
+                        };
+                        let page = products
+                            .list_products(retry_safe(tonic::Request::new(request)))
+                            .await?
+                            .into_inner();
+                        Ok((page.products, page.next_page_token))
                     }
-                    page_token = page.next_page_token;
-                }
+                })
+                .await?;
                 (all, client.json)
             }
         };
@@ -210,24 +208,22 @@ impl OrderCommand {
                 (vec![order], client.json)
             }
             OrderCommand::List { user, client } => {
-                let mut all = Vec::new();
-                let mut page_token = String::new();
-                loop {
-                    let page = orders
-                        .list_orders(retry_safe(tonic::Request::new(pb::ListOrdersRequest {
+                let all = all_pages(|page_token| {
+                    let mut orders = orders.clone();
+                    async move {
+                        let request = pb::ListOrdersRequest {
                             user_id: user,
                             page_size: 1000,
                             page_token,
-                        })))
-                        .await
-                        .map_err(status)?
-                        .into_inner();
-                    all.extend(page.orders);
-                    if page.next_page_token.is_empty() {
-                        break;
+                        };
+                        let page = orders
+                            .list_orders(retry_safe(tonic::Request::new(request)))
+                            .await?
+                            .into_inner();
+                        Ok((page.orders, page.next_page_token))
                     }
-                    page_token = page.next_page_token;
-                }
+                })
+                .await?;
                 (all, client.json)
             }
         };
@@ -257,6 +253,25 @@ impl OrderCommand {
             ],
             &rows,
         )
+    }
+}
+
+/// Every page of a paged list: `page(token)` answers a page's items and
+/// the next token, empty after the last.
+async fn all_pages<T, F, Fut>(mut page: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await.map_err(status)?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
     }
 }
 

@@ -81,6 +81,14 @@ async fn addresses(shop: &TestShop) -> Vec<(&'static str, SocketAddr)> {
     all
 }
 
+async fn connect(addr: impl std::fmt::Display) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// The grpc-status of a raw request, from the headers or the trailers.
 async fn raw_call(
     channel: &mut Channel,
@@ -138,11 +146,7 @@ async fn malformed_requests_are_invalid_argument_everywhere() {
         .await
         .unwrap();
     for (role, addr) in addresses(&shop).await {
-        let mut channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let mut channel = connect(addr).await;
         let paths = RPCS.iter().find(|(name, _)| *name == role).unwrap().1;
         for path in paths {
             for (what, body) in MALFORMED {
@@ -221,11 +225,7 @@ async fn oversize_requests_are_resource_exhausted_everywhere() {
     body.extend_from_slice(&[0x0a, 0xfb, 0xff, 0xbf, 0x02]);
     body.resize(5 + size, b'x');
     for (role, addr) in addresses(&shop).await {
-        let mut channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let mut channel = connect(addr).await;
         let path = RPCS.iter().find(|(name, _)| *name == role).unwrap().1[0];
         let (code, message) = raw_call(&mut channel, addr, path, &body).await;
         assert_eq!(code, 8, "{role} {path}: {message:?}");
@@ -250,11 +250,7 @@ async fn open_and_abandon(addr: &str, count: usize, round: usize) {
     use shop_mesh::pb::registry::registry_client::RegistryClient;
     let mut clients = Vec::new();
     for _ in 0..4 {
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = connect(addr).await;
         clients.push(RegistryClient::new(channel));
     }
     let mut streams = Vec::new();
