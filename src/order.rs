@@ -89,9 +89,11 @@ impl OrderGrpc {
             )?),
         };
         Ok(PlaceOrder {
-            user_id,
-            product_id,
-            count: request.count,
+            asked: store::Asked {
+                user_id,
+                product_id,
+                count: request.count,
+            },
             request_id,
         })
     }

@@ -25,9 +25,7 @@ const MAX_ATTEMPT_STEPS: usize = 8;
 /// A PlaceOrder request, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlaceOrder {
-    pub user_id: i64,
-    pub product_id: i64,
-    pub count: i32,
+    pub asked: Asked,
     /// None: the server makes one.
     pub request_id: Option<String>,
 }
@@ -46,19 +44,11 @@ impl Placer {
             Some(request_id) => request_id,
             None => format!("auto-{}", self.ids.next()?),
         };
-        let asked = Asked {
-            user_id: request.user_id,
-            product_id: request.product_id,
-            count: request.count,
-        };
+        let asked = request.asked;
         let attempt = match self.orders.claim(&request_id, asked).await? {
             Claim::Placing { attempt } => attempt,
             Claim::Done { order_id } => return self.orders.get(order_id).await,
-            Claim::InProgress => {
-                return Err(Error::Aborted(format!(
-                    "request_id {request_id} is being placed by another call; retry shortly"
-                )));
-            }
+            Claim::InProgress => return Err(in_progress(&request_id)),
             Claim::Mismatch(before) => {
                 return Err(Error::FailedPrecondition(format!(
                     "request_id {request_id} was used for user {}, product {}, count {}; a different order needs a new request_id",
@@ -72,10 +62,7 @@ impl Placer {
                     .await
             }
             Err(refused) => {
-                // Nothing was deducted: the request leaves no row behind.
-                if let Err(err) = self.orders.forget(&request_id, attempt).await {
-                    tracing::warn!(%err, request_id, "cannot drop a refused request; the sweeper will");
-                }
+                self.forget(&request_id, attempt).await;
                 Err(refused)
             }
         }
@@ -154,16 +141,12 @@ impl Placer {
                     if steps > MAX_ATTEMPT_STEPS
                         || !self.orders.next_attempt(request_id, attempt).await?
                     {
-                        return Err(Error::Aborted(format!(
-                            "request_id {request_id} is being placed by another call; retry shortly"
-                        )));
+                        return Err(in_progress(request_id));
                     }
                     attempt += 1;
                 }
                 Err(status) if definite(&status) => {
-                    if let Err(err) = self.orders.forget(request_id, attempt).await {
-                        tracing::warn!(%err, request_id, "cannot drop a refused request; the sweeper will");
-                    }
+                    self.forget(request_id, attempt).await;
                     return Err(dependency(PRODUCT_SERVICE, status));
                 }
                 Err(status) => {
@@ -219,6 +202,14 @@ impl Placer {
                     }
                 )))
             }
+        }
+    }
+
+    /// Nothing was deducted: the refused request leaves no row behind
+    /// (or, if the database is away now, the sweeper settles it later).
+    async fn forget(&self, request_id: &str, attempt: i32) {
+        if let Err(err) = self.orders.forget(request_id, attempt).await {
+            tracing::warn!(%err, request_id, "cannot drop a refused request; the sweeper will");
         }
     }
 
@@ -279,6 +270,12 @@ impl Placer {
             }
         }
     }
+}
+
+fn in_progress(request_id: &str) -> Error {
+    Error::Aborted(format!(
+        "request_id {request_id} is being placed by another call; retry shortly"
+    ))
 }
 
 /// The key one attempt deducts under.
