@@ -105,8 +105,8 @@ pub struct Report {
     pub outcome: Outcome,
     /// Every invariant that did not hold.
     pub violations: Vec<String>,
-    /// When the fault began and ended, from the start of the load.
-    pub fault: (Duration, Duration),
+    /// When the fault was repaired, from the start of the load.
+    pub repaired: Duration,
     /// Each process's exit code on SIGTERM at the end.
     pub exits: Vec<(&'static str, Option<i32>)>,
 }
@@ -124,7 +124,7 @@ impl Report {
         self.outcome
             .failed
             .iter()
-            .filter(|failed| failed.started > self.fault.1)
+            .filter(|failed| failed.started > self.repaired)
             .count()
     }
 
@@ -209,10 +209,9 @@ async fn run_in(
     });
     // The fault's schedule: a third of the way in, for a third.
     tokio::time::sleep(duration / 3).await;
-    let fault_began = started.elapsed();
     inject(&mut deployment, scenario, duration / 3).await?;
     repair(&mut deployment, scenario).await?;
-    let fault_repaired = started.elapsed();
+    let repaired = started.elapsed();
     let outcome = load.await.context("the load")?;
     let violations =
         invariants::check(&products_db, &orders_db, &initial, Duration::from_secs(30)).await?;
@@ -223,7 +222,7 @@ async fn run_in(
         scenario,
         outcome,
         violations,
-        fault: (fault_began, fault_repaired),
+        repaired,
         exits,
     })
 }
