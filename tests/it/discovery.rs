@@ -150,22 +150,11 @@ impl Instance {
 
 async fn registered_ports(registry: &TestRegistry, healthy_only: bool) -> Vec<u16> {
     let mut client = registry.client().await;
-    let answer = client
-        .get_service(pb::GetServiceRequest {
-            service: "probe".into(),
-            healthy_only,
-            ..Default::default()
-        })
-        .await;
-    match answer {
-        Ok(answer) => answer
-            .into_inner()
-            .instances
-            .iter()
-            .map(|i| i.port as u16)
-            .collect(),
-        Err(_) => Vec::new(),
-    }
+    crate::instances(&mut client, "probe", healthy_only)
+        .await
+        .iter()
+        .map(|i| i.port as u16)
+        .collect()
 }
 
 async fn wait_for_endpoints(channel: &BalancedChannel, count: usize) {

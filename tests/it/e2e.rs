@@ -9,17 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use shop_mesh::pb::registry as reg;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
 use shop_mesh::pb::shop as pb;
 use shop_mesh::pb::shop::order_service_client::OrderServiceClient;
 use shop_mesh::soak::process::Process;
-use tokio::process::Command;
 use tonic::transport::Channel;
 
 use crate::grpcurl::grpcurl_output;
 
-const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
+use crate::{BIN, run_bin};
 
 /// A shop service on port 0 under `dir`, registered with `registry`.
 async fn service(role: &'static str, registry: &str, dir: &Path) -> Process {
@@ -38,34 +36,13 @@ async fn service(role: &'static str, registry: &str, dir: &Path) -> Process {
         .unwrap()
 }
 
-/// A client command; its exit, stdout and stderr.
-async fn client(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).output().await.unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
-
 /// The registered addresses of `service`, healthy or not.
 async fn registered(registry: &mut RegistryClient<Channel>, service: &str) -> Vec<String> {
-    let answer = registry
-        .get_service(reg::GetServiceRequest {
-            service: service.into(),
-            ..Default::default()
-        })
-        .await;
-    match answer {
-        Ok(answer) => answer
-            .into_inner()
-            .instances
-            .iter()
-            .map(|i| format!("{}:{}", i.ip, i.port))
-            .collect(),
-        Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
-        Err(status) => panic!("GetService {service}: {status:?}"),
-    }
+    crate::instances(registry, service, false)
+        .await
+        .iter()
+        .map(|i| format!("{}:{}", i.ip, i.port))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +83,7 @@ async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
     }
 
     // The seed's walkthrough, through the client commands.
-    let (ok, _, err) = client(&[
+    let (ok, _, err) = run_bin(&[
         "order",
         "place",
         "--user",
@@ -124,7 +101,7 @@ async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
         err.contains("FailedPrecondition: product 1001 has 100 in stock, 1001 requested"),
         "{err}"
     );
-    let (ok, out, err) = client(&[
+    let (ok, out, err) = run_bin(&[
         "order",
         "place",
         "--user",
@@ -143,11 +120,11 @@ async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
         line.contains("1001 binghe") && line.contains("1001 华为") && line.contains("23990.00"),
         "{out}"
     );
-    let (ok, out, _) = client(&["product", "get", "1001", "--json", "--registry", registry]).await;
+    let (ok, out, _) = run_bin(&["product", "get", "1001", "--json", "--registry", registry]).await;
     assert!(ok);
     let product: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(product["stock"], 90);
-    let (ok, out, _) = client(&["user", "get", "1001", "--registry", registry]).await;
+    let (ok, out, _) = run_bin(&["user", "get", "1001", "--registry", registry]).await;
     assert!(ok);
     assert!(
         out.contains("binghe") && out.contains("13212345678"),
@@ -256,7 +233,7 @@ async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
         failed.is_empty(),
         "orders failed after a product was killed: {failed:?}"
     );
-    let (ok, out, _) = client(&["product", "list", "--json", "--registry", registry]).await;
+    let (ok, out, _) = run_bin(&["product", "list", "--json", "--registry", registry]).await;
     assert!(ok);
     let stocks: Vec<serde_json::Value> = out
         .lines()
@@ -264,7 +241,7 @@ async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
         .collect();
     assert_eq!(stocks[0]["stock"], expected_stock);
     assert_eq!(stocks[1]["stock"], 40, "60 of 1002 sold, no more, no fewer");
-    let (ok, out, _) = client(&[
+    let (ok, out, _) = run_bin(&[
         "order",
         "list",
         "--user",
@@ -348,7 +325,7 @@ async fn up_runs_everything_and_ctrl_c_stops_it_cleanly() {
     assert!(summary.contains("shop-mesh order place --user 1001 --product 1001 --count 10"));
     let registry = column("registry").remove(0);
 
-    let (ok, out, err) = client(&[
+    let (ok, out, err) = run_bin(&[
         "order",
         "place",
         "--user",
@@ -363,24 +340,20 @@ async fn up_runs_everything_and_ctrl_c_stops_it_cleanly() {
     .await;
     assert!(ok, "{err}");
     assert!(out.contains("23990.00"), "{out}");
-    let (ok, out, _) = client(&["product", "get", "1001", "--json", "--registry", &registry]).await;
+    let (ok, out, _) =
+        run_bin(&["product", "get", "1001", "--json", "--registry", &registry]).await;
     assert!(ok);
     assert!(out.contains(r#""stock":90"#), "{out}");
-    let instances = Command::new(BIN)
-        .args([
-            "instances",
-            "server-product",
-            "--json",
-            "--registry",
-            &registry,
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&instances.stdout).lines().count(),
-        2
-    );
+    let (ok, out, _) = run_bin(&[
+        "instances",
+        "server-product",
+        "--json",
+        "--registry",
+        &registry,
+    ])
+    .await;
+    assert!(ok);
+    assert_eq!(out.lines().count(), 2, "{out}");
 
     assert_eq!(up.stop_with(Signal::SIGINT).await.unwrap(), Some(0));
     let deregistered = up.count_logged("deregistered");

@@ -9,16 +9,7 @@ use tokio::process::Command;
 
 use crate::{TestRegistry, deregister, instance, register};
 
-const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
-
-async fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).output().await.unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
+use crate::{BIN, run_bin};
 
 #[tokio::test]
 async fn services_and_instances_print_tables_and_json() {
@@ -29,14 +20,14 @@ async fn services_and_instances_print_tables_and_json() {
     register(&mut client, product).await;
     let addr = registry.addr.to_string();
 
-    let (ok, out, _) = run(&["services", "--registry", &addr]).await;
+    let (ok, out, _) = run_bin(&["services", "--registry", &addr]).await;
     assert!(ok);
     assert_eq!(
         out,
         "SERVICE         INSTANCES  HEALTHY\nserver-product  1          1\n"
     );
 
-    let (ok, out, _) = run(&["instances", "server-product", "--registry", &addr]).await;
+    let (ok, out, _) = run_bin(&["instances", "server-product", "--registry", &addr]).await;
     assert!(ok);
     assert!(
         out.lines()
@@ -46,13 +37,14 @@ async fn services_and_instances_print_tables_and_json() {
         "{out}"
     );
 
-    let (ok, out, _) = run(&["instances", "server-product", "--registry", &addr, "--json"]).await;
+    let (ok, out, _) =
+        run_bin(&["instances", "server-product", "--registry", &addr, "--json"]).await;
     assert!(ok);
     let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(line["address"], "127.0.0.1:8070");
     assert_eq!(line["healthy"], true);
 
-    let (ok, _, err) = run(&["instances", "nobody", "--registry", &addr]).await;
+    let (ok, _, err) = run_bin(&["instances", "nobody", "--registry", &addr]).await;
     assert!(!ok);
     assert!(
         err.contains("NotFound: service public/DEFAULT_GROUP/nobody is not registered"),

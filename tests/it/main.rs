@@ -138,6 +138,42 @@ pub async fn deregister(
         .map(tonic::Response::into_inner)
 }
 
+/// The binary, for tests that run it as a process.
+pub const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
+
+/// A command of the binary run to its end: success, stdout, stderr.
+pub async fn run_bin(args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// The instances of `service` in the default namespace and group (none
+/// when it is not registered).
+pub async fn instances(
+    client: &mut RegistryClient<Channel>,
+    service: &str,
+    healthy_only: bool,
+) -> Vec<pb::Instance> {
+    let request = pb::GetServiceRequest {
+        service: service.into(),
+        healthy_only,
+        ..Default::default()
+    };
+    match client.get_service(request).await {
+        Ok(answer) => answer.into_inner().instances,
+        Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
+        Err(status) => panic!("GetService {service}: {status:?}"),
+    }
+}
+
 /// Polls `check` until it is true, or panics after `deadline`.
 pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut check: F)
 where

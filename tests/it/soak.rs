@@ -9,7 +9,7 @@ use shop_mesh::soak::{Report, Scenario, run_scenario};
 
 use crate::shop::{Backend, TestDb};
 
-const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
+use crate::BIN;
 /// Long enough for a 4 s fault past the 3 s unhealthy timeout the suite's
 /// processes run with.
 const DURATION: Duration = Duration::from_secs(12);
