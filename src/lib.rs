@@ -24,6 +24,7 @@
 //!   place|get|list`: clients that find their service through the registry.
 //! - [`soak`]: the reliability suite: the shop as processes, under load and
 //!   faults, checked against its databases.
+//! - [`quote`]: how an error quotes a value the caller sent.
 //! - [`inspect`]: `services`, `instances`, `watch`: a look into the registry.
 //! - [`bench`]: benchmarks a deployment (`shop-mesh bench registry`).
 //!
@@ -41,6 +42,7 @@ pub mod inspect;
 pub mod order;
 pub mod pb;
 pub mod product;
+pub mod quote;
 pub mod registry;
 pub mod server;
 pub mod shop;

@@ -81,6 +81,9 @@ pub struct Config {
     /// How long a stopping registry waits for open calls before it exits.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Accept instances at link-local addresses (169.254.0.0/16,
+    /// fe80::/10), which only hosts on the same link can reach.
+    pub allow_link_local: bool,
     pub limits: Limits,
 }
 
@@ -97,6 +100,7 @@ impl Default for Config {
             probe_interval: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
+            allow_link_local: false,
             limits: Limits::default(),
         }
     }

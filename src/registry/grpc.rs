@@ -134,6 +134,16 @@ impl pb::registry_server::Registry for RegistryService {
         Ok(Response::new(pb::UpdateServiceResponse {}))
     }
 
+    async fn delete_service(
+        &self,
+        request: Request<pb::DeleteServiceRequest>,
+    ) -> Result<Response<pb::DeleteServiceResponse>, Status> {
+        let r = request.into_inner();
+        let key = ServiceKey::parse(&r.namespace, &r.group, &r.service)?;
+        self.registry.delete_service(&key).await?;
+        Ok(Response::new(pb::DeleteServiceResponse {}))
+    }
+
     type KeepAliveStream = BoxStream<pb::KeepAliveResponse>;
 
     async fn keep_alive(
@@ -246,7 +256,10 @@ pub fn to_pb(i: &Instance) -> pb::Instance {
         delete_timeout_ms: Some(i.timings.delete_timeout_ms.into()),
         healthy: i.healthy,
         instance_id: i.id(),
-        lease_id: i.lease,
+        // A lease id proves ownership of the lease: whoever holds it can
+        // keep the lease's instances alive. Only Register answers it, to
+        // the owner.
+        lease_id: 0,
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::Error;
+use crate::quote::quoted;
 
 pub const DEFAULT_NAMESPACE: &str = "public";
 pub const DEFAULT_GROUP: &str = "DEFAULT_GROUP";
@@ -129,13 +130,17 @@ impl InstanceAddr {
         if ip.is_empty() {
             return Err(Error::invalid("ip", "must not be empty"));
         }
-        let ip: IpAddr = ip
-            .parse()
-            .map_err(|_| Error::invalid("ip", format!("{ip:?} is not an IPv4 or IPv6 address")))?;
-        if ip.is_unspecified() {
+        let ip: IpAddr = ip.parse().map_err(|_| {
+            Error::invalid(
+                "ip",
+                format!("{} is not an IPv4 or IPv6 address", quoted(ip)),
+            )
+        })?;
+        let ip = ip.to_canonical();
+        if let Some(what) = never_a_service(ip) {
             return Err(Error::invalid(
                 "ip",
-                format!("{ip} is not an address others can reach"),
+                format!("{ip} is {what}, not an address a service can be reached at"),
             ));
         }
         let port = match u16::try_from(port) {
@@ -148,6 +153,29 @@ impl InstanceAddr {
             }
         };
         Ok(Self { cluster, ip, port })
+    }
+}
+
+/// What kind of address `ip` is when no service can listen on it.
+fn never_a_service(ip: IpAddr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        return Some("the unspecified address");
+    }
+    if ip.is_multicast() {
+        return Some("a multicast address");
+    }
+    match ip {
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        _ => None,
+    }
+}
+
+/// A link-local address (169.254.0.0/16, fe80::/10): reachable only on
+/// one link, so a registry refuses it unless configured to accept it.
+pub fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
     }
 }
 
@@ -181,14 +209,18 @@ pub fn parse_metadata(
         if key.is_empty() || key.len() > MAX_METADATA_KEY_LEN {
             return Err(Error::invalid(
                 field,
-                format!("key {key:?} must be 1 to {MAX_METADATA_KEY_LEN} bytes"),
+                format!(
+                    "key {} must be 1 to {MAX_METADATA_KEY_LEN} bytes",
+                    quoted(&key)
+                ),
             ));
         }
         if value.len() > MAX_METADATA_VALUE_LEN {
             return Err(Error::invalid(
                 field,
                 format!(
-                    "value of {key:?} is {} bytes; at most {MAX_METADATA_VALUE_LEN} are allowed",
+                    "value of {} is {} bytes; at most {MAX_METADATA_VALUE_LEN} are allowed",
+                    quoted(&key),
                     value.len()
                 ),
             ));
@@ -365,6 +397,11 @@ mod tests {
             ("10.0.0.1", 65536, "port"),
             ("10.0.0", 80, "ip"),
             ("0.0.0.0", 80, "ip"),
+            ("::", 80, "ip"),
+            ("255.255.255.255", 80, "ip"),
+            ("224.0.0.1", 80, "ip"),
+            ("ff02::1", 80, "ip"),
+            ("::ffff:0.0.0.0", 80, "ip"),
             ("", 80, "ip"),
         ] {
             let err = InstanceAddr::parse("", ip, port).unwrap_err();

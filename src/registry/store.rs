@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::model::{
     ChangeKind, Event, GroupKey, Instance, InstanceAddr, InstanceSpec, LeaseId, Registered,
     ServiceKey, ServicePage, ServiceSettings, ServiceSummary, ServiceView, TimingOverrides,
-    Timings,
+    Timings, is_link_local,
 };
 use super::watch::{Permit, Selector, Subscription, WatchItem, WatchStream, snapshot_items};
 use super::{Config, Error, persist, probe};
@@ -70,8 +70,11 @@ struct State {
     revision: u64,
     services: BTreeMap<ServiceKey, Service>,
     services_per_namespace: HashMap<Arc<str>, usize>,
+    /// Lease ids are drawn at random, never counted: a restarted registry
+    /// must not hand out an id that a client of the previous run still
+    /// holds (it would join that client's lease on re-registering), and a
+    /// lease id is the only proof of owning a lease.
     leases: HashMap<LeaseId, Lease>,
-    next_lease: LeaseId,
     /// At most one entry per lease (the lease's `queued`); a heartbeat only
     /// moves a deadline later, so entries are re-checked when they fire
     /// rather than moved on every heartbeat.
@@ -213,7 +216,6 @@ impl Registry {
                 services: BTreeMap::new(),
                 services_per_namespace: HashMap::new(),
                 leases: HashMap::new(),
-                next_lease: 1,
                 deadlines: BTreeSet::new(),
                 epoch: Instant::now(),
                 history: VecDeque::new(),
@@ -259,6 +261,16 @@ impl Registry {
     /// Adds an instance, or updates the one with the same identity.
     pub async fn register(&self, spec: InstanceSpec, lease: LeaseId) -> Result<Registered, Error> {
         let timings = self.resolve_timings(spec.timings)?;
+        let ip = spec.addr.ip;
+        if is_link_local(ip) && !self.inner.config.allow_link_local {
+            return Err(Error::invalid(
+                "ip",
+                format!(
+                    "{ip} is link-local, reachable from one network link only; \
+                     set registry.allow_link_local to accept such addresses"
+                ),
+            ));
+        }
         let Applied {
             registered,
             instance,
@@ -321,22 +333,63 @@ impl Registry {
         Ok(revision)
     }
 
-    /// Sets a service's own settings, creating the service if needed.
+    /// Sets the own settings of a service that exists (has instances, or
+    /// had settings set). Settings of an unknown name are refused: they
+    /// would make a service that nothing uses, and enough of them would
+    /// fill the namespace.
     pub async fn update_service(
         &self,
         key: &ServiceKey,
         settings: ServiceSettings,
     ) -> Result<(), Error> {
-        {
+        let previous = {
             let mut state = self.inner.state.lock();
-            if !state.services.contains_key(key) {
-                state.check_service_room(&self.inner.config, key)?;
-            }
-            let service = state.ensure_service(key);
+            let service = state
+                .services
+                .get_mut(key)
+                .ok_or_else(|| unknown_service(key))?;
+            let previous = (service.explicit, service.settings.clone());
             service.settings = settings;
             service.explicit = true;
+            previous
+        };
+        if let Err(err) = self.persist().await {
+            // Undo, so memory never claims what the disk does not hold.
+            let mut state = self.inner.state.lock();
+            if let Some(service) = state.services.get_mut(key) {
+                (service.explicit, service.settings) = previous;
+            }
+            return Err(err);
         }
-        self.persist().await
+        Ok(())
+    }
+
+    /// Deletes a service that has no instances left, with its settings.
+    pub async fn delete_service(&self, key: &ServiceKey) -> Result<(), Error> {
+        let removed = {
+            let mut state = self.inner.state.lock();
+            let service = state
+                .services
+                .get(key)
+                .ok_or_else(|| unknown_service(key))?;
+            let count = service.instances.len();
+            if count > 0 {
+                return Err(Error::FailedPrecondition(format!(
+                    "service {key} still has {count} instance(s); deregister them first"
+                )));
+            }
+            state.drop_service(key)
+        };
+        if let Err(err) = self.persist().await {
+            let mut state = self.inner.state.lock();
+            if let Some(settings) = removed {
+                let service = state.ensure_service(key);
+                service.settings = settings;
+                service.explicit = true;
+            }
+            return Err(err);
+        }
+        Ok(())
     }
 
     /// The services of a group, sorted by name, one page of them.
@@ -374,7 +427,7 @@ impl Registry {
         let service = state
             .services
             .get(key)
-            .ok_or_else(|| Error::NotFound(format!("service {key} is not registered")))?;
+            .ok_or_else(|| unknown_service(key))?;
         let in_clusters = |i: &Arc<Instance>| {
             clusters.is_empty() || clusters.iter().any(|c| **c == *i.addr.cluster)
         };
@@ -749,8 +802,7 @@ impl State {
         let lease_id = match (spec.ephemeral, lease_id) {
             (false, _) => 0,
             (true, 0) => {
-                let id = self.next_lease;
-                self.next_lease += 1;
+                let id = self.new_lease_id();
                 self.leases.insert(
                     id,
                     Lease {
@@ -807,6 +859,17 @@ impl State {
             instance,
             previous: existing,
         })
+    }
+
+    /// A lease id no lease has now, unguessable: 64 bits from a
+    /// cryptographically secure generator.
+    fn new_lease_id(&self) -> LeaseId {
+        loop {
+            let id: LeaseId = rand::random();
+            if id != 0 && !self.leases.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     fn heartbeat(&mut self, inner: &Inner, id: LeaseId, attach: bool) -> Result<Duration, Error> {
@@ -966,16 +1029,23 @@ impl State {
             service.healthy -= 1;
         }
         if service.instances.is_empty() && !service.explicit {
-            self.services.remove(key);
-            if let Some(count) = self.services_per_namespace.get_mut(&key.namespace) {
-                *count -= 1;
-                if *count == 0 {
-                    self.services_per_namespace.remove(&key.namespace);
-                }
-            }
+            self.drop_service(key);
         }
         self.publish(ChangeKind::Removed, removed.clone());
         Some(removed)
+    }
+
+    /// Forgets a service (the caller checked it is empty); answers its
+    /// settings if they had been set explicitly.
+    fn drop_service(&mut self, key: &ServiceKey) -> Option<ServiceSettings> {
+        let service = self.services.remove(key)?;
+        if let Some(count) = self.services_per_namespace.get_mut(&key.namespace) {
+            *count -= 1;
+            if *count == 0 {
+                self.services_per_namespace.remove(&key.namespace);
+            }
+        }
+        service.explicit.then_some(service.settings)
     }
 
     fn publish(&mut self, kind: ChangeKind, instance: Arc<Instance>) {
@@ -1097,6 +1167,10 @@ impl State {
             .collect();
         persist::snapshot(services, instances)
     }
+}
+
+fn unknown_service(key: &ServiceKey) -> Error {
+    Error::NotFound(format!("service {key} is not registered"))
 }
 
 fn remove_subscription<K: std::hash::Hash + Eq>(

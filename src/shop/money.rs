@@ -25,18 +25,19 @@ impl Money {
     /// Parses "2399.00" (or "2399", "2399.5"); at most two places, not
     /// negative.
     pub fn parse(text: &str) -> Result<Self, String> {
+        let shown = crate::quote::quoted(text);
         let value: Decimal = text
             .trim()
             .parse()
-            .map_err(|_| format!("{text:?} is not a decimal amount"))?;
+            .map_err(|_| format!("{shown} is not a decimal amount"))?;
         if value.is_sign_negative() {
-            return Err(format!("{text:?} is negative"));
+            return Err(format!("{shown} is negative"));
         }
         if value.scale() > 2 {
-            return Err(format!("{text:?} has more than two decimal places"));
+            return Err(format!("{shown} has more than two decimal places"));
         }
         if value > MAX_TOTAL {
-            return Err(format!("{text:?} is too large"));
+            return Err(format!("{shown} is too large"));
         }
         Ok(Money::from_db(value))
     }

@@ -26,6 +26,7 @@ const RPCS: &[(&str, &[&str])] = &[
             "/shopmesh.registry.v1.Registry/ListServices",
             "/shopmesh.registry.v1.Registry/GetService",
             "/shopmesh.registry.v1.Registry/UpdateService",
+            "/shopmesh.registry.v1.Registry/DeleteService",
             "/shopmesh.registry.v1.Registry/KeepAlive",
             "/shopmesh.registry.v1.Registry/Watch",
             "/grpc.health.v1.Health/Check",

@@ -10,6 +10,7 @@ mod inspect;
 mod properties;
 mod registry_api;
 mod registry_core;
+mod registry_process;
 mod shop;
 mod soak;
 

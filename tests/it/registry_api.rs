@@ -509,3 +509,152 @@ async fn a_registration_cannot_flip_ephemeral_to_persistent() {
     assert_eq!(err.code(), Code::FailedPrecondition);
     registry.stop().await;
 }
+
+fn update(service: &str, protect_threshold: f64) -> pb::UpdateServiceRequest {
+    pb::UpdateServiceRequest {
+        service: service.into(),
+        protect_threshold,
+        ..Default::default()
+    }
+}
+
+fn delete(service: &str) -> pb::DeleteServiceRequest {
+    pb::DeleteServiceRequest {
+        service: service.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn update_service_never_makes_a_service_and_delete_service_frees_its_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = shop_mesh::registry::Config {
+        data_dir: dir.path().to_path_buf(),
+        limits: shop_mesh::registry::Limits {
+            max_services_per_namespace: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let registry = TestRegistry::start_on(config.clone()).await;
+    let mut client = registry.client().await;
+
+    // Settings for names nothing registered are refused, and so cannot
+    // fill the namespace.
+    for name in ["ghost-1", "ghost-2", "ghost-3"] {
+        let err = client.update_service(update(name, 0.5)).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+        assert!(err.message().contains("is not registered"), "{err:?}");
+    }
+    register(&mut client, instance("a", 1)).await;
+    register(&mut client, instance("b", 1)).await;
+
+    // A service with settings outlives its instances, and keeps its room
+    // until it is deleted; deletion waits for its instances to go.
+    client.update_service(update("a", 0.5)).await.unwrap();
+    let err = client.delete_service(delete("a")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("1 instance"), "{err:?}");
+    deregister(&mut client, "a", 1).await.unwrap();
+    deregister(&mut client, "b", 1).await.unwrap();
+    assert_eq!(get(&mut client, "a", false).await.protect_threshold, 0.5);
+    register(&mut client, instance("c", 1)).await;
+    let full = client
+        .register(pb::RegisterRequest {
+            instance: Some(instance("d", 1)),
+            lease_id: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+
+    client.delete_service(delete("a")).await.unwrap();
+    let err = client.delete_service(delete("a")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    register(&mut client, instance("d", 1)).await;
+
+    // The deletion is stored: the service does not come back.
+    registry.stop().await;
+    let registry = TestRegistry::start_on(config).await;
+    let mut client = registry.client().await;
+    let err = client
+        .get_service(pb::GetServiceRequest {
+            service: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn errors_quote_a_short_prefix_of_a_bad_value_not_all_of_it() {
+    let registry = TestRegistry::start().await;
+    let mut client = registry.client().await;
+    let megabyte = "9".repeat(1 << 20);
+
+    let mut bad_ip = instance("svc", 1);
+    bad_ip.ip = megabyte.clone();
+    let mut bad_key = instance("svc", 1);
+    bad_key.metadata = HashMap::from([(megabyte.clone(), "v".into())]);
+    let mut bad_value = instance("svc", 1);
+    bad_value.metadata = HashMap::from([(megabyte.clone(), "v".repeat(2000))]);
+    for (field, bad) in [
+        ("ip", bad_ip),
+        ("metadata", bad_key),
+        ("metadata", bad_value),
+    ] {
+        let err = client
+            .register(pb::RegisterRequest {
+                instance: Some(bad),
+                lease_id: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(err.message().starts_with(field), "{}", err.message());
+        assert!(
+            err.message().len() < 200,
+            "{field}: a {} byte message",
+            err.message().len()
+        );
+        assert!(err.message().contains("1048576 bytes"), "{}", err.message());
+    }
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn addresses_no_service_can_listen_on_are_refused() {
+    let registry = TestRegistry::start().await;
+    let mut client = registry.client().await;
+    for (ip, what) in [
+        ("0.0.0.0", "unspecified"),
+        ("255.255.255.255", "broadcast"),
+        ("239.1.2.3", "multicast"),
+        ("ff02::1", "multicast"),
+        ("169.254.10.20", "link-local"),
+        ("fe80::1", "link-local"),
+    ] {
+        let mut i = instance("svc", 1);
+        i.ip = ip.into();
+        i.ephemeral = Some(false);
+        let err = client
+            .register(pb::RegisterRequest {
+                instance: Some(i),
+                lease_id: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{ip}");
+        assert!(err.message().contains(what), "{ip}: {}", err.message());
+    }
+    registry.stop().await;
+
+    let registry = TestRegistry::start_with(|c| c.allow_link_local = true).await;
+    let mut client = registry.client().await;
+    let mut i = instance("svc", 1);
+    i.ip = "169.254.10.20".into();
+    register(&mut client, i).await;
+    registry.stop().await;
+}

@@ -405,6 +405,8 @@ async fn abandoned_watches_leave_nothing_behind() {
 async fn the_protection_threshold_keeps_a_service_from_emptying() {
     let registry = registry();
     let key = service("svc");
+    let lease = registry.register(spec("svc", 1), 0).await.unwrap().lease;
+    registry.register(spec("svc", 2), 0).await.unwrap();
     registry
         .update_service(
             &key,
@@ -412,8 +414,6 @@ async fn the_protection_threshold_keeps_a_service_from_emptying() {
         )
         .await
         .unwrap();
-    let lease = registry.register(spec("svc", 1), 0).await.unwrap().lease;
-    registry.register(spec("svc", 2), 0).await.unwrap();
     let mut session = registry.keep_alive();
     session.beat(lease).unwrap();
     drop(session);
