@@ -21,10 +21,12 @@ use crate::pb::registry::registry_client::RegistryClient;
 mod discovery;
 mod isolated;
 mod orders;
+mod watchers;
 
 pub use discovery::DiscoveryBench;
 pub use isolated::Isolated;
 pub use orders::OrdersBench;
+pub use watchers::WatchersBench;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
@@ -37,6 +39,9 @@ pub enum Bench {
     /// The shop: PlaceOrder and GetProduct through discovery, on SQLite or
     /// a scratch MySQL/PostgreSQL database.
     Orders(OrdersBench),
+    /// The registry's memory with watchers of a whole group that stop
+    /// reading while every instance changes, beside the same without them.
+    Watchers(WatchersBench),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -73,6 +78,7 @@ impl Bench {
             Bench::Registry(bench) => bench.run().await,
             Bench::Discovery(bench) => bench.run().await,
             Bench::Orders(bench) => bench.run().await,
+            Bench::Watchers(bench) => bench.run().await,
         }
     }
 }
@@ -215,6 +221,16 @@ impl RegistryBench {
 
     /// Registers every instance, `concurrency` calls at a time.
     async fn register_all(&self, channels: &[Channel]) -> anyhow::Result<Rate> {
+        self.register_each(channels, bench_instance).await
+    }
+
+    /// Registers `instance(i, per_service)` for every `i`, `concurrency`
+    /// calls at a time.
+    async fn register_each(
+        &self,
+        channels: &[Channel],
+        instance: fn(usize, usize) -> pb::Instance,
+    ) -> anyhow::Result<Rate> {
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
         let tasks: Vec<_> = (0..self.concurrency)
@@ -231,7 +247,7 @@ impl RegistryBench {
                         let call = Instant::now();
                         client
                             .register(pb::RegisterRequest {
-                                instance: Some(bench_instance(i, per_service)),
+                                instance: Some(instance(i, per_service)),
                                 lease_id: 0,
                             })
                             .await?;

@@ -116,8 +116,9 @@ pub struct Limits {
     pub max_watches: usize,
     /// Changes kept for watchers that resume; older resumes get a reset.
     pub watch_history: usize,
-    /// Changes queued for one watcher before it is sent a reset instead.
-    pub watch_queue: usize,
+    /// Bytes of changes queued for one watcher that is not reading
+    /// before it is sent a reset instead.
+    pub watch_queue_bytes: usize,
     /// Largest request message, in bytes.
     pub max_message_size: usize,
     pub max_page_size: usize,
@@ -130,7 +131,7 @@ impl Default for Limits {
             max_services_per_namespace: 100_000,
             max_watches: 10_000,
             watch_history: 10_000,
-            watch_queue: 1024,
+            watch_queue_bytes: 1024 * 1024,
             max_message_size: 4 * 1024 * 1024,
             max_page_size: 1000,
         }

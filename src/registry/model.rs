@@ -283,6 +283,20 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// Roughly the bytes this instance holds: what a watcher's queue
+    /// counts against its budget for each change it has not yet read.
+    pub fn footprint(&self) -> usize {
+        /// A metadata entry's own cost: two `String`s and the map's node
+        /// share.
+        const ENTRY: usize = 2 * std::mem::size_of::<String>() + 16;
+        let metadata: usize = self
+            .metadata
+            .iter()
+            .map(|(key, value)| key.len() + value.len() + ENTRY)
+            .sum();
+        std::mem::size_of::<Instance>() + self.addr.cluster.len() + metadata
+    }
+
     /// Nacos's form: `ip#port#cluster#group@@service`.
     pub fn id(&self) -> String {
         format!(

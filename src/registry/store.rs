@@ -12,13 +12,12 @@ use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use smallvec::SmallVec;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +27,7 @@ use super::model::{
     ServiceKey, ServicePage, ServiceSettings, ServiceSummary, ServiceView, TimingOverrides,
     Timings, is_link_local,
 };
-use super::watch::{Permit, Selector, Subscription, WatchItem, WatchStream, snapshot_items};
+use super::watch::{Inbox, Position, Selector, Start, Subscription, WatchStream};
 use super::{Config, Error, persist, probe};
 
 /// The registry. Cheap to clone: clones share one state.
@@ -45,7 +44,8 @@ struct Inner {
     /// Wakes the reaper when a lease deadline earlier than its current one
     /// is scheduled.
     reaper: Arc<Notify>,
-    watches: Arc<AtomicUsize>,
+    /// One permit per watch stream open.
+    watches: Arc<Semaphore>,
     store: Option<persist::Store>,
     /// Serialises snapshot writes, so the file always ends with the newest.
     store_lock: tokio::sync::Mutex<()>,
@@ -61,9 +61,9 @@ pub struct Stats {
     pub instances: usize,
     pub leases: usize,
     pub watchers: usize,
-    /// Events queued for watchers, over all of them: bounded by the number
-    /// of watchers times the per-watcher queue.
-    pub queued_events: usize,
+    /// Changes queued for watchers, in bytes, over all of them: bounded
+    /// by the number of watchers times the per-watcher budget.
+    pub queued_bytes: usize,
 }
 
 struct State {
@@ -225,7 +225,7 @@ impl Registry {
                 by_group: HashMap::new(),
             }),
             reaper: Arc::new(Notify::new()),
-            watches: Arc::new(AtomicUsize::new(0)),
+            watches: Arc::new(Semaphore::new(config.limits.max_watches)),
             store,
             store_lock: tokio::sync::Mutex::new(()),
             probes: Mutex::new(HashMap::new()),
@@ -468,38 +468,45 @@ impl Registry {
         start_revision: u64,
         incarnation: u64,
     ) -> Result<WatchStream, Error> {
-        let limit = self.inner.config.limits.max_watches;
-        let watches = self.inner.watches.clone();
-        if watches.fetch_add(1, Ordering::AcqRel) >= limit {
-            watches.fetch_sub(1, Ordering::AcqRel);
-            return Err(Error::ResourceExhausted(format!(
-                "the registry serves at most {limit} watches at once"
-            )));
-        }
-        let permit = Permit(watches);
+        let permit = self
+            .inner
+            .watches
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                Error::ResourceExhausted(format!(
+                    "the registry serves at most {} watches at once",
+                    self.inner.config.limits.max_watches
+                ))
+            })?;
+        let budget = self.inner.config.limits.watch_queue_bytes;
         let mut state = self.inner.state.lock();
         let stale_incarnation = incarnation != 0 && incarnation != self.inner.incarnation;
-        let pending = match start_revision {
-            0 => snapshot_items(state.revision, false, state.snapshot(&selector)),
-            _ if stale_incarnation => {
-                snapshot_items(state.revision, true, state.snapshot(&selector))
-            }
+        let start = match start_revision {
+            0 => Start::Snapshot { reset: false },
+            _ if stale_incarnation => Start::Snapshot { reset: true },
+            // A replay larger than a watcher may queue would pin that much
+            // for a watcher that may never read it: a snapshot is cheaper.
             from => match state.replay(&selector, from) {
-                Some(events) => events.into_iter().map(WatchItem::Change).collect(),
-                None => snapshot_items(state.revision, true, state.snapshot(&selector)),
+                Some(events)
+                    if events.iter().map(|e| e.instance.footprint()).sum::<usize>() <= budget =>
+                {
+                    Start::Replay(events)
+                }
+                _ => Start::Snapshot { reset: true },
             },
         };
-        let (id, rx, lagged) = state.subscribe(&self.inner.config, &selector);
+        let subscription = state.subscribe(&self.inner.config, &selector);
+        let revision = state.revision;
         drop(state);
-        Ok(WatchStream {
-            registry: self.clone(),
+        Ok(WatchStream::new(
+            self.clone(),
             selector,
-            subscription: id,
-            rx,
-            lagged,
-            pending: pending.into(),
-            _permit: permit,
-        })
+            subscription,
+            revision,
+            start,
+            permit,
+        ))
     }
 
     pub fn stats(&self) -> Stats {
@@ -509,15 +516,15 @@ impl Registry {
             .values()
             .chain(state.by_group.values())
             .flatten();
-        let (watchers, queued_events) =
-            subscriptions.fold((0, 0), |(n, q), sub| (n + 1, q + sub.queued()));
+        let (watchers, queued_bytes) =
+            subscriptions.fold((0, 0), |(n, q), sub| (n + 1, q + sub.queued_bytes()));
         Stats {
             revision: state.revision,
             services: state.services.len(),
             instances: state.services.values().map(|s| s.instances.len()).sum(),
             leases: state.leases.len(),
             watchers,
-            queued_events,
+            queued_bytes,
         }
     }
 
@@ -536,14 +543,25 @@ impl Registry {
         }
     }
 
-    pub(super) fn resubscribe(
+    /// A new subscription for a watcher that fell behind, and the revision
+    /// it starts after.
+    pub(super) fn resubscribe(&self, selector: &Selector) -> ((u64, Inbox), u64) {
+        let mut state = self.inner.state.lock();
+        let subscription = state.subscribe(&self.inner.config, selector);
+        (subscription, state.revision)
+    }
+
+    /// Up to `max` instances of the selector's, in snapshot order, after
+    /// `after`; whether more follow; and the revision they were read at.
+    pub(super) fn snapshot_chunk(
         &self,
         selector: &Selector,
-    ) -> (u64, mpsc::Receiver<Event>, Arc<AtomicBool>, Vec<WatchItem>) {
-        let mut state = self.inner.state.lock();
-        let items = snapshot_items(state.revision, true, state.snapshot(selector));
-        let (id, rx, lagged) = state.subscribe(&self.inner.config, selector);
-        (id, rx, lagged, items)
+        after: Option<&Position>,
+        max: usize,
+    ) -> (Vec<Arc<Instance>>, bool, u64) {
+        let state = self.inner.state.lock();
+        let (chunk, more) = state.snapshot_chunk(selector, after, max);
+        (chunk, more, state.revision)
     }
 
     pub(super) fn unsubscribe(&self, selector: &Selector, id: u64) {
@@ -1085,19 +1103,42 @@ impl State {
             .take_while(move |(key, _)| key.in_group(group))
     }
 
-    fn snapshot(&self, selector: &Selector) -> Vec<Arc<Instance>> {
-        let sorted = |service: &Service| {
-            let mut instances: Vec<_> = service.iter().cloned().collect();
-            instances.sort_by(|a, b| a.addr.cmp(&b.addr));
-            instances
+    fn snapshot_chunk(
+        &self,
+        selector: &Selector,
+        after: Option<&Position>,
+        max: usize,
+    ) -> (Vec<Arc<Instance>>, bool) {
+        let services: Box<dyn Iterator<Item = (&ServiceKey, &Service)>> = match selector {
+            Selector::Service(key) => Box::new(self.services.get_key_value(key).into_iter()),
+            Selector::Group(group) => match after {
+                Some((service, _)) => Box::new(
+                    self.services
+                        .range(service.clone()..)
+                        .take_while(move |(key, _)| key.in_group(group)),
+                ),
+                None => Box::new(self.group_range(group)),
+            },
         };
-        match selector {
-            Selector::Service(key) => self.services.get(key).map(sorted).unwrap_or_default(),
-            Selector::Group(group) => self
-                .group_range(group)
-                .flat_map(|(_, service)| sorted(service))
-                .collect(),
+        // One more than asked tells whether more follow.
+        let mut chunk = Vec::with_capacity(max + 1);
+        for (key, service) in services {
+            let mut instances: Vec<_> = match after {
+                Some((from, addr)) if from == key => {
+                    service.iter().filter(|i| i.addr > *addr).cloned().collect()
+                }
+                _ => service.iter().cloned().collect(),
+            };
+            instances.sort_unstable_by(|a, b| a.addr.cmp(&b.addr));
+            let room = max + 1 - chunk.len();
+            chunk.extend(instances.into_iter().take(room));
+            if chunk.len() > max {
+                break;
+            }
         }
+        let more = chunk.len() > max;
+        chunk.truncate(max);
+        (chunk, more)
     }
 
     /// The events after `from - 1` that the selector sees, or `None` when
@@ -1121,20 +1162,10 @@ impl State {
         )
     }
 
-    fn subscribe(
-        &mut self,
-        config: &Config,
-        selector: &Selector,
-    ) -> (u64, mpsc::Receiver<Event>, Arc<AtomicBool>) {
+    fn subscribe(&mut self, config: &Config, selector: &Selector) -> (u64, Inbox) {
         let id = self.next_watcher;
         self.next_watcher += 1;
-        let (tx, rx) = mpsc::channel(config.limits.watch_queue.max(1));
-        let lagged = Arc::new(AtomicBool::new(false));
-        let subscription = Subscription {
-            id,
-            tx,
-            lagged: lagged.clone(),
-        };
+        let (subscription, inbox) = Subscription::new(id, config.limits.watch_queue_bytes);
         match selector {
             Selector::Service(key) => self
                 .by_service
@@ -1147,7 +1178,7 @@ impl State {
                 .or_default()
                 .push(subscription),
         }
-        (id, rx, lagged)
+        (id, inbox)
     }
 
     /// What must survive a restart.

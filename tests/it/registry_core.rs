@@ -334,7 +334,7 @@ async fn a_resume_from_forgotten_history_or_another_incarnation_gets_a_reset() {
 #[tokio::test(start_paused = true)]
 async fn a_watcher_that_stops_reading_is_bounded_and_then_reset() {
     let mut config = registry::Config::default();
-    config.limits.watch_queue = 16;
+    config.limits.watch_queue_bytes = 4096;
     let registry = Registry::in_memory(&config);
     let mut watch = registry
         .watch(Selector::Group(service("svc").group_key()), 0, 0)
@@ -349,9 +349,9 @@ async fn a_watcher_that_stops_reading_is_bounded_and_then_reset() {
     }
     let stats = registry.stats();
     assert!(
-        stats.queued_events <= 16,
-        "queued {} events",
-        stats.queued_events
+        stats.queued_bytes <= 4096,
+        "queued {} bytes",
+        stats.queued_bytes
     );
 
     let mut snapshot = Vec::new();
@@ -438,4 +438,149 @@ async fn the_protection_threshold_keeps_a_service_from_emptying() {
             .collect::<Vec<_>>(),
         [2]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_watcher_pins_no_instance_the_registry_has_let_go() {
+    let registry = registry();
+    for port in 1..=2_000 {
+        registry.register(spec("svc", port), 0).await.unwrap();
+    }
+    let view = registry.get_service(&service("svc"), false, &[]).unwrap();
+    let holders = |view: &shop_mesh::registry::model::ServiceView| -> usize {
+        view.instances
+            .iter()
+            .map(std::sync::Arc::strong_count)
+            .sum()
+    };
+    let before = holders(&view);
+    let mut watch = registry
+        .watch(Selector::Group(service("svc").group_key()), 0, 0)
+        .unwrap();
+    // The watcher takes the first chunk of its snapshot and stops reading.
+    let WatchItem::Snapshot { more: true, .. } = next_now(&mut watch).await else {
+        panic!("the first of several chunks");
+    };
+
+    // Nothing of the rest was copied for it.
+    assert_eq!(
+        holders(&view),
+        before,
+        "instances held for a watcher that is not reading"
+    );
+    drop(view);
+
+    // Replacing every instance leaves the old versions to be freed; the
+    // watcher's queue holds at most its budget of them.
+    for port in 1..=2_000 {
+        let mut changed = spec("svc", port);
+        changed.weight = 2.0;
+        registry.register(changed, 0).await.unwrap();
+    }
+    let budget = registry::Config::default().limits.watch_queue_bytes;
+    let queued = registry.stats().queued_bytes;
+    assert!(queued <= budget, "{queued} bytes queued");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_snapshot_read_over_time_then_its_changes_show_each_change_once() {
+    let registry = registry();
+    for name in ["a", "b", "c"] {
+        for port in 1..=400 {
+            registry.register(spec(name, port), 0).await.unwrap();
+        }
+    }
+    let mut watch = registry
+        .watch(Selector::Group(service("a").group_key()), 0, 0)
+        .unwrap();
+    let first = registry.stats().revision;
+
+    // Chunk 1 holds a:1..400 and b:1..100; chunk 2 b:101..400 and
+    // c:1..200; chunk 3 the rest.
+    let WatchItem::Snapshot {
+        instances,
+        more: true,
+        revision,
+        ..
+    } = next_now(&mut watch).await
+    else {
+        panic!("chunk 1");
+    };
+    assert_eq!(revision, first);
+    assert_eq!(
+        instances.last().map(|i| (&*i.service.name, i.addr.port)),
+        Some(("b", 100))
+    );
+
+    let with_interval = |name, port, ms| {
+        let mut changed = spec(name, port);
+        changed.timings.heartbeat_interval_ms = Some(ms);
+        changed
+    };
+    // Sent already: this change must follow the snapshot.
+    registry
+        .register(with_interval("a", 1, 1_000), 0)
+        .await
+        .unwrap();
+    // Not sent yet: the snapshot shows it, no change does.
+    registry
+        .register(with_interval("c", 399, 2_000), 0)
+        .await
+        .unwrap();
+    registry.register(spec("d", 1), 0).await.unwrap();
+    // Sent already, then removed.
+    registry
+        .deregister(&service("b"), &spec("b", 50).addr)
+        .await
+        .unwrap();
+
+    let WatchItem::Snapshot { more: true, .. } = next_now(&mut watch).await else {
+        panic!("chunk 2");
+    };
+    // In chunk 2, sent now.
+    registry
+        .register(with_interval("b", 350, 3_000), 0)
+        .await
+        .unwrap();
+    let WatchItem::Snapshot {
+        more: false,
+        instances,
+        ..
+    } = next_now(&mut watch).await
+    else {
+        panic!("chunk 3, the last");
+    };
+    let shown: std::collections::HashMap<_, _> = instances
+        .iter()
+        .map(|i| {
+            (
+                (i.service.name.to_string(), i.addr.port),
+                i.timings.heartbeat_interval_ms,
+            )
+        })
+        .collect();
+    assert_eq!(shown.get(&("c".to_string(), 399)), Some(&2_000));
+    assert!(shown.contains_key(&("d".to_string(), 1)));
+
+    let mut changes = Vec::new();
+    while let Ok(Some(item)) = tokio::time::timeout(Duration::ZERO, watch.next()).await {
+        let WatchItem::Change(event) = item else {
+            panic!("only changes after the snapshot");
+        };
+        changes.push((
+            event.kind,
+            event.instance.service.name.to_string(),
+            event.instance.addr.port,
+        ));
+    }
+    assert_eq!(
+        changes,
+        [
+            (ChangeKind::Put, "a".to_string(), 1),
+            (ChangeKind::Removed, "b".to_string(), 50),
+            (ChangeKind::Put, "b".to_string(), 350),
+        ]
+    );
+    registry.register(spec("e", 1), 0).await.unwrap();
+    assert_eq!(change(next_now(&mut watch).await).2, 1, "and it follows");
 }
