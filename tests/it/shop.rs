@@ -279,6 +279,14 @@ impl TestShop {
         ProductServiceClient::new(self.mesh.channel(PRODUCT_SERVICE))
     }
 
+    /// Sends the `name` roles the shutdown SIGTERM would, without waiting
+    /// for them to exit.
+    pub fn signal(&self, name: &str) {
+        for role in self.roles.iter().filter(|role| role.name == name) {
+            role.shutdown.cancel();
+        }
+    }
+
     /// Stops every role as SIGTERM would and checks each exited cleanly.
     pub async fn stop(self) {
         for role in &self.roles {
