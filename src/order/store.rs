@@ -18,6 +18,7 @@ use sea_orm_migration::prelude::{ColumnDef, DynIden, Index, Table};
 use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, SchemaManager};
 
 use crate::shop::db::{begin_write, is_unique_violation};
+use crate::shop::keys::{ExactKeys, Key};
 use crate::shop::{Error, Money};
 
 pub mod order {
@@ -120,6 +121,22 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(CreateOrders),
             Box::new(crate::shop::ids::CreateLeaseTable),
+            Box::new(ExactKeys {
+                name: "m20261201_000001_exact_order_keys",
+                keys: &[
+                    Key {
+                        table: "t_order",
+                        column: "request_id",
+                        chars: MAX_REQUEST_ID as u32,
+                    },
+                    Key {
+                        table: "t_order_request",
+                        column: "request_id",
+                        chars: MAX_REQUEST_ID as u32,
+                    },
+                    crate::shop::ids::HOLDER_KEY,
+                ],
+            }),
         ]
     }
 

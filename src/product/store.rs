@@ -9,6 +9,7 @@ use sea_orm_migration::prelude::{ColumnDef, DynIden, Table};
 use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, SchemaManager};
 
 use crate::shop::db::{begin_write, is_unique_violation};
+use crate::shop::keys::{ExactKeys, Key};
 use crate::shop::{Error, Money};
 
 pub mod product {
@@ -68,7 +69,17 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateProducts)]
+        vec![
+            Box::new(CreateProducts),
+            Box::new(ExactKeys {
+                name: "m20261201_000001_exact_deduction_keys",
+                keys: &[Key {
+                    table: "t_stock_deduction",
+                    column: "request_id",
+                    chars: MAX_REQUEST_ID as u32,
+                }],
+            }),
+        ]
     }
 
     fn migration_table_name() -> DynIden {

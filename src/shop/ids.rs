@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Error;
+use super::keys::Key;
 
 /// Milliseconds from the Unix epoch to 2026-01-01T00:00:00Z, the ids' zero.
 const EPOCH_MS: i64 = 1_767_225_600_000;
@@ -50,6 +51,15 @@ pub mod lease {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// The holder column, compared for identity when a lease is renewed,
+/// taken or released: one of the keys made exact by the migrations of a
+/// service that makes ids.
+pub const HOLDER_KEY: Key = Key {
+    table: "t_id_worker",
+    column: "holder",
+    chars: 64,
+};
 
 /// Creates `t_id_worker`; part of the migrations of a service that makes
 /// ids.

@@ -19,6 +19,7 @@ backend_tests!(
     refused_orders_write_nothing,
     two_hundred_orders_for_a_hundred_in_stock,
     the_same_request_id_buys_once,
+    request_ids_that_differ_in_any_byte_are_different_orders,
     a_refused_write_restores_the_stock,
     an_abandoned_order_is_undone_by_the_sweeper,
 );
@@ -342,6 +343,40 @@ async fn the_same_request_id_buys_once(backend: Backend, test: &str) {
     assert_eq!(stock(&products_db, 1002).await, 95);
     assert_eq!(rows(&orders_db, order::Entity).await, 2);
     assert_eq!(rows(&products_db, deduction::Entity).await, 2);
+    shop.stop().await;
+}
+
+/// Request ids equal under a case-, accent- or pad-insensitive collation
+/// but not byte for byte are different orders, each with its own stock.
+async fn request_ids_that_differ_in_any_byte_are_different_orders(backend: Backend, test: &str) {
+    let Some(shop) = TestShop::start(backend, test, 1, 1).await else {
+        return;
+    };
+    let mut orders = shop.orders();
+    let request_ids = ["Ab", "ab", "AB ", "k🚀", "K😀 ", "é", "e"];
+    let mut placed = HashSet::new();
+    for request_id in request_ids {
+        let order = orders
+            .place_order(place(1001, 1003, 1, request_id))
+            .await
+            .unwrap_or_else(|status| panic!("request_id {request_id:?}: {status:?}"))
+            .into_inner();
+        assert_eq!(order.request_id, request_id, "the order placed for it");
+        placed.insert(order.id);
+    }
+    assert_eq!(placed.len(), request_ids.len(), "one order per request id");
+    let (products_db, orders_db) = (
+        shop.db.connect("product").await,
+        shop.db.connect("order").await,
+    );
+    assert_eq!(
+        stock(&products_db, 1003).await,
+        100 - request_ids.len() as i32
+    );
+    assert_eq!(
+        rows(&orders_db, order::Entity).await,
+        request_ids.len() as u64
+    );
     shop.stop().await;
 }
 
