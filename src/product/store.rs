@@ -10,6 +10,7 @@ use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, SchemaMana
 
 use crate::shop::db::{begin_write, is_unique_violation};
 use crate::shop::keys::{ExactKeys, Key};
+use crate::shop::money::{ExactMoney, MoneyColumn};
 use crate::shop::{Error, Money};
 
 pub mod product {
@@ -23,7 +24,7 @@ pub mod product {
         #[sea_orm(column_name = "t_pro_name")]
         pub name: String,
         #[sea_orm(column_name = "t_pro_price")]
-        pub price: Decimal,
+        pub price: crate::shop::Money,
         #[sea_orm(column_name = "t_pro_stock")]
         pub stock: i32,
     }
@@ -77,6 +78,13 @@ impl MigratorTrait for Migrator {
                     table: "t_stock_deduction",
                     column: "request_id",
                     chars: MAX_REQUEST_ID as u32,
+                }],
+            }),
+            Box::new(ExactMoney {
+                name: "m20261201_000002_exact_product_money",
+                columns: &[MoneyColumn {
+                    table: "t_product",
+                    column: "t_pro_price",
                 }],
             }),
         ]
@@ -159,7 +167,7 @@ impl From<product::Model> for Product {
         Product {
             id: row.id,
             name: row.name,
-            price: Money::from_db(row.price),
+            price: row.price,
             stock: row.stock,
         }
     }
@@ -364,7 +372,7 @@ impl Products {
             let row = product::ActiveModel {
                 id: Set(id),
                 name: Set(name.into()),
-                price: Set(price.parse().expect("a seed price is a decimal")),
+                price: Set(Money::parse(price).expect("a seed price is an amount")),
                 stock: Set(100),
             };
             // Another instance seeding at the same moment wins; fine.

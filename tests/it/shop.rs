@@ -4,6 +4,7 @@
 //! dropped at the end).
 
 mod ids;
+mod migrations;
 mod orders;
 mod products;
 

@@ -9,7 +9,6 @@ use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, Que
 use shop_mesh::order::store::{item, order, request};
 use shop_mesh::pb::shop as pb;
 use shop_mesh::product::store::{deduction, product};
-use shop_mesh::shop::Money;
 use tonic::Code;
 
 use super::{Backend, TestShop, backend_tests, rows};
@@ -102,10 +101,7 @@ async fn the_seeds_two_orders(backend: Backend, test: &str) {
     let stored = order::Entity::find().all(&orders_db).await.unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].id, placed.id);
-    assert_eq!(
-        Money::from_db(stored[0].total_price).to_string(),
-        "23990.00"
-    );
+    assert_eq!(stored[0].total_price.to_string(), "23990.00");
     let items = item::Entity::find().all(&orders_db).await.unwrap();
     assert_eq!(items.len(), 1);
     assert_eq!(
@@ -113,7 +109,7 @@ async fn the_seeds_two_orders(backend: Backend, test: &str) {
             items[0].order_id,
             items[0].product_id,
             items[0].product_name.as_str(),
-            Money::from_db(items[0].price).to_string(),
+            items[0].price.to_string(),
             items[0].count
         ),
         (placed.id, 1001, "华为", "2399.00".to_string(), 10)
