@@ -5,6 +5,7 @@
 
 mod ids;
 mod migrations;
+mod open;
 mod orders;
 mod products;
 
