@@ -30,14 +30,14 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let db = shop::db::open::<store::Migrator>(&config.order, "order").await?;
-    let ids = IdGenerator::start(db.clone(), config.shop.id_lease, shutdown.clone())
+    let ids = IdGenerator::start(db.clone(), config.shop.id_lease)
         .await
         .map_err(|err| anyhow::anyhow!("cannot lease an id worker: {err}"))?;
     tracing::info!(worker = ?ids.worker(), "id worker leased");
     let mesh = Mesh::new(&config.discovery)?;
     let placer = Placer {
         orders: Orders::new(db),
-        ids,
+        ids: ids.clone(),
         users: UserServiceClient::new(mesh.channel(USER_SERVICE)),
         products: ProductServiceClient::new(mesh.channel(PRODUCT_SERVICE)),
     };
@@ -50,7 +50,7 @@ pub async fn run(
         placer,
         max_count: config.shop.max_order_count,
     });
-    shop::serve(
+    let served = shop::serve(
         config,
         &config.order,
         ORDER_SERVICE,
@@ -59,7 +59,10 @@ pub async fn run(
         |routes| routes.add_service(service),
         shutdown,
     )
-    .await
+    .await;
+    // Only now: the server has drained, so no open call needs an id.
+    ids.release().await;
+    served
 }
 
 struct OrderGrpc {

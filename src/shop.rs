@@ -6,6 +6,7 @@
 pub mod db;
 mod error;
 pub mod ids;
+pub mod keys;
 pub mod money;
 
 use std::net::SocketAddr;

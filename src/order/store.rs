@@ -18,6 +18,8 @@ use sea_orm_migration::prelude::{ColumnDef, DynIden, Index, Table};
 use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, SchemaManager};
 
 use crate::shop::db::{begin_write, is_unique_violation};
+use crate::shop::keys::{ExactKeys, Key};
+use crate::shop::money::{ExactMoney, MoneyColumn};
 use crate::shop::{Error, Money};
 
 pub mod order {
@@ -37,7 +39,7 @@ pub mod order {
         #[sea_orm(column_name = "t_address")]
         pub address: String,
         #[sea_orm(column_name = "t_total_price")]
-        pub total_price: Decimal,
+        pub total_price: crate::shop::Money,
         pub request_id: String,
         pub created_at: DateTimeUtc,
     }
@@ -63,7 +65,7 @@ pub mod item {
         #[sea_orm(column_name = "t_pro_name")]
         pub product_name: String,
         #[sea_orm(column_name = "t_pro_price")]
-        pub price: Decimal,
+        pub price: crate::shop::Money,
         #[sea_orm(column_name = "t_number")]
         pub count: i32,
     }
@@ -120,6 +122,35 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(CreateOrders),
             Box::new(crate::shop::ids::CreateLeaseTable),
+            Box::new(ExactKeys {
+                name: "m20261201_000001_exact_order_keys",
+                keys: &[
+                    Key {
+                        table: "t_order",
+                        column: "request_id",
+                        chars: MAX_REQUEST_ID as u32,
+                    },
+                    Key {
+                        table: "t_order_request",
+                        column: "request_id",
+                        chars: MAX_REQUEST_ID as u32,
+                    },
+                    crate::shop::ids::HOLDER_KEY,
+                ],
+            }),
+            Box::new(ExactMoney {
+                name: "m20261201_000002_exact_order_money",
+                columns: &[
+                    MoneyColumn {
+                        table: "t_order",
+                        column: "t_total_price",
+                    },
+                    MoneyColumn {
+                        table: "t_order_item",
+                        column: "t_pro_price",
+                    },
+                ],
+            }),
         ]
     }
 
@@ -442,7 +473,7 @@ impl Orders {
             user_name: Set(order.user_name.clone()),
             phone: Set(order.phone.clone()),
             address: Set(order.address.clone()),
-            total_price: Set(order.total_price.decimal()),
+            total_price: Set(order.total_price),
             request_id: Set(order.request_id.clone()),
             created_at: Set(order.created_at),
         })
@@ -453,7 +484,7 @@ impl Orders {
             order_id: Set(order.id),
             product_id: Set(item.product_id),
             product_name: Set(item.product_name.clone()),
-            price: Set(item.price.decimal()),
+            price: Set(item.price),
             count: Set(item.count),
         });
         item::Entity::insert_many(items)
@@ -579,7 +610,7 @@ impl Orders {
                     id: row.id,
                     product_id: row.product_id,
                     product_name: row.product_name,
-                    price: Money::from_db(row.price),
+                    price: row.price,
                     count: row.count,
                 });
             }
@@ -593,7 +624,7 @@ impl Orders {
                 user_name: row.user_name,
                 phone: row.phone,
                 address: row.address,
-                total_price: Money::from_db(row.total_price),
+                total_price: row.total_price,
                 request_id: row.request_id,
                 created_at: row.created_at,
             })

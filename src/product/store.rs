@@ -9,6 +9,8 @@ use sea_orm_migration::prelude::{ColumnDef, DynIden, Table};
 use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, SchemaManager};
 
 use crate::shop::db::{begin_write, is_unique_violation};
+use crate::shop::keys::{ExactKeys, Key};
+use crate::shop::money::{ExactMoney, MoneyColumn};
 use crate::shop::{Error, Money};
 
 pub mod product {
@@ -22,7 +24,7 @@ pub mod product {
         #[sea_orm(column_name = "t_pro_name")]
         pub name: String,
         #[sea_orm(column_name = "t_pro_price")]
-        pub price: Decimal,
+        pub price: crate::shop::Money,
         #[sea_orm(column_name = "t_pro_stock")]
         pub stock: i32,
     }
@@ -68,7 +70,24 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateProducts)]
+        vec![
+            Box::new(CreateProducts),
+            Box::new(ExactKeys {
+                name: "m20261201_000001_exact_deduction_keys",
+                keys: &[Key {
+                    table: "t_stock_deduction",
+                    column: "request_id",
+                    chars: MAX_REQUEST_ID as u32,
+                }],
+            }),
+            Box::new(ExactMoney {
+                name: "m20261201_000002_exact_product_money",
+                columns: &[MoneyColumn {
+                    table: "t_product",
+                    column: "t_pro_price",
+                }],
+            }),
+        ]
     }
 
     fn migration_table_name() -> DynIden {
@@ -148,7 +167,7 @@ impl From<product::Model> for Product {
         Product {
             id: row.id,
             name: row.name,
-            price: Money::from_db(row.price),
+            price: row.price,
             stock: row.stock,
         }
     }
@@ -353,7 +372,7 @@ impl Products {
             let row = product::ActiveModel {
                 id: Set(id),
                 name: Set(name.into()),
-                price: Set(price.parse().expect("a seed price is a decimal")),
+                price: Set(Money::parse(price).expect("a seed price is an amount")),
                 stock: Set(100),
             };
             // Another instance seeding at the same moment wins; fine.

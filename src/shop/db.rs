@@ -1,16 +1,22 @@
 //! Opening a shop service's database: a URL (SQLite, MySQL, PostgreSQL) or
 //! by default a SQLite file under the data dir; migrations at start.
 
+use std::str::FromStr;
 use std::time::Duration;
 
+use sea_orm::sqlx::mysql::MySqlConnectOptions;
+use sea_orm::sqlx::postgres::PgConnectOptions;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbErr,
-    SqlErr, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    RuntimeErr, SqlErr, SqliteTransactionMode, TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 
 use super::ServiceConfig;
+
+/// How long connecting to a database server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a SQLite writer waits for another to finish before it gives up.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,12 +74,13 @@ pub async fn open<M: MigratorTrait>(
 
 /// A pool on `url`, nothing more.
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
+    probe(url).await?;
     let mut options = ConnectOptions::new(url);
     options
         .max_connections(max_connections.max(1))
         .min_connections(1)
-        .connect_timeout(Duration::from_secs(5))
-        .acquire_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_TIMEOUT)
+        .acquire_timeout(CONNECT_TIMEOUT)
         .sqlx_logging(false)
         .map_sqlx_sqlite_opts(|options| {
             options
@@ -83,6 +90,39 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
                 .foreign_keys(true)
         });
     Database::connect(options).await
+}
+
+/// One connection to a database server, outside any pool: a pool retries
+/// a refused connection until its timeout and then says only "pool timed
+/// out", so the cause (refused, unknown host, bad password, no such
+/// database) is found here and said at once.
+async fn probe(url: &str) -> Result<(), DbErr> {
+    use sea_orm::sqlx::{ConnectOptions as _, Connection as _};
+    let attempt = async {
+        if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+            MySqlConnectOptions::from_str(url)?
+                .connect()
+                .await?
+                .close()
+                .await
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            PgConnectOptions::from_str(url)?
+                .connect()
+                .await?
+                .close()
+                .await
+        } else {
+            Ok(())
+        }
+    };
+    let cause = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => format!("no answer within {CONNECT_TIMEOUT:?}"),
+    };
+    Err(DbErr::Conn(RuntimeErr::Internal(format!(
+        "{cause}; check that the database server is running and reachable at the URL's host and port, and that its user, password and database are right"
+    ))))
 }
 
 /// Runs `M`'s pending migrations. Instances of one service sharing a

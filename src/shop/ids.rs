@@ -19,9 +19,10 @@ use sea_orm::{ActiveValue::Set, DatabaseConnection, QueryFilter};
 use sea_orm_migration::prelude::{ColumnDef, Table};
 use sea_orm_migration::{MigrationName, MigrationTrait, SchemaManager};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::Error;
-use crate::shutdown::Shutdown;
+use super::keys::Key;
 
 /// Milliseconds from the Unix epoch to 2026-01-01T00:00:00Z, the ids' zero.
 const EPOCH_MS: i64 = 1_767_225_600_000;
@@ -50,6 +51,15 @@ pub mod lease {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// The holder column, compared for identity when a lease is renewed,
+/// taken or released: one of the keys made exact by the migrations of a
+/// service that makes ids.
+pub const HOLDER_KEY: Key = Key {
+    table: "t_id_worker",
+    column: "holder",
+    chars: 64,
+};
 
 /// Creates `t_id_worker`; part of the migrations of a service that makes
 /// ids.
@@ -101,6 +111,9 @@ struct Inner {
     db: DatabaseConnection,
     holder: String,
     lease: Duration,
+    /// Cancelled by [`IdGenerator::release`]: no renewal or claim after it,
+    /// so a renewal racing the release cannot take a worker id back.
+    released: CancellationToken,
     state: Mutex<State>,
 }
 
@@ -114,27 +127,23 @@ struct State {
 }
 
 impl IdGenerator {
-    /// Claims a worker id and keeps it renewed until `shutdown`, when it is
-    /// given back.
-    pub async fn start(
-        db: DatabaseConnection,
-        lease: Duration,
-        shutdown: Shutdown,
-    ) -> Result<Self, Error> {
+    /// Claims a worker id and keeps it renewed until [`IdGenerator::release`].
+    /// Renewal goes on through a shutdown: calls still open while the
+    /// server drains need ids, so the owner releases only once they ended.
+    pub async fn start(db: DatabaseConnection, lease: Duration) -> Result<Self, Error> {
         let generator = Self::claim(db, lease).await?;
         tokio::spawn({
             let generator = generator.clone();
             async move {
                 loop {
                     tokio::select! {
-                        _ = shutdown.cancelled() => break,
+                        _ = generator.inner.released.cancelled() => break,
                         _ = tokio::time::sleep(generator.inner.lease / 3) => {}
                     }
                     if let Err(err) = generator.renew().await {
                         tracing::warn!(%err, "cannot renew the id worker lease");
                     }
                 }
-                generator.release().await;
             }
         });
         Ok(generator)
@@ -148,6 +157,7 @@ impl IdGenerator {
                 db,
                 holder,
                 lease,
+                released: CancellationToken::new(),
                 state: Mutex::new(State {
                     worker: None,
                     valid_until: Instant::now(),
@@ -223,9 +233,15 @@ impl IdGenerator {
         };
         let worker = match worker {
             Some(worker) => worker,
+            None if inner.released.is_cancelled() => return Ok(()),
             None => self.take_free(expires_at).await?,
         };
         let mut state = inner.state.lock();
+        if inner.released.is_cancelled() {
+            // Released while this renewal was under way; the row is gone
+            // or expires on its own.
+            return Ok(());
+        }
         state.worker = Some(worker);
         state.valid_until = started + inner.lease - inner.lease / 4;
         Ok(())
@@ -275,9 +291,15 @@ impl IdGenerator {
         )))
     }
 
-    /// Gives the worker id back at once (on shutdown).
+    /// Gives the worker id back at once and stops renewing it: the last
+    /// step of a shutdown, after the last call that could need an id.
     pub async fn release(&self) {
-        let Some(worker) = self.inner.state.lock().worker.take() else {
+        let worker = {
+            let mut state = self.inner.state.lock();
+            self.inner.released.cancel();
+            state.worker.take()
+        };
+        let Some(worker) = worker else {
             return;
         };
         let released = lease::Entity::delete_many()

@@ -4,6 +4,8 @@
 //! dropped at the end).
 
 mod ids;
+mod migrations;
+mod open;
 mod orders;
 mod products;
 
@@ -277,6 +279,14 @@ impl TestShop {
 
     pub fn products(&self) -> ProductServiceClient<BalancedChannel> {
         ProductServiceClient::new(self.mesh.channel(PRODUCT_SERVICE))
+    }
+
+    /// Sends the `name` roles the shutdown SIGTERM would, without waiting
+    /// for them to exit.
+    pub fn signal(&self, name: &str) {
+        for role in self.roles.iter().filter(|role| role.name == name) {
+            role.shutdown.cancel();
+        }
     }
 
     /// Stops every role as SIGTERM would and checks each exited cleanly.

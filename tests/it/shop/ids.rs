@@ -1,14 +1,18 @@
 //! Order ids: unique across instances because each instance leases its
-//! worker id from the database the orders are stored in.
+//! worker id from the database the orders are stored in, and hold it
+//! until their last call ended.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use sea_orm::{ActiveValue::Set, EntityTrait};
+use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
+use shop_mesh::order::store::request;
+use shop_mesh::pb::shop as pb;
 use shop_mesh::shop::ids::{IdGenerator, lease, worker_of};
-use shop_mesh::shop::{Error, db};
+use shop_mesh::shop::{Error, ORDER_SERVICE, db};
 
-use super::{Backend, TestDb, backend_tests};
+use super::{Backend, TestDb, TestShop, backend_tests};
+use crate::wait_until;
 
 backend_tests!(two_instances_never_share_a_worker_id);
 
@@ -62,4 +66,74 @@ async fn two_instances_never_share_a_worker_id(backend: Backend, test: &str) {
     );
     let c = IdGenerator::claim(db.clone(), lease_for).await.unwrap();
     assert_eq!(c.worker(), Some(worker_b));
+}
+
+/// A call open when the order instance is told to stop still gets its ids:
+/// the lease is given back only after the server drained. The call is held
+/// open by the product database's write lock, which its DeductStock waits
+/// on, until the instance has left the registry and is draining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_open_at_shutdown_still_gets_its_order() {
+    let Some(shop) = TestShop::start(
+        Backend::Sqlite,
+        "a_call_open_at_shutdown_still_gets_its_order",
+        1,
+        1,
+    )
+    .await
+    else {
+        return;
+    };
+    let registry = shop.registry.client().await;
+    let orders_db = shop.db.connect("order").await;
+    // One connection, so the lock and its release are on the same one.
+    let product_url = db::url(&shop.db.service("product"), "product");
+    let locker = db::connect(&product_url, 1).await.unwrap();
+    locker.execute_unprepared("BEGIN EXCLUSIVE").await.unwrap();
+
+    let call = tokio::spawn({
+        let mut orders = shop.orders();
+        async move {
+            orders
+                .place_order(pb::PlaceOrderRequest {
+                    user_id: 1001,
+                    product_id: 1001,
+                    count: 1,
+                    request_id: "open-at-shutdown".into(),
+                })
+                .await
+        }
+    });
+    wait_until("the order to be under way", Duration::from_secs(10), || {
+        let orders_db = orders_db.clone();
+        async move { super::rows(&orders_db, request::Entity).await == 1 }
+    })
+    .await;
+    shop.signal("order");
+    wait_until(
+        "the order instance to leave the registry",
+        Duration::from_secs(10),
+        || {
+            let mut registry = registry.clone();
+            async move {
+                crate::instances(&mut registry, ORDER_SERVICE, false)
+                    .await
+                    .is_empty()
+            }
+        },
+    )
+    .await;
+    locker.execute_unprepared("ROLLBACK").await.unwrap();
+
+    let placed = call.await.unwrap();
+    let placed = placed
+        .expect("a call open at shutdown is served to its end")
+        .into_inner();
+    assert_eq!(placed.request_id, "open-at-shutdown");
+    shop.stop().await;
+    assert_eq!(
+        super::rows(&orders_db, lease::Entity).await,
+        0,
+        "the lease is given back once the instance stopped"
+    );
 }

@@ -9,7 +9,6 @@ use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, Que
 use shop_mesh::order::store::{item, order, request};
 use shop_mesh::pb::shop as pb;
 use shop_mesh::product::store::{deduction, product};
-use shop_mesh::shop::Money;
 use tonic::Code;
 
 use super::{Backend, TestShop, backend_tests, rows};
@@ -19,6 +18,7 @@ backend_tests!(
     refused_orders_write_nothing,
     two_hundred_orders_for_a_hundred_in_stock,
     the_same_request_id_buys_once,
+    request_ids_that_differ_in_any_byte_are_different_orders,
     a_refused_write_restores_the_stock,
     an_abandoned_order_is_undone_by_the_sweeper,
 );
@@ -101,10 +101,7 @@ async fn the_seeds_two_orders(backend: Backend, test: &str) {
     let stored = order::Entity::find().all(&orders_db).await.unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].id, placed.id);
-    assert_eq!(
-        Money::from_db(stored[0].total_price).to_string(),
-        "23990.00"
-    );
+    assert_eq!(stored[0].total_price.to_string(), "23990.00");
     let items = item::Entity::find().all(&orders_db).await.unwrap();
     assert_eq!(items.len(), 1);
     assert_eq!(
@@ -112,7 +109,7 @@ async fn the_seeds_two_orders(backend: Backend, test: &str) {
             items[0].order_id,
             items[0].product_id,
             items[0].product_name.as_str(),
-            Money::from_db(items[0].price).to_string(),
+            items[0].price.to_string(),
             items[0].count
         ),
         (placed.id, 1001, "华为", "2399.00".to_string(), 10)
@@ -342,6 +339,40 @@ async fn the_same_request_id_buys_once(backend: Backend, test: &str) {
     assert_eq!(stock(&products_db, 1002).await, 95);
     assert_eq!(rows(&orders_db, order::Entity).await, 2);
     assert_eq!(rows(&products_db, deduction::Entity).await, 2);
+    shop.stop().await;
+}
+
+/// Request ids equal under a case-, accent- or pad-insensitive collation
+/// but not byte for byte are different orders, each with its own stock.
+async fn request_ids_that_differ_in_any_byte_are_different_orders(backend: Backend, test: &str) {
+    let Some(shop) = TestShop::start(backend, test, 1, 1).await else {
+        return;
+    };
+    let mut orders = shop.orders();
+    let request_ids = ["Ab", "ab", "AB ", "k🚀", "K😀 ", "é", "e"];
+    let mut placed = HashSet::new();
+    for request_id in request_ids {
+        let order = orders
+            .place_order(place(1001, 1003, 1, request_id))
+            .await
+            .unwrap_or_else(|status| panic!("request_id {request_id:?}: {status:?}"))
+            .into_inner();
+        assert_eq!(order.request_id, request_id, "the order placed for it");
+        placed.insert(order.id);
+    }
+    assert_eq!(placed.len(), request_ids.len(), "one order per request id");
+    let (products_db, orders_db) = (
+        shop.db.connect("product").await,
+        shop.db.connect("order").await,
+    );
+    assert_eq!(
+        stock(&products_db, 1003).await,
+        100 - request_ids.len() as i32
+    );
+    assert_eq!(
+        rows(&orders_db, order::Entity).await,
+        request_ids.len() as u64
+    );
     shop.stop().await;
 }
 

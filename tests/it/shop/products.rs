@@ -9,7 +9,11 @@ use tonic::Code;
 
 use super::{Backend, TestShop, backend_tests};
 
-backend_tests!(stock_changes_happen_once, catalogue_and_users);
+backend_tests!(
+    stock_changes_happen_once,
+    deduction_keys_that_differ_in_any_byte_are_different,
+    catalogue_and_users
+);
 
 fn deduct(product_id: i64, count: i32, request_id: &str) -> pb::DeductStockRequest {
     pb::DeductStockRequest {
@@ -143,6 +147,42 @@ async fn stock_changes_happen_once(backend: Backend, test: &str) {
     assert_eq!(stock().await, 100);
     let status = products.restore_stock(restore("")).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    shop.stop().await;
+}
+
+/// Each of these request ids takes stock of its own: none is a repeat of
+/// another, though a case- or pad-insensitive collation takes them as one.
+async fn deduction_keys_that_differ_in_any_byte_are_different(backend: Backend, test: &str) {
+    let Some(shop) = TestShop::start(backend, test, 1, 0).await else {
+        return;
+    };
+    let mut products = shop.products();
+    let request_ids = ["Ab", "ab", "AB ", "k🚀", "K😀 "];
+    for (taken, request_id) in request_ids.into_iter().enumerate() {
+        let answer = products
+            .deduct_stock(deduct(1001, 1, request_id))
+            .await
+            .unwrap_or_else(|status| panic!("request_id {request_id:?}: {status:?}"))
+            .into_inner();
+        assert_eq!(answer.outcome(), pb::DeductOutcome::Deducted);
+        assert_eq!(
+            answer.product.unwrap().stock,
+            99 - taken as i32,
+            "request_id {request_id:?} took its own stock"
+        );
+    }
+    for request_id in request_ids {
+        let undone = products
+            .restore_stock(restore(request_id))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (undone.count, undone.already_restored),
+            (1, false),
+            "request_id {request_id:?} restores only its own"
+        );
+    }
     shop.stop().await;
 }
 
