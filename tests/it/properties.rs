@@ -252,6 +252,12 @@ fn every_rpc_answers_any_field_with_a_code_a_person_can_act_on() {
                     metadata: HashMap::from([(instance.ip.clone(), instance.cluster.clone())]),
                 };
                 check("UpdateService", client.update_service(update).await)?;
+                let delete = reg::DeleteServiceRequest {
+                    namespace: instance.namespace.clone(),
+                    group: instance.group.clone(),
+                    service: instance.service.clone(),
+                };
+                check("DeleteService", client.delete_service(delete).await)?;
                 let watch = reg::WatchRequest {
                     namespace: instance.namespace,
                     group: instance.group,
