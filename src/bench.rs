@@ -65,6 +65,11 @@ pub struct RegistryBench {
     /// Watch deliveries to time.
     #[arg(long, default_value_t = 2000)]
     pub samples: usize,
+    /// Register persistent instances (kept on disk and probed, each on its
+    /// own loopback port, where nothing listens) instead of ephemeral ones:
+    /// measures what storing a registration costs.
+    #[arg(long)]
+    pub persistent: bool,
 }
 
 impl Bench {
@@ -149,8 +154,16 @@ impl RegistryBench {
 
         println!("shop-mesh registry bench against {addr}");
         println!(
-            "  {} instances ({} per service), {} calls in flight over {} connections",
-            self.instances, self.per_service, self.concurrency, self.connections
+            "  {} {} instances ({} per service), {} calls in flight over {} connections",
+            self.instances,
+            if self.persistent {
+                "persistent"
+            } else {
+                "ephemeral"
+            },
+            self.per_service,
+            self.concurrency,
+            self.connections
         );
         let cpu = || spawned.as_ref().and_then(Spawned::cpu_time);
         let cpu_before = cpu();
@@ -220,7 +233,12 @@ impl RegistryBench {
         let tasks: Vec<_> = (0..self.concurrency)
             .map(|t| {
                 let mut client = RegistryClient::new(channels[t % channels.len()].clone());
-                let (next, total, per_service) = (next.clone(), self.instances, self.per_service);
+                let (next, total, per_service, persistent) = (
+                    next.clone(),
+                    self.instances,
+                    self.per_service,
+                    self.persistent,
+                );
                 tokio::spawn(async move {
                     let mut latency = histogram();
                     loop {
@@ -229,9 +247,14 @@ impl RegistryBench {
                             return Ok::<_, tonic::Status>(latency);
                         }
                         let call = Instant::now();
+                        let instance = if persistent {
+                            persistent_instance(i, per_service)
+                        } else {
+                            bench_instance(i, per_service)
+                        };
                         client
                             .register(pb::RegisterRequest {
-                                instance: Some(bench_instance(i, per_service)),
+                                instance: Some(instance),
                                 lease_id: 0,
                             })
                             .await?;
@@ -375,6 +398,19 @@ fn bench_instance(i: usize, per_service: usize) -> pb::Instance {
         unhealthy_timeout_ms: Some(30 * 60 * 1000),
         delete_timeout_ms: Some(60 * 60 * 1000),
         ..Default::default()
+    }
+}
+
+/// Persistent instance `i`: like [`bench_instance`], but on loopback, so
+/// the registry's probes of it stay on this machine.
+fn persistent_instance(i: usize, per_service: usize) -> pb::Instance {
+    const PORTS: usize = 50_000;
+    let ip = Ipv4Addr::from(0x7f00_0001 + (i / PORTS) as u32);
+    pb::Instance {
+        ip: IpAddr::V4(ip).to_string(),
+        port: (10_000 + i % PORTS) as u32,
+        ephemeral: Some(false),
+        ..bench_instance(i, per_service)
     }
 }
 
