@@ -7,6 +7,7 @@ mod discovery;
 mod e2e;
 mod grpcurl;
 mod inspect;
+mod persistence;
 mod properties;
 mod registry_api;
 mod registry_core;
