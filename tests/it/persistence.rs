@@ -202,10 +202,25 @@ async fn a_second_registry_on_a_data_dir_is_refused_naming_the_holder_until_it_d
     );
 
     // `up` runs a registry on <data-dir>/registry: refused the same way.
-    let (ok, _, stderr) = run_bin(&["up", "--data-dir", &dir.path().display().to_string()]).await;
+    let config = dir.path().join("port-0.toml");
+    let port_0 = ["registry", "user", "product", "order"]
+        .map(|role| format!("[{role}]\nlisten = \"127.0.0.1:0\"\n"))
+        .concat();
+    std::fs::write(&config, port_0).unwrap();
+    let (ok, _, stderr) = run_bin(&[
+        "--config",
+        &config.display().to_string(),
+        "up",
+        "--data-dir",
+        &dir.path().display().to_string(),
+    ])
+    .await;
     assert!(!ok, "up started beside the registry: {stderr}");
     assert!(
-        stderr.contains(&format!("pid {pid}, listening on {}", first.addr)),
+        stderr.contains(&format!(
+            "error: the registry: data dir {data_arg} is in use by another registry (pid {pid}, listening on {})",
+            first.addr
+        )),
         "up names the holder: {stderr}"
     );
 
