@@ -79,9 +79,7 @@ impl Error {
     /// Names `dir` in an I/O error met while opening it.
     fn io(dir: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
         move |error| match error.kind() {
-            ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
-                Error::PermissionDenied(dir.into())
-            }
+            ErrorKind::PermissionDenied => Error::PermissionDenied(dir.into()),
             ErrorKind::NotADirectory => Error::Io {
                 dir: dir.into(),
                 error: std::io::Error::new(
