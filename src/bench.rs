@@ -70,6 +70,11 @@ pub struct RegistryBench {
     /// Watch deliveries to time.
     #[arg(long, default_value_t = 2000)]
     pub samples: usize,
+    /// Register persistent instances (kept on disk and probed, each on its
+    /// own loopback port, where nothing listens) instead of ephemeral ones:
+    /// measures what storing a registration costs.
+    #[arg(long)]
+    pub persistent: bool,
 }
 
 impl Bench {
@@ -155,8 +160,16 @@ impl RegistryBench {
 
         println!("shop-mesh registry bench against {addr}");
         println!(
-            "  {} instances ({} per service), {} calls in flight over {} connections",
-            self.instances, self.per_service, self.concurrency, self.connections
+            "  {} {} instances ({} per service), {} calls in flight over {} connections",
+            self.instances,
+            if self.persistent {
+                "persistent"
+            } else {
+                "ephemeral"
+            },
+            self.per_service,
+            self.concurrency,
+            self.connections
         );
         let cpu = || spawned.as_ref().and_then(Spawned::cpu_time);
         let cpu_before = cpu();
@@ -221,7 +234,12 @@ impl RegistryBench {
 
     /// Registers every instance, `concurrency` calls at a time.
     async fn register_all(&self, channels: &[Channel]) -> anyhow::Result<Rate> {
-        self.register_each(channels, bench_instance).await
+        let instance = if self.persistent {
+            persistent_instance
+        } else {
+            bench_instance
+        };
+        self.register_each(channels, instance).await
     }
 
     /// Registers `instance(i, per_service)` for every `i`, `concurrency`
@@ -391,6 +409,19 @@ fn bench_instance(i: usize, per_service: usize) -> pb::Instance {
         unhealthy_timeout_ms: Some(30 * 60 * 1000),
         delete_timeout_ms: Some(60 * 60 * 1000),
         ..Default::default()
+    }
+}
+
+/// Persistent instance `i`: like [`bench_instance`], but on loopback, so
+/// the registry's probes of it stay on this machine.
+fn persistent_instance(i: usize, per_service: usize) -> pb::Instance {
+    const PORTS: usize = 50_000;
+    let ip = Ipv4Addr::from(0x7f00_0001 + (i / PORTS) as u32);
+    pb::Instance {
+        ip: IpAddr::V4(ip).to_string(),
+        port: (10_000 + i % PORTS) as u32,
+        ephemeral: Some(false),
+        ..bench_instance(i, per_service)
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 
 pub use error::Error;
 pub use grpc::RegistryService;
+pub use persist::Error as DataDirError;
 pub use probe::HEALTH_SERVICE_KEY;
 pub use store::{KeepAlive, Registry, Stats};
 pub use watch::{SNAPSHOT_CHUNK, Selector, WatchItem, WatchStream};
@@ -140,12 +141,9 @@ impl Default for Limits {
 
 /// Serves the registry on `listener` until `shutdown`.
 pub async fn run(config: &Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
-    let registry = Registry::open(config).await.map_err(|err| {
-        anyhow::anyhow!(
-            "cannot open the registry's data dir {}: {err}",
-            config.data_dir.display()
-        )
-    })?;
+    // Held until the registry stops: one registry to a data dir.
+    let _lock = persist::DirLock::acquire(&config.data_dir, listener.local_addr()?).await?;
+    let registry = Registry::open(config).await?;
     let service = RegistryServer::new(RegistryService::new(registry.clone(), shutdown.clone()))
         .max_decoding_message_size(config.limits.max_message_size);
     let server = crate::server::Server::new(shutdown.clone()).await;

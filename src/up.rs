@@ -80,6 +80,9 @@ pub struct Stack {
     shutdown: Shutdown,
     registry_stop: Shutdown,
     registry: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The registry's task has been awaited to its end (it failed while
+    /// the services started): it must not be awaited again.
+    registry_ended: bool,
     services: JoinSet<Ended>,
 }
 
@@ -112,6 +115,7 @@ impl Stack {
             shutdown,
             registry_stop,
             registry,
+            registry_ended: false,
             services: JoinSet::new(),
         };
         match stack.spawn_services(&config, replicas).await {
@@ -172,10 +176,14 @@ impl Stack {
         tokio::select! {
             ready = registered(config, replicas.into()) => ready,
             Some(ended) = self.services.join_next() => Err(ended_early(ended)),
-            ended = &mut self.registry => Err(anyhow::anyhow!(
-                "the registry stopped: {}",
-                ended.map_or_else(|err| err.to_string(), |result| format!("{result:?}"))
-            )),
+            ended = &mut self.registry => {
+                self.registry_ended = true;
+                Err(match ended {
+                    Ok(Err(err)) => err.context("the registry"),
+                    Ok(Ok(())) => anyhow::anyhow!("the registry stopped"),
+                    Err(err) => anyhow::anyhow!("the registry failed: {err}"),
+                })
+            }
             _ = self.shutdown.cancelled() => Ok(()),
         }
     }
@@ -203,6 +211,9 @@ impl Stack {
             }
         }
         self.registry_stop.cancel();
+        if self.registry_ended {
+            return result;
+        }
         let registry = (&mut self.registry).await;
         match registry {
             Ok(Err(err)) if result.is_ok() => Err(err.context("the registry")),

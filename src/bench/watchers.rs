@@ -64,6 +64,7 @@ impl WatchersBench {
             query_time: Duration::ZERO,
             watchers: 0,
             samples: 0,
+            persistent: false,
         };
         let channels = connect(addr, load.connections).await?;
         load.register_all(&channels).await?;

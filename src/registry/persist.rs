@@ -1,92 +1,298 @@
 //! Keeps what must survive a restart: persistent instances and services'
-//! own settings, in one JSON file under the data dir, replaced atomically
-//! (write a temporary file, fsync, rename, fsync the directory) so a crash
-//! leaves the old file or the new one, never half of one.
+//! own settings. A snapshot file holds the state as of its writing and a
+//! log holds each change since, one checksummed record apiece, so storing
+//! a change costs one append and one fsync however large the state is;
+//! once the log outgrows the snapshot, the two are folded into a new one.
+//!
+//! Layout of the data dir: `snapshot.json`, `changes.log`, and
+//! `registry.lock` (see [`DirLock`]). A `registry.json` written by earlier
+//! versions (format 1, the whole state rewritten per change) is moved into
+//! this layout once, on open, and kept as `registry.json.migrated`.
 
-use std::io::Write;
+mod lock;
+mod log;
+mod snapshot;
+mod writer;
+
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Instance, ServiceKey, ServiceSettings};
+use super::model::{Instance, InstanceAddr, ServiceKey, ServiceSettings};
 
-const FILE: &str = "registry.json";
-const FORMAT: u32 = 1;
+pub use lock::DirLock;
+pub use snapshot::Snapshot;
 
-/// What is on disk.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub format: u32,
-    pub services: Vec<(ServiceKey, ServiceSettings)>,
-    pub instances: Vec<Instance>,
+const SNAPSHOT: &str = "snapshot.json";
+const LOG: &str = "changes.log";
+const LEGACY: &str = "registry.json";
+const MIGRATED: &str = "registry.json.migrated";
+
+/// One change to what is stored, as a log record holds it. Each says what
+/// its subject now is, so replaying a record twice changes nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Change {
+    /// A persistent instance, as it now is.
+    Put(Instance),
+    /// A persistent instance that is gone.
+    Remove {
+        service: ServiceKey,
+        addr: InstanceAddr,
+    },
+    /// A service's own settings; `None` once it keeps none.
+    Settings {
+        service: ServiceKey,
+        settings: Option<ServiceSettings>,
+    },
 }
 
+/// What a caller asks to have stored, as memory holds it when it asks.
+#[derive(Debug, Clone, Copy)]
+pub enum Subject<'a> {
+    Instance(&'a ServiceKey, &'a InstanceAddr),
+    Service(&'a ServiceKey),
+}
+
+/// Why a data dir cannot be opened, naming the path and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("data dir {0} is a file; expected a directory")]
+    NotADirectory(PathBuf),
+    #[error(
+        "data dir {0}: permission denied; run the registry as a user who may write there, or give it another data dir"
+    )]
+    PermissionDenied(PathBuf),
+    #[error(
+        "data dir {dir} is in use by another registry ({holder}); stop that one, or give this one another data dir"
+    )]
+    Locked { dir: PathBuf, holder: String },
+    /// A file of the data dir that this version cannot read.
+    #[error("{path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("data dir {dir}: {error}")]
+    Io { dir: PathBuf, error: std::io::Error },
+}
+
+impl Error {
+    /// Names `dir` in an I/O error met while opening it.
+    fn io(dir: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |error| match error.kind() {
+            ErrorKind::PermissionDenied => Error::PermissionDenied(dir.into()),
+            ErrorKind::NotADirectory => Error::Io {
+                dir: dir.into(),
+                error: std::io::Error::new(
+                    ErrorKind::NotADirectory,
+                    "a part of its path is a file; expected directories",
+                ),
+            },
+            _ => Error::Io {
+                dir: dir.into(),
+                error,
+            },
+        }
+    }
+}
+
+/// Why a change was not stored; the writer has logged the cause.
+pub type WriteError = Arc<std::io::Error>;
+
+/// The persistent state on disk, with the thread that writes it.
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    writer: writer::Writer,
 }
 
 impl Store {
-    /// Opens (creating) the data dir.
-    pub fn open(dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        Ok(Self { dir: dir.into() })
-    }
-
-    pub fn path(&self) -> PathBuf {
-        self.dir.join(FILE)
-    }
-
-    /// The stored snapshot; an empty one when there is no file yet.
-    pub fn load(&self) -> std::io::Result<Snapshot> {
-        let bytes = match std::fs::read(self.path()) {
-            Ok(bytes) => bytes,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Snapshot::default());
-            }
-            Err(err) => return Err(err),
-        };
-        let snapshot: Snapshot = serde_json::from_slice(&bytes).map_err(|err| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "{} is not a registry snapshot: {err}",
-                    self.path().display()
-                ),
-            )
+    /// Opens (creating) the data dir and reads what it holds: the snapshot
+    /// with the log's changes applied. A torn last record, left by a crash
+    /// in the middle of a write, was never acknowledged: it is dropped.
+    pub fn open(dir: &Path) -> Result<(Store, Snapshot), Error> {
+        prepare(dir)?;
+        let paths = Paths::new(dir);
+        migrate(&paths)?;
+        let state = snapshot::read(&paths.snapshot, snapshot::FORMAT)?.unwrap_or_default();
+        let snapshot_len = std::fs::metadata(&paths.snapshot).map_or(0, |m| m.len());
+        let mut state = snapshot::State::from(state);
+        let log = log::Log::open(&paths.log).map_err(Error::io(dir))?;
+        let replayed = log::replay(&paths.log, log.file()).map_err(|err| match err {
+            log::ReplayError::Io(err) => Error::io(dir)(err),
+            log::ReplayError::Unreadable(reason) => Error::Unreadable {
+                path: paths.log.clone(),
+                reason,
+            },
         })?;
-        if snapshot.format != FORMAT {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "{} has format {}; this registry reads format {FORMAT}",
-                    self.path().display(),
-                    snapshot.format
-                ),
-            ));
+        for change in replayed.changes {
+            state.apply(change);
         }
-        Ok(snapshot)
+        let log = log.truncated(replayed.valid_len).map_err(Error::io(dir))?;
+        let loaded = state.snapshot();
+        let writer =
+            writer::Writer::start(paths, state, log, snapshot_len).map_err(Error::io(dir))?;
+        Ok((
+            Store {
+                dir: dir.into(),
+                writer,
+            },
+            loaded,
+        ))
     }
 
-    /// Replaces the stored snapshot. Blocking: call it off the runtime.
-    pub fn save(&self, snapshot: &Snapshot) -> std::io::Result<()> {
-        let tmp = self.dir.join(format!("{FILE}.tmp"));
-        let mut file = std::fs::File::create(&tmp)?;
-        serde_json::to_writer(&mut file, snapshot).map_err(std::io::Error::other)?;
-        file.flush()?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, self.path())?;
-        std::fs::File::open(&self.dir)?.sync_all()
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Hands `change` to the writer; the answer comes once it is durable.
+    /// Changes are written in the order they are submitted.
+    pub fn submit(&self, change: Change) -> impl Future<Output = Result<(), WriteError>> + use<> {
+        let done = self.writer.submit(change);
+        async move {
+            done.await.unwrap_or_else(|_| {
+                Err(Arc::new(std::io::Error::other(
+                    "the registry's store has stopped",
+                )))
+            })
+        }
     }
 }
 
-pub fn snapshot(
-    services: Vec<(ServiceKey, ServiceSettings)>,
-    instances: Vec<Instance>,
-) -> Snapshot {
-    Snapshot {
-        format: FORMAT,
-        services,
+/// The files of a data dir.
+#[derive(Debug, Clone)]
+struct Paths {
+    dir: PathBuf,
+    snapshot: PathBuf,
+    log: PathBuf,
+}
+
+impl Paths {
+    fn new(dir: &Path) -> Paths {
+        Paths {
+            dir: dir.into(),
+            snapshot: dir.join(SNAPSHOT),
+            log: dir.join(LOG),
+        }
+    }
+}
+
+/// Makes sure `dir` is a directory, creating it if needed.
+fn prepare(dir: &Path) -> Result<(), Error> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(Error::NotADirectory(dir.into())),
+        Err(err) if err.kind() == ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(Error::io(dir))
+        }
+        Err(err) => Err(Error::io(dir)(err)),
+    }
+}
+
+/// Moves a format-1 `registry.json` into a snapshot with an empty log. A
+/// crash part way leaves `registry.json` in place, so the next open does
+/// it again from the start.
+fn migrate(paths: &Paths) -> Result<(), Error> {
+    let legacy = paths.dir.join(LEGACY);
+    let Some(old) = snapshot::read(&legacy, snapshot::LEGACY_FORMAT)? else {
+        return Ok(());
+    };
+    let io = Error::io(&paths.dir);
+    let instances = old.instances.len();
+    snapshot::write(&paths.dir, &paths.snapshot, &old.into_current()).map_err(io)?;
+    log::Log::open(&paths.log)
+        .and_then(|log| log.truncated(0))
+        .map_err(Error::io(&paths.dir))?;
+    std::fs::rename(&legacy, paths.dir.join(MIGRATED)).map_err(Error::io(&paths.dir))?;
+    snapshot::sync_dir(&paths.dir).map_err(Error::io(&paths.dir))?;
+    tracing::info!(
+        dir = %paths.dir.display(),
         instances,
+        "moved {LEGACY} into {SNAPSHOT} and {LOG}; the old file is kept as {MIGRATED}"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{Change, Store};
+    use crate::registry::model::{Instance, InstanceAddr, ServiceKey, ServiceSettings, Timings};
+
+    fn instance(port: u16) -> Instance {
+        Instance {
+            service: Arc::new(ServiceKey::parse("", "", "db").unwrap()),
+            addr: InstanceAddr::parse("", "127.0.0.1", port.into()).unwrap(),
+            weight: 1.0,
+            enabled: true,
+            healthy: false,
+            ephemeral: false,
+            metadata: [("padding".to_owned(), "x".repeat(200))].into(),
+            timings: Timings {
+                heartbeat_interval_ms: 5000,
+                unhealthy_timeout_ms: 15000,
+                delete_timeout_ms: 30000,
+            },
+            lease: 0,
+        }
+    }
+
+    /// Submits every change at once (they share fsyncs) and waits for all.
+    async fn store(store: &Store, changes: impl IntoIterator<Item = Change>) {
+        let pending: Vec<_> = changes.into_iter().map(|c| store.submit(c)).collect();
+        for durable in pending {
+            durable.await.expect("stored");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_log_that_outgrows_its_snapshot_is_folded_into_one_and_reopens_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let (opened, empty) = Store::open(dir.path()).unwrap();
+        assert!(empty.instances.is_empty() && empty.services.is_empty());
+        let service = ServiceKey::parse("", "", "db").unwrap();
+        // Enough records to pass the folding threshold more than once.
+        store(
+            &opened,
+            (1..=12_000).map(|port| Change::Put(instance(port))),
+        )
+        .await;
+        store(
+            &opened,
+            (1..=12_000)
+                .filter(|port| port % 2 == 0)
+                .map(|port| Change::Remove {
+                    service: service.clone(),
+                    addr: instance(port).addr,
+                }),
+        )
+        .await;
+        let settings = ServiceSettings::parse(0.5, []).unwrap();
+        store(
+            &opened,
+            [Change::Settings {
+                service: service.clone(),
+                settings: Some(settings.clone()),
+            }],
+        )
+        .await;
+        drop(opened);
+
+        let snapshot = std::fs::metadata(dir.path().join(super::SNAPSHOT)).unwrap();
+        let log = std::fs::metadata(dir.path().join(super::LOG)).unwrap();
+        assert!(
+            log.len() <= snapshot.len().max(super::writer::COMPACT_FLOOR),
+            "the log was folded: {} bytes beside a {}-byte snapshot",
+            log.len(),
+            snapshot.len()
+        );
+
+        let (_reopened, loaded) = Store::open(dir.path()).unwrap();
+        let ports: Vec<u16> = loaded.instances.iter().map(|i| i.addr.port).collect();
+        let odd: Vec<u16> = (1..=12_000).filter(|port| port % 2 == 1).collect();
+        let mut sorted = ports.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, odd);
+        assert_eq!(loaded.services, vec![(service, settings)]);
     }
 }

@@ -47,8 +47,6 @@ struct Inner {
     /// One permit per watch stream open.
     watches: Arc<Semaphore>,
     store: Option<persist::Store>,
-    /// Serialises snapshot writes, so the file always ends with the newest.
-    store_lock: tokio::sync::Mutex<()>,
     probes: Mutex<HashMap<(ServiceKey, InstanceAddr), AbortHandle>>,
     closed: CancellationToken,
 }
@@ -169,9 +167,8 @@ impl Lease {
 impl Registry {
     /// Opens the registry: loads what `config.data_dir` holds, starts the
     /// lease reaper and the health probes of persistent instances.
-    pub async fn open(config: &Config) -> std::io::Result<Registry> {
-        let store = persist::Store::open(&config.data_dir)?;
-        let loaded = store.load()?;
+    pub async fn open(config: &Config) -> Result<Registry, persist::Error> {
+        let (store, loaded) = persist::Store::open(&config.data_dir)?;
         let registry = Registry::with_store(config, Some(store));
         {
             let mut state = registry.inner.state.lock();
@@ -227,7 +224,6 @@ impl Registry {
             reaper: Arc::new(Notify::new()),
             watches: Arc::new(Semaphore::new(config.limits.max_watches)),
             store,
-            store_lock: tokio::sync::Mutex::new(()),
             probes: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
         });
@@ -284,7 +280,8 @@ impl Registry {
             self.inner.reaper.notify_one();
             return Ok(registered);
         }
-        if let Err(err) = self.persist().await {
+        let stored = persist::Subject::Instance(&instance.service, &instance.addr);
+        if let Err(err) = self.persist(stored).await {
             // Undo, so memory never claims what the disk does not hold.
             let mut state = self.inner.state.lock();
             match previous {
@@ -323,7 +320,7 @@ impl Registry {
             {
                 probe.abort();
             }
-            if let Err(err) = self.persist().await {
+            if let Err(err) = self.persist(persist::Subject::Instance(key, addr)).await {
                 // The instance is gone from memory but maybe not from disk:
                 // it would come back after a restart. Say so.
                 tracing::error!(%err, "deregistered instance may reappear after a restart");
@@ -353,7 +350,7 @@ impl Registry {
             service.explicit = true;
             previous
         };
-        if let Err(err) = self.persist().await {
+        if let Err(err) = self.persist(persist::Subject::Service(key)).await {
             // Undo, so memory never claims what the disk does not hold.
             let mut state = self.inner.state.lock();
             if let Some(service) = state.services.get_mut(key) {
@@ -380,7 +377,7 @@ impl Registry {
             }
             state.drop_service(key)
         };
-        if let Err(err) = self.persist().await {
+        if let Err(err) = self.persist(persist::Subject::Service(key)).await {
             let mut state = self.inner.state.lock();
             if let Some(settings) = removed {
                 let service = state.ensure_service(key);
@@ -629,32 +626,19 @@ impl Registry {
         Ok(timings)
     }
 
-    /// Writes the persistent state, if this registry keeps one.
-    async fn persist(&self) -> Result<(), Error> {
+    /// Stores what memory now holds for `subject`, if this registry keeps
+    /// a store; returns once it is durable.
+    async fn persist(&self, subject: persist::Subject<'_>) -> Result<(), Error> {
         let Some(store) = &self.inner.store else {
             return Ok(());
         };
-        let _writing = self.inner.store_lock.lock().await;
-        let snapshot = self.inner.state.lock().persistent();
-        let inner = self.inner.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let store = inner.store.as_ref().expect("checked above");
-            store.save(&snapshot).map_err(|err| (store.path(), err))
+        // Submitted under the state lock, so the store takes changes in the
+        // order memory took them and ends with what memory holds.
+        let durable = store.submit(self.inner.state.lock().persistent(subject));
+        durable.await.map_err(|err| {
+            tracing::error!(dir = %store.dir().display(), %err, "cannot store the registry's persistent state");
+            Error::Unavailable("the registry cannot store persistent state now; try again".into())
         })
-        .await;
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err((path, err))) => {
-                tracing::error!(path = %path.display(), %err, "cannot store the registry's persistent state");
-                Err(Error::Unavailable(
-                    "the registry cannot store persistent state now; try again".into(),
-                ))
-            }
-            Err(err) => {
-                tracing::error!(%err, store = ?store, "persist task failed");
-                Err(Error::Unavailable("the registry is shutting down".into()))
-            }
-        }
     }
 
     fn start_probe(&self, instance: &Arc<Instance>) {
@@ -1181,22 +1165,29 @@ impl State {
         (id, inbox)
     }
 
-    /// What must survive a restart.
-    fn persistent(&self) -> persist::Snapshot {
-        let services = self
-            .services
-            .iter()
-            .filter(|(_, s)| s.explicit)
-            .map(|(key, s)| (key.clone(), s.settings.clone()))
-            .collect();
-        let instances = self
-            .services
-            .values()
-            .flat_map(|s| s.iter())
-            .filter(|i| !i.ephemeral)
-            .map(|i| (**i).clone())
-            .collect();
-        persist::snapshot(services, instances)
+    /// What must survive a restart of `subject`, as memory holds it now.
+    fn persistent(&self, subject: persist::Subject<'_>) -> persist::Change {
+        match subject {
+            persist::Subject::Instance(key, addr) => {
+                match self.services.get(key).and_then(|s| s.get(addr)) {
+                    Some(instance) if !instance.ephemeral => {
+                        persist::Change::Put((**instance).clone())
+                    }
+                    _ => persist::Change::Remove {
+                        service: key.clone(),
+                        addr: addr.clone(),
+                    },
+                }
+            }
+            persist::Subject::Service(key) => persist::Change::Settings {
+                service: key.clone(),
+                settings: self
+                    .services
+                    .get(key)
+                    .filter(|s| s.explicit)
+                    .map(|s| s.settings.clone()),
+            },
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod discovery;
 mod e2e;
 mod grpcurl;
 mod inspect;
+mod persistence;
 mod properties;
 mod registry_api;
 mod registry_core;
@@ -142,12 +143,16 @@ pub async fn deregister(
 /// The binary, for tests that run it as a process.
 pub const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
 
-/// A command of the binary run to its end: success, stdout, stderr.
+/// A command of the binary run to its end: success, stdout, stderr. One
+/// that has not ended within a minute is killed and fails the test.
 pub async fn run_bin(args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(BIN)
+    let run = tokio::process::Command::new(BIN)
         .args(args)
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
         .await
+        .unwrap_or_else(|_| panic!("shop-mesh {args:?} was still running after a minute"))
         .unwrap();
     (
         out.status.success(),

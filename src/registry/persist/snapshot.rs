@@ -1,0 +1,138 @@
+//! The snapshot file: the whole persistent state as one JSON document,
+//! replaced atomically (write a temporary file, fsync, rename, fsync the
+//! directory) so a crash leaves the old file or the new one, never half of
+//! one. Also reads the format-1 `registry.json` of earlier versions, which
+//! has the same shape.
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Change, Error};
+use crate::registry::model::{Instance, InstanceAddr, ServiceKey, ServiceSettings};
+
+/// A snapshot with a change log beside it.
+pub const FORMAT: u32 = 2;
+/// `registry.json`: the whole state, rewritten on every change.
+pub const LEGACY_FORMAT: u32 = 1;
+
+/// What a snapshot file holds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub format: u32,
+    pub services: Vec<(ServiceKey, ServiceSettings)>,
+    pub instances: Vec<Instance>,
+}
+
+impl Snapshot {
+    /// The same contents, labelled with the current format.
+    pub fn into_current(self) -> Snapshot {
+        Snapshot {
+            format: FORMAT,
+            ..self
+        }
+    }
+}
+
+/// The stored state with changes applied one at a time, as the writer
+/// keeps it to fold into the next snapshot.
+#[derive(Debug, Default)]
+pub struct State {
+    services: BTreeMap<ServiceKey, ServiceSettings>,
+    instances: BTreeMap<(ServiceKey, InstanceAddr), Instance>,
+}
+
+impl From<Snapshot> for State {
+    fn from(snapshot: Snapshot) -> State {
+        let mut state = State {
+            services: snapshot.services.into_iter().collect(),
+            ..State::default()
+        };
+        for instance in snapshot.instances {
+            state.apply(Change::Put(instance));
+        }
+        state
+    }
+}
+
+impl State {
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Put(instance) => {
+                let key = (instance.service.as_ref().clone(), instance.addr.clone());
+                self.instances.insert(key, instance);
+            }
+            Change::Remove { service, addr } => {
+                self.instances.remove(&(service, addr));
+            }
+            Change::Settings {
+                service,
+                settings: Some(settings),
+            } => {
+                self.services.insert(service, settings);
+            }
+            Change::Settings {
+                service,
+                settings: None,
+            } => {
+                self.services.remove(&service);
+            }
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            format: FORMAT,
+            services: self
+                .services
+                .iter()
+                .map(|(key, settings)| (key.clone(), settings.clone()))
+                .collect(),
+            instances: self.instances.values().cloned().collect(),
+        }
+    }
+}
+
+/// The snapshot at `path` if there is one; it must be of `format`.
+pub fn read(path: &Path, format: u32) -> Result<Option<Snapshot>, Error> {
+    let dir = path.parent().unwrap_or(path);
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(Error::io(dir)(err)),
+    };
+    let unreadable = |reason: String| Error::Unreadable {
+        path: path.into(),
+        reason,
+    };
+    let snapshot: Snapshot = serde_json::from_slice(&bytes)
+        .map_err(|err| unreadable(format!("not a registry snapshot: {err}")))?;
+    if snapshot.format != format {
+        return Err(unreadable(format!(
+            "has format {}; expected format {format} here",
+            snapshot.format
+        )));
+    }
+    Ok(Some(snapshot))
+}
+
+/// Replaces the snapshot at `path` in `dir`; its size in bytes.
+pub fn write(dir: &Path, path: &Path, snapshot: &Snapshot) -> std::io::Result<u64> {
+    let tmp = path.with_extension("json.tmp");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    serde_json::to_writer(&mut out, snapshot).map_err(std::io::Error::other)?;
+    out.flush()?;
+    let file = out.into_inner().map_err(|err| err.into_error())?;
+    file.sync_all()?;
+    let len = file.metadata()?.len();
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)?;
+    Ok(len)
+}
+
+/// Makes a rename or a new file in `dir` durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
