@@ -19,10 +19,12 @@ use crate::pb::registry as pb;
 use crate::pb::registry::registry_client::RegistryClient;
 
 mod discovery;
+mod idle;
 mod isolated;
 mod orders;
 
 pub use discovery::DiscoveryBench;
+pub use idle::IdleBench;
 pub use isolated::Isolated;
 pub use orders::OrdersBench;
 
@@ -37,6 +39,9 @@ pub enum Bench {
     /// The shop: PlaceOrder and GetProduct through discovery, on SQLite or
     /// a scratch MySQL/PostgreSQL database.
     Orders(OrdersBench),
+    /// Idle connections: health checks with thousands of connections open
+    /// that never send a byte, and when the registry closes them.
+    Idle(IdleBench),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -73,6 +78,7 @@ impl Bench {
             Bench::Registry(bench) => bench.run().await,
             Bench::Discovery(bench) => bench.run().await,
             Bench::Orders(bench) => bench.run().await,
+            Bench::Idle(bench) => bench.run().await,
         }
     }
 }
