@@ -19,11 +19,13 @@ use crate::pb::registry as pb;
 use crate::pb::registry::registry_client::RegistryClient;
 
 mod discovery;
+mod idle;
 mod isolated;
 mod orders;
 mod watchers;
 
 pub use discovery::DiscoveryBench;
+pub use idle::IdleBench;
 pub use isolated::Isolated;
 pub use orders::OrdersBench;
 pub use watchers::WatchersBench;
@@ -42,6 +44,9 @@ pub enum Bench {
     /// The registry's memory with watchers of a whole group that stop
     /// reading while every instance changes, beside the same without them.
     Watchers(WatchersBench),
+    /// Idle connections: health checks with thousands of connections open
+    /// that never send a byte, and when the registry closes them.
+    Idle(IdleBench),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -84,6 +89,7 @@ impl Bench {
             Bench::Discovery(bench) => bench.run().await,
             Bench::Orders(bench) => bench.run().await,
             Bench::Watchers(bench) => bench.run().await,
+            Bench::Idle(bench) => bench.run().await,
         }
     }
 }
@@ -120,17 +126,22 @@ impl Spawned {
 
     /// CPU time the registry has used (user + system).
     fn cpu_time(&self) -> Option<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()?)).ok()?;
-        // Fields after the command name, which is in parentheses.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let ticks: u64 =
-            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some(Duration::from_millis(ticks * 10))
+        cpu_time(self.child.id()?)
     }
 
     fn rss_bytes(&self) -> Option<u64> {
         rss_bytes(self.child.id()?)
     }
+}
+
+/// The CPU time (user + system) process `pid` has used, where /proc
+/// tells it.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// The resident memory (VmRSS) of process `pid`, where /proc tells it.

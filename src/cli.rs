@@ -163,6 +163,8 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     crate::telemetry::init(&config.log);
+    crate::server::raise_file_limit();
+    config.connections.clone().install();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -23,6 +23,9 @@ pub const ENV_PREFIX: &str = "SHOP_MESH__";
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub log: LogConfig,
+    /// Every role's port: how many connections it holds, how long a
+    /// silent one may stay.
+    pub connections: crate::server::Connections,
     pub registry: crate::registry::Config,
     pub discovery: crate::discovery::Config,
     pub user: ServiceConfig,
@@ -35,6 +38,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             log: LogConfig::default(),
+            connections: crate::server::Connections::default(),
             registry: crate::registry::Config::default(),
             discovery: crate::discovery::Config::default(),
             user: ServiceConfig::for_role("user", crate::user::DEFAULT_PORT),

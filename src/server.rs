@@ -1,18 +1,24 @@
 //! What every role's gRPC server carries: `grpc.health.v1.Health` (SERVING
 //! only once the role is ready), server reflection v1 and v1alpha (grpcurl
 //! 1.8 speaks only v1alpha), HTTP/2 keepalive so dead peers are noticed,
-//! and a graceful stop bounded by a grace period.
+//! and a graceful stop bounded by a grace period. Connections reach tonic
+//! through [`accept`], which bounds and times them.
+
+mod accept;
+mod file_limit;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::shutdown::Shutdown;
+
+pub use accept::{Connection, Connections};
+pub use file_limit::raise_file_limit;
 
 /// How often an idle connection is pinged, and how long a ping may go
 /// unanswered before the connection is dropped.
@@ -24,10 +30,12 @@ pub struct Server {
     health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     shutdown: Shutdown,
+    connections: Connections,
 }
 
 impl Server {
-    /// A server whose health reads NOT_SERVING until [`Server::serve`].
+    /// A server whose health reads NOT_SERVING until [`Server::serve`],
+    /// holding connections as the process's [`Connections`] say.
     pub async fn new(shutdown: Shutdown) -> Self {
         let health = HealthReporter::new();
         health
@@ -40,6 +48,7 @@ impl Server {
             health,
             health_service,
             shutdown,
+            connections: Connections::installed(),
         }
     }
 
@@ -106,7 +115,7 @@ impl Server {
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming(listener), stop);
+            .serve_with_incoming_shutdown(accept::incoming(listener, &self.connections), stop);
         tokio::pin!(server);
         tokio::select! {
             result = &mut server => return result.map_err(Into::into),
@@ -148,15 +157,6 @@ fn caller_faults<B>(mut response: http::Response<B>) -> http::Response<B> {
         headers.insert("grpc-message", message);
     }
     response
-}
-
-/// Accepted connections with Nagle off (small answers must not wait for
-/// an ACK) and TCP keepalive on (a peer that vanished is noticed even
-/// when idle).
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(KEEPALIVE_INTERVAL))
 }
 
 /// Binds `addr` for `what`; with `scan`, the first free port among that

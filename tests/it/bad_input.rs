@@ -9,11 +9,11 @@ use http_body_util::{BodyExt, Full};
 use shop_mesh::shop::{ORDER_SERVICE, PRODUCT_SERVICE, USER_SERVICE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
-use tonic_health::pb::health_client::HealthClient;
 use tower::{Service, ServiceExt};
 
 use shop_mesh::soak::process::Process;
 
+use crate::serving;
 use crate::shop::{Backend, TestShop};
 
 /// Every RPC, by the role that serves it.
@@ -125,20 +125,6 @@ async fn raw_call(
         .parse()
         .unwrap();
     (code, field("grpc-message").unwrap_or_default())
-}
-
-async fn serving(addr: SocketAddr) -> bool {
-    let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-    else {
-        return false;
-    };
-    HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await
-        .is_ok_and(|answer| answer.into_inner().status == 1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod config;
+mod connections;
 mod discovery;
 mod e2e;
 mod grpcurl;
@@ -24,6 +25,7 @@ use shop_mesh::registry;
 use shop_mesh::shutdown::Shutdown;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
 
 /// A registry role serving on 127.0.0.1:0.
 pub struct TestRegistry {
@@ -138,6 +140,27 @@ pub async fn deregister(
         .deregister(request)
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// Whether a server at `addr` answers a health check with SERVING on a
+/// new connection; one that has not answered within 5 s is not.
+pub async fn serving(addr: SocketAddr) -> bool {
+    let check = async {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
+        HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), check)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|answer| answer.into_inner().status == 1)
 }
 
 /// The binary, for tests that run it as a process.

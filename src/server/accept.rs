@@ -1,0 +1,313 @@
+//! The connections a port accepts: a bounded number open at once, each
+//! closed unless it speaks within a first-byte timeout, and, when accepting
+//! fails (the process is out of file descriptors), a pause that grows and a
+//! warning now and then instead of a tight loop of failing accepts.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// The `[connections]` configuration section: what every role's port
+/// holds open.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Connections {
+    /// A connection that sends nothing for this long after it opened is
+    /// closed: gRPC clients send their preface at once, so silence means
+    /// a scanner, a half-open peer or a file-descriptor exhaustion attack.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Connections one port holds at once, silent ones included; further
+    /// clients wait in the kernel's backlog until one closes.
+    pub max_per_port: usize,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            first_byte_timeout: Duration::from_secs(10),
+            max_per_port: 10_000,
+        }
+    }
+}
+
+/// Set once at start-up from the configuration, so that every role's
+/// [`crate::server::Server`] reads the same section without each role
+/// having to carry it.
+static INSTALLED: OnceLock<Connections> = OnceLock::new();
+
+impl Connections {
+    /// Makes these the settings of every server this process starts; the
+    /// first call wins.
+    pub fn install(self) {
+        let _ = INSTALLED.set(self);
+    }
+
+    /// The installed settings, else the defaults.
+    pub fn installed() -> Connections {
+        INSTALLED.get().cloned().unwrap_or_default()
+    }
+}
+
+/// How long an idle connection waits before the first TCP keepalive
+/// probe, so a peer that vanished is noticed.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// How often a failure that lasts is logged again.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Connections that have spoken, for tonic to serve. The accept loop runs
+/// as its own task and stops, closing the listener, once tonic drops the
+/// stream (which it does when it stops serving).
+pub fn incoming(
+    listener: TcpListener,
+    settings: &Connections,
+) -> ReceiverStream<Result<Connection, Infallible>> {
+    let (ready, stream) = mpsc::channel(64);
+    tokio::spawn(accept_loop(listener, settings.clone(), ready));
+    ReceiverStream::new(stream)
+}
+
+type Ready = mpsc::Sender<Result<Connection, Infallible>>;
+
+async fn accept_loop(listener: TcpListener, settings: Connections, ready: Ready) {
+    let open = Arc::new(Semaphore::new(settings.max_per_port));
+    let mut full = Reporter::default();
+    let mut failing = Failing::default();
+    loop {
+        let permit = match open.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if full.due() {
+                    tracing::warn!(
+                        max_per_port = settings.max_per_port,
+                        "this port holds as many connections as connections.max_per_port allows; new ones wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    permit = open.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    _ = ready.closed() => return,
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = ready.closed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                failing.over();
+                configure(&stream);
+                tokio::spawn(await_first_byte(
+                    stream,
+                    peer,
+                    permit,
+                    settings.first_byte_timeout,
+                    ready.clone(),
+                ));
+            }
+            // The peer gave up between its SYN and our accept; the next
+            // one is unaffected.
+            Err(err) if is_peer_error(&err) => {}
+            Err(err) => {
+                let pause = failing.failed(&err);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = ready.closed() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Nagle off (small answers must not wait for an ACK) and TCP keepalive
+/// on (a peer that vanished is noticed even when idle). Either failing
+/// only costs latency or a later notice, so it is logged, not fatal.
+fn configure(stream: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+    let set = stream
+        .set_nodelay(true)
+        .and_then(|()| socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive));
+    if let Err(err) = set {
+        tracing::debug!(%err, "cannot set TCP_NODELAY or keepalive on a connection");
+    }
+}
+
+fn is_peer_error(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// Hands the connection to tonic once it has something to read, or drops
+/// it (closing it, and freeing its place under the cap) when it stays
+/// silent past `timeout`. Until then tonic has spent nothing on it.
+async fn await_first_byte(
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    timeout: Duration,
+    ready: Ready,
+) {
+    let mut byte = [0u8; 1];
+    let spoke = tokio::select! {
+        spoke = tokio::time::timeout(timeout, stream.peek(&mut byte)) => spoke,
+        _ = ready.closed() => return,
+    };
+    match spoke {
+        Ok(Ok(read)) if read > 0 => {
+            let connection = Connection {
+                stream,
+                _permit: permit,
+            };
+            let _ = ready.send(Ok(connection)).await;
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => tracing::debug!(%peer, %err, "a connection failed before it spoke"),
+        Err(_) => tracing::debug!(%peer, ?timeout, "closed a connection that sent nothing"),
+    }
+}
+
+/// An accepted TCP connection holding its place under the port's cap for
+/// as long as it is open.
+pub struct Connection {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for Connection {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Says whether a condition that may last (a full port, failing accepts)
+/// is worth a log line now: the first time, then every [`REPORT_EVERY`].
+#[derive(Default)]
+struct Reporter {
+    last: Option<Instant>,
+}
+
+impl Reporter {
+    fn due(&mut self) -> bool {
+        let now = Instant::now();
+        let due = self.last.is_none_or(|last| now - last >= REPORT_EVERY);
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+}
+
+/// A run of failed accepts: how long to pause before the next attempt
+/// (growing, so a process out of file descriptors is not kept busy
+/// failing) and what to log.
+struct Failing {
+    pauses: backon::ExponentialBackoff,
+    failures: u64,
+    report: Reporter,
+}
+
+impl Default for Failing {
+    fn default() -> Self {
+        Self {
+            pauses: Self::pauses(),
+            failures: 0,
+            report: Reporter::default(),
+        }
+    }
+}
+
+impl Failing {
+    /// Short at first (one descriptor freed is enough to go on), at most a
+    /// second, so recovery is noticed soon after the load goes.
+    fn pauses() -> backon::ExponentialBackoff {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(5))
+            .with_max_delay(Duration::from_secs(1))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    fn failed(&mut self, err: &io::Error) -> Duration {
+        self.failures += 1;
+        let pause = self.pauses.next().unwrap_or(Duration::from_secs(1));
+        if self.report.due() {
+            tracing::warn!(
+                %err,
+                failures = self.failures,
+                ?pause,
+                "cannot accept connections; pausing accepts (if the error is \"too many open files\", raise the file limit, ulimit -n, or lower connections.max_per_port)"
+            );
+        }
+        pause
+    }
+
+    /// An accept succeeded: the run, if there was one, is over.
+    fn over(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(failures = self.failures, "accepting connections again");
+            *self = Self::default();
+        }
+    }
+}
