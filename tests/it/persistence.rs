@@ -56,6 +56,8 @@ async fn persistent_instances_and_settings_survive_restarts() {
     let mut replaced = persistent("db", 3);
     replaced.weight = Some(5.0);
     register(&mut client, replaced).await;
+    // Settings outlive the service's last instance.
+    register(&mut client, instance("settings-only", 1)).await;
     client
         .update_service(pb::UpdateServiceRequest {
             service: "settings-only".into(),
@@ -64,6 +66,7 @@ async fn persistent_instances_and_settings_survive_restarts() {
         })
         .await
         .unwrap();
+    deregister(&mut client, "settings-only", 1).await.unwrap();
     registry.stop().await;
 
     for restart in 1..=2 {
