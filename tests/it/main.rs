@@ -163,6 +163,28 @@ pub async fn serving(addr: SocketAddr) -> bool {
         .is_some_and(|answer| answer.into_inner().status == 1)
 }
 
+/// Opens a KeepAlive stream whose first heartbeat is for `lease`: the
+/// sender for more, and the stream of answers.
+pub async fn keep_alive(
+    client: &mut RegistryClient<Channel>,
+    lease: u64,
+) -> (
+    tokio::sync::mpsc::Sender<pb::KeepAliveRequest>,
+    tonic::Streaming<pb::KeepAliveResponse>,
+) {
+    let (beats, rx) = tokio::sync::mpsc::channel(4);
+    beats
+        .send(pb::KeepAliveRequest { lease_id: lease })
+        .await
+        .expect("the channel is open");
+    let answers = client
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("KeepAlive")
+        .into_inner();
+    (beats, answers)
+}
+
 /// The binary, for tests that run it as a process.
 pub const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
 

@@ -5,12 +5,10 @@ use std::time::Duration;
 
 use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::{TestRegistry, deregister, instance, register, wait_until};
+use crate::{TestRegistry, deregister, instance, keep_alive, register, wait_until};
 
 async fn get(
     client: &mut RegistryClient<Channel>,
@@ -229,15 +227,7 @@ async fn each_bad_input_gets_its_code_and_names_its_field() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("protect_threshold:"));
 
-    let (tx, rx) = mpsc::channel(1);
-    tx.send(pb::KeepAliveRequest { lease_id: 99 })
-        .await
-        .unwrap();
-    let mut answers = client
-        .keep_alive(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (_beats, mut answers) = keep_alive(&mut client, 99).await;
     let err = answers.message().await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("lease 99"));
@@ -317,15 +307,7 @@ async fn a_broken_keepalive_stream_shows_unhealthy_at_once_and_a_new_one_heals_w
     let mut client = registry.client().await;
     let lease = register(&mut client, instance("svc", 1)).await.lease_id;
 
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(pb::KeepAliveRequest { lease_id: lease })
-        .await
-        .unwrap();
-    let mut answers = client
-        .keep_alive(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut answers) = keep_alive(&mut client, lease).await;
     let answer = answers.message().await.unwrap().unwrap();
     assert_eq!(
         (answer.lease_id, answer.heartbeat_interval_ms),
@@ -354,15 +336,7 @@ async fn a_broken_keepalive_stream_shows_unhealthy_at_once_and_a_new_one_heals_w
     );
     revision += 1;
 
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(pb::KeepAliveRequest { lease_id: lease })
-        .await
-        .unwrap();
-    let mut answers = client
-        .keep_alive(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut answers) = keep_alive(&mut client, lease).await;
     answers.message().await.unwrap().unwrap();
     let (rev, change) = next_change(&mut watch).await;
     assert_eq!(rev, revision + 1);

@@ -7,11 +7,9 @@ use std::time::Duration;
 use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
 use shop_mesh::soak::process::Process;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-use crate::{BIN, instance, instances, register, wait_until};
+use crate::{BIN, instance, instances, keep_alive, register, wait_until};
 
 /// `shop-mesh registry` on `listen` with its data under `dir`.
 async fn registry(listen: &str, dir: &Path) -> Process {
@@ -51,16 +49,7 @@ async fn a_lease_from_before_a_restart_is_unknown_after_it_and_keeps_nobody_aliv
     let b_lease = register(&mut client, instance("server-product", 2))
         .await
         .lease_id;
-    let (beats, rx) = mpsc::channel(4);
-    beats
-        .send(pb::KeepAliveRequest { lease_id: b_lease })
-        .await
-        .unwrap();
-    let mut answers = client
-        .keep_alive(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (beats, mut answers) = keep_alive(&mut client, b_lease).await;
     answers
         .message()
         .await
