@@ -1,0 +1,85 @@
+//! What survives a restart: the persistent instances and the services'
+//! settings, loaded when the registry opens and stored change by change
+//! before a change is acknowledged.
+
+use std::sync::Arc;
+
+use super::{Registry, State};
+use crate::registry::{Config, Error, persist};
+
+impl Registry {
+    /// Opens the registry: loads what `config.data_dir` holds, starts the
+    /// lease reaper and the health probes of persistent instances.
+    pub async fn open(config: &Config) -> Result<Registry, persist::Error> {
+        let (store, loaded) = persist::Store::open(&config.data_dir)?;
+        let registry = Registry::with_store(config, Some(store));
+        {
+            let mut state = registry.inner.state.lock();
+            for (key, settings) in loaded.services {
+                let service = state.ensure_service(&key);
+                service.explicit = true;
+                service.settings = settings;
+            }
+            for mut instance in loaded.instances {
+                // Health is not stored: it is probed again.
+                instance.healthy = false;
+                instance.ephemeral = false;
+                instance.lease = 0;
+                let key = instance.service.as_ref().clone();
+                let service = state.ensure_service(&key);
+                instance.service = service.key.clone();
+                let instance = Arc::new(instance);
+                state.put(instance.clone());
+                registry.start_probe(&instance);
+            }
+            tracing::info!(
+                services = state.services.len(),
+                revision = state.revision,
+                "loaded persistent state"
+            );
+        }
+        Ok(registry)
+    }
+
+    /// Stores what memory now holds for `subject`, if this registry keeps
+    /// a store; returns once it is durable.
+    pub(super) async fn persist(&self, subject: persist::Subject<'_>) -> Result<(), Error> {
+        let Some(store) = &self.inner.store else {
+            return Ok(());
+        };
+        // Submitted under the state lock, so the store takes changes in the
+        // order memory took them and ends with what memory holds.
+        let durable = store.submit(self.inner.state.lock().persistent(subject));
+        durable.await.map_err(|err| {
+            tracing::error!(dir = %store.dir().display(), %err, "cannot store the registry's persistent state");
+            Error::Unavailable("the registry cannot store persistent state now; try again".into())
+        })
+    }
+}
+
+impl State {
+    /// What must survive a restart of `subject`, as memory holds it now.
+    pub(in crate::registry) fn persistent(&self, subject: persist::Subject<'_>) -> persist::Change {
+        match subject {
+            persist::Subject::Instance(key, addr) => {
+                match self.services.get(key).and_then(|s| s.get(addr)) {
+                    Some(instance) if !instance.ephemeral => {
+                        persist::Change::Put((**instance).clone())
+                    }
+                    _ => persist::Change::Remove {
+                        service: key.clone(),
+                        addr: addr.clone(),
+                    },
+                }
+            }
+            persist::Subject::Service(key) => persist::Change::Settings {
+                service: key.clone(),
+                settings: self
+                    .services
+                    .get(key)
+                    .filter(|s| s.explicit)
+                    .map(|s| s.settings.clone()),
+            },
+        }
+    }
+}
