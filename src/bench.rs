@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
-use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pb::registry as pb;
@@ -96,41 +95,44 @@ impl Bench {
 
 /// A registry started for the bench, stopped when dropped.
 struct Spawned {
-    child: Child,
+    process: crate::soak::process::Process,
     data_dir: std::path::PathBuf,
 }
 
 impl Drop for Spawned {
     fn drop(&mut self) {
-        let _ = self.child.start_kill();
         let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }
 
 impl Spawned {
+    /// This binary's registry on a port of loopback's own choosing.
     async fn start() -> anyhow::Result<(Spawned, SocketAddr)> {
-        let addr = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-            probe.local_addr()?
-        };
         let data_dir = std::env::temp_dir().join(format!("shop-mesh-bench-{}", std::process::id()));
-        let child = Command::new(std::env::current_exe()?)
-            .args(["registry", "--listen", &addr.to_string(), "--data-dir"])
-            .arg(&data_dir)
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .spawn()
+        let args = ["registry", "--listen", "127.0.0.1:0", "--data-dir"]
+            .into_iter()
+            .map(String::from)
+            .chain([data_dir.display().to_string()])
+            .collect();
+        let exe = std::env::current_exe()?;
+        let process = crate::soak::process::Process::start(&exe, "registry", args, &[])
+            .await
             .context("cannot start the registry")?;
-        Ok((Spawned { child, data_dir }, addr))
+        let addr = process.addr.parse().context("the registry's address")?;
+        Ok((Spawned { process, data_dir }, addr))
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.process.pid()?.as_raw().try_into().ok()
     }
 
     /// CPU time the registry has used (user + system).
     fn cpu_time(&self) -> Option<Duration> {
-        cpu_time(self.child.id()?)
+        cpu_time(self.pid()?)
     }
 
     fn rss_bytes(&self) -> Option<u64> {
-        rss_bytes(self.child.id()?)
+        rss_bytes(self.pid()?)
     }
 }
 

@@ -64,9 +64,7 @@ impl IdleBench {
                 (Some(spawned), addr)
             }
         };
-        let pid = self
-            .pid
-            .or_else(|| spawned.as_ref().and_then(|s| s.child.id()));
+        let pid = self.pid.or_else(|| spawned.as_ref().and_then(Spawned::pid));
         // The first check also waits for a registry started here.
         let started = Instant::now();
         while !check(addr).await {

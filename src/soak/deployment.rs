@@ -35,24 +35,21 @@ impl Deployment {
         dir: &Path,
         database_url: Option<&str>,
     ) -> anyhow::Result<Deployment> {
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-            probe.local_addr()?.port()
-        };
-        let registry_addr = format!("127.0.0.1:{port}");
         let registry = Process::start(
             bin,
             "registry",
             vec![
                 "registry".into(),
                 "--listen".into(),
-                registry_addr.clone(),
+                "127.0.0.1:0".into(),
                 "--data-dir".into(),
                 dir.join("registry").display().to_string(),
             ],
             ENV,
         )
         .await?;
+        // A restarted registry comes back on this address.
+        let registry_addr = registry.addr.clone();
         let service = |role: &'static str| {
             let mut args = vec![
                 role.to_string(),

@@ -195,15 +195,23 @@ impl Process {
         self.stop_with(Signal::SIGTERM).await
     }
 
-    /// The same process again, same arguments and environment (a registry
-    /// comes back on its port, with its data dir).
+    /// The same process again, same arguments and environment, on the
+    /// address it had (one started on port 0 comes back on the port it
+    /// got), with its data dir.
     pub async fn restart(&mut self, bin: &Path) -> anyhow::Result<()> {
         let env: Vec<(&str, &str)> = self
             .env
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        *self = Process::start(bin, self.role, self.args.clone(), &env).await?;
+        let mut args = self.args.clone();
+        if let Some(listen) = args.iter().position(|arg| arg == "--listen")
+            && !self.addr.is_empty()
+            && let Some(value) = args.get_mut(listen + 1)
+        {
+            value.clone_from(&self.addr);
+        }
+        *self = Process::start(bin, self.role, args, &env).await?;
         Ok(())
     }
 }
