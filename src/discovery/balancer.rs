@@ -11,6 +11,7 @@
 //! [`RetrySafe`] that fails is tried once more on another endpoint, under a
 //! retry budget. An empty set fails at once with UNAVAILABLE.
 
+use rand::Rng;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -205,7 +206,7 @@ impl Shared {
             ))
             .into_http());
         };
-        let Some(first) = pick(&list, None) else {
+        let Some(first) = pick(&list, None, &mut rand::rng()) else {
             return Ok(tonic::Status::unavailable(format!(
                 "no healthy instance of {}",
                 self.service
@@ -225,7 +226,7 @@ impl Shared {
         };
         let second = spare
             .filter(|_| self.budget.withdraw())
-            .and_then(|spare| Some((pick(&list, Some(first.addr))?, spare)));
+            .and_then(|spare| Some((pick(&list, Some(first.addr), &mut rand::rng())?, spare)));
         match second {
             Some((endpoint, spare)) => {
                 tracing::debug!(service = %self.service, from = %first.addr, to = %endpoint.addr, "retrying on another endpoint");
@@ -332,8 +333,13 @@ fn grpc_code(response: &http::Response<Body>) -> Option<tonic::Code> {
 
 /// Two draws by weight among the endpoints not ejected (all of them if
 /// every one is ejected, rather than fail), the one with fewer calls in
-/// flight wins. `exclude` is skipped unless it is the only one.
-fn pick(list: &[Arc<Endpoint>], exclude: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
+/// flight wins. `exclude` (the endpoint a retry leaves) is never picked:
+/// with no other endpoint there is nothing to retry on.
+fn pick(
+    list: &[Arc<Endpoint>],
+    exclude: Option<SocketAddr>,
+    rng: &mut impl Rng,
+) -> Option<Arc<Endpoint>> {
     let now = Instant::now();
     // Each endpoint's outlier state is read once per call, here.
     let eligible = || list.iter().filter(|e| Some(e.addr) != exclude);
@@ -342,10 +348,10 @@ fn pick(list: &[Arc<Endpoint>], exclude: Option<SocketAddr>) -> Option<Arc<Endpo
     if candidates.is_empty() {
         candidates = eligible().collect();
     }
-    pick_among(&candidates)
+    pick_among(&candidates, rng)
 }
 
-fn pick_among(candidates: &[&Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
+fn pick_among(candidates: &[&Arc<Endpoint>], rng: &mut impl Rng) -> Option<Arc<Endpoint>> {
     if let [only] = candidates {
         return (only.weight() > 0.0).then(|| Arc::clone(only));
     }
@@ -353,8 +359,8 @@ fn pick_among(candidates: &[&Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
     if total <= 0.0 {
         return None;
     }
-    let draw = || {
-        let mut point = rand::random_range(0.0..total);
+    let mut draw = || {
+        let mut point = rng.random_range(0.0..total);
         let mut last = None;
         for &endpoint in candidates {
             point -= endpoint.weight();
@@ -403,7 +409,66 @@ async fn duplicate(
 
 #[cfg(test)]
 mod tests {
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
     use super::*;
+
+    fn endpoints(weights: &[f64]) -> Vec<Arc<Endpoint>> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16));
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .expect("a valid uri")
+                    .connect_lazy();
+                Arc::new(Endpoint::new(addr, weight, channel))
+            })
+            .collect()
+    }
+
+    /// How many of `picks` picks went to each endpoint, from a fixed seed.
+    fn shares(list: &[Arc<Endpoint>], exclude: Option<SocketAddr>, picks: usize) -> Vec<usize> {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut counts = vec![0; list.len()];
+        for _ in 0..picks {
+            let picked = pick(list, exclude, &mut rng).expect("an endpoint");
+            counts[list.iter().position(|e| e.addr == picked.addr).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[tokio::test]
+    async fn picks_follow_the_weights_and_weight_zero_gets_nothing() {
+        let list = endpoints(&[1.0, 2.0, 0.0]);
+        let counts = shares(&list, None, 30_000);
+        assert_eq!(counts[2], 0, "weight 0 takes no traffic: {counts:?}");
+        let ratio = counts[1] as f64 / counts[0] as f64;
+        assert!((1.9..=2.1).contains(&ratio), "1:2 came out {counts:?}");
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_with_calls_piling_up_loses_to_idle_ones() {
+        let list = endpoints(&[1.0, 1.0, 1.0]);
+        let _busy: Vec<_> = (0..5).map(|_| list[0].start_call()).collect();
+        let counts = shares(&list, None, 3_000);
+        // Only when every draw lands on it (four tries at a second,
+        // distinct draw) does the busy one go unchallenged.
+        assert!(counts[0] < 30, "the busy one got {counts:?}");
+        assert!(counts[1] > 1_400 && counts[2] > 1_400, "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn a_retry_never_goes_back_to_the_endpoint_that_failed() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let list = endpoints(&[1.0, 1.0]);
+        let counts = shares(&list, Some(list[0].addr), 1_000);
+        assert_eq!(counts, [0, 1_000]);
+        let only = endpoints(&[1.0]);
+        assert!(pick(&only, Some(only[0].addr), &mut rng).is_none());
+        assert!(pick(&endpoints(&[0.0]), None, &mut rng).is_none());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_retry_budget_allows_about_a_fifth_extra() {
