@@ -103,7 +103,7 @@ impl BalancedChannel {
             shared: Arc::new(Shared {
                 service: service.into(),
                 endpoints: rx,
-                budget: TpsBudget::new(Duration::from_secs(10), 10, config.retry_percent),
+                budget: retry_budget(config.retry_percent),
                 config,
                 _stop: stop.drop_guard(),
             }),
@@ -331,6 +331,13 @@ fn grpc_code(response: &http::Response<Body>) -> Option<tonic::Code> {
     Some(tonic::Code::from_i32(value.parse().ok()?))
 }
 
+/// Retries allowed: `percent` of the calls of the last 10 s, and at least
+/// 10 a second, so that a quiet channel can still retry while a failing
+/// one cannot multiply its load.
+fn retry_budget(percent: f32) -> TpsBudget {
+    TpsBudget::new(Duration::from_secs(10), 10, percent)
+}
+
 /// Two draws by weight among the endpoints not ejected (all of them if
 /// every one is ejected, rather than fail), the one with fewer calls in
 /// flight wins. `exclude` (the endpoint a retry leaves) is never picked:
@@ -472,9 +479,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_retry_budget_allows_about_a_fifth_extra() {
-        // The same budget the channel builds: 20 % of calls over 10 s, plus
-        // a floor of 10 retries a second.
-        let budget = TpsBudget::new(Duration::from_secs(10), 10, 0.2);
+        let budget = retry_budget(crate::discovery::Config::default().retry_percent);
         let mut retried = 0;
         for _ in 0..1000 {
             budget.deposit();
