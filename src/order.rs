@@ -19,9 +19,6 @@ use crate::shutdown::Shutdown;
 pub use place::{PlaceOrder, Placer};
 pub use store::{Order, Orders};
 
-/// The order service's default port.
-pub const DEFAULT_PORT: u16 = 8080;
-
 /// Serves the order service on `listener`, registered through the
 /// registry, until `shutdown`.
 pub async fn run(
@@ -51,7 +48,7 @@ pub async fn run(
         max_count: config.shop.max_order_count,
     });
     let served = shop::serve(
-        config,
+        &config.discovery,
         &config.order,
         ORDER_SERVICE,
         <OrderServiceServer<OrderGrpc> as tonic::server::NamedService>::NAME,

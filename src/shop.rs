@@ -23,6 +23,12 @@ pub const USER_SERVICE: &str = "server-user";
 pub const PRODUCT_SERVICE: &str = "server-product";
 pub const ORDER_SERVICE: &str = "server-order";
 
+/// Their default ports, each the `[user]`, `[product]` or `[order]`
+/// section's `listen`.
+pub const USER_PORT: u16 = 8060;
+pub const PRODUCT_PORT: u16 = 8070;
+pub const ORDER_PORT: u16 = 8080;
+
 /// The `[user]`, `[product]` and `[order]` configuration sections: where a
 /// shop service listens and what it stores in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,7 +204,7 @@ pub fn page_token(value: &str) -> Result<Option<i64>, Error> {
 /// `grpc_service`), the routes `add` adds, served and registered as
 /// `name` until shutdown.
 pub async fn serve(
-    config: &crate::config::Config,
+    discovery: &crate::discovery::Config,
     service: &ServiceConfig,
     name: &str,
     grpc_service: &str,
@@ -210,13 +216,5 @@ pub async fn serve(
     let mut announce = crate::discovery::Announce::new(name);
     announce.advertise = service.advertise.clone();
     let routes = add(server.routes(&[grpc_service]));
-    crate::discovery::serve(
-        &server,
-        routes,
-        listener,
-        announce,
-        &config.discovery,
-        shutdown,
-    )
-    .await
+    crate::discovery::serve(&server, routes, listener, announce, discovery, shutdown).await
 }
