@@ -164,7 +164,6 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     crate::telemetry::init(&config.log);
     crate::server::raise_file_limit();
-    config.connections.clone().install();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -175,7 +174,13 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
     match role {
         Role::Registry(_) => {
             let listener = crate::server::bind(config.registry.listen, "registry", None).await?;
-            crate::registry::run(&config.registry, listener, crate::shutdown::on_signal()).await?;
+            crate::registry::run(
+                &config.registry,
+                &config.connections,
+                listener,
+                crate::shutdown::on_signal(),
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Role::User(UserRole {

@@ -49,8 +49,8 @@ pub async fn run(
     });
     let served = shop::serve(
         &config.discovery,
-        &config.order,
-        ORDER_SERVICE,
+        &config.connections,
+        config.order.announce(ORDER_SERVICE),
         <OrderServiceServer<OrderGrpc> as tonic::server::NamedService>::NAME,
         listener,
         |routes| routes.add_service(service),

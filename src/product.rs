@@ -31,8 +31,8 @@ pub async fn run(
     let service = ProductServiceServer::new(ProductGrpc { products });
     shop::serve(
         &config.discovery,
-        &config.product,
-        PRODUCT_SERVICE,
+        &config.connections,
+        config.product.announce(PRODUCT_SERVICE),
         <ProductServiceServer<ProductGrpc> as tonic::server::NamedService>::NAME,
         listener,
         |routes| routes.add_service(service),

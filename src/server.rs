@@ -35,8 +35,8 @@ pub struct Server {
 
 impl Server {
     /// A server whose health reads NOT_SERVING until [`Server::serve`],
-    /// holding connections as the process's [`Connections`] say.
-    pub async fn new(shutdown: Shutdown) -> Self {
+    /// holding connections as `connections` say.
+    pub async fn new(shutdown: Shutdown, connections: &Connections) -> Self {
         let health = HealthReporter::new();
         health
             .set_service_status("", ServingStatus::NotServing)
@@ -48,7 +48,7 @@ impl Server {
             health,
             health_service,
             shutdown,
-            connections: Connections::installed(),
+            connections: connections.clone(),
         }
     }
 

@@ -64,6 +64,14 @@ impl ServiceConfig {
             max_connections: 8,
         }
     }
+
+    /// How the service registered as `name` presents itself: at the
+    /// address it advertises, if any.
+    pub fn announce(&self, name: &str) -> crate::discovery::Announce {
+        let mut announce = crate::discovery::Announce::new(name);
+        announce.advertise = self.advertise.clone();
+        announce
+    }
 }
 
 /// The `[shop]` section: the rules of the order flow.
@@ -201,20 +209,18 @@ pub fn page_token(value: &str) -> Result<Option<i64>, Error> {
 }
 
 /// Starts a shop service: its health and reflection (advertising
-/// `grpc_service`), the routes `add` adds, served and registered as
-/// `name` until shutdown.
+/// `grpc_service`), the routes `add` adds, served with `connections` and
+/// registered per `announce` until shutdown.
 pub async fn serve(
     discovery: &crate::discovery::Config,
-    service: &ServiceConfig,
-    name: &str,
+    connections: &crate::server::Connections,
+    announce: crate::discovery::Announce,
     grpc_service: &str,
     listener: tokio::net::TcpListener,
     add: impl FnOnce(tonic::service::Routes) -> tonic::service::Routes,
     shutdown: crate::shutdown::Shutdown,
 ) -> anyhow::Result<()> {
-    let server = crate::server::Server::new(shutdown.clone()).await;
-    let mut announce = crate::discovery::Announce::new(name);
-    announce.advertise = service.advertise.clone();
+    let server = crate::server::Server::new(shutdown.clone(), connections).await;
     let routes = add(server.routes(&[grpc_service]));
     crate::discovery::serve(&server, routes, listener, announce, discovery, shutdown).await
 }

@@ -30,8 +30,8 @@ pub async fn run(
     let service = UserServiceServer::new(UserGrpc { users });
     shop::serve(
         &config.discovery,
-        &config.user,
-        USER_SERVICE,
+        &config.connections,
+        config.user.announce(USER_SERVICE),
         <UserServiceServer<UserGrpc> as tonic::server::NamedService>::NAME,
         listener,
         |routes| routes.add_service(service),

@@ -67,7 +67,8 @@ impl DiscoveryBench {
         let shutdown = Shutdown::new();
         tokio::spawn({
             let shutdown = shutdown.clone();
-            async move { crate::registry::run(&registry_config, listener, shutdown).await }
+            let connections = crate::server::Connections::default();
+            async move { crate::registry::run(&registry_config, &connections, listener, shutdown).await }
         });
 
         let targets = (0..3)

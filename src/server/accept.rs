@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -41,24 +41,6 @@ impl Default for Connections {
             first_byte_timeout: Duration::from_secs(10),
             max_per_port: 10_000,
         }
-    }
-}
-
-/// Set once at start-up from the configuration, so that every role's
-/// [`crate::server::Server`] reads the same section without each role
-/// having to carry it.
-static INSTALLED: OnceLock<Connections> = OnceLock::new();
-
-impl Connections {
-    /// Makes these the settings of every server this process starts; the
-    /// first call wins.
-    pub fn install(self) {
-        let _ = INSTALLED.set(self);
-    }
-
-    /// The installed settings, else the defaults.
-    pub fn installed() -> Connections {
-        INSTALLED.get().cloned().unwrap_or_default()
     }
 }
 
