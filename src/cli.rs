@@ -187,21 +187,21 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
             command: Some(command),
             ..
         }) => command
-            .run(&Mesh::new(&config.discovery)?)
+            .run(&Mesh::new(&config.discovery, &config.connections)?)
             .await
             .map(|()| ExitCode::SUCCESS),
         Role::Product(ProductRole {
             command: Some(command),
             ..
         }) => command
-            .run(&Mesh::new(&config.discovery)?)
+            .run(&Mesh::new(&config.discovery, &config.connections)?)
             .await
             .map(|()| ExitCode::SUCCESS),
         Role::Order(OrderRole {
             command: Some(command),
             ..
         }) => command
-            .run(&Mesh::new(&config.discovery)?)
+            .run(&Mesh::new(&config.discovery, &config.connections)?)
             .await
             .map(|()| ExitCode::SUCCESS),
         Role::User(_) => {
@@ -229,16 +229,19 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         }),
         Role::Bench(bench) => bench.run().await.map(|()| ExitCode::SUCCESS),
-        Role::Services(scope) => crate::inspect::services(&config.discovery, scope.json)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        Role::Services(scope) => {
+            crate::inspect::services(&config.discovery, &config.connections, scope.json)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
         Role::Instances { service, scope } => {
-            crate::inspect::instances(&config.discovery, &service, scope.json)
+            crate::inspect::instances(&config.discovery, &config.connections, &service, scope.json)
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
         Role::Watch { service, scope } => crate::inspect::watch(
             &config.discovery,
+            &config.connections,
             &service,
             scope.json,
             crate::shutdown::on_signal(),

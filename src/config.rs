@@ -23,8 +23,9 @@ pub const ENV_PREFIX: &str = "SHOP_MESH__";
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub log: LogConfig,
-    /// Every role's port: how many connections it holds, how long a
-    /// silent one may stay.
+    /// Every connection, served or dialled: keepalives and Nagle; and on
+    /// each role's port, how many it holds and how long a silent one may
+    /// stay.
     pub connections: crate::server::Connections,
     pub registry: crate::registry::Config,
     pub discovery: crate::discovery::Config,

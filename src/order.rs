@@ -31,7 +31,7 @@ pub async fn run(
         .await
         .map_err(|err| anyhow::anyhow!("cannot lease an id worker: {err}"))?;
     tracing::info!(worker = ?ids.worker(), "id worker leased");
-    let mesh = Mesh::new(&config.discovery)?;
+    let mesh = Mesh::new(&config.discovery, &config.connections)?;
     let placer = Placer {
         orders: Orders::new(db),
         ids: ids.clone(),

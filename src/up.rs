@@ -245,7 +245,7 @@ pub async fn run(config: &Config, args: &Args, shutdown: Shutdown) -> anyhow::Re
 /// Waits until every service is registered and healthy, as a caller sees
 /// it through a watch.
 async fn registered(config: &Config, replicas: usize) -> anyhow::Result<()> {
-    let mesh = Mesh::new(&config.discovery)?;
+    let mesh = Mesh::new(&config.discovery, &config.connections)?;
     let all = async {
         for (service, count) in [
             (USER_SERVICE, replicas),

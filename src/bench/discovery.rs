@@ -75,10 +75,13 @@ impl DiscoveryBench {
             .map(|_| target(registry, TARGET))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let single = target(registry, SINGLE)?;
-        let mesh = Mesh::new(&discovery::Config {
-            registry: registry.to_string(),
-            ..Default::default()
-        })?;
+        let mesh = Mesh::new(
+            &discovery::Config {
+                registry: registry.to_string(),
+                ..Default::default()
+            },
+            &Default::default(),
+        )?;
         let spread = mesh.channel(TARGET);
         let balanced = mesh.channel(SINGLE);
         wait_for(&spread, |n| n == 3).await?;
