@@ -164,7 +164,6 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     crate::telemetry::init(&config.log);
     crate::server::raise_file_limit();
-    config.connections.clone().install();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -175,28 +174,34 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
     match role {
         Role::Registry(_) => {
             let listener = crate::server::bind(config.registry.listen, "registry", None).await?;
-            crate::registry::run(&config.registry, listener, crate::shutdown::on_signal()).await?;
+            crate::registry::run(
+                &config.registry,
+                &config.connections,
+                listener,
+                crate::shutdown::on_signal(),
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Role::User(UserRole {
             command: Some(command),
             ..
         }) => command
-            .run(&Mesh::new(&config.discovery)?)
+            .run(&Mesh::new(&config.discovery, &config.connections)?)
             .await
             .map(|()| ExitCode::SUCCESS),
         Role::Product(ProductRole {
             command: Some(command),
             ..
         }) => command
-            .run(&Mesh::new(&config.discovery)?)
+            .run(&Mesh::new(&config.discovery, &config.connections)?)
             .await
             .map(|()| ExitCode::SUCCESS),
         Role::Order(OrderRole {
             command: Some(command),
             ..
         }) => command
-            .run(&Mesh::new(&config.discovery)?)
+            .run(&Mesh::new(&config.discovery, &config.connections)?)
             .await
             .map(|()| ExitCode::SUCCESS),
         Role::User(_) => {
@@ -224,16 +229,19 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         }),
         Role::Bench(bench) => bench.run().await.map(|()| ExitCode::SUCCESS),
-        Role::Services(scope) => crate::inspect::services(&config.discovery, scope.json)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        Role::Services(scope) => {
+            crate::inspect::services(&config.discovery, &config.connections, scope.json)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
         Role::Instances { service, scope } => {
-            crate::inspect::instances(&config.discovery, &service, scope.json)
+            crate::inspect::instances(&config.discovery, &config.connections, &service, scope.json)
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
         Role::Watch { service, scope } => crate::inspect::watch(
             &config.discovery,
+            &config.connections,
             &service,
             scope.json,
             crate::shutdown::on_signal(),

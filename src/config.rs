@@ -8,7 +8,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::shop::ServiceConfig;
+use crate::shop::{ORDER_PORT, PRODUCT_PORT, ServiceConfig, USER_PORT};
 
 /// The default configuration file, read when it exists and no `--config`
 /// is given.
@@ -23,8 +23,9 @@ pub const ENV_PREFIX: &str = "SHOP_MESH__";
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub log: LogConfig,
-    /// Every role's port: how many connections it holds, how long a
-    /// silent one may stay.
+    /// Every connection, served or dialled: keepalives and Nagle; and on
+    /// each role's port, how many it holds and how long a silent one may
+    /// stay.
     pub connections: crate::server::Connections,
     pub registry: crate::registry::Config,
     pub discovery: crate::discovery::Config,
@@ -41,9 +42,9 @@ impl Default for Config {
             connections: crate::server::Connections::default(),
             registry: crate::registry::Config::default(),
             discovery: crate::discovery::Config::default(),
-            user: ServiceConfig::for_role("user", crate::user::DEFAULT_PORT),
-            product: ServiceConfig::for_role("product", crate::product::DEFAULT_PORT),
-            order: ServiceConfig::for_role("order", crate::order::DEFAULT_PORT),
+            user: ServiceConfig::for_role("user", USER_PORT),
+            product: ServiceConfig::for_role("product", PRODUCT_PORT),
+            order: ServiceConfig::for_role("order", ORDER_PORT),
             shop: crate::shop::Rules::default(),
         }
     }

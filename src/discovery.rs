@@ -8,7 +8,7 @@
 //! use shop_mesh::discovery::{Config, Mesh};
 //! use tonic_health::pb::health_client::HealthClient;
 //!
-//! let mesh = Mesh::new(&Config::default())?;
+//! let mesh = Mesh::new(&Config::default(), &Default::default())?;
 //! let mut client = HealthClient::new(mesh.channel("server-product"));
 //! # Ok(()) }
 //! ```
@@ -35,6 +35,7 @@ pub use registrar::Registration;
 pub use resolver::{Change, EndpointInfo, Target};
 
 use crate::registry::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE};
+use crate::server::Connections;
 
 /// The `[discovery]` configuration section: how services find the registry
 /// and each other.
@@ -48,6 +49,7 @@ pub struct Config {
     /// The deadline of a call that sets none.
     #[serde(with = "humantime_serde")]
     pub call_timeout: Duration,
+    /// How long connecting to the registry or to an instance may take.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// How long a first call waits for the registry's first answer.
@@ -100,14 +102,20 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn connector(&self) -> Result<Connector, connector::Error> {
-        Connector::new(&self.registry, self.reconnect_max_backoff)
+    pub fn connector(&self, connections: &Connections) -> Result<Connector, connector::Error> {
+        Connector::new(
+            &self.registry,
+            self.reconnect_max_backoff,
+            self.connect_timeout,
+            connections,
+        )
     }
 
-    pub fn balance(&self) -> BalanceConfig {
+    pub fn balance(&self, connections: &Connections) -> BalanceConfig {
         BalanceConfig {
             call_timeout: self.call_timeout,
             connect_timeout: self.connect_timeout,
+            connections: connections.clone(),
             resolve_timeout: self.resolve_timeout,
             ejection: EjectionPolicy {
                 eject_after: self.eject_after,
@@ -128,6 +136,7 @@ pub struct Mesh {
 
 struct MeshInner {
     config: Config,
+    connections: Connections,
     connector: Connector,
     channels: Mutex<HashMap<String, BalancedChannel>>,
     /// Stops every resolver when the mesh goes.
@@ -136,12 +145,15 @@ struct MeshInner {
 }
 
 impl Mesh {
-    pub fn new(config: &Config) -> Result<Self, connector::Error> {
+    /// Channels that find services as `config` says and hold their
+    /// connections as `connections` (the `[connections]` section) say.
+    pub fn new(config: &Config, connections: &Connections) -> Result<Self, connector::Error> {
         let stop = CancellationToken::new();
         Ok(Self {
             inner: Arc::new(MeshInner {
                 config: config.clone(),
-                connector: config.connector()?,
+                connections: connections.clone(),
+                connector: config.connector(connections)?,
                 channels: Mutex::new(HashMap::new()),
                 stop: stop.clone(),
                 _stop: stop.drop_guard(),
@@ -167,7 +179,8 @@ impl Mesh {
             config.stale_grace,
             self.inner.stop.child_token(),
         );
-        let channel = BalancedChannel::new(service, changes, config.balance());
+        let channel =
+            BalancedChannel::new(service, changes, config.balance(&self.inner.connections));
         channels.insert(service.into(), channel.clone());
         channel
     }
@@ -219,8 +232,8 @@ pub async fn serve(
         metadata: announce.metadata,
         ..Default::default()
     };
-    let registration =
-        Registration::start(config.connector()?, instance, shutdown, config.drain_delay);
+    let connector = config.connector(server.connections())?;
+    let registration = Registration::start(connector, instance, shutdown, config.drain_delay);
     tracing::info!(service = %announce.service, %bound, advertised = %addr, "serving");
     server
         .serve(routes, listener, config.shutdown_grace, registration.left())

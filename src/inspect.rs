@@ -5,9 +5,9 @@ use std::io::Write;
 
 use serde_json::json;
 
-use crate::discovery::Connector;
 use crate::pb::registry as pb;
 use crate::pb::registry::registry_client::RegistryClient;
+use crate::server::Connections;
 use crate::shutdown::Shutdown;
 
 /// Where to look.
@@ -43,8 +43,9 @@ impl Scope {
 
 async fn client(
     config: &crate::discovery::Config,
+    connections: &Connections,
 ) -> anyhow::Result<RegistryClient<tonic::transport::Channel>> {
-    let connector = Connector::new(&config.registry, config.reconnect_max_backoff)?;
+    let connector = config.connector(connections)?;
     // No endless retrying: a person is waiting. Dropping the attempt at
     // the deadline stops it.
     let never = Shutdown::new();
@@ -60,8 +61,12 @@ pub fn status(status: tonic::Status) -> anyhow::Error {
 }
 
 /// `shop-mesh services`
-pub async fn services(config: &crate::discovery::Config, json: bool) -> anyhow::Result<()> {
-    let mut client = client(config).await?;
+pub async fn services(
+    config: &crate::discovery::Config,
+    connections: &Connections,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut client = client(config, connections).await?;
     let mut all = Vec::new();
     for page in 1.. {
         let answer = client
@@ -110,10 +115,11 @@ pub async fn services(config: &crate::discovery::Config, json: bool) -> anyhow::
 /// `shop-mesh instances <service>`
 pub async fn instances(
     config: &crate::discovery::Config,
+    connections: &Connections,
     service: &str,
     json: bool,
 ) -> anyhow::Result<()> {
-    let mut client = client(config).await?;
+    let mut client = client(config, connections).await?;
     let answer = client
         .get_service(pb::GetServiceRequest {
             namespace: config.namespace.clone(),
@@ -153,11 +159,12 @@ pub async fn instances(
 /// `shop-mesh watch <service>`: each change as it arrives, until Ctrl-C.
 pub async fn watch(
     config: &crate::discovery::Config,
+    connections: &Connections,
     service: &str,
     json: bool,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let mut client = client(config).await?;
+    let mut client = client(config, connections).await?;
     let mut stream = client
         .watch(pb::WatchRequest {
             namespace: config.namespace.clone(),

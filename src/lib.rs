@@ -8,7 +8,8 @@
 //! - [`config`]: layered configuration (defaults < file < environment < flags).
 //! - [`telemetry`]: logging through `tracing`.
 //! - [`shutdown`]: the one shutdown signal every role watches.
-//! - [`server`]: what every gRPC server carries (health, reflection, limits).
+//! - [`server`]: what every gRPC server carries (health, reflection, limits),
+//!   and the `[connections]` settings its clients share.
 //! - [`pb`]: the generated protobuf and gRPC code, and nothing else.
 //! - [`registry`]: the registry role: its domain ([`registry::Registry`]),
 //!   its gRPC face, persistence and health probes.

@@ -19,9 +19,6 @@ use crate::shutdown::Shutdown;
 pub use place::{PlaceOrder, Placer};
 pub use store::{Order, Orders};
 
-/// The order service's default port.
-pub const DEFAULT_PORT: u16 = 8080;
-
 /// Serves the order service on `listener`, registered through the
 /// registry, until `shutdown`.
 pub async fn run(
@@ -34,7 +31,7 @@ pub async fn run(
         .await
         .map_err(|err| anyhow::anyhow!("cannot lease an id worker: {err}"))?;
     tracing::info!(worker = ?ids.worker(), "id worker leased");
-    let mesh = Mesh::new(&config.discovery)?;
+    let mesh = Mesh::new(&config.discovery, &config.connections)?;
     let placer = Placer {
         orders: Orders::new(db),
         ids: ids.clone(),
@@ -51,9 +48,9 @@ pub async fn run(
         max_count: config.shop.max_order_count,
     });
     let served = shop::serve(
-        config,
-        &config.order,
-        ORDER_SERVICE,
+        &config.discovery,
+        &config.connections,
+        config.order.announce(ORDER_SERVICE),
         <OrderServiceServer<OrderGrpc> as tonic::server::NamedService>::NAME,
         listener,
         |routes| routes.add_service(service),

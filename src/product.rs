@@ -13,9 +13,6 @@ use crate::shop::{self, Error, PRODUCT_SERVICE};
 use crate::shutdown::Shutdown;
 pub use store::{Deducted, Product, Products, Restored};
 
-/// The product service's default port.
-pub const DEFAULT_PORT: u16 = 8070;
-
 /// Serves the product service on `listener`, registered through the
 /// registry, until `shutdown`.
 pub async fn run(
@@ -33,9 +30,9 @@ pub async fn run(
     }
     let service = ProductServiceServer::new(ProductGrpc { products });
     shop::serve(
-        config,
-        &config.product,
-        PRODUCT_SERVICE,
+        &config.discovery,
+        &config.connections,
+        config.product.announce(PRODUCT_SERVICE),
         <ProductServiceServer<ProductGrpc> as tonic::server::NamedService>::NAME,
         listener,
         |routes| routes.add_service(service),

@@ -139,14 +139,20 @@ impl Default for Limits {
     }
 }
 
-/// Serves the registry on `listener` until `shutdown`.
-pub async fn run(config: &Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+/// Serves the registry on `listener`, holding connections as
+/// `connections` say, until `shutdown`.
+pub async fn run(
+    config: &Config,
+    connections: &crate::server::Connections,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     // Held until the registry stops: one registry to a data dir.
     let _lock = persist::DirLock::acquire(&config.data_dir, listener.local_addr()?).await?;
     let registry = Registry::open(config).await?;
     let service = RegistryServer::new(RegistryService::new(registry.clone(), shutdown.clone()))
         .max_decoding_message_size(config.limits.max_message_size);
-    let server = crate::server::Server::new(shutdown.clone()).await;
+    let server = crate::server::Server::new(shutdown.clone(), connections).await;
     let routes = server
         .routes(&[<RegistryServer<RegistryService> as tonic::server::NamedService>::NAME])
         .add_service(service);

@@ -1,10 +1,11 @@
 //! What every role's gRPC server carries: `grpc.health.v1.Health` (SERVING
 //! only once the role is ready), server reflection v1 and v1alpha (grpcurl
-//! 1.8 speaks only v1alpha), HTTP/2 keepalive so dead peers are noticed,
-//! and a graceful stop bounded by a grace period. Connections reach tonic
-//! through [`accept`], which bounds and times them.
+//! 1.8 speaks only v1alpha), the keepalives of [`Connections`] so dead
+//! peers are noticed, and a graceful stop bounded by a grace period.
+//! Connections reach tonic through [`accept`], which bounds and times them.
 
 mod accept;
+mod connections;
 mod file_limit;
 
 use std::net::SocketAddr;
@@ -17,13 +18,9 @@ use tonic_health::server::HealthReporter;
 
 use crate::shutdown::Shutdown;
 
-pub use accept::{Connection, Connections};
+pub use accept::Connection;
+pub use connections::Connections;
 pub use file_limit::raise_file_limit;
-
-/// How often an idle connection is pinged, and how long a ping may go
-/// unanswered before the connection is dropped.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Server {
     health: HealthReporter,
@@ -35,8 +32,8 @@ pub struct Server {
 
 impl Server {
     /// A server whose health reads NOT_SERVING until [`Server::serve`],
-    /// holding connections as the process's [`Connections`] say.
-    pub async fn new(shutdown: Shutdown) -> Self {
+    /// holding connections as `connections` say.
+    pub async fn new(shutdown: Shutdown, connections: &Connections) -> Self {
         let health = HealthReporter::new();
         health
             .set_service_status("", ServingStatus::NotServing)
@@ -48,8 +45,14 @@ impl Server {
             health,
             health_service,
             shutdown,
-            connections: Connections::installed(),
+            connections: connections.clone(),
         }
+    }
+
+    /// The settings its connections are held to, for the clients it
+    /// starts (its registration) to hold theirs the same way.
+    pub fn connections(&self) -> &Connections {
+        &self.connections
     }
 
     pub fn health(&self) -> &HealthReporter {
@@ -110,10 +113,10 @@ impl Server {
             stop.await;
             let _ = stopped_tx.send(());
         };
-        let server = tonic::transport::Server::builder()
+        let server = self
+            .connections
+            .server()
             .layer(tower::util::MapResponseLayer::new(caller_faults))
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_routes(routes)
             .serve_with_incoming_shutdown(accept::incoming(listener, &self.connections), stop);
         tokio::pin!(server);

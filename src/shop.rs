@@ -23,6 +23,12 @@ pub const USER_SERVICE: &str = "server-user";
 pub const PRODUCT_SERVICE: &str = "server-product";
 pub const ORDER_SERVICE: &str = "server-order";
 
+/// Their default ports, each the `[user]`, `[product]` or `[order]`
+/// section's `listen`.
+pub const USER_PORT: u16 = 8060;
+pub const PRODUCT_PORT: u16 = 8070;
+pub const ORDER_PORT: u16 = 8080;
+
 /// The `[user]`, `[product]` and `[order]` configuration sections: where a
 /// shop service listens and what it stores in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +63,14 @@ impl ServiceConfig {
             seed_data: true,
             max_connections: 8,
         }
+    }
+
+    /// How the service registered as `name` presents itself: at the
+    /// address it advertises, if any.
+    pub fn announce(&self, name: &str) -> crate::discovery::Announce {
+        let mut announce = crate::discovery::Announce::new(name);
+        announce.advertise = self.advertise.clone();
+        announce
     }
 }
 
@@ -195,28 +209,18 @@ pub fn page_token(value: &str) -> Result<Option<i64>, Error> {
 }
 
 /// Starts a shop service: its health and reflection (advertising
-/// `grpc_service`), the routes `add` adds, served and registered as
-/// `name` until shutdown.
+/// `grpc_service`), the routes `add` adds, served with `connections` and
+/// registered per `announce` until shutdown.
 pub async fn serve(
-    config: &crate::config::Config,
-    service: &ServiceConfig,
-    name: &str,
+    discovery: &crate::discovery::Config,
+    connections: &crate::server::Connections,
+    announce: crate::discovery::Announce,
     grpc_service: &str,
     listener: tokio::net::TcpListener,
     add: impl FnOnce(tonic::service::Routes) -> tonic::service::Routes,
     shutdown: crate::shutdown::Shutdown,
 ) -> anyhow::Result<()> {
-    let server = crate::server::Server::new(shutdown.clone()).await;
-    let mut announce = crate::discovery::Announce::new(name);
-    announce.advertise = service.advertise.clone();
+    let server = crate::server::Server::new(shutdown.clone(), connections).await;
     let routes = add(server.routes(&[grpc_service]));
-    crate::discovery::serve(
-        &server,
-        routes,
-        listener,
-        announce,
-        &config.discovery,
-        shutdown,
-    )
-    .await
+    crate::discovery::serve(&server, routes, listener, announce, discovery, shutdown).await
 }

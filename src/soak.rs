@@ -193,7 +193,7 @@ async fn run_in(
         ..Default::default()
     };
     discovery.call_timeout = Duration::from_secs(5);
-    let mesh = Mesh::new(&discovery)?;
+    let mesh = Mesh::new(&discovery, &Default::default())?;
     for (service, count) in [(USER_SERVICE, 1), (PRODUCT_SERVICE, 2), (ORDER_SERVICE, 2)] {
         let channel = mesh.channel(service);
         let ready = channel.wait_for(|endpoints| endpoints.len() == count);

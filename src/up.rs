@@ -102,8 +102,9 @@ impl Stack {
         let mut config = config.clone();
         config.discovery.registry = registry_addr.to_string();
         let registry = tokio::spawn({
-            let (config, stop) = (config.registry.clone(), registry_stop.clone());
-            async move { crate::registry::run(&config, registry_listener, stop).await }
+            let (registry, connections) = (config.registry.clone(), config.connections.clone());
+            let stop = registry_stop.clone();
+            async move { crate::registry::run(&registry, &connections, registry_listener, stop).await }
         });
         let mut stack = Stack {
             running: vec![Running {
@@ -244,7 +245,7 @@ pub async fn run(config: &Config, args: &Args, shutdown: Shutdown) -> anyhow::Re
 /// Waits until every service is registered and healthy, as a caller sees
 /// it through a watch.
 async fn registered(config: &Config, replicas: usize) -> anyhow::Result<()> {
-    let mesh = Mesh::new(&config.discovery)?;
+    let mesh = Mesh::new(&config.discovery, &config.connections)?;
     let all = async {
         for (service, count) in [
             (USER_SERVICE, replicas),

@@ -12,9 +12,6 @@ use crate::shop::{self, USER_SERVICE};
 use crate::shutdown::Shutdown;
 pub use store::{User, Users};
 
-/// The user service's default port.
-pub const DEFAULT_PORT: u16 = 8060;
-
 /// Serves the user service on `listener`, registered through the
 /// registry, until `shutdown`.
 pub async fn run(
@@ -32,9 +29,9 @@ pub async fn run(
     }
     let service = UserServiceServer::new(UserGrpc { users });
     shop::serve(
-        config,
-        &config.user,
-        USER_SERVICE,
+        &config.discovery,
+        &config.connections,
+        config.user.announce(USER_SERVICE),
         <UserServiceServer<UserGrpc> as tonic::server::NamedService>::NAME,
         listener,
         |routes| routes.add_service(service),

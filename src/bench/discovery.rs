@@ -67,17 +67,21 @@ impl DiscoveryBench {
         let shutdown = Shutdown::new();
         tokio::spawn({
             let shutdown = shutdown.clone();
-            async move { crate::registry::run(&registry_config, listener, shutdown).await }
+            let connections = crate::server::Connections::default();
+            async move { crate::registry::run(&registry_config, &connections, listener, shutdown).await }
         });
 
         let targets = (0..3)
             .map(|_| target(registry, TARGET))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let single = target(registry, SINGLE)?;
-        let mesh = Mesh::new(&discovery::Config {
-            registry: registry.to_string(),
-            ..Default::default()
-        })?;
+        let mesh = Mesh::new(
+            &discovery::Config {
+                registry: registry.to_string(),
+                ..Default::default()
+            },
+            &Default::default(),
+        )?;
         let spread = mesh.channel(TARGET);
         let balanced = mesh.channel(SINGLE);
         wait_for(&spread, |n| n == 3).await?;

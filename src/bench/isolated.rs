@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use tonic::service::Routes;
 
 use crate::discovery::{self, Announce};
-use crate::server::Server;
+use crate::server::{Connections, Server};
 use crate::shutdown::Shutdown;
 
 pub struct Isolated {
@@ -42,7 +42,7 @@ impl Isolated {
             async move {
                 let served = async {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
-                    let server = Server::new(shutdown.clone()).await;
+                    let server = Server::new(shutdown.clone(), &Connections::default()).await;
                     let routes = add(addr, server.routes(&[]));
                     discovery::serve(&server, routes, listener, announce, &config, shutdown).await
                 };

@@ -91,7 +91,7 @@ impl OrdersBench {
 
         let mut discovery = config.discovery.clone();
         discovery.registry = stack.registry().to_string();
-        let mesh = Mesh::new(&discovery)?;
+        let mesh = Mesh::new(&discovery, &config.connections)?;
         let orders = OrderServiceClient::new(mesh.channel(ORDER_SERVICE));
         let products = ProductServiceClient::new(mesh.channel(PRODUCT_SERVICE));
 

@@ -31,6 +31,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 
 use super::endpoint::{EjectionPolicy, Endpoint};
 use super::resolver::{Change, EndpointInfo};
+use crate::server::Connections;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -52,6 +53,8 @@ pub struct BalanceConfig {
     /// The deadline of a call that sets none.
     pub call_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Keepalives and Nagle, as the servers hold them.
+    pub connections: Connections,
     /// How long a call waits for the first answer from the registry.
     pub resolve_timeout: Duration,
     pub ejection: EjectionPolicy,
@@ -168,13 +171,11 @@ fn apply(table: &mut HashMap<SocketAddr, Arc<Endpoint>>, change: Change, config:
 }
 
 fn connect(addr: SocketAddr, config: &BalanceConfig) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    config
+        .connections
+        .endpoint(format!("http://{addr}"), config.connect_timeout)
         .expect("a socket address is a valid URI")
-        .connect_timeout(config.connect_timeout)
         .timeout(config.call_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
         .connect_lazy()
 }
 

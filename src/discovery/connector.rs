@@ -7,9 +7,8 @@ use backon::BackoffBuilder;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pb::registry::registry_client::RegistryClient;
+use crate::server::Connections;
 use crate::shutdown::Shutdown;
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct Connector {
@@ -26,10 +25,16 @@ pub enum Error {
 }
 
 impl Connector {
-    /// `addrs`: `host:port` (or `http://host:port`), comma-separated.
+    /// `addrs`: `host:port` (or `http://host:port`), comma-separated, each
+    /// given up on after `connect_timeout` and held as `connections` say.
     /// `max_backoff` caps the wait between rounds, so a service is back
     /// within about that long after the registry returns.
-    pub fn new(addrs: &str, max_backoff: Duration) -> Result<Self, Error> {
+    pub fn new(
+        addrs: &str,
+        max_backoff: Duration,
+        connect_timeout: Duration,
+        connections: &Connections,
+    ) -> Result<Self, Error> {
         let endpoints = addrs
             .split(',')
             .map(str::trim)
@@ -40,14 +45,8 @@ impl Connector {
                 } else {
                     format!("http://{addr}")
                 };
-                Endpoint::from_shared(uri)
-                    .map(|e| {
-                        e.connect_timeout(CONNECT_TIMEOUT)
-                            .tcp_nodelay(true)
-                            .http2_keep_alive_interval(Duration::from_secs(10))
-                            .keep_alive_timeout(Duration::from_secs(5))
-                            .keep_alive_while_idle(true)
-                    })
+                connections
+                    .endpoint(uri, connect_timeout)
                     .map_err(|err| Error::BadAddress(addr.into(), err.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -7,12 +7,11 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use backon::BackoffBuilder;
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -20,51 +19,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// The `[connections]` configuration section: what every role's port
-/// holds open.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Connections {
-    /// A connection that sends nothing for this long after it opened is
-    /// closed: gRPC clients send their preface at once, so silence means
-    /// a scanner, a half-open peer or a file-descriptor exhaustion attack.
-    #[serde(with = "humantime_serde")]
-    pub first_byte_timeout: Duration,
-    /// Connections one port holds at once, silent ones included; further
-    /// clients wait in the kernel's backlog until one closes.
-    pub max_per_port: usize,
-}
-
-impl Default for Connections {
-    fn default() -> Self {
-        Self {
-            first_byte_timeout: Duration::from_secs(10),
-            max_per_port: 10_000,
-        }
-    }
-}
-
-/// Set once at start-up from the configuration, so that every role's
-/// [`crate::server::Server`] reads the same section without each role
-/// having to carry it.
-static INSTALLED: OnceLock<Connections> = OnceLock::new();
-
-impl Connections {
-    /// Makes these the settings of every server this process starts; the
-    /// first call wins.
-    pub fn install(self) {
-        let _ = INSTALLED.set(self);
-    }
-
-    /// The installed settings, else the defaults.
-    pub fn installed() -> Connections {
-        INSTALLED.get().cloned().unwrap_or_default()
-    }
-}
-
-/// How long an idle connection waits before the first TCP keepalive
-/// probe, so a peer that vanished is noticed.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(10);
+use super::Connections;
 
 /// How often a failure that lasts is logged again.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -110,7 +65,7 @@ async fn accept_loop(listener: TcpListener, settings: Connections, ready: Ready)
         match accepted {
             Ok((stream, peer)) => {
                 failing.over();
-                configure(&stream);
+                settings.configure(&stream);
                 tokio::spawn(await_first_byte(
                     stream,
                     peer,
@@ -130,19 +85,6 @@ async fn accept_loop(listener: TcpListener, settings: Connections, ready: Ready)
                 }
             }
         }
-    }
-}
-
-/// Nagle off (small answers must not wait for an ACK) and TCP keepalive
-/// on (a peer that vanished is noticed even when idle). Either failing
-/// only costs latency or a later notice, so it is logged, not fatal.
-fn configure(stream: &TcpStream) {
-    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
-    let set = stream
-        .set_nodelay(true)
-        .and_then(|()| socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive));
-    if let Err(err) = set {
-        tracing::debug!(%err, "cannot set TCP_NODELAY or keepalive on a connection");
     }
 }
 

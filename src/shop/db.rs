@@ -4,6 +4,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use backon::Retryable;
 use sea_orm::sqlx::mysql::MySqlConnectOptions;
 use sea_orm::sqlx::postgres::PgConnectOptions;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
@@ -129,21 +130,17 @@ async fn probe(url: &str) -> Result<(), DbErr> {
 /// database may start together; the loser of that race finds the work
 /// done on its next try.
 pub async fn migrate<M: MigratorTrait>(db: &DatabaseConnection) -> Result<(), DbErr> {
-    let mut tries = 0;
-    loop {
-        match M::up(db, None).await {
-            Ok(()) => return Ok(()),
-            Err(err) if tries < 3 => {
-                tries += 1;
-                tracing::debug!(error = %err, "migration raced another instance; trying again");
-                tokio::time::sleep(Duration::from_millis(
-                    50 * tries + rand::random_range(0..50),
-                ))
-                .await;
-            }
-            Err(err) => return Err(err),
-        }
-    }
+    let pauses = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_jitter()
+        .with_max_times(3);
+    (|| M::up(db, None))
+        .retry(pauses)
+        .sleep(tokio::time::sleep)
+        .notify(|err, _| {
+            tracing::debug!(error = %err, "migration raced another instance; trying again")
+        })
+        .await
 }
 
 /// Creates the database `name` on the server `server` points at (a URL

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::BackoffBuilder;
 use parking_lot::Mutex;
 use tonic::Code;
 
@@ -20,7 +21,7 @@ use crate::shop::{ORDER_SERVICE, PRODUCT_SERVICE, USER_SERVICE};
 /// The products the load buys.
 pub const PRODUCTS: [i64; 3] = [1001, 1002, 1003];
 
-/// How a client retries a PlaceOrder: back-off from 50 ms doubling to 1 s,
+/// How a client retries a PlaceOrder: a back-off that doubles up to a cap,
 /// giving up after this long.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
 
@@ -111,7 +112,12 @@ impl Clients {
             request_id: request_id.clone(),
         };
         let started = Instant::now();
-        let mut backoff = Duration::from_millis(50);
+        let mut pauses = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(1))
+            .with_jitter()
+            .without_max_times()
+            .build();
         let mut tries = 0;
         outcome.lock().orders += 1;
         loop {
@@ -154,9 +160,7 @@ impl Clients {
                 });
                 return;
             }
-            let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
-            tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(1))).await;
         }
     }
 

@@ -16,6 +16,7 @@ use futures::future::BoxFuture;
 use shop_mesh::bench::Isolated;
 use shop_mesh::discovery::{self, Announce, BalancedChannel, Mesh, retry_safe};
 use shop_mesh::pb::registry as pb;
+use shop_mesh::server::Connections;
 use shop_mesh::shutdown::Shutdown;
 use tokio::time::Instant;
 use tonic::body::Body;
@@ -211,7 +212,7 @@ async fn calls_spread_evenly_over_three_instances() {
     let instances: Vec<_> = (0..3)
         .map(|_| Instance::start(registry.addr, 1.0, Duration::ZERO))
         .collect();
-    let mesh = Mesh::new(&discovery_config(registry.addr)).unwrap();
+    let mesh = Mesh::new(&discovery_config(registry.addr), &Connections::default()).unwrap();
     let channel = mesh.channel("probe");
     wait_for_endpoints(&channel, 3).await;
 
@@ -237,7 +238,7 @@ async fn weights_one_two_zero_are_honoured() {
         registered_ports(&registry, false).await.len() == 3
     })
     .await;
-    let mesh = Mesh::new(&discovery_config(registry.addr)).unwrap();
+    let mesh = Mesh::new(&discovery_config(registry.addr), &Connections::default()).unwrap();
     let channel = mesh.channel("probe");
     wait_for_endpoints(&channel, 2).await;
 
@@ -264,7 +265,7 @@ async fn an_instance_killed_mid_load_costs_no_call_once_the_registry_marks_it() 
     let mut instances: Vec<_> = (0..3)
         .map(|_| Instance::start(registry.addr, 1.0, Duration::ZERO))
         .collect();
-    let mesh = Mesh::new(&discovery_config(registry.addr)).unwrap();
+    let mesh = Mesh::new(&discovery_config(registry.addr), &Connections::default()).unwrap();
     let channel = mesh.channel("probe");
     wait_for_endpoints(&channel, 3).await;
 
@@ -358,7 +359,9 @@ async fn a_hung_instance_costs_only_the_first_few_calls() {
     });
     let shutdown = Shutdown::new();
     let _registration = discovery::Registration::start(
-        discovery_config(registry.addr).connector().unwrap(),
+        discovery_config(registry.addr)
+            .connector(&Connections::default())
+            .unwrap(),
         pb::Instance {
             service: "probe".into(),
             ip: "127.0.0.1".into(),
@@ -374,7 +377,7 @@ async fn a_hung_instance_costs_only_the_first_few_calls() {
         ejection_base: Duration::from_secs(30),
         ..discovery_config(registry.addr)
     };
-    let mesh = Mesh::new(&config).unwrap();
+    let mesh = Mesh::new(&config, &Connections::default()).unwrap();
     let channel = mesh.channel("probe");
     wait_for_endpoints(&channel, 3).await;
 
@@ -394,7 +397,7 @@ async fn a_slow_instance_gets_clearly_less_traffic() {
         .map(|_| Instance::start(registry.addr, 1.0, Duration::from_millis(1)))
         .collect();
     let slow = Instance::start(registry.addr, 1.0, Duration::from_millis(51));
-    let mesh = Mesh::new(&discovery_config(registry.addr)).unwrap();
+    let mesh = Mesh::new(&discovery_config(registry.addr), &Connections::default()).unwrap();
     let channel = mesh.channel("probe");
     wait_for_endpoints(&channel, 3).await;
 
@@ -422,7 +425,7 @@ async fn registry_down_then_back_empty_never_empties_a_caller() {
     let _instances: Vec<_> = (0..2)
         .map(|_| Instance::start(addr, 1.0, Duration::ZERO))
         .collect();
-    let mesh = Mesh::new(&discovery_config(addr)).unwrap();
+    let mesh = Mesh::new(&discovery_config(addr), &Connections::default()).unwrap();
     let channel = mesh.channel("probe");
     wait_for_endpoints(&channel, 2).await;
 
@@ -473,7 +476,7 @@ async fn registry_down_then_back_empty_never_empties_a_caller() {
 async fn a_stopping_service_leaves_the_registry_first_and_cuts_no_call() {
     let registry = TestRegistry::start().await;
     let mut instance = Instance::start(registry.addr, 1.0, Duration::from_millis(600));
-    let mesh = Mesh::new(&discovery_config(registry.addr)).unwrap();
+    let mesh = Mesh::new(&discovery_config(registry.addr), &Connections::default()).unwrap();
     let channel = mesh.channel("probe");
     wait_for_endpoints(&channel, 1).await;
 
@@ -538,7 +541,7 @@ async fn a_stopping_service_leaves_the_registry_first_and_cuts_no_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_service_fails_fast_with_unavailable() {
     let registry = TestRegistry::start().await;
-    let mesh = Mesh::new(&discovery_config(registry.addr)).unwrap();
+    let mesh = Mesh::new(&discovery_config(registry.addr), &Connections::default()).unwrap();
     let channel = mesh.channel("nobody");
     let started = Instant::now();
     let err = call(&channel, true).await.unwrap_err();
@@ -561,7 +564,7 @@ async fn retries_of_retry_safe_calls_stay_within_the_budget() {
         eject_after: 1_000_000,
         ..discovery_config(registry.addr)
     };
-    let mesh = Mesh::new(&config).unwrap();
+    let mesh = Mesh::new(&config, &Connections::default()).unwrap();
     let channel = mesh.channel("probe");
     wait_for_endpoints(&channel, 2).await;
 
@@ -609,16 +612,17 @@ async fn registry_addresses_are_tried_in_turn() {
     let mut config = discovery_config(registry.addr);
     config.registry = list;
     let instance = Instance::start(registry.addr, 1.0, Duration::ZERO);
-    let mesh = Mesh::new(&config).unwrap();
+    let mesh = Mesh::new(&config, &Connections::default()).unwrap();
     let channel = mesh.channel("probe");
     wait_for_endpoints(&channel, 1).await;
     assert_eq!(call(&channel, false).await.unwrap(), instance.port);
 
-    let err = Mesh::new(&discovery::Config {
+    let config = discovery::Config {
         registry: " , ".into(),
         ..Default::default()
-    })
-    .err()
-    .expect("an empty list is refused");
+    };
+    let err = Mesh::new(&config, &Connections::default())
+        .err()
+        .expect("an empty list is refused");
     assert_eq!(err.to_string(), "no registry address given");
 }

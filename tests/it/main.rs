@@ -22,6 +22,7 @@ use std::time::Duration;
 use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
 use shop_mesh::registry;
+use shop_mesh::server::Connections;
 use shop_mesh::shutdown::Shutdown;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -67,7 +68,8 @@ impl TestRegistry {
         let shutdown = Shutdown::new();
         let task = tokio::spawn({
             let (config, shutdown) = (config.clone(), shutdown.clone());
-            async move { registry::run(&config, listener, shutdown).await }
+            let connections = Connections::default();
+            async move { registry::run(&config, &connections, listener, shutdown).await }
         });
         TestRegistry {
             addr,

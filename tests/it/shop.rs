@@ -214,7 +214,7 @@ impl TestShop {
         config.product = db.service("product");
         config.order = db.service("order");
         adjust(&mut config);
-        let mesh = Mesh::new(&config.discovery).expect("mesh");
+        let mesh = Mesh::new(&config.discovery, &config.connections).expect("mesh");
         let mut shop = TestShop {
             db,
             config,
