@@ -8,7 +8,8 @@
 //! - [`config`]: layered configuration (defaults < file < environment < flags).
 //! - [`telemetry`]: logging through `tracing`.
 //! - [`shutdown`]: the one shutdown signal every role watches.
-//! - [`server`]: what every gRPC server carries (health, reflection, limits).
+//! - [`server`]: what every gRPC server carries (health, reflection, limits,
+//!   malformed requests refused as the caller's).
 //! - [`pb`]: the generated protobuf and gRPC code, and nothing else.
 //! - [`error`]: the one table from kinds of failure to gRPC codes; each
 //!   module's error type names its kinds.
