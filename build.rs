@@ -1,5 +1,11 @@
 //! Compiles `proto/` with protox (pure Rust, so no protoc is needed) and
 //! writes the descriptor set that server reflection serves.
+//!
+//! Messages and clients are generated with prost's codec; servers, in a
+//! second pass into `server/`, with the crate's request codec, which
+//! answers a request that does not decode as the caller's fault. The
+//! health server is generated here for that reason too, over
+//! tonic-health's own messages.
 
 use prost::Message;
 
@@ -10,14 +16,27 @@ const PROTOS: &[&str] = &[
     "shopmesh/shop/v1/order.proto",
 ];
 
+const HEALTH: &str = "grpc/health/v1/health.proto";
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(PROTOS, ["proto"])?;
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("shopmesh_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
-        .build_server(true)
+        .build_server(false)
         .build_client(true)
         .compile_fds(fds)?;
+    let servers = out_dir.join("server");
+    std::fs::create_dir_all(&servers)?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(false)
+        .codec_path("crate::server::RequestCodec")
+        .extern_path(".shopmesh.registry.v1", "crate::pb::registry")
+        .extern_path(".shopmesh.shop.v1", "crate::pb::shop")
+        .extern_path(".grpc.health.v1", "::tonic_health::pb")
+        .out_dir(servers)
+        .compile_fds(protox::compile(PROTOS.iter().chain([&HEALTH]), ["proto"])?)?;
     Ok(())
 }

@@ -8,9 +8,12 @@
 //! - [`config`]: layered configuration (defaults < file < environment < flags).
 //! - [`telemetry`]: logging through `tracing`.
 //! - [`shutdown`]: the one shutdown signal every role watches.
-//! - [`server`]: what every gRPC server carries (health, reflection, limits),
-//!   and the `[connections]` settings its clients share.
+//! - [`server`]: what every gRPC server carries (health, reflection, limits,
+//!   malformed requests refused as the caller's), and the `[connections]`
+//!   settings its clients share.
 //! - [`pb`]: the generated protobuf and gRPC code, and nothing else.
+//! - [`error`]: the one table from kinds of failure to gRPC codes; each
+//!   module's error type names its kinds.
 //! - [`registry`]: the registry role: its domain ([`registry::Registry`]),
 //!   its gRPC face, persistence and health probes.
 //! - [`discovery`]: the client side: self-registration, the resolver that
@@ -39,6 +42,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod discovery;
+pub mod error;
 pub mod inspect;
 pub mod order;
 pub mod pb;

@@ -1,18 +1,28 @@
 //! The generated protobuf and gRPC code: the only `include_proto!` of the
-//! crate.
+//! crate, and beside each the servers, generated apart because they decode
+//! requests with [`crate::server::RequestCodec`].
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
 /// `shopmesh.registry.v1`: the registry's API.
 pub mod registry {
     tonic::include_proto!("shopmesh.registry.v1");
+    include!(concat!(env!("OUT_DIR"), "/server/shopmesh.registry.v1.rs"));
 }
 
 /// `shopmesh.shop.v1`: the user, product and order services.
 pub mod shop {
     tonic::include_proto!("shopmesh.shop.v1");
+    include!(concat!(env!("OUT_DIR"), "/server/shopmesh.shop.v1.rs"));
 }
 
-/// The encoded descriptor set of every proto in `proto/`, for reflection.
+/// `grpc.health.v1`: the health server, over tonic-health's messages and
+/// answered by its service.
+pub mod health {
+    include!(concat!(env!("OUT_DIR"), "/server/grpc.health.v1.rs"));
+}
+
+/// The encoded descriptor set of every proto in `proto/` but health's
+/// (tonic-health has its own), for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/shopmesh_descriptor.bin"));

@@ -152,7 +152,8 @@ pub async fn run(
     let registry = Registry::open(config).await?;
     let service = RegistryServer::new(RegistryService::new(registry.clone(), shutdown.clone()))
         .max_decoding_message_size(config.limits.max_message_size);
-    let server = crate::server::Server::new(shutdown.clone(), connections).await;
+    let mut server = crate::server::Server::new(shutdown.clone(), connections).await;
+    server.limit_message_size(config.limits.max_message_size);
     let routes = server
         .routes(&[<RegistryServer<RegistryService> as tonic::server::NamedService>::NAME])
         .add_service(service);

@@ -2,11 +2,15 @@
 //! only once the role is ready), server reflection v1 and v1alpha (grpcurl
 //! 1.8 speaks only v1alpha), the keepalives of [`Connections`] so dead
 //! peers are noticed, and a graceful stop bounded by a grace period.
-//! Connections reach tonic through [`accept`], which bounds and times them.
+//! Connections reach tonic through [`accept`], which bounds and times them;
+//! requests, through [`decode`], which refuses malformed ones as the
+//! caller's.
 
 mod accept;
 mod connections;
+mod decode;
 mod file_limit;
+mod health;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,14 +24,20 @@ use crate::shutdown::Shutdown;
 
 pub use accept::Connection;
 pub use connections::Connections;
+pub use decode::RequestCodec;
 pub use file_limit::raise_file_limit;
+
+use crate::pb::health::health_server::HealthServer;
+
+/// Largest request message unless a role sets its own: tonic's default.
+const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
 pub struct Server {
     health: HealthReporter,
-    health_service:
-        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    health_service: HealthServer<health::Health>,
     shutdown: Shutdown,
     connections: Connections,
+    max_message_size: usize,
 }
 
 impl Server {
@@ -38,14 +48,13 @@ impl Server {
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
-        let health_service = tonic_health::pb::health_server::HealthServer::new(
-            tonic_health::server::HealthService::from_health_reporter(health.clone()),
-        );
+        let health_service = HealthServer::new(health::Health::new(health.clone()));
         Self {
             health,
             health_service,
             shutdown,
             connections: connections.clone(),
+            max_message_size: MAX_MESSAGE_SIZE,
         }
     }
 
@@ -53,6 +62,14 @@ impl Server {
     /// starts (its registration) to hold theirs the same way.
     pub fn connections(&self) -> &Connections {
         &self.connections
+    }
+
+    /// The largest request message any service on this server reads: a
+    /// larger one is refused as soon as its length is read. Set it before
+    /// [`Server::routes`], and give the role's own services the same
+    /// limit (`max_decoding_message_size`), which tonic then never reaches.
+    pub fn limit_message_size(&mut self, bytes: usize) {
+        self.max_message_size = bytes;
     }
 
     pub fn health(&self) -> &HealthReporter {
@@ -76,13 +93,16 @@ impl Server {
                 |builder, name| builder.with_service_name(name),
             )
         };
+        let limit = self.max_message_size;
         let v1 = reflection()
             .build_v1()
-            .expect("embedded descriptors are valid");
+            .expect("embedded descriptors are valid")
+            .max_decoding_message_size(limit);
         let v1alpha = reflection()
             .build_v1alpha()
-            .expect("embedded descriptors are valid");
-        Routes::new(self.health_service.clone())
+            .expect("embedded descriptors are valid")
+            .max_decoding_message_size(limit);
+        Routes::new(self.health_service.clone().max_decoding_message_size(limit))
             .add_service(v1)
             .add_service(v1alpha)
     }
@@ -113,10 +133,13 @@ impl Server {
             stop.await;
             let _ = stopped_tx.send(());
         };
+        let limit = self.max_message_size;
         let server = self
             .connections
             .server()
-            .layer(tower::util::MapResponseLayer::new(caller_faults))
+            .layer(tower::util::MapRequestLayer::new(move |request| {
+                decode::frames(request, limit)
+            }))
             .add_routes(routes)
             .serve_with_incoming_shutdown(accept::incoming(listener, &self.connections), stop);
         tokio::pin!(server);
@@ -135,31 +158,6 @@ impl Server {
             }
         }
     }
-}
-
-/// tonic answers a request it cannot decode (bytes that are not the
-/// message, a truncated gRPC frame, a bad compression flag) with INTERNAL,
-/// and one over the size limit with OUT_OF_RANGE. Both are the caller's
-/// doing, not the server's, so they are answered INVALID_ARGUMENT and
-/// RESOURCE_EXHAUSTED here. The roles' own handlers never answer either
-/// code, so every such answer a server would send is one of these cases.
-fn caller_faults<B>(mut response: http::Response<B>) -> http::Response<B> {
-    let headers = response.headers_mut();
-    let (code, prefix) = match headers.get("grpc-status").map(|code| code.as_bytes()) {
-        Some(b"13") => ("3", "malformed%20request:%20"),
-        Some(b"11") => ("8", ""),
-        _ => return response,
-    };
-    headers.insert("grpc-status", http::HeaderValue::from_static(code));
-    // grpc-message is percent-encoded; the prefix is too.
-    let message = headers
-        .get("grpc-message")
-        .and_then(|message| message.to_str().ok())
-        .unwrap_or("");
-    if let Ok(message) = http::HeaderValue::from_str(&format!("{prefix}{message}")) {
-        headers.insert("grpc-message", message);
-    }
-    response
 }
 
 /// Binds `addr` for `what`; with `scan`, the first free port among that

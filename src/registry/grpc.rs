@@ -162,16 +162,12 @@ impl pb::registry_server::Registry for RegistryService {
                 };
                 // A closed or broken stream ends the session, whose drop
                 // marks its leases' instances unhealthy at once. A message
-                // that does not decode (tonic says INTERNAL) is the
-                // caller's, and is answered so before the stream ends.
+                // that does not decode is the caller's, and is answered so
+                // before the stream ends.
                 let beat = match message {
                     Ok(Some(beat)) => beat,
-                    Err(status) if status.code() == tonic::Code::Internal => {
-                        let malformed = Status::invalid_argument(format!(
-                            "malformed KeepAlive message: {}",
-                            status.message()
-                        ));
-                        let _ = tx.send(Err(malformed)).await;
+                    Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                        let _ = tx.send(Err(status)).await;
                         break;
                     }
                     Ok(None) | Err(_) => break,

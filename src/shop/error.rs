@@ -1,9 +1,11 @@
-//! The shop services' errors, and their one mapping to a gRPC status.
+//! The shop services' errors, each of one [`ErrorKind`].
 
 use sea_orm::DbErr;
 
-/// What went wrong, in words a caller can act on. Each variant is one gRPC
-/// code; internal causes are logged where they happen, never sent.
+use crate::error::{ErrorKind, ServiceError};
+
+/// What went wrong, in words a caller can act on. Each variant is one
+/// kind; internal causes are logged where they happen, never sent.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Error {
     /// A request field is missing or malformed; the message names it.
@@ -45,16 +47,21 @@ impl Error {
     }
 }
 
+impl ServiceError for Error {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+            Error::Aborted(_) => ErrorKind::Aborted,
+            Error::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
+            Error::Unavailable(_) => ErrorKind::Unavailable,
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
-        let code = match err {
-            Error::InvalidArgument { .. } => tonic::Code::InvalidArgument,
-            Error::NotFound(_) => tonic::Code::NotFound,
-            Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
-            Error::Aborted(_) => tonic::Code::Aborted,
-            Error::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
-            Error::Unavailable(_) => tonic::Code::Unavailable,
-        };
-        tonic::Status::new(code, err.to_string())
+        crate::error::grpc_status(&err)
     }
 }

@@ -322,3 +322,25 @@ async fn abandoned_streams_give_their_memory_back() {
         "registry RSS: baseline {baseline} KiB, with 4000 + 4000 streams {peak} KiB, then {settled} KiB"
     );
 }
+
+/// A body with no message is refused as malformed by every method that
+/// takes one, and is a stream that ends at once for one that takes many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_its_message_is_invalid_argument() {
+    let shop = TestShop::start(Backend::Sqlite, "empty", 1, 1)
+        .await
+        .unwrap();
+    for (role, addr) in addresses(&shop).await {
+        let mut channel = connect(addr).await;
+        let paths = RPCS.iter().find(|(name, _)| *name == role).unwrap().1;
+        for path in paths.iter().filter(|path| !path.ends_with("/KeepAlive")) {
+            let (code, message) = raw_call(&mut channel, addr, path, &[]).await;
+            assert_eq!(code, 3, "{role} {path}: {message:?}");
+        }
+    }
+    let mut channel = connect(shop.registry.addr).await;
+    let keep_alive = "/shopmesh.registry.v1.Registry/KeepAlive";
+    let (code, message) = raw_call(&mut channel, shop.registry.addr, keep_alive, &[]).await;
+    assert_eq!(code, 0, "{keep_alive}: {message:?}");
+    shop.stop().await;
+}
