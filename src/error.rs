@@ -1,50 +1,60 @@
-//! The one table from kinds of failure to gRPC codes, shared by every
-//! error type of the crate.
-//!
-//! Each module keeps its own error type, whose variants carry its domain's
-//! meaning; it says only which [`ErrorKind`] each variant is. A front (the
-//! gRPC servers today) turns a kind into its own code here, once, so that a
-//! second front maps the same kinds in one more place and nowhere else.
+//! The one error type a caller is answered with, and its one mapping to a
+//! gRPC code. The registry and the shop services both speak it; a second
+//! front (an HTTP API) maps the same variants in one more place and
+//! nowhere else.
 
-/// What kind of failure an error is, as the caller sees it: the choice the
-/// caller has to make (fix the request, look elsewhere, retry) and no more.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The request itself is wrong; sending it again will not help.
-    InvalidArgument,
-    NotFound,
-    /// The request is valid but the state refuses it.
-    FailedPrecondition,
+/// What went wrong, in words a caller can act on. Each variant is the
+/// choice the caller has to make (fix the request, look elsewhere, retry)
+/// and no more: internal causes are logged where they happen, never sent.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// A request field is missing or malformed; the message names it.
+    /// Sending it again will not help.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    /// An unknown service, instance, lease, user, product or order; the
+    /// message says which.
+    #[error("{0}")]
+    NotFound(String),
+    /// Valid, but the state refuses it (not enough stock, a request id used
+    /// for something else, a service that still has instances).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Another call is handling the same request; retrying shortly helps.
-    Aborted,
+    #[error("{0}")]
+    Aborted(String),
     /// A configured limit is reached.
-    ResourceExhausted,
-    /// The service cannot do it now; retrying later may succeed.
-    Unavailable,
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The service or a dependency (storage, another service) cannot do it
+    /// now; retrying later may succeed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
-impl ErrorKind {
-    pub fn grpc_code(self) -> tonic::Code {
+impl Error {
+    /// A refusal of one request field, naming it.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn grpc_code(&self) -> tonic::Code {
         match self {
-            ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
-            ErrorKind::NotFound => tonic::Code::NotFound,
-            ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
-            ErrorKind::Aborted => tonic::Code::Aborted,
-            ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
-            ErrorKind::Unavailable => tonic::Code::Unavailable,
+            Error::InvalidArgument { .. } => tonic::Code::InvalidArgument,
+            Error::NotFound(_) => tonic::Code::NotFound,
+            Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            Error::Aborted(_) => tonic::Code::Aborted,
+            Error::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+            Error::Unavailable(_) => tonic::Code::Unavailable,
         }
     }
 }
 
-/// An error a caller is answered with: its message is written for the
-/// caller (internal causes are logged where they happen, never sent), and
-/// its kind picks the code.
-pub trait ServiceError: std::fmt::Display {
-    fn kind(&self) -> ErrorKind;
-}
-
-/// The gRPC answer to `err`. Each error type's `From<_> for tonic::Status`
-/// is this one call (the orphan rule forbids one blanket impl for all).
-pub fn grpc_status(err: &impl ServiceError) -> tonic::Status {
-    tonic::Status::new(err.kind().grpc_code(), err.to_string())
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        tonic::Status::new(err.grpc_code(), err.to_string())
+    }
 }

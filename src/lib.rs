@@ -12,8 +12,8 @@
 //!   malformed requests refused as the caller's), and the `[connections]`
 //!   settings its clients share.
 //! - [`pb`]: the generated protobuf and gRPC code, and nothing else.
-//! - [`error`]: the one table from kinds of failure to gRPC codes; each
-//!   module's error type names its kinds.
+//! - [`error`]: the one error a caller is answered with, and its one
+//!   mapping to gRPC codes.
 //! - [`registry`]: the registry role: its domain ([`registry::Registry`]),
 //!   its gRPC face, persistence and health probes.
 //! - [`discovery`]: the client side: self-registration, the resolver that

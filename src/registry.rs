@@ -3,7 +3,6 @@
 //! (heartbeats for ephemeral instances, probes for persistent ones), and a
 //! watch that pushes every change at once.
 
-mod error;
 mod grpc;
 pub mod model;
 mod persist;
@@ -18,7 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
-pub use error::Error;
+pub use crate::error::Error;
 pub use grpc::RegistryService;
 pub use persist::Error as DataDirError;
 pub use probe::HEALTH_SERVICE_KEY;

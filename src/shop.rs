@@ -4,7 +4,6 @@
 //! with.
 
 pub mod db;
-mod error;
 pub mod ids;
 pub mod keys;
 pub mod money;
@@ -15,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use error::Error;
+pub use crate::error::Error;
 pub use money::Money;
 
 /// The registry names of the three services.

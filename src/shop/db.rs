@@ -14,7 +14,7 @@ use sea_orm::{
 };
 use sea_orm_migration::MigratorTrait;
 
-use super::ServiceConfig;
+use super::{Error, ServiceConfig};
 
 /// How long connecting to a database server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -213,6 +213,17 @@ pub fn now() -> chrono::DateTime<chrono::Utc> {
 
 pub fn is_unique_violation(err: &DbErr) -> bool {
     matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+impl Error {
+    /// A storage failure: logged with its cause, answered as UNAVAILABLE
+    /// with what could not be done.
+    pub fn storage(doing: &str, err: sea_orm::DbErr) -> Self {
+        tracing::warn!(error = %err, "database error while {doing}");
+        Error::Unavailable(format!(
+            "the database is unavailable ({doing}); retry later"
+        ))
+    }
 }
 
 #[cfg(test)]
