@@ -1,6 +1,8 @@
 //! The resolver: watches one service at the registry and turns what it
 //! says into endpoint changes (`Reset`, `Add`, `Remove`). Nothing else
-//! knows how discovery works.
+//! knows how discovery works. Protobuf stops at the edge: each answer is
+//! read into endpoints as it arrives, and the resolver's state holds only
+//! those.
 //!
 //! Trouble at the registry never empties a caller's set: while the
 //! registry is unreachable nothing changes; after a reconnect the watch
@@ -125,7 +127,7 @@ async fn follow(
     tx: &mpsc::Sender<Change>,
     state: &mut State,
 ) {
-    let mut snapshot: Vec<pb::Instance> = Vec::new();
+    let mut snapshot: Vec<EndpointInfo> = Vec::new();
     loop {
         let next_stale = state.stale.values().min().copied();
         let message = tokio::select! {
@@ -150,7 +152,7 @@ async fn follow(
         };
         let changes = match answer.body {
             Some(pb::watch_response::Body::Snapshot(chunk)) => {
-                snapshot.extend(chunk.instances);
+                snapshot.extend(chunk.instances.iter().filter_map(endpoint));
                 if chunk.more {
                     continue;
                 }
@@ -159,7 +161,10 @@ async fn follow(
                 let instances = std::mem::take(&mut snapshot);
                 state.snapshot(instances, first || !restarted, stale_grace)
             }
-            Some(pb::watch_response::Body::Change(change)) => state.change(change),
+            Some(pb::watch_response::Body::Change(change)) => match seen(&change) {
+                Some((addr, serving)) => state.change(addr, serving),
+                None => Vec::new(),
+            },
             None => Vec::new(),
         };
         state.revision = answer.revision;
@@ -185,15 +190,11 @@ impl State {
     /// restarted) what it lacks turns stale.
     fn snapshot(
         &mut self,
-        instances: Vec<pb::Instance>,
+        serving: Vec<EndpointInfo>,
         exact: bool,
         grace: Duration,
     ) -> Vec<Change> {
-        let serving: HashMap<_, _> = instances
-            .iter()
-            .filter_map(endpoint)
-            .map(|e| (e.addr, e))
-            .collect();
+        let serving: HashMap<_, _> = serving.into_iter().map(|e| (e.addr, e)).collect();
         if exact {
             self.known = serving;
             self.stale.clear();
@@ -221,29 +222,17 @@ impl State {
         changes
     }
 
-    fn change(&mut self, change: pb::Change) -> Vec<Change> {
-        let put = change.kind() == pb::change::Kind::Put;
-        let Some(instance) = change.instance else {
-            return Vec::new();
-        };
-        match (put, endpoint(&instance)) {
-            (true, Some(info)) => {
-                self.stale.remove(&info.addr);
-                if self.known.insert(info.addr, info) == Some(info) {
-                    return Vec::new();
-                }
-                vec![Change::Add(info)]
-            }
-            _ => {
-                let Some(addr) = address(&instance) else {
-                    return Vec::new();
-                };
-                self.stale.remove(&addr);
-                match self.known.remove(&addr) {
-                    Some(_) => vec![Change::Remove(addr)],
-                    None => Vec::new(),
-                }
-            }
+    /// What a change says of the instance at `addr`: it may take traffic
+    /// now (`serving`), or not (changed so, or removed).
+    fn change(&mut self, addr: SocketAddr, serving: Option<EndpointInfo>) -> Vec<Change> {
+        self.stale.remove(&addr);
+        match serving {
+            Some(info) if self.known.insert(addr, info) == Some(info) => Vec::new(),
+            Some(info) => vec![Change::Add(info)],
+            None => match self.known.remove(&addr) {
+                Some(_) => vec![Change::Remove(addr)],
+                None => Vec::new(),
+            },
         }
     }
 
@@ -274,6 +263,19 @@ impl State {
             .map(Change::Remove)
             .collect()
     }
+}
+
+/// A change as the resolver reads it: the instance's address, and its
+/// endpoint if it may take traffic after the change. `None` for a change
+/// that names no address (which the registry never sends).
+fn seen(change: &pb::Change) -> Option<(SocketAddr, Option<EndpointInfo>)> {
+    let instance = change.instance.as_ref()?;
+    let addr = address(instance)?;
+    let serving = match change.kind() {
+        pb::change::Kind::Put => endpoint(instance),
+        _ => None,
+    };
+    Some((addr, serving))
 }
 
 fn address(instance: &pb::Instance) -> Option<SocketAddr> {
