@@ -84,13 +84,14 @@ pub(super) struct Backlog {
 #[derive(Debug)]
 pub(super) struct Subscription {
     pub id: u64,
-    tx: mpsc::UnboundedSender<Event>,
+    /// Each change with the bytes it counts for.
+    tx: mpsc::UnboundedSender<(Event, usize)>,
     backlog: Arc<Backlog>,
 }
 
 /// The stream's side of a subscription.
 pub(super) struct Inbox {
-    rx: mpsc::UnboundedReceiver<Event>,
+    rx: mpsc::UnboundedReceiver<(Event, usize)>,
     backlog: Arc<Backlog>,
 }
 
@@ -111,17 +112,16 @@ impl Subscription {
         (Subscription { id, tx, backlog }, inbox)
     }
 
-    /// Queues a change; false when this subscription must go (over its
-    /// budget, or its watcher is gone).
-    pub fn offer(&self, event: &Event) -> bool {
-        let size = event.instance.footprint();
+    /// Queues a change of `size` bytes; false when this subscription must
+    /// go (over its budget, or its watcher is gone).
+    pub fn offer(&self, event: &Event, size: usize) -> bool {
         let queued = self.backlog.bytes.load(Ordering::Acquire);
         if queued > 0 && queued + size > self.backlog.limit {
             self.backlog.lagged.store(true, Ordering::Release);
             return false;
         }
         self.backlog.bytes.fetch_add(size, Ordering::AcqRel);
-        self.tx.send(event.clone()).is_ok()
+        self.tx.send((event.clone(), size)).is_ok()
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -135,12 +135,12 @@ impl Inbox {
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        let polled = self.rx.poll_recv(cx);
-        if let Poll::Ready(Some(event)) = &polled {
-            let size = event.instance.footprint();
-            self.backlog.bytes.fetch_sub(size, Ordering::AcqRel);
-        }
-        polled
+        self.rx.poll_recv(cx).map(|received| {
+            received.map(|(event, size)| {
+                self.backlog.bytes.fetch_sub(size, Ordering::AcqRel);
+                event
+            })
+        })
     }
 }
 

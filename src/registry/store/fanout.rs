@@ -99,13 +99,14 @@ impl State {
             kind,
             instance,
         };
+        let size = event.instance.footprint();
         if let Some(subs) = self.by_service.get_mut(&*event.instance.service) {
-            subs.retain(|sub| sub.offer(&event));
+            subs.retain(|sub| sub.offer(&event, size));
         }
         if !self.by_group.is_empty()
             && let Some(subs) = self.by_group.get_mut(&event.instance.service.group_key())
         {
-            subs.retain(|sub| sub.offer(&event));
+            subs.retain(|sub| sub.offer(&event, size));
         }
         if self.history_limit > 0 {
             if self.history.len() == self.history_limit {
