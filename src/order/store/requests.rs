@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::entity::prelude::*;
 use sea_orm::{ActiveValue::Set, QuerySelect};
 
+use super::request::State;
 use super::{Order, Orders, item, order, request};
 use crate::shop::Error;
 use crate::shop::db::{begin_write, is_unique_violation};
@@ -52,7 +53,7 @@ impl Orders {
         let inserted = request::Entity::insert(request::ActiveModel {
             request_id: Set(request_id.to_owned()),
             attempt: Set(0),
-            state: Set(request::PENDING.into()),
+            state: Set(State::Pending),
             user_id: Set(asked.user_id),
             product_id: Set(asked.product_id),
             count: Set(asked.count),
@@ -83,19 +84,19 @@ impl Orders {
         if before != asked {
             return Ok(Claim::Mismatch(before));
         }
-        match found.state.as_str() {
-            request::DONE => Ok(found
+        match found.state {
+            State::Done => Ok(found
                 .order_id
                 .map(|order_id| Claim::Done { order_id })
                 .unwrap_or(Claim::InProgress)),
-            request::FAILED => {
+            State::Failed => {
                 let next = found.attempt + 1;
                 let moved = self
                     .shift(
                         request_id,
                         found.attempt,
-                        request::FAILED,
-                        request::PENDING,
+                        State::Failed,
+                        State::Pending,
                         next,
                     )
                     .await?;
@@ -105,7 +106,7 @@ impl Orders {
                     Claim::InProgress
                 })
             }
-            _ => Ok(Claim::InProgress),
+            State::Pending | State::Compensating => Ok(Claim::InProgress),
         }
     }
 
@@ -115,8 +116,8 @@ impl Orders {
         &self,
         request_id: &str,
         attempt: i32,
-        from: &str,
-        to: &str,
+        from: State,
+        to: State,
         to_attempt: i32,
     ) -> Result<bool, Error> {
         let moved = request::Entity::update_many()
@@ -141,8 +142,8 @@ impl Orders {
         self.shift(
             request_id,
             attempt,
-            request::PENDING,
-            request::PENDING,
+            State::Pending,
+            State::Pending,
             attempt + 1,
         )
         .await
@@ -154,7 +155,7 @@ impl Orders {
         request::Entity::delete_many()
             .filter(request::Column::RequestId.eq(request_id))
             .filter(request::Column::Attempt.eq(attempt))
-            .filter(request::Column::State.eq(request::PENDING))
+            .filter(request::Column::State.eq(State::Pending))
             .exec(&self.db)
             .await
             .map_err(|err| Error::storage("dropping a refused order request", err))?;
@@ -167,7 +168,7 @@ impl Orders {
     pub async fn place(&self, attempt: i32, order: &Order) -> Result<bool, DbErr> {
         let txn = begin_write(&self.db).await?;
         let done = request::Entity::update_many()
-            .col_expr(request::Column::State, Expr::value(request::DONE))
+            .col_expr(request::Column::State, Expr::value(State::Done))
             .col_expr(request::Column::OrderId, Expr::value(order.id))
             .col_expr(
                 request::Column::UpdatedAt,
@@ -175,7 +176,7 @@ impl Orders {
             )
             .filter(request::Column::RequestId.eq(order.request_id.as_str()))
             .filter(request::Column::Attempt.eq(attempt))
-            .filter(request::Column::State.eq(request::PENDING))
+            .filter(request::Column::State.eq(State::Pending))
             .exec(&txn)
             .await?;
         if done.rows_affected != 1 {
@@ -217,8 +218,8 @@ impl Orders {
             .shift(
                 request_id,
                 attempt,
-                request::PENDING,
-                request::COMPENSATING,
+                State::Pending,
+                State::Compensating,
                 attempt,
             )
             .await?
@@ -230,7 +231,7 @@ impl Orders {
             .await
             .map_err(|err| Error::storage("reading the order request", err))?;
         Ok(matches!(found, Some(found)
-            if found.attempt == attempt && found.state == request::COMPENSATING))
+            if found.attempt == attempt && found.state == State::Compensating))
     }
 
     /// The deduction is restored: the request failed, and a retry may
@@ -239,8 +240,8 @@ impl Orders {
         self.shift(
             request_id,
             attempt,
-            request::COMPENSATING,
-            request::FAILED,
+            State::Compensating,
+            State::Failed,
             attempt,
         )
         .await
@@ -258,10 +259,10 @@ impl Orders {
         let rows = request::Entity::find()
             .filter(
                 Condition::any()
-                    .add(request::Column::State.eq(request::COMPENSATING))
+                    .add(request::Column::State.eq(State::Compensating))
                     .add(
                         Condition::all()
-                            .add(request::Column::State.eq(request::PENDING))
+                            .add(request::Column::State.eq(State::Pending))
                             .add(request::Column::UpdatedAt.lt(stale)),
                     ),
             )

@@ -64,15 +64,25 @@ pub mod item {
 pub mod request {
     use sea_orm::entity::prelude::*;
 
-    /// Being placed by the call that claimed it.
-    pub const PENDING: &str = "pending";
-    /// Its deduction is being restored; it will be `failed`.
-    pub const COMPENSATING: &str = "compensating";
-    /// Ended without an order; its deduction restored. A retry starts the
-    /// next attempt.
-    pub const FAILED: &str = "failed";
-    /// Its order is written.
-    pub const DONE: &str = "done";
+    /// Where a request is. Kept as the words the column has always held,
+    /// so a database written before reads the same.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum)]
+    #[sea_orm(rs_type = "String", db_type = "String(StringLen::N(16))")]
+    pub enum State {
+        /// Being placed by the call that claimed it.
+        #[sea_orm(string_value = "pending")]
+        Pending,
+        /// Its deduction is being restored; it will be `Failed`.
+        #[sea_orm(string_value = "compensating")]
+        Compensating,
+        /// Ended without an order; its deduction restored. A retry starts
+        /// the next attempt.
+        #[sea_orm(string_value = "failed")]
+        Failed,
+        /// Its order is written.
+        #[sea_orm(string_value = "done")]
+        Done,
+    }
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "t_order_request")]
@@ -82,7 +92,7 @@ pub mod request {
         /// Each attempt deducts under its own key (`<request_id>#<attempt>`),
         /// so a restored attempt can never be taken again by a late copy.
         pub attempt: i32,
-        pub state: String,
+        pub state: State,
         pub user_id: i64,
         pub product_id: i64,
         pub count: i32,
