@@ -38,11 +38,19 @@ pub mod product {
 pub mod deduction {
     use sea_orm::entity::prelude::*;
 
-    /// `state`: the stock is taken.
-    pub const DEDUCTED: &str = "deducted";
-    /// `state`: the stock was put back, or the request id was closed
-    /// before it took any (then `count` is 0).
-    pub const RESTORED: &str = "restored";
+    /// What became of a deduction. Kept as the words the column has
+    /// always held, so a database written before reads the same.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum)]
+    #[sea_orm(rs_type = "String", db_type = "String(StringLen::N(16))")]
+    pub enum State {
+        /// The stock is taken.
+        #[sea_orm(string_value = "deducted")]
+        Deducted,
+        /// The stock was put back, or the request id was closed before it
+        /// took any (then `count` is 0).
+        #[sea_orm(string_value = "restored")]
+        Restored,
+    }
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "t_stock_deduction")]
@@ -51,7 +59,7 @@ pub mod deduction {
         pub request_id: String,
         pub product_id: i64,
         pub count: i32,
-        pub state: String,
+        pub state: State,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
     }
@@ -241,7 +249,14 @@ impl Products {
     ) -> Result<Deducted, Error> {
         let storage = |err| Error::storage("deducting stock", err);
         let txn = begin_write(&self.db).await.map_err(storage)?;
-        let recorded = record(&txn, request_id, product_id, count, deduction::DEDUCTED).await;
+        let recorded = record(
+            &txn,
+            request_id,
+            product_id,
+            count,
+            deduction::State::Deducted,
+        )
+        .await;
         match recorded {
             Ok(_) => {}
             Err(err) if is_unique_violation(&err) => {
@@ -292,7 +307,7 @@ impl Products {
         else {
             return Err(in_flight(request_id));
         };
-        if before.state == deduction::RESTORED {
+        if before.state == deduction::State::Restored {
             return Ok(Deducted::Cancelled);
         }
         if (before.product_id, before.count) != (product_id, count) {
@@ -310,7 +325,7 @@ impl Products {
     pub async fn restore(&self, request_id: &str) -> Result<Restored, Error> {
         let storage = |err| Error::storage("restoring stock", err);
         let txn = begin_write(&self.db).await.map_err(storage)?;
-        let closed = record(&txn, request_id, 0, 0, deduction::RESTORED).await;
+        let closed = record(&txn, request_id, 0, 0, deduction::State::Restored).await;
         match closed {
             Ok(_) => {
                 txn.commit().await.map_err(storage)?;
@@ -325,13 +340,16 @@ impl Products {
         }
         let txn = begin_write(&self.db).await.map_err(storage)?;
         let flipped = deduction::Entity::update_many()
-            .col_expr(deduction::Column::State, Expr::value(deduction::RESTORED))
+            .col_expr(
+                deduction::Column::State,
+                Expr::value(deduction::State::Restored),
+            )
             .col_expr(
                 deduction::Column::UpdatedAt,
                 Expr::value(crate::shop::db::now()),
             )
             .filter(deduction::Column::RequestId.eq(request_id))
-            .filter(deduction::Column::State.eq(deduction::DEDUCTED))
+            .filter(deduction::Column::State.eq(deduction::State::Deducted))
             .exec(&txn)
             .await
             .map_err(storage)?;
@@ -396,14 +414,14 @@ async fn record(
     request_id: &str,
     product_id: i64,
     count: i32,
-    state: &str,
+    state: deduction::State,
 ) -> Result<u64, DbErr> {
     let now = crate::shop::db::now();
     deduction::Entity::insert(deduction::ActiveModel {
         request_id: Set(request_id.to_owned()),
         product_id: Set(product_id),
         count: Set(count),
-        state: Set(state.to_owned()),
+        state: Set(state),
         created_at: Set(now),
         updated_at: Set(now),
     })

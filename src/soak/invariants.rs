@@ -22,7 +22,10 @@ pub async fn check(
     let give_up = tokio::time::Instant::now() + settle;
     let unsettled = loop {
         let open = request::Entity::find()
-            .filter(request::Column::State.is_in([request::PENDING, request::COMPENSATING]))
+            .filter(
+                request::Column::State
+                    .is_in([request::State::Pending, request::State::Compensating]),
+            )
             .all(orders)
             .await?
             .len();
@@ -63,7 +66,7 @@ pub async fn check(
 
     let mut taken: HashMap<i64, i64> = HashMap::new();
     for d in deduction::Entity::find()
-        .filter(deduction::Column::State.eq(deduction::DEDUCTED))
+        .filter(deduction::Column::State.eq(deduction::State::Deducted))
         .all(products)
         .await?
     {

@@ -1,6 +1,7 @@
 //! Databases made by an earlier schema, brought up to date by the
 //! migrations at start: their rows kept, their money exact (TEXT on
-//! SQLite, not REAL), their request ids compared byte for byte.
+//! SQLite, not REAL), their request ids compared byte for byte, their
+//! states read from the words they always held.
 
 use sea_orm::ActiveValue::Set;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement};
@@ -16,7 +17,8 @@ use super::{Backend, TestDb, backend_tests};
 
 backend_tests!(
     a_database_made_before_is_brought_up_to_date,
-    amounts_are_stored_exactly
+    amounts_are_stored_exactly,
+    states_are_the_words_stored_before
 );
 
 /// The order schema as the first release made it: the migrations it had.
@@ -222,13 +224,95 @@ async fn amounts_are_stored_exactly(backend: Backend, test: &str) {
     assert_eq!(read, totals);
 }
 
+/// Each state is stored as the word an earlier release wrote, and that
+/// word reads back as the state: no data needs migrating.
+async fn states_are_the_words_stored_before(backend: Backend, test: &str) {
+    let Some(test_db) = TestDb::create(backend, test).await else {
+        return;
+    };
+    let (order_db, product_db) = (
+        connect(&test_db, "order").await,
+        connect(&test_db, "product").await,
+    );
+    db::migrate::<orders::Migrator>(&order_db).await.unwrap();
+    db::migrate::<products::Migrator>(&product_db)
+        .await
+        .unwrap();
+    insert_request(&order_db, "r").await.unwrap();
+    insert_deduction(&product_db, "r#0").await.unwrap();
+
+    use request::State as R;
+    for (state, word) in [
+        (R::Pending, "pending"),
+        (R::Compensating, "compensating"),
+        (R::Failed, "failed"),
+        (R::Done, "done"),
+    ] {
+        request::Entity::update(request::ActiveModel {
+            request_id: Set("r".into()),
+            state: Set(state),
+            ..Default::default()
+        })
+        .exec(&order_db)
+        .await
+        .unwrap();
+        assert_eq!(state_word(&order_db, "t_order_request").await, word);
+        set_state_word(&order_db, "t_order_request", word).await;
+        let read = request::Entity::find_by_id("r")
+            .one(&order_db)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(read.state, state, "{word}");
+    }
+
+    use deduction::State as D;
+    for (state, word) in [(D::Deducted, "deducted"), (D::Restored, "restored")] {
+        deduction::Entity::update(deduction::ActiveModel {
+            request_id: Set("r#0".into()),
+            state: Set(state),
+            ..Default::default()
+        })
+        .exec(&product_db)
+        .await
+        .unwrap();
+        assert_eq!(state_word(&product_db, "t_stock_deduction").await, word);
+        set_state_word(&product_db, "t_stock_deduction", word).await;
+        let read = deduction::Entity::find_by_id("r#0")
+            .one(&product_db)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(read.state, state, "{word}");
+    }
+}
+
+/// The `state` column of `table`'s one row, as the database holds it.
+async fn state_word(db: &DatabaseConnection, table: &str) -> String {
+    let sql = format!("SELECT state FROM {table}");
+    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap()
+        .expect("one row")
+        .try_get_by_index::<String>(0)
+        .unwrap()
+}
+
+/// Writes `word` into `table`'s one row as plain text, as an earlier
+/// release did.
+async fn set_state_word(db: &DatabaseConnection, table: &str, word: &str) {
+    db.execute_unprepared(&format!("UPDATE {table} SET state = '{word}'"))
+        .await
+        .unwrap();
+}
+
 async fn insert_deduction(db: &DatabaseConnection, request_id: &str) -> Result<(), sea_orm::DbErr> {
     let now = db::now();
     deduction::Entity::insert(deduction::ActiveModel {
         request_id: Set(request_id.into()),
         product_id: Set(2001),
         count: Set(1),
-        state: Set(deduction::DEDUCTED.into()),
+        state: Set(deduction::State::Deducted),
         created_at: Set(now),
         updated_at: Set(now),
     })
@@ -262,7 +346,7 @@ async fn insert_request(db: &DatabaseConnection, request_id: &str) -> Result<(),
     request::Entity::insert(request::ActiveModel {
         request_id: Set(request_id.into()),
         attempt: Set(0),
-        state: Set(request::DONE.into()),
+        state: Set(request::State::Done),
         user_id: Set(1001),
         product_id: Set(2001),
         count: Set(1),

@@ -274,7 +274,7 @@ async fn two_hundred_orders_for_a_hundred_in_stock(backend: Backend, test: &str)
     assert_eq!(items.len(), 100);
     assert_eq!(items.iter().map(|item| item.count).sum::<i32>(), 100);
     let taken = deduction::Entity::find()
-        .filter(deduction::Column::State.eq(deduction::DEDUCTED))
+        .filter(deduction::Column::State.eq(deduction::State::Deducted))
         .all(&products_db)
         .await
         .unwrap();
@@ -412,15 +412,15 @@ async fn a_refused_write_restores_the_stock(backend: Backend, test: &str) {
         .unwrap()
         .unwrap();
     assert_eq!(
-        (undone.state.as_str(), undone.count),
-        (deduction::RESTORED, 10)
+        (undone.state, undone.count),
+        (deduction::State::Restored, 10)
     );
     let request_row = request::Entity::find_by_id("comp-1")
         .one(&orders_db)
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(request_row.state, request::FAILED);
+    assert_eq!(request_row.state, request::State::Failed);
 
     refuse_item_writes(&orders_db, backend, false).await;
     let placed = orders
@@ -436,7 +436,7 @@ async fn a_refused_write_restores_the_stock(backend: Backend, test: &str) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!((kept.state.as_str(), kept.count), (deduction::DEDUCTED, 10));
+    assert_eq!((kept.state, kept.count), (deduction::State::Deducted, 10));
     shop.stop().await;
 }
 
@@ -509,7 +509,7 @@ async fn an_abandoned_order_is_undone_by_the_sweeper(backend: Backend, test: &st
     request::Entity::insert(request::ActiveModel {
         request_id: Set("dead-1".into()),
         attempt: Set(0),
-        state: Set(request::PENDING.into()),
+        state: Set(request::State::Pending),
         user_id: Set(1001),
         product_id: Set(1003),
         count: Set(7),
@@ -537,7 +537,7 @@ async fn an_abandoned_order_is_undone_by_the_sweeper(backend: Backend, test: &st
                 .one(&orders_db)
                 .await
                 .unwrap();
-            found.is_some_and(|found| found.state == request::FAILED)
+            found.is_some_and(|found| found.state == request::State::Failed)
         },
     )
     .await;
