@@ -130,10 +130,14 @@ async fn probe(url: &str) -> Result<(), DbErr> {
 /// database may start together; the loser of that race finds the work
 /// done on its next try.
 pub async fn migrate<M: MigratorTrait>(db: &DatabaseConnection) -> Result<(), DbErr> {
+    // Another instance's migrations may take a while (a table rebuilt, a
+    // column's collation changed on a server database): wait for them
+    // with pauses that grow, rather than give up after a few quick tries.
     let pauses = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(1))
         .with_jitter()
-        .with_max_times(3);
+        .with_max_times(10);
     (|| M::up(db, None))
         .retry(pauses)
         .sleep(tokio::time::sleep)
