@@ -32,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(false)
-        .codec_path("crate::server::RequestCodec")
+        .codec_path("crate::codec::RequestCodec")
         .extern_path(".shopmesh.registry.v1", "crate::pb::registry")
         .extern_path(".shopmesh.shop.v1", "crate::pb::shop")
         .extern_path(".grpc.health.v1", "::tonic_health::pb")

@@ -12,6 +12,8 @@
 //!   malformed requests refused as the caller's), and the `[connections]`
 //!   settings its clients share.
 //! - [`pb`]: the generated protobuf and gRPC code, and nothing else.
+//! - [`codec`]: how the generated servers decode a request (a message
+//!   that does not decode is the caller's fault).
 //! - [`error`]: the one error a caller is answered with, and its one
 //!   mapping to gRPC codes.
 //! - [`registry`]: the registry role: its domain ([`registry::Registry`]),
@@ -40,6 +42,7 @@
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod discovery;
 pub mod error;

@@ -1,6 +1,6 @@
 //! The generated protobuf and gRPC code: the only `include_proto!` of the
 //! crate, and beside each the servers, generated apart because they decode
-//! requests with [`crate::server::RequestCodec`].
+//! requests with [`crate::codec::RequestCodec`].
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 

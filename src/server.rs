@@ -24,7 +24,6 @@ use crate::shutdown::Shutdown;
 
 pub use accept::Connection;
 pub use connections::Connections;
-pub use decode::RequestCodec;
 pub use file_limit::raise_file_limit;
 
 use crate::pb::health::health_server::HealthServer;

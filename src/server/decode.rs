@@ -7,7 +7,7 @@
 //! compressed flag without an encoding) and a message over the limit
 //! OUT_OF_RANGE. Two places read a request, and each refuses what it finds:
 //! [`Frames`] reads the gRPC framing of every request body on a port,
-//! health and reflection included, before tonic does; [`RequestCodec`]
+//! health and reflection included, before tonic does; [`crate::codec::RequestCodec`]
 //! decodes the message of every server generated in `build.rs`, health's
 //! among them. Reflection's servers are tonic-reflection's own: a message
 //! of theirs that does not decode ends the reflection stream, with no
@@ -23,62 +23,11 @@ use http_body::Frame;
 use prost::Message;
 use tonic::Status;
 use tonic::body::Body;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
-use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+use crate::codec::malformed;
 
 /// The compressed flag and the length that open each message.
 const HEADER: usize = 5;
-
-/// prost's codec, but a message that does not decode is the caller's.
-#[derive(Debug, Clone)]
-pub struct RequestCodec<T, U>(ProstCodec<T, U>);
-
-impl<T, U> Default for RequestCodec<T, U> {
-    fn default() -> Self {
-        Self(ProstCodec::default())
-    }
-}
-
-impl<T, U> Codec for RequestCodec<T, U>
-where
-    T: Message + Send + 'static,
-    U: Message + Default + Send + 'static,
-{
-    type Encode = T;
-    type Decode = U;
-    type Encoder = ProstEncoder<T>;
-    type Decoder = RequestDecoder<U>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        self.0.encoder()
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RequestDecoder(self.0.decoder())
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RequestDecoder<U>(ProstDecoder<U>);
-
-impl<U: Message + Default> Decoder for RequestDecoder<U> {
-    type Item = U;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        self.0
-            .decode(buf)
-            .map_err(|status| malformed(status.message()))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        self.0.buffer_settings()
-    }
-}
-
-fn malformed(what: &str) -> Status {
-    Status::invalid_argument(format!("malformed request: {what}"))
-}
 
 /// `request` with its body read through [`Frames`], refusing a message
 /// over `limit` bytes.
