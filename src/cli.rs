@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::client::{ClientArgs, OrderCommand, ProductCommand, UserCommand};
 use crate::config::{Config, LogFormat};
 use crate::discovery::Mesh;
+use crate::roles::ShopRole;
 use crate::shop::ServiceArgs;
 
 #[derive(Debug, Parser)]
@@ -204,25 +205,13 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
             .run(&Mesh::new(&config.discovery, &config.connections)?)
             .await
             .map(|()| ExitCode::SUCCESS),
-        Role::User(_) => {
-            let listener = crate::server::bind(config.user.listen, "user", None).await?;
-            crate::user::run(&config, listener, crate::shutdown::on_signal()).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Role::Product(_) => {
-            let listener = crate::server::bind(config.product.listen, "product", None).await?;
-            crate::product::run(&config, listener, crate::shutdown::on_signal()).await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Role::User(_) => serve(ShopRole::User, &config).await,
+        Role::Product(_) => serve(ShopRole::Product, &config).await,
         Role::Up(args) => {
             crate::up::run(&config, &args, crate::shutdown::on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Role::Order(_) => {
-            let listener = crate::server::bind(config.order.listen, "order", None).await?;
-            crate::order::run(&config, listener, crate::shutdown::on_signal()).await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Role::Order(_) => serve(ShopRole::Order, &config).await,
         Role::Soak(args) => Ok(if crate::soak::run(args).await? {
             ExitCode::SUCCESS
         } else {
@@ -249,4 +238,12 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
         .await
         .map(|()| ExitCode::SUCCESS),
     }
+}
+
+/// Serves a shop role on its configured address until SIGTERM or Ctrl-C.
+async fn serve(role: ShopRole, config: &Config) -> anyhow::Result<ExitCode> {
+    let listener = crate::server::bind(role.config(config).listen, role.name(), None).await?;
+    role.run(config, listener, crate::shutdown::on_signal())
+        .await?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -25,6 +25,8 @@
 //! - [`user`], [`product`], [`order`]: the shop's three roles, the seed's
 //!   services; the order service reaches the other two only through
 //!   discovery.
+//! - [`roles`]: the three shop roles as one type, and the one way each is
+//!   started (by the command line, `up` and the tests).
 //! - [`up`]: `shop-mesh up`, the registry and every service in one process.
 //! - [`client`]: `shop-mesh user get`, `product get|list`, `order
 //!   place|get|list`: clients that find their service through the registry.
@@ -52,6 +54,7 @@ pub mod pb;
 pub mod product;
 pub mod quote;
 pub mod registry;
+pub mod roles;
 pub mod server;
 pub mod shop;
 pub mod shutdown;

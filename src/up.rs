@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::discovery::Mesh;
+use crate::roles::ShopRole;
 use crate::server::bind;
 use crate::shop::{ORDER_SERVICE, PRODUCT_SERVICE, USER_SERVICE};
 use crate::shutdown::Shutdown;
@@ -130,17 +131,14 @@ impl Stack {
     }
 
     async fn spawn_services(&mut self, config: &Config, replicas: u16) -> anyhow::Result<()> {
-        let plan: [(&'static str, &'static str, u16); 3] = [
-            ("user", USER_SERVICE, replicas),
-            ("product", PRODUCT_SERVICE, replicas),
-            ("order", ORDER_SERVICE, 1),
+        let plan = [
+            (ShopRole::User, replicas),
+            (ShopRole::Product, replicas),
+            (ShopRole::Order, 1),
         ];
-        for (role, service, count) in plan {
-            let service_config = match role {
-                "user" => &config.user,
-                "product" => &config.product,
-                _ => &config.order,
-            };
+        for (shop_role, count) in plan {
+            let (role, service) = (shop_role.name(), shop_role.service());
+            let service_config = shop_role.config(config);
             let mut next_port = service_config.listen.port();
             for replica in 0..count {
                 let first = SocketAddr::new(service_config.listen.ip(), next_port);
@@ -165,11 +163,7 @@ impl Stack {
                 });
                 let (config, stop) = (config.clone(), self.shutdown.clone());
                 self.services.spawn(async move {
-                    let result = match role {
-                        "user" => crate::user::run(&config, listener, stop).await,
-                        "product" => crate::product::run(&config, listener, stop).await,
-                        _ => crate::order::run(&config, listener, stop).await,
-                    };
+                    let result = shop_role.run(&config, listener, stop).await;
                     (role, addr, result)
                 });
             }

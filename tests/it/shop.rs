@@ -17,6 +17,7 @@ use shop_mesh::config::Config;
 use shop_mesh::discovery::{BalancedChannel, Mesh};
 use shop_mesh::pb::shop::order_service_client::OrderServiceClient;
 use shop_mesh::pb::shop::product_service_client::ProductServiceClient;
+use shop_mesh::roles::ShopRole;
 use shop_mesh::shop::{ORDER_SERVICE, PRODUCT_SERVICE, ServiceConfig, USER_SERVICE};
 use shop_mesh::shutdown::Shutdown;
 use tokio::task::JoinHandle;
@@ -174,7 +175,7 @@ impl Drop for TestDb {
 }
 
 struct RunningRole {
-    name: &'static str,
+    role: ShopRole,
     shutdown: Shutdown,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -222,12 +223,12 @@ impl TestShop {
             registry,
             roles: Vec::new(),
         };
-        shop.spawn("user");
+        shop.spawn(ShopRole::User);
         for _ in 0..products {
-            shop.spawn("product");
+            shop.spawn(ShopRole::Product);
         }
         for _ in 0..orders {
-            shop.spawn("order");
+            shop.spawn(ShopRole::Order);
         }
         for (service, count) in [
             (USER_SERVICE, 1),
@@ -241,7 +242,11 @@ impl TestShop {
                 .is_err()
             {
                 for role in &shop.roles {
-                    assert!(!role.task.is_finished(), "the {} role stopped", role.name);
+                    assert!(
+                        !role.task.is_finished(),
+                        "the {} role stopped",
+                        role.role.name()
+                    );
                 }
                 panic!("{service} never had {count} instances");
             }
@@ -249,7 +254,7 @@ impl TestShop {
         Some(shop)
     }
 
-    fn spawn(&mut self, name: &'static str) {
+    fn spawn(&mut self, role: ShopRole) {
         let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
         listener.set_nonblocking(true).unwrap();
         let shutdown = Shutdown::new();
@@ -258,15 +263,11 @@ impl TestShop {
             let shutdown = shutdown.clone();
             async move {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
-                match name {
-                    "user" => shop_mesh::user::run(&config, listener, shutdown).await,
-                    "product" => shop_mesh::product::run(&config, listener, shutdown).await,
-                    _ => shop_mesh::order::run(&config, listener, shutdown).await,
-                }
+                role.run(&config, listener, shutdown).await
             }
         });
         self.roles.push(RunningRole {
-            name,
+            role,
             shutdown,
             task,
         });
@@ -281,10 +282,10 @@ impl TestShop {
         ProductServiceClient::new(self.mesh.channel(PRODUCT_SERVICE))
     }
 
-    /// Sends the `name` roles the shutdown SIGTERM would, without waiting
-    /// for them to exit.
-    pub fn signal(&self, name: &str) {
-        for role in self.roles.iter().filter(|role| role.name == name) {
+    /// Sends the instances of `role` the shutdown SIGTERM would, without
+    /// waiting for them to exit.
+    pub fn signal(&self, role: ShopRole) {
+        for role in self.roles.iter().filter(|running| running.role == role) {
             role.shutdown.cancel();
         }
     }
@@ -298,7 +299,7 @@ impl TestShop {
             role.task
                 .await
                 .expect("role task")
-                .unwrap_or_else(|err| panic!("the {} role failed: {err:#}", role.name));
+                .unwrap_or_else(|err| panic!("the {} role failed: {err:#}", role.role.name()));
         }
         self.registry.stop().await;
     }

@@ -109,7 +109,7 @@ async fn a_call_open_at_shutdown_still_gets_its_order() {
         async move { super::rows(&orders_db, request::Entity).await == 1 }
     })
     .await;
-    shop.signal("order");
+    shop.signal(shop_mesh::roles::ShopRole::Order);
     wait_until(
         "the order instance to leave the registry",
         Duration::from_secs(10),
