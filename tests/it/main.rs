@@ -125,6 +125,20 @@ pub async fn register(
         .into_inner()
 }
 
+/// Registers on a new lease, expecting a refusal; answers it.
+pub async fn register_refused(
+    client: &mut RegistryClient<Channel>,
+    i: pb::Instance,
+) -> tonic::Status {
+    client
+        .register(pb::RegisterRequest {
+            instance: Some(i),
+            lease_id: 0,
+        })
+        .await
+        .expect_err("a refusal")
+}
+
 /// Deregisters `service` on 127.0.0.1:`port`, in the default namespace,
 /// group and cluster.
 pub async fn deregister(

@@ -8,7 +8,9 @@ use shop_mesh::pb::registry::registry_client::RegistryClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::{TestRegistry, deregister, instance, keep_alive, register, wait_until};
+use crate::{
+    TestRegistry, deregister, instance, keep_alive, register, register_refused, wait_until,
+};
 
 async fn get(
     client: &mut RegistryClient<Channel>,
@@ -180,13 +182,7 @@ async fn each_bad_input_gets_its_code_and_names_its_field() {
         ),
     ];
     for (bad, field) in cases {
-        let err = client
-            .register(pb::RegisterRequest {
-                instance: Some(bad.clone()),
-                lease_id: 0,
-            })
-            .await
-            .unwrap_err();
+        let err = register_refused(&mut client, bad.clone()).await;
         assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err:?}");
         assert!(
             err.message().starts_with(&format!("{field}:")),
@@ -246,24 +242,12 @@ async fn limits_answer_resource_exhausted_and_oversize_messages_are_refused() {
     let mut client = registry.client().await;
     register(&mut client, instance("a", 1)).await;
     register(&mut client, instance("a", 2)).await;
-    let err = client
-        .register(pb::RegisterRequest {
-            instance: Some(instance("a", 3)),
-            lease_id: 0,
-        })
-        .await
-        .unwrap_err();
+    let err = register_refused(&mut client, instance("a", 3)).await;
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     register(&mut client, instance("a", 2)).await;
 
     register(&mut client, instance("b", 1)).await;
-    let err = client
-        .register(pb::RegisterRequest {
-            instance: Some(instance("c", 1)),
-            lease_id: 0,
-        })
-        .await
-        .unwrap_err();
+    let err = register_refused(&mut client, instance("c", 1)).await;
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
 
     let _held = client
@@ -287,13 +271,7 @@ async fn limits_answer_resource_exhausted_and_oversize_messages_are_refused() {
     huge.metadata = (0..40)
         .map(|i| (format!("k{i}"), "v".repeat(1000)))
         .collect();
-    let err = client
-        .register(pb::RegisterRequest {
-            instance: Some(huge),
-            lease_id: 0,
-        })
-        .await
-        .unwrap_err();
+    let err = register_refused(&mut client, huge).await;
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("too large"), "{}", err.message());
 
@@ -473,13 +451,7 @@ async fn a_registration_cannot_flip_ephemeral_to_persistent() {
     register(&mut client, instance("svc", 1)).await;
     let mut persistent = instance("svc", 1);
     persistent.ephemeral = Some(false);
-    let err = client
-        .register(pb::RegisterRequest {
-            instance: Some(persistent),
-            lease_id: 0,
-        })
-        .await
-        .unwrap_err();
+    let err = register_refused(&mut client, persistent).await;
     assert_eq!(err.code(), Code::FailedPrecondition);
     registry.stop().await;
 }
@@ -533,13 +505,7 @@ async fn update_service_never_makes_a_service_and_delete_service_frees_its_room(
     deregister(&mut client, "b", 1).await.unwrap();
     assert_eq!(get(&mut client, "a", false).await.protect_threshold, 0.5);
     register(&mut client, instance("c", 1)).await;
-    let full = client
-        .register(pb::RegisterRequest {
-            instance: Some(instance("d", 1)),
-            lease_id: 0,
-        })
-        .await
-        .unwrap_err();
+    let full = register_refused(&mut client, instance("d", 1)).await;
     assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
 
     client.delete_service(delete("a")).await.unwrap();
@@ -579,13 +545,7 @@ async fn errors_quote_a_short_prefix_of_a_bad_value_not_all_of_it() {
         ("metadata", bad_key),
         ("metadata", bad_value),
     ] {
-        let err = client
-            .register(pb::RegisterRequest {
-                instance: Some(bad),
-                lease_id: 0,
-            })
-            .await
-            .unwrap_err();
+        let err = register_refused(&mut client, bad).await;
         assert_eq!(err.code(), Code::InvalidArgument, "{field}");
         assert!(err.message().starts_with(field), "{}", err.message());
         assert!(
@@ -613,13 +573,7 @@ async fn addresses_no_service_can_listen_on_are_refused() {
         let mut i = instance("svc", 1);
         i.ip = ip.into();
         i.ephemeral = Some(false);
-        let err = client
-            .register(pb::RegisterRequest {
-                instance: Some(i),
-                lease_id: 0,
-            })
-            .await
-            .unwrap_err();
+        let err = register_refused(&mut client, i).await;
         assert_eq!(err.code(), Code::InvalidArgument, "{ip}");
         assert!(err.message().contains(what), "{ip}: {}", err.message());
     }
