@@ -113,30 +113,17 @@ impl Store {
         prepare(dir)?;
         let paths = Paths::new(dir);
         migrate(&paths)?;
-        let state = snapshot::read(&paths.snapshot, snapshot::FORMAT)?.unwrap_or_default();
         let snapshot_len = std::fs::metadata(&paths.snapshot).map_or(0, |m| m.len());
-        let mut state = snapshot::State::from(state);
         let log = log::Log::open(&paths.log).map_err(Error::io(dir))?;
-        let replayed = log::replay(&paths.log, log.file()).map_err(|err| match err {
-            log::ReplayError::Io(err) => Error::io(dir)(err),
-            log::ReplayError::Unreadable(reason) => Error::Unreadable {
-                path: paths.log.clone(),
-                reason,
-            },
-        })?;
-        for change in replayed.changes {
-            state.apply(change);
-        }
-        let log = log.truncated(replayed.valid_len).map_err(Error::io(dir))?;
-        let loaded = state.snapshot();
-        let writer =
-            writer::Writer::start(paths, state, log, snapshot_len).map_err(Error::io(dir))?;
+        let (state, valid_len) = read_state(&paths, log.file())?;
+        let log = log.truncated(valid_len).map_err(Error::io(dir))?;
+        let writer = writer::Writer::start(paths, log, snapshot_len).map_err(Error::io(dir))?;
         Ok((
             Store {
                 dir: dir.into(),
                 writer,
             },
-            loaded,
+            state.snapshot(),
         ))
     }
 
@@ -174,6 +161,25 @@ impl Paths {
             log: dir.join(LOG),
         }
     }
+}
+
+/// What the data dir holds: the snapshot with the log's changes applied
+/// (the log read from its start through `log`), and how many bytes of the
+/// log are whole records.
+fn read_state(paths: &Paths, log: &std::fs::File) -> Result<(snapshot::State, u64), Error> {
+    let stored = snapshot::read(&paths.snapshot, snapshot::FORMAT)?.unwrap_or_default();
+    let mut state = snapshot::State::from(stored);
+    let replayed = log::replay(&paths.log, log).map_err(|err| match err {
+        log::ReplayError::Io(err) => Error::io(&paths.dir)(err),
+        log::ReplayError::Unreadable(reason) => Error::Unreadable {
+            path: paths.log.clone(),
+            reason,
+        },
+    })?;
+    for change in replayed.changes {
+        state.apply(change);
+    }
+    Ok((state, replayed.valid_len))
 }
 
 /// Makes sure `dir` is a directory, creating it if needed.

@@ -9,8 +9,7 @@ use std::sync::{Arc, mpsc};
 use tokio::sync::oneshot;
 
 use super::log::{self, Log};
-use super::snapshot::{self, State};
-use super::{Change, Paths, WriteError};
+use super::{Change, Paths, WriteError, read_state, snapshot};
 
 /// The log is folded into a snapshot once it is larger than both this and
 /// the last snapshot, so folding costs at most about as much again as the
@@ -27,16 +26,10 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn start(
-        paths: Paths,
-        state: State,
-        log: Log,
-        snapshot_len: u64,
-    ) -> std::io::Result<Writer> {
+    pub fn start(paths: Paths, log: Log, snapshot_len: u64) -> std::io::Result<Writer> {
         let (changes, queue) = mpsc::channel();
         let mut thread = Thread {
             paths,
-            state,
             log,
             compact_at: COMPACT_FLOOR.max(snapshot_len),
             broken: None,
@@ -59,8 +52,6 @@ impl Writer {
 
 struct Thread {
     paths: Paths,
-    /// What the snapshot and the log hold together.
-    state: State,
     log: Log,
     compact_at: u64,
     /// Set when the log could not be restored after a failed write: every
@@ -76,10 +67,7 @@ impl Thread {
             let mut batch = vec![first];
             batch.extend(queue.try_iter().take(MAX_BATCH - 1));
             let result = self.write(&batch, &mut records);
-            for (change, done) in batch {
-                if result.is_ok() {
-                    self.state.apply(change);
-                }
+            for (_, done) in batch {
                 let _ = done.send(result.clone());
             }
             if result.is_ok() && self.log.len() > self.compact_at {
@@ -115,15 +103,21 @@ impl Thread {
         })
     }
 
-    /// Writes the state as a new snapshot and empties the log. A crash
-    /// between the two leaves the new snapshot with the old log, whose
-    /// changes it already holds: replaying them again changes nothing.
+    /// Writes what the snapshot and the log hold together as a new
+    /// snapshot, and empties the log. The state is read back from disk
+    /// rather than kept in memory: folding is rare, and a copy would double
+    /// what persistent instances cost. A crash between the two steps leaves
+    /// the new snapshot with the old log, whose changes it already holds:
+    /// replaying them again changes nothing.
     fn compact(&mut self) {
-        match snapshot::write(
-            &self.paths.dir,
-            &self.paths.snapshot,
-            &self.state.snapshot(),
-        ) {
+        let folded = std::fs::File::open(&self.paths.log)
+            .map_err(|err| err.to_string())
+            .and_then(|log| read_state(&self.paths, &log).map_err(|err| err.to_string()))
+            .and_then(|(state, _)| {
+                snapshot::write(&self.paths.dir, &self.paths.snapshot, &state.snapshot())
+                    .map_err(|err| err.to_string())
+            });
+        match folded {
             Ok(len) => {
                 self.compact_at = COMPACT_FLOOR.max(len);
                 if let Err(err) = self.log.clear() {
