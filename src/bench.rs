@@ -260,7 +260,7 @@ impl RegistryBench {
     async fn register_each(
         &self,
         channels: &[Channel],
-        instance: fn(usize, usize) -> pb::Instance,
+        instance: impl Fn(usize, usize) -> pb::Instance + Clone + Send + 'static,
     ) -> anyhow::Result<Rate> {
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
@@ -268,6 +268,7 @@ impl RegistryBench {
             .map(|t| {
                 let mut client = RegistryClient::new(channels[t % channels.len()].clone());
                 let (next, total, per_service) = (next.clone(), self.instances, self.per_service);
+                let instance = instance.clone();
                 tokio::spawn(async move {
                     let mut latency = histogram();
                     loop {

@@ -82,7 +82,13 @@ impl WatchersBench {
             held.push(stream);
         }
         for round in 1..=self.rounds {
-            let changed = [changed_once, changed_twice][(round - 1) % 2];
+            // Each round changes a metadata value: every instance becomes a
+            // new version.
+            let changed = move |i, per_service| {
+                let mut instance = bench_instance(i, per_service);
+                instance.metadata.insert("round".into(), round.to_string());
+                instance
+            };
             load.register_each(&channels, changed).await?;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -96,19 +102,4 @@ impl WatchersBench {
         drop(held);
         Ok(rss)
     }
-}
-
-/// Instance `i` with a change that makes it a new version.
-fn changed_once(i: usize, per_service: usize) -> pb::Instance {
-    with_round(i, per_service, "1")
-}
-
-fn changed_twice(i: usize, per_service: usize) -> pb::Instance {
-    with_round(i, per_service, "2")
-}
-
-fn with_round(i: usize, per_service: usize, round: &str) -> pb::Instance {
-    let mut instance = bench_instance(i, per_service);
-    instance.metadata.insert("round".into(), round.into());
-    instance
 }
