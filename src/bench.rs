@@ -19,13 +19,11 @@ use crate::pb::registry::registry_client::RegistryClient;
 
 mod discovery;
 mod idle;
-mod isolated;
 mod orders;
 mod watchers;
 
 pub use discovery::DiscoveryBench;
 pub use idle::IdleBench;
-pub use isolated::Isolated;
 pub use orders::OrdersBench;
 pub use watchers::WatchersBench;
 
@@ -94,20 +92,20 @@ impl Bench {
 }
 
 /// A registry started for the bench, stopped when dropped.
-struct Spawned {
-    process: crate::soak::process::Process,
+struct BenchRegistry {
+    process: crate::harness::Process,
     data_dir: std::path::PathBuf,
 }
 
-impl Drop for Spawned {
+impl Drop for BenchRegistry {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }
 
-impl Spawned {
+impl BenchRegistry {
     /// This binary's registry on a port of loopback's own choosing.
-    async fn start() -> anyhow::Result<(Spawned, SocketAddr)> {
+    async fn start() -> anyhow::Result<(BenchRegistry, SocketAddr)> {
         let data_dir = std::env::temp_dir().join(format!("shop-mesh-bench-{}", std::process::id()));
         let args = ["registry", "--listen", "127.0.0.1:0", "--data-dir"]
             .into_iter()
@@ -115,11 +113,11 @@ impl Spawned {
             .chain([data_dir.display().to_string()])
             .collect();
         let exe = std::env::current_exe()?;
-        let process = crate::soak::process::Process::start(&exe, "registry", args, &[])
+        let process = crate::harness::Process::start(&exe, "registry", args, &[])
             .await
             .context("cannot start the registry")?;
         let addr = process.addr.parse().context("the registry's address")?;
-        Ok((Spawned { process, data_dir }, addr))
+        Ok((BenchRegistry { process, data_dir }, addr))
     }
 
     fn pid(&self) -> Option<u32> {
@@ -128,30 +126,12 @@ impl Spawned {
 
     /// CPU time the registry has used (user + system).
     fn cpu_time(&self) -> Option<Duration> {
-        cpu_time(self.pid()?)
+        self.process.cpu_time()
     }
 
     fn rss_bytes(&self) -> Option<u64> {
-        rss_bytes(self.pid()?)
+        self.process.rss_bytes()
     }
-}
-
-/// The CPU time (user + system) process `pid` has used, where /proc
-/// tells it.
-pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_millis(ticks * 10))
-}
-
-/// The resident memory (VmRSS) of process `pid`, where /proc tells it.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 impl RegistryBench {
@@ -162,14 +142,14 @@ impl RegistryBench {
         let (spawned, addr) = match self.registry {
             Some(addr) => (None, addr),
             None => {
-                let (spawned, addr) = Spawned::start().await?;
+                let (spawned, addr) = BenchRegistry::start().await?;
                 (Some(spawned), addr)
             }
         };
         let channels = connect(addr, self.connections).await?;
         // Idle: started, one client connected, nothing registered.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let idle_rss = spawned.as_ref().and_then(Spawned::rss_bytes);
+        let idle_rss = spawned.as_ref().and_then(BenchRegistry::rss_bytes);
 
         println!("shop-mesh registry bench against {addr}");
         println!(
@@ -184,12 +164,12 @@ impl RegistryBench {
             self.concurrency,
             self.connections
         );
-        let cpu = || spawned.as_ref().and_then(Spawned::cpu_time);
+        let cpu = || spawned.as_ref().and_then(BenchRegistry::cpu_time);
         let cpu_before = cpu();
         let registrations = self.register_all(&channels).await?;
         let registration_cpu = cpu_per_call(cpu_before, cpu(), self.instances);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let loaded_rss = spawned.as_ref().and_then(Spawned::rss_bytes);
+        let loaded_rss = spawned.as_ref().and_then(BenchRegistry::rss_bytes);
         let cpu_before = cpu();
         let queries = self.query(&channels).await?;
         let query_cpu = cpu_per_call(cpu_before, cpu(), queries.calls);

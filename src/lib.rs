@@ -48,6 +48,7 @@ pub mod codec;
 pub mod config;
 pub mod discovery;
 pub mod error;
+pub mod harness;
 pub mod inspect;
 pub mod order;
 pub mod pb;

@@ -9,7 +9,6 @@
 mod deployment;
 mod invariants;
 mod load;
-pub mod process;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -228,7 +227,7 @@ async fn run_in(
 }
 
 /// The process a fault takes out, for the scenarios that take one out.
-fn victim(deployment: &mut Deployment, scenario: Scenario) -> Option<&mut process::Process> {
+fn victim(deployment: &mut Deployment, scenario: Scenario) -> Option<&mut crate::harness::Process> {
     match scenario {
         Scenario::KillProduct | Scenario::StopProduct => Some(&mut deployment.products[1]),
         Scenario::KillOrder => Some(&mut deployment.orders[1]),

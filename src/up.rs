@@ -10,11 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::task::JoinSet;
-
 use crate::config::Config;
 use crate::discovery::Mesh;
-use crate::roles::ShopRole;
+use crate::roles::{ShopRole, Spawned};
 use crate::server::bind;
 use crate::shop::{ORDER_SERVICE, PRODUCT_SERVICE, USER_SERVICE};
 use crate::shutdown::Shutdown;
@@ -60,65 +58,53 @@ impl Args {
     }
 }
 
-/// One role a [`Stack`] runs.
+/// One role a [`Stack`] runs, as its summary shows it.
 #[derive(Debug, Clone)]
 pub struct Running {
+    /// The role's name on the command line.
     pub role: &'static str,
     /// Its registry name; empty for the registry.
     pub service: &'static str,
+    /// Where it listens.
     pub addr: SocketAddr,
     /// Where it stores: a file, or a database URL without its password.
     pub store: String,
 }
 
-type Ended = (&'static str, SocketAddr, anyhow::Result<()>);
-
 /// The registry and every service, running in this process: what `up`
 /// shows a newcomer, and what `bench orders` measures.
 pub struct Stack {
+    /// What runs where, the registry first.
     pub running: Vec<Running>,
-    /// The services' shutdown; the registry has its own, cancelled last.
+    /// Cancelled while the services start: stop waiting for them.
     shutdown: Shutdown,
-    registry_stop: Shutdown,
-    registry: tokio::task::JoinHandle<anyhow::Result<()>>,
-    /// The registry's task has been awaited to its end (it failed while
-    /// the services started): it must not be awaited again.
-    registry_ended: bool,
-    services: JoinSet<Ended>,
+    registry: Spawned,
+    services: Vec<Spawned>,
 }
 
 impl Stack {
     /// Starts the registry on `config.registry.listen`, then `replicas`
     /// user and product instances and one order instance, and waits until
-    /// all are registered. The services stop when `shutdown` fires (or
-    /// [`Stack::stop`] is called).
+    /// all are registered (or `shutdown` fires).
     pub async fn start(
         config: &Config,
         replicas: u16,
         shutdown: Shutdown,
     ) -> anyhow::Result<Stack> {
-        let registry_stop = Shutdown::new();
         let registry_listener = bind(config.registry.listen, "the registry", None).await?;
-        let registry_addr = registry_listener.local_addr()?;
+        let registry = Spawned::registry(&config.registry, &config.connections, registry_listener)?;
         let mut config = config.clone();
-        config.discovery.registry = registry_addr.to_string();
-        let registry = tokio::spawn({
-            let (registry, connections) = (config.registry.clone(), config.connections.clone());
-            let stop = registry_stop.clone();
-            async move { crate::registry::run(&registry, &connections, registry_listener, stop).await }
-        });
+        config.discovery.registry = registry.addr.to_string();
         let mut stack = Stack {
             running: vec![Running {
                 role: "registry",
                 service: "",
-                addr: registry_addr,
+                addr: registry.addr,
                 store: config.registry.data_dir.display().to_string(),
             }],
             shutdown,
-            registry_stop,
             registry,
-            registry_ended: false,
-            services: JoinSet::new(),
+            services: Vec::new(),
         };
         match stack.spawn_services(&config, replicas).await {
             Ok(()) => Ok(stack),
@@ -126,8 +112,9 @@ impl Stack {
         }
     }
 
+    /// Where the registry listens.
     pub fn registry(&self) -> SocketAddr {
-        self.running[0].addr
+        self.registry.addr
     }
 
     async fn spawn_services(&mut self, config: &Config, replicas: u16) -> anyhow::Result<()> {
@@ -137,82 +124,74 @@ impl Stack {
             (ShopRole::Order, 1),
         ];
         for (shop_role, count) in plan {
-            let (role, service) = (shop_role.name(), shop_role.service());
             let service_config = shop_role.config(config);
             let mut next_port = service_config.listen.port();
             for replica in 0..count {
                 let first = SocketAddr::new(service_config.listen.ip(), next_port);
-                let listener = bind(first, role, (replica > 0).then_some(64)).await?;
-                let addr = listener.local_addr()?;
+                let listener = bind(first, shop_role.name(), (replica > 0).then_some(64)).await?;
+                let spawned = Spawned::shop(shop_role, config, listener)?;
                 // Port 0 (tests, benches) stays 0: each replica gets its own.
                 if next_port != 0 {
-                    next_port = addr.port().saturating_add(1);
+                    next_port = spawned.addr.port().saturating_add(1);
                 }
                 self.running.push(Running {
-                    role,
-                    service,
-                    addr,
+                    role: shop_role.name(),
+                    service: shop_role.service(),
+                    addr: spawned.addr,
                     store: match &service_config.database_url {
                         Some(url) => crate::shop::db::redact(url),
                         None => service_config
                             .data_dir
-                            .join(format!("{role}.db"))
+                            .join(format!("{}.db", shop_role.name()))
                             .display()
                             .to_string(),
                     },
                 });
-                let (config, stop) = (config.clone(), self.shutdown.clone());
-                self.services.spawn(async move {
-                    let result = shop_role.run(&config, listener, stop).await;
-                    (role, addr, result)
-                });
+                self.services.push(spawned);
             }
         }
+        let shutdown = self.shutdown.clone();
         tokio::select! {
             ready = registered(config, replicas.into()) => ready,
-            Some(ended) = self.services.join_next() => Err(ended_early(ended)),
-            ended = &mut self.registry => {
-                self.registry_ended = true;
-                Err(match ended {
-                    Ok(Err(err)) => err.context("the registry"),
-                    Ok(Ok(())) => anyhow::anyhow!("the registry stopped"),
-                    Err(err) => anyhow::anyhow!("the registry failed: {err}"),
-                })
-            }
-            _ = self.shutdown.cancelled() => Ok(()),
+            err = self.ended() => Err(err),
+            _ = shutdown.cancelled() => Ok(()),
         }
     }
 
-    /// Resolves when a service ends on its own (it failed); until then,
-    /// never.
+    /// Resolves when a role ends on its own (it failed); until then, never.
     pub async fn ended(&mut self) -> anyhow::Error {
-        match self.services.join_next().await {
-            Some(ended) => ended_early(ended),
-            None => std::future::pending().await,
-        }
+        let roles = std::iter::once(&mut self.registry).chain(self.services.iter_mut());
+        let (ended, _, _) = futures::future::select_all(roles.map(|role| {
+            Box::pin(async move {
+                let name = role.name;
+                let addr = role.addr;
+                role.exited()
+                    .await
+                    .err()
+                    .unwrap_or_else(|| anyhow::anyhow!("the {name} at {addr} stopped"))
+            })
+        }))
+        .await;
+        ended
     }
 
     /// Stops the services (each deregisters and drains), then the
     /// registry; `result` is what ended the run, and wins over later errors.
-    pub async fn stop(mut self, result: anyhow::Result<()>) -> anyhow::Result<()> {
-        self.shutdown.cancel();
+    pub async fn stop(self, result: anyhow::Result<()>) -> anyhow::Result<()> {
+        for service in &self.services {
+            service.shutdown.cancel();
+        }
         let mut result = result;
-        while let Some(ended) = self.services.join_next().await {
-            if let Ok((role, addr, Err(err))) = ended {
-                tracing::error!(role, %addr, "stopped with an error: {err:#}");
+        for service in self.services {
+            if let Err(err) = service.stop().await {
+                tracing::error!("stopped with an error: {err:#}");
                 if result.is_ok() {
-                    result = Err(err.context(format!("the {role} service at {addr}")));
+                    result = Err(err);
                 }
             }
         }
-        self.registry_stop.cancel();
-        if self.registry_ended {
-            return result;
-        }
-        let registry = (&mut self.registry).await;
-        match registry {
-            Ok(Err(err)) if result.is_ok() => Err(err.context("the registry")),
-            Err(err) if result.is_ok() => Err(anyhow::anyhow!("the registry failed: {err}")),
+        match self.registry.stop().await {
+            Err(err) if result.is_ok() => Err(err),
             _ => result,
         }
     }
@@ -254,14 +233,6 @@ async fn registered(config: &Config, replicas: usize) -> anyhow::Result<()> {
     tokio::time::timeout(START_TIMEOUT, all)
         .await
         .map_err(|_| anyhow::anyhow!("the services did not all register within {START_TIMEOUT:?}"))
-}
-
-fn ended_early(ended: Result<Ended, tokio::task::JoinError>) -> anyhow::Error {
-    match ended {
-        Ok((role, addr, Err(err))) => err.context(format!("the {role} service at {addr}")),
-        Ok((role, addr, Ok(()))) => anyhow::anyhow!("the {role} service at {addr} stopped"),
-        Err(err) => anyhow::anyhow!("a service failed: {err}"),
-    }
 }
 
 fn summary(running: &[Running], data_dir: &std::path::Path) -> String {

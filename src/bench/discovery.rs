@@ -17,10 +17,10 @@ use hdrhistogram::Histogram;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::Isolated;
 use super::histogram;
 use crate::discovery::{self, Announce, BalancedChannel, Mesh};
-use crate::shutdown::Shutdown;
+use crate::harness::Isolated;
+use crate::roles::Spawned;
 
 const TARGET: &str = "bench-target";
 /// A service of one instance, to set balanced and plain side by side on
@@ -63,13 +63,8 @@ impl DiscoveryBench {
             ..Default::default()
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let registry = listener.local_addr()?;
-        let shutdown = Shutdown::new();
-        tokio::spawn({
-            let shutdown = shutdown.clone();
-            let connections = crate::server::Connections::default();
-            async move { crate::registry::run(&registry_config, &connections, listener, shutdown).await }
-        });
+        let registry_role = Spawned::registry(&registry_config, &Default::default(), listener)?;
+        let registry = registry_role.addr;
 
         let targets = (0..3)
             .map(|_| target(registry, TARGET))
@@ -138,8 +133,8 @@ impl DiscoveryBench {
             kills.value_at_quantile(0.99) as f64 / 1000.0,
             kills.max() as f64 / 1000.0
         );
-        shutdown.cancel();
         drop((targets, single));
+        registry_role.stop().await?;
         let _ = std::fs::remove_dir_all(dir);
         Ok(())
     }

@@ -14,7 +14,8 @@ use tonic::transport::Endpoint;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::{Spawned, cpu_time, histogram, us};
+use super::{BenchRegistry, histogram, us};
+use crate::harness::cpu_time;
 
 /// How long one health check (connect and answer) may take before it
 /// counts as failed.
@@ -60,11 +61,13 @@ impl IdleBench {
         let (spawned, addr) = match self.registry {
             Some(addr) => (None, addr),
             None => {
-                let (spawned, addr) = Spawned::start().await?;
+                let (spawned, addr) = BenchRegistry::start().await?;
                 (Some(spawned), addr)
             }
         };
-        let pid = self.pid.or_else(|| spawned.as_ref().and_then(Spawned::pid));
+        let pid = self
+            .pid
+            .or_else(|| spawned.as_ref().and_then(BenchRegistry::pid));
         // The first check also waits for a registry started here.
         let started = Instant::now();
         while !check(addr).await {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{RegistryBench, Spawned, bench_instance, connect};
+use super::{BenchRegistry, RegistryBench, bench_instance, connect};
 use crate::pb::registry as pb;
 use crate::pb::registry::registry_client::RegistryClient;
 
@@ -54,7 +54,7 @@ impl WatchersBench {
     /// Resident memory of a fresh registry after the work, with
     /// `stalled` watchers.
     async fn measure(&self, stalled: usize) -> anyhow::Result<u64> {
-        let (spawned, addr) = Spawned::start().await?;
+        let (spawned, addr) = BenchRegistry::start().await?;
         let load = RegistryBench {
             registry: Some(addr),
             instances: self.instances,

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::process::Process;
+use crate::harness::Process;
 
 /// Timings short enough that a fault and its recovery fit in seconds.
 const ENV: &[(&str, &str)] = &[

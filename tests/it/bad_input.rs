@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use tower::{Service, ServiceExt};
 
-use shop_mesh::soak::process::Process;
+use shop_mesh::harness::Process;
 
 use crate::serving;
 use crate::shop::{Backend, TestShop};
@@ -226,7 +226,7 @@ async fn oversize_requests_are_resource_exhausted_everywhere() {
 }
 
 fn rss_kib(pid: nix::unistd::Pid) -> u64 {
-    shop_mesh::bench::rss_bytes(pid.as_raw() as u32).expect("the registry's VmRSS") / 1024
+    shop_mesh::harness::rss_bytes(pid.as_raw() as u32).expect("the registry's VmRSS") / 1024
 }
 
 /// Opens `count` watch streams and `count` KeepAlive streams (each beating

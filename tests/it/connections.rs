@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use shop_mesh::soak::process::Process;
+use shop_mesh::harness::Process;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -136,10 +136,10 @@ async fn out_of_file_descriptors_the_accept_loop_pauses_warns_and_recovers() {
 
     let flood = silent(&registry.addr, FLOOD).await;
     let window = Duration::from_secs(3);
-    let cpu_before = shop_mesh::bench::cpu_time(pid).unwrap();
+    let cpu_before = shop_mesh::harness::cpu_time(pid).unwrap();
     let wall_before = std::time::Instant::now();
     tokio::time::sleep(window).await;
-    let cpu = shop_mesh::bench::cpu_time(pid).unwrap() - cpu_before;
+    let cpu = shop_mesh::harness::cpu_time(pid).unwrap() - cpu_before;
     let share = cpu.as_secs_f64() / wall_before.elapsed().as_secs_f64();
     assert!(
         share < 0.1,

@@ -13,8 +13,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use shop_mesh::bench::Isolated;
 use shop_mesh::discovery::{self, Announce, BalancedChannel, Mesh, retry_safe};
+use shop_mesh::harness::Isolated;
 use shop_mesh::pb::registry as pb;
 use shop_mesh::server::Connections;
 use shop_mesh::shutdown::Shutdown;

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use shop_mesh::harness::Process;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
 use shop_mesh::pb::shop as pb;
 use shop_mesh::pb::shop::order_service_client::OrderServiceClient;
-use shop_mesh::soak::process::Process;
 use tonic::transport::Channel;
 
 use crate::grpcurl::grpcurl_output;

@@ -22,9 +22,8 @@ use std::time::Duration;
 use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
 use shop_mesh::registry;
+use shop_mesh::roles::Spawned;
 use shop_mesh::server::Connections;
-use shop_mesh::shutdown::Shutdown;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -32,8 +31,7 @@ use tonic_health::pb::health_client::HealthClient;
 pub struct TestRegistry {
     pub addr: SocketAddr,
     pub config: registry::Config,
-    shutdown: Shutdown,
-    task: JoinHandle<anyhow::Result<()>>,
+    role: Spawned,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -64,18 +62,11 @@ impl TestRegistry {
     /// A registry on a given address: a restart on the same port.
     pub async fn start_at(config: registry::Config, addr: SocketAddr) -> TestRegistry {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = Shutdown::new();
-        let task = tokio::spawn({
-            let (config, shutdown) = (config.clone(), shutdown.clone());
-            let connections = Connections::default();
-            async move { registry::run(&config, &connections, listener, shutdown).await }
-        });
+        let role = Spawned::registry(&config, &Connections::default(), listener).unwrap();
         TestRegistry {
-            addr,
+            addr: role.addr,
             config,
-            shutdown,
-            task,
+            role,
             _dir: None,
         }
     }
@@ -92,11 +83,7 @@ impl TestRegistry {
 
     /// Stops it the way SIGTERM would, and waits for it to exit.
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        self.task
-            .await
-            .expect("registry task")
-            .expect("registry exits cleanly");
+        self.role.stop().await.expect("the registry exits cleanly");
     }
 }
 

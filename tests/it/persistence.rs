@@ -8,9 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use shop_mesh::harness::Process;
 use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
-use shop_mesh::soak::process::Process;
 use tonic::transport::Channel;
 
 use crate::{BIN, TestRegistry, deregister, instance, instances, register, run_bin, skipped};

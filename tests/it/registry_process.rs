@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use shop_mesh::harness::Process;
 use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
-use shop_mesh::soak::process::Process;
 use tonic::Code;
 
 use crate::{BIN, instance, instances, keep_alive, register, wait_until};

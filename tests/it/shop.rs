@@ -9,7 +9,6 @@ mod open;
 mod orders;
 mod products;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
@@ -17,10 +16,8 @@ use shop_mesh::config::Config;
 use shop_mesh::discovery::{BalancedChannel, Mesh};
 use shop_mesh::pb::shop::order_service_client::OrderServiceClient;
 use shop_mesh::pb::shop::product_service_client::ProductServiceClient;
-use shop_mesh::roles::ShopRole;
+use shop_mesh::roles::{ShopRole, Spawned};
 use shop_mesh::shop::{ORDER_SERVICE, PRODUCT_SERVICE, ServiceConfig, USER_SERVICE};
-use shop_mesh::shutdown::Shutdown;
-use tokio::task::JoinHandle;
 
 use crate::TestRegistry;
 
@@ -174,19 +171,13 @@ impl Drop for TestDb {
     }
 }
 
-struct RunningRole {
-    role: ShopRole,
-    shutdown: Shutdown,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
 /// A registry, one user, `products` product and `orders` order instances.
 pub struct TestShop {
     pub db: TestDb,
     pub config: Config,
     pub mesh: Mesh,
     pub registry: TestRegistry,
-    roles: Vec<RunningRole>,
+    roles: Vec<(ShopRole, Spawned)>,
 }
 
 impl TestShop {
@@ -223,12 +214,12 @@ impl TestShop {
             registry,
             roles: Vec::new(),
         };
-        shop.spawn(ShopRole::User);
+        shop.spawn(ShopRole::User).await;
         for _ in 0..products {
-            shop.spawn(ShopRole::Product);
+            shop.spawn(ShopRole::Product).await;
         }
         for _ in 0..orders {
-            shop.spawn(ShopRole::Order);
+            shop.spawn(ShopRole::Order).await;
         }
         for (service, count) in [
             (USER_SERVICE, 1),
@@ -241,12 +232,11 @@ impl TestShop {
                 .await
                 .is_err()
             {
-                for role in &shop.roles {
-                    assert!(
-                        !role.task.is_finished(),
-                        "the {} role stopped",
-                        role.role.name()
-                    );
+                for (role, spawned) in &mut shop.roles {
+                    if spawned.is_finished() {
+                        let ended = spawned.exited().await;
+                        panic!("the {} role stopped: {ended:?}", role.name());
+                    }
                 }
                 panic!("{service} never had {count} instances");
             }
@@ -254,23 +244,10 @@ impl TestShop {
         Some(shop)
     }
 
-    fn spawn(&mut self, role: ShopRole) {
-        let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let shutdown = Shutdown::new();
-        let config = self.config.clone();
-        let task = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                role.run(&config, listener, shutdown).await
-            }
-        });
-        self.roles.push(RunningRole {
-            role,
-            shutdown,
-            task,
-        });
+    async fn spawn(&mut self, role: ShopRole) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let spawned = Spawned::shop(role, &self.config, listener).unwrap();
+        self.roles.push((role, spawned));
     }
 
     /// PlaceOrder and friends, through the registry like any caller.
@@ -285,21 +262,21 @@ impl TestShop {
     /// Sends the instances of `role` the shutdown SIGTERM would, without
     /// waiting for them to exit.
     pub fn signal(&self, role: ShopRole) {
-        for role in self.roles.iter().filter(|running| running.role == role) {
-            role.shutdown.cancel();
+        for (_, spawned) in self.roles.iter().filter(|(running, _)| *running == role) {
+            spawned.shutdown.cancel();
         }
     }
 
     /// Stops every role as SIGTERM would and checks each exited cleanly.
     pub async fn stop(self) {
-        for role in &self.roles {
-            role.shutdown.cancel();
+        for (_, spawned) in &self.roles {
+            spawned.shutdown.cancel();
         }
-        for role in self.roles {
-            role.task
+        for (role, spawned) in self.roles {
+            spawned
+                .stop()
                 .await
-                .expect("role task")
-                .unwrap_or_else(|err| panic!("the {} role failed: {err:#}", role.role.name()));
+                .unwrap_or_else(|err| panic!("the {} role failed: {err:#}", role.name()));
         }
         self.registry.stop().await;
     }

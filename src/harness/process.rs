@@ -150,6 +150,16 @@ impl Process {
         }
     }
 
+    /// CPU time (user + system) the process has used, while it runs.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        cpu_time(self.pid()?.as_raw().try_into().ok()?)
+    }
+
+    /// Its resident memory, while it runs.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        rss_bytes(self.pid()?.as_raw().try_into().ok()?)
+    }
+
     pub fn pid(&self) -> Option<Pid> {
         self.child.id().map(|id| Pid::from_raw(id as i32))
     }
@@ -230,4 +240,22 @@ fn collect<T: Send + 'static>(
             }
         }
     })
+}
+
+/// The CPU time (user + system) process `pid` has used, where /proc
+/// tells it.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// The resident memory (VmRSS) of process `pid`, where /proc tells it.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
