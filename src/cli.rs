@@ -12,6 +12,7 @@ use crate::discovery::Mesh;
 use crate::roles::ShopRole;
 use crate::shop::ServiceArgs;
 
+/// The parsed command line: global flags and the one role to run.
 #[derive(Debug, Parser)]
 #[command(
     name = "shop-mesh",
@@ -28,6 +29,7 @@ pub struct Cli {
     /// Log as JSON lines [config: log.format].
     #[arg(long, global = true)]
     pub log_json: bool,
+    /// What this process runs.
     #[command(subcommand)]
     pub role: Role,
 }
@@ -52,13 +54,17 @@ pub enum Role {
     Services(crate::inspect::Scope),
     /// Lists one service's instances.
     Instances {
+        /// The service whose instances to list.
         service: String,
+        /// Where to look, and how to print.
         #[command(flatten)]
         scope: crate::inspect::Scope,
     },
     /// Prints each change to a service as it happens, until Ctrl-C.
     Watch {
+        /// The service to watch.
         service: String,
+        /// Where to look, and how to print.
         #[command(flatten)]
         scope: crate::inspect::Scope,
     },
@@ -74,8 +80,10 @@ pub enum Role {
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct UserRole {
+    /// Flags of the user service, when it is run as one.
     #[command(flatten)]
     pub serve: ServiceArgs,
+    /// A call to make against a running user service instead of serving.
     #[command(subcommand)]
     pub command: Option<UserCommand>,
 }
@@ -84,8 +92,10 @@ pub struct UserRole {
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct ProductRole {
+    /// Flags of the product service, when it is run as one.
     #[command(flatten)]
     pub serve: ServiceArgs,
+    /// A call to make against a running product service instead of serving.
     #[command(subcommand)]
     pub command: Option<ProductCommand>,
 }
@@ -94,8 +104,10 @@ pub struct ProductRole {
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct OrderRole {
+    /// Flags of the order service, when it is run as one.
     #[command(flatten)]
     pub serve: ServiceArgs,
+    /// A call to make against a running order service instead of serving.
     #[command(subcommand)]
     pub command: Option<OrderCommand>,
 }

@@ -26,69 +26,90 @@ pub struct ClientArgs {
     pub json: bool,
 }
 
+/// `shop-mesh user get`: calls to the user service.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum UserCommand {
     /// Shows one user.
     Get {
+        /// The user's id.
         id: i64,
+        /// Where the registry is, and how to print.
         #[command(flatten)]
         client: ClientArgs,
     },
 }
 
+/// `shop-mesh product get|list`: calls to the product service.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum ProductCommand {
     /// Shows one product and its stock.
     Get {
+        /// The product's id.
         id: i64,
+        /// Where the registry is, and how to print.
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Lists every product.
     List {
+        /// Where the registry is, and how to print.
         #[command(flatten)]
         client: ClientArgs,
     },
 }
 
+/// `shop-mesh order place|get|list`: calls to the order service.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum OrderCommand {
     /// Places an order; safe to repeat with the same --request-id.
     Place {
+        /// Id of the user who buys.
         #[arg(long)]
         user: i64,
+        /// Id of the product bought.
         #[arg(long)]
         product: i64,
+        /// Units to buy; no more than shop.max_order_count allows.
         #[arg(long)]
         count: i32,
         /// Names the order so a repeat never buys twice [default: a new one].
         #[arg(long)]
         request_id: Option<String>,
+        /// Where the registry is, and how to print.
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Shows one order.
     Get {
+        /// The order's id.
         id: i64,
+        /// Where the registry is, and how to print.
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Lists a user's orders, newest first.
     List {
+        /// Id of the user whose orders to list.
         #[arg(long)]
         user: i64,
+        /// Where the registry is, and how to print.
         #[command(flatten)]
         client: ClientArgs,
     },
 }
 
 impl UserCommand {
+    /// The client flags, whichever command was given, to lay over the
+    /// configuration before the mesh that `run` calls through is built.
     pub fn client(&self) -> &ClientArgs {
         match self {
             UserCommand::Get { client, .. } => client,
         }
     }
 
+    /// Makes the call through `mesh` and prints the answer to stdout (a
+    /// table, or JSON lines with `--json`); a refused call is an error
+    /// naming its status.
     pub async fn run(self, mesh: &Mesh) -> anyhow::Result<()> {
         let mut users = UserServiceClient::new(mesh.channel(USER_SERVICE));
         match self {
@@ -110,12 +131,17 @@ impl UserCommand {
 }
 
 impl ProductCommand {
+    /// The client flags, whichever command was given, to lay over the
+    /// configuration before the mesh that `run` calls through is built.
     pub fn client(&self) -> &ClientArgs {
         match self {
             ProductCommand::Get { client, .. } | ProductCommand::List { client } => client,
         }
     }
 
+    /// Makes the call through `mesh` and prints the answer to stdout (a
+    /// table, or JSON lines with `--json`); a refused call is an error
+    /// naming its status.
     pub async fn run(self, mesh: &Mesh) -> anyhow::Result<()> {
         let mut products = ProductServiceClient::new(mesh.channel(PRODUCT_SERVICE));
         let (found, json) = match self {
@@ -164,6 +190,8 @@ impl ProductCommand {
 }
 
 impl OrderCommand {
+    /// The client flags, whichever command was given, to lay over the
+    /// configuration before the mesh that `run` calls through is built.
     pub fn client(&self) -> &ClientArgs {
         match self {
             OrderCommand::Place { client, .. }
@@ -172,6 +200,9 @@ impl OrderCommand {
         }
     }
 
+    /// Makes the call through `mesh` and prints the answer to stdout (a
+    /// table, or JSON lines with `--json`); a refused call is an error
+    /// naming its status.
     pub async fn run(self, mesh: &Mesh) -> anyhow::Result<()> {
         let mut orders = OrderServiceClient::new(mesh.channel(ORDER_SERVICE));
         let (found, json) = match self {

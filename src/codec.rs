@@ -37,6 +37,8 @@ where
     }
 }
 
+/// Prost's decoder, except that a request that does not decode is
+/// answered INVALID_ARGUMENT (the caller's fault) rather than INTERNAL.
 #[derive(Debug, Clone)]
 pub struct RequestDecoder<U>(ProstDecoder<U>);
 

@@ -22,16 +22,24 @@ pub const ENV_PREFIX: &str = "SHOP_MESH__";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// `[log]`: what is logged and how it looks.
     pub log: LogConfig,
     /// Every connection, served or dialled: keepalives and Nagle; and on
     /// each role's port, how many it holds and how long a silent one may
     /// stay.
     pub connections: crate::server::Connections,
+    /// `[registry]`: read by the registry role only.
     pub registry: crate::registry::Config,
+    /// `[discovery]`: how services and clients find the registry and call
+    /// each other.
     pub discovery: crate::discovery::Config,
+    /// `[user]`: where the user service listens and stores.
     pub user: ServiceConfig,
+    /// `[product]`: where the product service listens and stores.
     pub product: ServiceConfig,
+    /// `[order]`: where the order service listens and stores.
     pub order: ServiceConfig,
+    /// `[shop]`: the rules of the order flow.
     pub shop: crate::shop::Rules,
 }
 
@@ -50,12 +58,14 @@ impl Default for Config {
     }
 }
 
+/// The `[log]` section, read once at start by [`crate::telemetry::init`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// A `tracing` filter (`info`, `shop_mesh=debug,tower=warn`);
     /// `RUST_LOG` wins when set.
     pub level: String,
+    /// How each line is written to stderr; `text` unless set.
     pub format: LogFormat,
 }
 
@@ -68,17 +78,26 @@ impl Default for LogConfig {
     }
 }
 
+/// How log lines are written; spelt `text` or `json` in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// For people: one readable line per event, coloured on a terminal.
     Text,
+    /// For log collectors: one JSON object per event.
     Json,
 }
 
+/// Why the configuration could not be loaded; either way the role does
+/// not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A file named on the command line is not there (the default file
+    /// may be absent).
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
+    /// A layer does not parse, has an unknown key or a value of the wrong
+    /// type; figment's message says where.
     #[error("invalid configuration: {0}")]
     Invalid(#[from] Box<figment::Error>),
 }

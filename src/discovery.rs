@@ -44,7 +44,11 @@ use crate::server::Connections;
 pub struct Config {
     /// Registry addresses, tried in turn: `host:port[,host:port...]`.
     pub registry: String,
+    /// Registry namespace this service registers in and looks others up in
+    /// (default `public`).
     pub namespace: String,
+    /// Registry group this service registers in and looks others up in (default
+    /// `DEFAULT_GROUP`).
     pub group: String,
     /// The deadline of a call that sets none.
     #[serde(with = "humantime_serde")]
@@ -60,6 +64,7 @@ pub struct Config {
     /// The first ejection's length; each further one doubles, up to the max.
     #[serde(with = "humantime_serde")]
     pub ejection_base: Duration,
+    /// Longest ejection, however many ejections came before.
     #[serde(with = "humantime_serde")]
     pub ejection_max: Duration,
     /// Retries of retry-safe calls, as a share of calls.
@@ -102,6 +107,8 @@ impl Default for Config {
 }
 
 impl Config {
+    /// A connector to the registry addresses in `registry`; fails when none is
+    /// given or one is not `host:port`.
     pub fn connector(&self, connections: &Connections) -> Result<Connector, connector::Error> {
         Connector::new(
             &self.registry,
@@ -111,6 +118,8 @@ impl Config {
         )
     }
 
+    /// This section's call settings for a [`BalancedChannel`], with the shared
+    /// `[connections]` settings.
     pub fn balance(&self, connections: &Connections) -> BalanceConfig {
         BalanceConfig {
             call_timeout: self.call_timeout,
@@ -193,11 +202,16 @@ pub struct Announce {
     pub service: String,
     /// `host:port` others can reach; by default the bound address.
     pub advertise: Option<String>,
+    /// Relative share of callers' traffic; 0 registers the instance but sends
+    /// it none.
     pub weight: f64,
+    /// Labels registered with the instance, for operators and tools; the
+    /// balancer ignores them.
     pub metadata: HashMap<String, String>,
 }
 
 impl Announce {
+    /// Announces `service` at the bound address, weight 1, no metadata.
     pub fn new(service: &str) -> Self {
         Self {
             service: service.into(),

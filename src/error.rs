@@ -11,7 +11,12 @@ pub enum Error {
     /// A request field is missing or malformed; the message names it.
     /// Sending it again will not help.
     #[error("{field}: {reason}")]
-    InvalidArgument { field: String, reason: String },
+    InvalidArgument {
+        /// The request field at fault, as the caller's API spells it.
+        field: String,
+        /// What is wrong with it, quoting the value where that helps.
+        reason: String,
+    },
     /// An unknown service, instance, lease, user, product or order; the
     /// message says which.
     #[error("{0}")]
@@ -41,6 +46,8 @@ impl Error {
         }
     }
 
+    /// The gRPC status code a caller is answered with: the one mapping,
+    /// shared by every gRPC server in the mesh.
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
             Error::InvalidArgument { .. } => tonic::Code::InvalidArgument,

@@ -43,6 +43,8 @@ pub struct Args {
 }
 
 impl Args {
+    /// Lays the flags that were given over `config`; absent flags leave it as
+    /// it is.
     pub fn apply(&self, config: &mut Config) {
         if let Some(listen) = self.listen {
             config.listen = listen;
@@ -57,7 +59,10 @@ impl Args {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Where the gRPC server listens; defaults to 0.0.0.0 on [`DEFAULT_PORT`].
     pub listen: SocketAddr,
+    /// Directory holding persistent instances and service settings; locked by
+    /// one registry at a time.
     pub data_dir: PathBuf,
     /// Default heartbeat interval of an ephemeral instance.
     #[serde(with = "humantime_serde")]
@@ -68,14 +73,18 @@ pub struct Config {
     /// Default time without a heartbeat before an instance is removed.
     #[serde(with = "humantime_serde")]
     pub delete_timeout: Duration,
-    /// Bounds of per-instance timings.
+    /// Lower bound of every timing an instance may ask for (heartbeat
+    /// interval and both timeouts): keeps heartbeats from flooding the
+    /// registry.
     #[serde(with = "humantime_serde")]
     pub min_heartbeat_interval: Duration,
+    /// Upper bound of every timing an instance may ask for.
     #[serde(with = "humantime_serde")]
     pub max_timeout: Duration,
-    /// How often persistent instances are probed, and how long a probe may take.
+    /// How often each persistent instance is health-probed.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
+    /// How long one probe may take; no answer in time counts as unhealthy.
     #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,
     /// How long a stopping registry waits for open calls before it exits.
@@ -84,6 +93,7 @@ pub struct Config {
     /// Accept instances at link-local addresses (169.254.0.0/16,
     /// fe80::/10), which only hosts on the same link can reach.
     pub allow_link_local: bool,
+    /// The `[registry.limits]` section.
     pub limits: Limits,
 }
 
@@ -110,7 +120,10 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
+    /// Instances one service may hold; registrations beyond it are refused.
     pub max_instances_per_service: usize,
+    /// Services one namespace may hold; registrations that would add more are
+    /// refused.
     pub max_services_per_namespace: usize,
     /// Watch streams open at once.
     pub max_watches: usize,
@@ -121,6 +134,8 @@ pub struct Limits {
     pub watch_queue_bytes: usize,
     /// Largest request message, in bytes.
     pub max_message_size: usize,
+    /// Largest page a service listing may ask for; a request for 0 gets this or
+    /// 100, whichever is smaller.
     pub max_page_size: usize,
 }
 

@@ -31,6 +31,9 @@ use crate::pb::health::health_server::HealthServer;
 /// Largest request message unless a role sets its own: tonic's default.
 const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
+/// What every role's gRPC server carries: the health service (NOT_SERVING
+/// until it serves), reflection, the connection settings and the request
+/// size limit, and the shutdown it stops on.
 pub struct Server {
     health: HealthReporter,
     health_service: HealthServer<health::Health>,
@@ -71,6 +74,8 @@ impl Server {
         self.max_message_size = bytes;
     }
 
+    /// The health status callers and the registry's probes see, for a role
+    /// that reports more than serving or not.
     pub fn health(&self) -> &HealthReporter {
         &self.health
     }

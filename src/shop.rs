@@ -17,15 +17,19 @@ use serde::{Deserialize, Serialize};
 pub use crate::error::Error;
 pub use money::Money;
 
-/// The registry names of the three services.
+/// The user service's name in the registry.
 pub const USER_SERVICE: &str = "server-user";
+/// The product service's name in the registry; the order service finds it
+/// by this name.
 pub const PRODUCT_SERVICE: &str = "server-product";
+/// The order service's name in the registry.
 pub const ORDER_SERVICE: &str = "server-order";
 
-/// Their default ports, each the `[user]`, `[product]` or `[order]`
-/// section's `listen`.
+/// The user service's default port (the `[user]` section's `listen`).
 pub const USER_PORT: u16 = 8060;
+/// The product service's default port (the `[product]` section's `listen`).
 pub const PRODUCT_PORT: u16 = 8070;
+/// The order service's default port (the `[order]` section's `listen`).
 pub const ORDER_PORT: u16 = 8080;
 
 /// The `[user]`, `[product]` and `[order]` configuration sections: where a
@@ -33,6 +37,9 @@ pub const ORDER_PORT: u16 = 8080;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
+    /// Where the service's gRPC server listens; 0.0.0.0 on the role's
+    /// default port unless set. Registered as-is unless `advertise` says
+    /// otherwise.
     pub listen: SocketAddr,
     /// `host:port` to register instead of the bound address (behind NAT,
     /// in a container).
@@ -127,6 +134,8 @@ pub struct ServiceArgs {
 }
 
 impl ServiceArgs {
+    /// Lays the flags that were given over the `[discovery]` section and
+    /// the role's own; absent flags leave them as they are.
     pub fn apply(&self, discovery: &mut crate::discovery::Config, service: &mut ServiceConfig) {
         if let Some(registry) = &self.registry {
             discovery.registry = registry.clone();

@@ -52,11 +52,14 @@ pub fn retry_safe<T>(mut request: tonic::Request<T>) -> tonic::Request<T> {
 pub struct BalanceConfig {
     /// The deadline of a call that sets none.
     pub call_timeout: Duration,
+    /// How long connecting to an instance may take before the attempt counts as
+    /// a failure.
     pub connect_timeout: Duration,
     /// Keepalives and Nagle, as the servers hold them.
     pub connections: Connections,
     /// How long a call waits for the first answer from the registry.
     pub resolve_timeout: Duration,
+    /// When failing endpoints are ejected and for how long.
     pub ejection: EjectionPolicy,
     /// Retries allowed, as a share of calls (0.2: at most 20 % extra load).
     pub retry_percent: f32,

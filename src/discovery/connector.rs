@@ -10,6 +10,8 @@ use crate::pb::registry::registry_client::RegistryClient;
 use crate::server::Connections;
 use crate::shutdown::Shutdown;
 
+/// Reaches the registry: the addresses to try in turn and the back-off between
+/// rounds, so each resolver and registrar reconnects the same way.
 #[derive(Debug, Clone)]
 pub struct Connector {
     endpoints: Vec<Endpoint>,

@@ -22,6 +22,7 @@ pub struct EjectionPolicy {
     pub eject_after: u32,
     /// The first ejection's length; each further one doubles it.
     pub base: Duration,
+    /// Longest ejection, however many came before.
     pub max: Duration,
 }
 
@@ -36,10 +37,14 @@ pub struct Outlier {
 }
 
 impl Outlier {
+    /// Whether calls may go here at `now`: not ejected, or the ejection is over
+    /// (on probation).
     pub fn is_available(&self, now: Instant) -> bool {
         self.ejected_until.is_none_or(|until| now >= until)
     }
 
+    /// Records a success: clears the failure count and the back-off, ending any
+    /// probation.
     pub fn record_success(&mut self) {
         self.failures_in_a_row = 0;
         self.ejections = 0;
@@ -70,15 +75,19 @@ impl Outlier {
 /// An endpoint as the balancer holds it.
 #[derive(Debug)]
 pub struct Endpoint {
+    /// The instance's address, as the registry announced it; the endpoint's
+    /// identity in the set.
     pub addr: SocketAddr,
     /// An `f64`'s bits: the registry may change it while calls run.
     weight: AtomicU64,
+    /// The connection calls to this endpoint go over.
     pub channel: Channel,
     in_flight: AtomicUsize,
     outlier: Mutex<Outlier>,
 }
 
 impl Endpoint {
+    /// A fresh endpoint: no call in flight, not ejected.
     pub fn new(addr: SocketAddr, weight: f64, channel: Channel) -> Self {
         Self {
             addr,
@@ -89,18 +98,22 @@ impl Endpoint {
         }
     }
 
+    /// Relative share of traffic, as last announced.
     pub fn weight(&self) -> f64 {
         f64::from_bits(self.weight.load(Ordering::Relaxed))
     }
 
+    /// Takes a weight the registry announced; calls in flight are unaffected.
     pub fn set_weight(&self, weight: f64) {
         self.weight.store(weight.to_bits(), Ordering::Relaxed);
     }
 
+    /// Calls in flight now; divided by the weight, the balancer's load measure.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Whether calls may go here at `now` (see [`Outlier::is_available`]).
     pub fn is_available(&self, now: Instant) -> bool {
         self.outlier.lock().is_available(now)
     }
@@ -111,6 +124,8 @@ impl Endpoint {
         InFlight(self)
     }
 
+    /// Records a call's outcome under `policy`; logs an ejection when a failure
+    /// causes one.
     pub fn record(&self, ok: bool, policy: &EjectionPolicy) {
         let mut outlier = self.outlier.lock();
         if ok {
@@ -125,6 +140,8 @@ impl Endpoint {
     }
 }
 
+/// Guard from [`Endpoint::start_call`]: the call counts as in flight until it
+/// drops, however the call ends.
 pub struct InFlight<'a>(&'a Endpoint);
 
 impl Drop for InFlight<'_> {

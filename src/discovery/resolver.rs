@@ -25,7 +25,10 @@ use crate::shutdown::Shutdown;
 /// Where a call may go, and how much of the traffic it should take.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EndpointInfo {
+    /// Where calls go.
     pub addr: SocketAddr,
+    /// Relative share of traffic; above 0 (instances of weight 0 are never
+    /// announced).
     pub weight: f64,
 }
 
@@ -36,14 +39,19 @@ pub enum Change {
     Reset(Vec<EndpointInfo>),
     /// Added, or its weight changed.
     Add(EndpointInfo),
+    /// No longer takes traffic: removed, unhealthy, disabled or weight 0, or
+    /// stale past its grace.
     Remove(SocketAddr),
 }
 
 /// Which service to follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    /// Registry namespace of the service.
     pub namespace: String,
+    /// Registry group of the service.
     pub group: String,
+    /// The service's name, as it registers (`server-product`).
     pub service: String,
 }
 

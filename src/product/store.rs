@@ -14,11 +14,16 @@ use crate::shop::db::is_unique_violation;
 use crate::shop::{Error, Money};
 pub use schema::{MAX_REQUEST_ID, Migrator, deduction, product};
 
+/// A product as the service answers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Product {
+    /// The id callers ask for.
     pub id: i64,
+    /// Display name.
     pub name: String,
+    /// Unit price an order is charged.
     pub price: Money,
+    /// Units left to sell.
     pub stock: i32,
 }
 
@@ -45,23 +50,28 @@ pub enum Deducted {
 /// What a RestoreStock did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restored {
-    /// What the deduction had taken (0 and 0 when it took nothing).
+    /// Product the deduction had taken from; 0 when it took nothing.
     pub product_id: i64,
+    /// Units the deduction had taken; 0 when it took nothing.
     pub count: i32,
     /// An earlier call had restored or closed it already.
     pub already: bool,
 }
 
+/// The product service's storage: reads, stock deductions and restores,
+/// each keyed by request id so a retry does its work once.
 #[derive(Clone)]
 pub struct Products {
     db: DatabaseConnection,
 }
 
 impl Products {
+    /// Over a database already migrated by [`Migrator`].
     pub fn new(db: DatabaseConnection) -> Self {
         Products { db }
     }
 
+    /// The product `id`; NOT_FOUND when there is none.
     pub async fn get(&self, id: i64) -> Result<Product, Error> {
         self.find(id).await?.ok_or_else(|| not_found(id))
     }

@@ -17,12 +17,15 @@ use super::{Error, Registry};
 use crate::pb::registry as pb;
 use crate::shutdown::Shutdown;
 
+/// The registry's gRPC face: converts requests to the domain, calls
+/// [`Registry`], and converts the answers back.
 pub struct RegistryService {
     registry: Registry,
     shutdown: Shutdown,
 }
 
 impl RegistryService {
+    /// Serves `registry`; watch streams end when `shutdown` fires.
     pub fn new(registry: Registry, shutdown: Shutdown) -> Self {
         Self { registry, shutdown }
     }

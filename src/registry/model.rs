@@ -13,16 +13,22 @@ use serde::{Deserialize, Serialize};
 use super::Error;
 use crate::quote::quoted;
 
+/// Namespace of a request that names none.
 pub const DEFAULT_NAMESPACE: &str = "public";
+/// Group of a request that names none (Nacos's default group).
 pub const DEFAULT_GROUP: &str = "DEFAULT_GROUP";
+/// Cluster of an instance that names none.
 pub const DEFAULT_CLUSTER: &str = "DEFAULT";
 
 /// Longest namespace, group, service or cluster name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 /// Largest instance weight. Weights are relative; 0 takes no traffic.
 pub const MAX_WEIGHT: f64 = 10_000.0;
+/// Most entries one metadata map may have.
 pub const MAX_METADATA_ENTRIES: usize = 64;
+/// Longest metadata key, in bytes; keys must not be empty.
 pub const MAX_METADATA_KEY_LEN: usize = 128;
+/// Longest metadata value, in bytes.
 pub const MAX_METADATA_VALUE_LEN: usize = 1024;
 
 /// A lease id; 0 means "none" on the wire.
@@ -60,11 +66,15 @@ pub fn parse_name(field: &str, value: &str, default: Option<&str>) -> Result<Arc
 /// A namespace and a group: the scope of service listings and group watches.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct GroupKey {
+    /// Namespace; [`DEFAULT_NAMESPACE`] when a request leaves it empty.
     pub namespace: Arc<str>,
+    /// Group within the namespace; [`DEFAULT_GROUP`] when a request leaves it
+    /// empty.
     pub group: Arc<str>,
 }
 
 impl GroupKey {
+    /// Checks both names, filling in the defaults for empty ones.
     pub fn parse(namespace: &str, group: &str) -> Result<Self, Error> {
         Ok(Self {
             namespace: parse_name("namespace", namespace, Some(DEFAULT_NAMESPACE))?,
@@ -83,12 +93,18 @@ impl fmt::Display for GroupKey {
 /// services of one group are adjacent.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ServiceKey {
+    /// Namespace; [`DEFAULT_NAMESPACE`] when a request leaves it empty.
     pub namespace: Arc<str>,
+    /// Group within the namespace; [`DEFAULT_GROUP`] when a request leaves it
+    /// empty.
     pub group: Arc<str>,
+    /// The service's own name; required.
     pub name: Arc<str>,
 }
 
 impl ServiceKey {
+    /// Checks all three names; namespace and group default, the service name
+    /// must be given.
     pub fn parse(namespace: &str, group: &str, service: &str) -> Result<Self, Error> {
         let GroupKey { namespace, group } = GroupKey::parse(namespace, group)?;
         Ok(Self {
@@ -98,6 +114,7 @@ impl ServiceKey {
         })
     }
 
+    /// The group this service is listed and group-watched under.
     pub fn group_key(&self) -> GroupKey {
         GroupKey {
             namespace: self.namespace.clone(),
@@ -105,6 +122,7 @@ impl ServiceKey {
         }
     }
 
+    /// Whether a watch or listing of `group` covers this service.
     pub fn in_group(&self, group: &GroupKey) -> bool {
         self.namespace == group.namespace && self.group == group.group
     }
@@ -119,12 +137,20 @@ impl fmt::Display for ServiceKey {
 /// Where an instance is, within its service: its identity.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct InstanceAddr {
+    /// Cluster within the service; [`DEFAULT_CLUSTER`] when a request leaves it
+    /// empty.
     pub cluster: Arc<str>,
+    /// Address callers reach the instance at, in canonical form (an IPv4-mapped
+    /// IPv6 address becomes IPv4), so one instance has one key.
     pub ip: IpAddr,
+    /// Port callers reach the instance at; never 0.
     pub port: u16,
 }
 
 impl InstanceAddr {
+    /// Checks a cluster, IP and port as sent; refuses addresses no service can
+    /// listen on (unspecified, multicast, broadcast) and ports outside
+    /// 1..65535.
     pub fn parse(cluster: &str, ip: &str, port: u32) -> Result<Self, Error> {
         let cluster = parse_name("cluster", cluster, Some(DEFAULT_CLUSTER))?;
         if ip.is_empty() {
@@ -194,6 +220,8 @@ pub fn parse_weight(weight: Option<f64>) -> Result<f64, Error> {
 /// Instance or service metadata, within the limits above.
 pub type Metadata = BTreeMap<String, String>;
 
+/// Checks metadata against [`MAX_METADATA_ENTRIES`], [`MAX_METADATA_KEY_LEN`]
+/// and [`MAX_METADATA_VALUE_LEN`]; errors name `field`.
 pub fn parse_metadata(
     field: &str,
     entries: impl IntoIterator<Item = (String, String)>,
@@ -234,12 +262,16 @@ pub fn parse_metadata(
 /// one per instance).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timings {
+    /// How often the instance's client must send a heartbeat.
     pub heartbeat_interval_ms: u32,
+    /// Time without a heartbeat after which the instance is marked unhealthy.
     pub unhealthy_timeout_ms: u32,
+    /// Time without a heartbeat after which the instance is removed.
     pub delete_timeout_ms: u32,
 }
 
 impl Timings {
+    /// The heartbeat interval as a `Duration`, as registration answers it.
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms.into())
     }
@@ -249,20 +281,32 @@ impl Timings {
 /// against its bounds and fills in its defaults.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TimingOverrides {
+    /// Heartbeat interval asked for; `None` takes the registry's default.
     pub heartbeat_interval_ms: Option<u64>,
+    /// Unhealthy timeout asked for; `None` takes the registry's default.
     pub unhealthy_timeout_ms: Option<u64>,
+    /// Delete timeout asked for; `None` takes the registry's default.
     pub delete_timeout_ms: Option<u64>,
 }
 
 /// What a caller asks to register.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceSpec {
+    /// Service to register into; created if it does not exist.
     pub service: ServiceKey,
+    /// The instance's identity: registering the same address again replaces it.
     pub addr: InstanceAddr,
+    /// Relative share of traffic, 0 to [`MAX_WEIGHT`]; 0 takes none.
     pub weight: f64,
+    /// `false` keeps the instance listed but tells callers not to send it
+    /// traffic.
     pub enabled: bool,
+    /// Kept alive by a lease and heartbeats, and gone with them; otherwise
+    /// persistent: stored on disk and health-probed.
     pub ephemeral: bool,
+    /// Caller-defined labels, returned as given.
     pub metadata: Metadata,
+    /// Liveness timings asked for, checked against the registry's bounds.
     pub timings: TimingOverrides,
 }
 
@@ -270,13 +314,25 @@ pub struct InstanceSpec {
 /// so snapshots and watch events share it without copying.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
+    /// Service the instance belongs to, shared by its instances.
     pub service: Arc<ServiceKey>,
+    /// The instance's identity within its service.
     pub addr: InstanceAddr,
+    /// Relative share of traffic, 0 to [`MAX_WEIGHT`]; 0 takes none.
     pub weight: f64,
+    /// `false` keeps the instance listed but tells callers not to send it
+    /// traffic.
     pub enabled: bool,
+    /// Last verdict of heartbeats (ephemeral) or probes (persistent);
+    /// healthy-only queries skip unhealthy instances unless protection is
+    /// triggered.
     pub healthy: bool,
+    /// Kept alive by a lease and heartbeats; otherwise persistent: stored on
+    /// disk and health-probed.
     pub ephemeral: bool,
+    /// Caller-defined labels, returned as given.
     pub metadata: Metadata,
+    /// Liveness timings, the registry's defaults filled in.
     pub timings: Timings,
     /// The lease that keeps an ephemeral instance alive; 0 for persistent.
     pub lease: LeaseId,
@@ -313,10 +369,12 @@ pub struct ServiceSettings {
     /// queries answer every instance, so one bad health signal cannot
     /// empty a service.
     pub protect_threshold: f64,
+    /// Caller-defined labels for the service, returned as given.
     pub metadata: Metadata,
 }
 
 impl ServiceSettings {
+    /// Checks the threshold (0.0 to 1.0) and the metadata.
     pub fn parse(
         protect_threshold: f64,
         metadata: impl IntoIterator<Item = (String, String)>,
@@ -337,51 +395,78 @@ impl ServiceSettings {
 /// One line of a service listing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceSummary {
+    /// Which service this line is about.
     pub key: ServiceKey,
+    /// Instances registered, healthy or not.
     pub instance_count: usize,
+    /// Instances currently healthy.
     pub healthy_count: usize,
+    /// The service's protect threshold (see
+    /// [`ServiceSettings::protect_threshold`]).
     pub protect_threshold: f64,
 }
 
 /// A service's instances as asked for.
 #[derive(Debug, Clone)]
 pub struct ServiceView {
+    /// Which service was asked for.
     pub key: ServiceKey,
+    /// Matching instances, sorted by address.
     pub instances: Vec<Arc<Instance>>,
+    /// Registry revision the view was taken at; a watch started from it misses
+    /// no change.
     pub revision: u64,
+    /// The service's protect threshold (see
+    /// [`ServiceSettings::protect_threshold`]).
     pub protect_threshold: f64,
+    /// The healthy share fell below the threshold on a healthy-only query, so
+    /// unhealthy instances were answered too.
     pub protection_triggered: bool,
 }
 
 /// A page of a service listing.
 #[derive(Debug, Clone)]
 pub struct ServicePage {
+    /// This page's services, in name order.
     pub services: Vec<ServiceSummary>,
+    /// Services in the whole listing, over all pages.
     pub total: usize,
+    /// Registry revision the listing was taken at.
     pub revision: u64,
 }
 
 /// What a registration answers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Registered {
+    /// Nacos-form id of the instance (see [`Instance::id`]).
     pub instance_id: String,
+    /// Lease the caller must keep alive with heartbeats; 0 for a persistent
+    /// instance.
     pub lease: LeaseId,
+    /// Registry revision of the registration.
     pub revision: u64,
+    /// How often the caller must send a heartbeat, the registry's default
+    /// filled in.
     pub heartbeat_interval: Duration,
 }
 
 /// One change, with the revision it made.
 #[derive(Debug, Clone)]
 pub struct Event {
+    /// Registry revision this change made; watchers resume after it.
     pub revision: u64,
+    /// Whether the instance was put or removed.
     pub kind: ChangeKind,
+    /// The instance as it is now, or as it was when removed.
     pub instance: Arc<Instance>,
 }
 
+/// What a change did to an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
     /// Added or changed: the full instance.
     Put,
+    /// Deregistered, expired or deleted: the instance as it was last.
     Removed,
 }
 

@@ -58,21 +58,41 @@ pub enum Subject<'a> {
 /// Why a data dir cannot be opened, naming the path and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The data dir path names a file.
     #[error("data dir {0} is a file; expected a directory")]
     NotADirectory(PathBuf),
+    /// The registry's user may not read or write the data dir.
     #[error(
         "data dir {0}: permission denied; run the registry as a user who may write there, or give it another data dir"
     )]
     PermissionDenied(PathBuf),
+    /// Another registry holds the data dir's lock.
     #[error(
         "data dir {dir} is in use by another registry ({holder}); stop that one, or give this one another data dir"
     )]
-    Locked { dir: PathBuf, holder: String },
+    Locked {
+        /// The data dir asked for.
+        dir: PathBuf,
+        /// Who holds the lock, as the holder recorded it, so the operator
+        /// can find and stop it.
+        holder: String,
+    },
     /// A file of the data dir that this version cannot read.
     #[error("{path}: {reason}")]
-    Unreadable { path: PathBuf, reason: String },
+    Unreadable {
+        /// The file at fault.
+        path: PathBuf,
+        /// What this version could not make of it.
+        reason: String,
+    },
+    /// Any other I/O error met while opening the data dir.
     #[error("data dir {dir}: {error}")]
-    Io { dir: PathBuf, error: std::io::Error },
+    Io {
+        /// The data dir asked for.
+        dir: PathBuf,
+        /// The error as the OS reported it.
+        error: std::io::Error,
+    },
 }
 
 impl Error {

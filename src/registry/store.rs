@@ -73,10 +73,15 @@ struct Inner {
 /// Counts for tests, metrics and the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
+    /// The registry's current revision: bumped by every change.
     pub revision: u64,
+    /// Services held, over all namespaces.
     pub services: usize,
+    /// Instances registered, ephemeral and persistent.
     pub instances: usize,
+    /// Leases alive.
     pub leases: usize,
+    /// Watch subscriptions open.
     pub watchers: usize,
     /// Changes queued for watchers, in bytes, over all of them: bounded
     /// by the number of watchers times the per-watcher budget.
@@ -154,14 +159,18 @@ impl Registry {
         state.by_group.clear();
     }
 
+    /// Random per run; a watcher that resumes with another run's incarnation
+    /// gets a reset snapshot, since revisions of another run mean nothing here.
     pub fn incarnation(&self) -> u64 {
         self.inner.incarnation
     }
 
+    /// The configuration this registry was built with.
     pub fn config(&self) -> &Config {
         &self.inner.config
     }
 
+    /// Counts of what the registry holds now.
     pub fn stats(&self) -> Stats {
         let state = self.inner.state.lock();
         let subscriptions = state

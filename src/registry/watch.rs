@@ -36,11 +36,14 @@ pub const SNAPSHOT_CHUNK: usize = 500;
 /// What a watch follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
+    /// Follows one service.
     Service(ServiceKey),
+    /// Follows every service of a group, including ones added later.
     Group(GroupKey),
 }
 
 impl Selector {
+    /// Whether a change to `service` belongs on this watch.
     pub fn matches(&self, service: &ServiceKey) -> bool {
         match self {
             Selector::Service(key) => key == service,
@@ -55,11 +58,17 @@ pub enum WatchItem {
     /// The state as of at least `revision` (in chunks: all but the last
     /// have `more`). `reset`: whatever the watcher held before is void.
     Snapshot {
+        /// Revision the snapshot is at least as new as; changes after it
+        /// follow.
         revision: u64,
+        /// `true` when what the watcher held before is void.
         reset: bool,
+        /// This chunk's instances, at most [`SNAPSHOT_CHUNK`].
         instances: Vec<Arc<Instance>>,
+        /// `true` on every chunk but the last.
         more: bool,
     },
+    /// One change after the snapshot, in revision order.
     Change(Event),
 }
 

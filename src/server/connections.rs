@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tonic::transport::Endpoint;
 
+/// The `[connections]` settings, held by servers and clients alike.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Connections {
@@ -19,11 +20,12 @@ pub struct Connections {
     /// Connections one port holds at once, silent ones included; further
     /// clients wait in the kernel's backlog until one closes.
     pub max_per_port: usize,
-    /// How often an idle HTTP/2 connection is pinged, and how long a ping
-    /// may go unanswered before the connection is dropped: a peer that
+    /// How often an idle HTTP/2 connection is pinged, so a peer that
     /// vanished without a FIN is noticed by either end.
     #[serde(with = "humantime_serde")]
     pub http2_keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection
+    /// is dropped.
     #[serde(with = "humantime_serde")]
     pub http2_keepalive_timeout: Duration,
     /// How long an idle socket waits before its first TCP keepalive probe,

@@ -215,6 +215,8 @@ pub fn now() -> chrono::DateTime<chrono::Utc> {
     chrono::DurationRound::duration_trunc(now, chrono::TimeDelta::microseconds(1)).unwrap_or(now)
 }
 
+/// Whether `err` is a unique-key clash: how an insert learns that another
+/// instance (or an earlier call) got there first, on every backend alike.
 pub fn is_unique_violation(err: &DbErr) -> bool {
     matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }

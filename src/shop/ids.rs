@@ -28,6 +28,8 @@ use super::keys::Key;
 const EPOCH_MS: i64 = 1_767_225_600_000;
 const WORKER_BITS: u32 = 10;
 const SEQUENCE_BITS: u32 = 12;
+/// Instances that can mint ids at once: each holds one worker id
+/// (leased in `t_id_worker`), and the id has room for this many.
 pub const MAX_WORKERS: i64 = 1 << WORKER_BITS;
 const MAX_SEQUENCE: i64 = (1 << SEQUENCE_BITS) - 1;
 
@@ -35,9 +37,12 @@ const MAX_SEQUENCE: i64 = (1 << SEQUENCE_BITS) - 1;
 pub mod lease {
     use sea_orm::entity::prelude::*;
 
+    /// One worker id's lease: who may mint ids with it, and until when.
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "t_id_worker")]
     pub struct Model {
+        /// The worker id, 0 to `MAX_WORKERS - 1`, that goes into every id
+        /// its holder mints.
         #[sea_orm(primary_key, auto_increment = false)]
         pub worker_id: i32,
         /// Which instance holds it: a random token per process.
@@ -46,6 +51,7 @@ pub mod lease {
         pub expires_at: i64,
     }
 
+    /// Empty: the lease table refers to no other.
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
     pub enum Relation {}
 

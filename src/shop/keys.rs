@@ -21,8 +21,12 @@ pub const EXACT_COLLATIONS: [&str; 2] = ["utf8mb4_nopad_bin", "utf8mb4_0900_bin"
 /// A `VARCHAR(chars) NOT NULL` column compared for identity.
 #[derive(Debug, Clone, Copy)]
 pub struct Key {
+    /// Table that holds the column.
     pub table: &'static str,
+    /// Column to move to a byte-for-byte collation.
     pub column: &'static str,
+    /// The column's length, restated because MySQL's `MODIFY` rewrites the
+    /// whole column type.
     pub chars: u32,
 }
 
@@ -30,7 +34,9 @@ pub struct Key {
 /// outside MySQL and MariaDB. Running it again changes nothing, so an
 /// instance that lost a migration race may repeat it.
 pub struct ExactKeys {
+    /// The migration's name, as recorded in the migrations table.
     pub name: &'static str,
+    /// The columns it makes exact.
     pub keys: &'static [Key],
 }
 

@@ -20,6 +20,9 @@ use sea_orm_migration::{MigrationName, MigrationTrait, SchemaManager};
 /// (DECIMAL(15,2)).
 const MAX_TOTAL: Decimal = Decimal::from_parts(2_764_472_319, 232_830, 0, false, 2);
 
+/// An amount of money, exact to the cent: never a float, so prices and
+/// totals add up the same on every backend; at most what DECIMAL(15,2)
+/// holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Money(Decimal);
 
@@ -60,6 +63,8 @@ impl Money {
         (total <= MAX_TOTAL).then(|| Money::from_db(total))
     }
 
+    /// The amount as a decimal at two places, for arithmetic and checks
+    /// this type does not offer.
     pub fn decimal(self) -> Decimal {
         self.0
     }
@@ -121,7 +126,9 @@ impl Nullable for Money {
 /// A column holding an amount.
 #[derive(Debug, Clone, Copy)]
 pub struct MoneyColumn {
+    /// Table that holds the column.
     pub table: &'static str,
+    /// Column to store as exact text on SQLite.
     pub column: &'static str,
 }
 
@@ -131,7 +138,9 @@ pub struct MoneyColumn {
 /// its own schema with those columns TEXT, its rows copied and its
 /// indexes made again, in one transaction.
 pub struct ExactMoney {
+    /// The migration's name, as recorded in the migrations table.
     pub name: &'static str,
+    /// The columns it makes exact.
     pub columns: &'static [MoneyColumn],
 }
 

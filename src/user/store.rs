@@ -7,25 +7,33 @@ use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, SchemaMana
 
 use crate::shop::Error;
 
+/// `t_user`: the shop's users, in the seed's column names.
 pub mod user {
     use sea_orm::entity::prelude::*;
 
+    /// One user row, password hash included.
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "t_user")]
     pub struct Model {
+        /// The id callers and orders name the user by; assigned by whoever
+        /// adds the row, never by the database.
         #[sea_orm(primary_key, auto_increment = false)]
         pub id: i64,
+        /// Login name, up to 64 characters.
         #[sea_orm(column_name = "t_username")]
         pub username: String,
         /// A hash, never sent to anyone.
         #[sea_orm(column_name = "t_password")]
         pub password: String,
+        /// Contact number, as entered; up to 32 characters.
         #[sea_orm(column_name = "t_phone")]
         pub phone: String,
+        /// Delivery address, as entered; up to 255 characters.
         #[sea_orm(column_name = "t_address")]
         pub address: String,
     }
 
+    /// Empty: the user table refers to no other.
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
     pub enum Relation {}
 
@@ -82,9 +90,13 @@ impl MigrationTrait for CreateUsers {
 /// A user as the service answers: no password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
+    /// The id callers and orders name the user by.
     pub id: i64,
+    /// Login name.
     pub username: String,
+    /// Contact number, as entered.
     pub phone: String,
+    /// Delivery address, as entered.
     pub address: String,
 }
 
@@ -99,16 +111,20 @@ impl From<user::Model> for User {
     }
 }
 
+/// The user service's storage: reads of `t_user` that never let the
+/// password hash out.
 #[derive(Clone)]
 pub struct Users {
     db: DatabaseConnection,
 }
 
 impl Users {
+    /// Over a database already migrated by [`Migrator`].
     pub fn new(db: DatabaseConnection) -> Self {
         Users { db }
     }
 
+    /// The user `id`, without the password; NOT_FOUND when there is none.
     pub async fn get(&self, id: i64) -> Result<User, Error> {
         user::Entity::find_by_id(id)
             .one(&self.db)

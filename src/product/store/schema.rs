@@ -10,28 +10,38 @@ use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, SchemaMana
 use crate::shop::keys::{ExactKeys, Key};
 use crate::shop::money::{ExactMoney, MoneyColumn};
 
+/// `t_product`: the catalogue and its stock, in the seed's column names.
 pub mod product {
     use sea_orm::entity::prelude::*;
 
+    /// One product row.
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "t_product")]
     pub struct Model {
+        /// The id callers ask for; assigned by whoever adds the row, never
+        /// by the database.
         #[sea_orm(primary_key, auto_increment = false)]
         pub id: i64,
+        /// Display name.
         #[sea_orm(column_name = "t_pro_name")]
         pub name: String,
+        /// Unit price an order is charged.
         #[sea_orm(column_name = "t_pro_price")]
         pub price: crate::shop::Money,
+        /// Units left to sell; deductions take from it, restores put back.
         #[sea_orm(column_name = "t_pro_stock")]
         pub stock: i32,
     }
 
+    /// Empty: the product table refers to no other.
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+/// `t_stock_deduction`: one row per request id that took stock, so a
+/// retried deduction or restore does its work once.
 pub mod deduction {
     use sea_orm::entity::prelude::*;
 
@@ -49,18 +59,28 @@ pub mod deduction {
         Restored,
     }
 
+    /// One request id's deduction.
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "t_stock_deduction")]
     pub struct Model {
+        /// The caller's idempotency key, at most
+        /// [`MAX_REQUEST_ID`](super::MAX_REQUEST_ID) characters,
+        /// compared byte for byte.
         #[sea_orm(primary_key, auto_increment = false)]
         pub request_id: String,
+        /// Product the stock was taken from.
         pub product_id: i64,
+        /// Units taken; 0 when the request id was closed before it took any.
         pub count: i32,
+        /// Whether the stock is still taken.
         pub state: State,
+        /// When the request id was first seen.
         pub created_at: DateTimeUtc,
+        /// When `state` last changed.
         pub updated_at: DateTimeUtc,
     }
 
+    /// Empty: deductions name their product by id, with no declared relation.
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
     pub enum Relation {}
 
