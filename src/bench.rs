@@ -27,6 +27,7 @@ pub use idle::IdleBench;
 pub use orders::OrdersBench;
 pub use watchers::WatchersBench;
 
+/// `shop-mesh bench`: what can be measured.
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
     /// The registry: registrations/s, queries/s, watch delivery latency and
@@ -46,6 +47,7 @@ pub enum Bench {
     Idle(IdleBench),
 }
 
+/// `shop-mesh bench registry`: a registry's write, read and watch rates.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RegistryBench {
     /// A running registry to measure; by default one is started here.
@@ -80,6 +82,7 @@ pub struct RegistryBench {
 }
 
 impl Bench {
+    /// Runs the chosen benchmark and prints its table.
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
             Bench::Registry(bench) => bench.run().await,
@@ -135,6 +138,7 @@ impl BenchRegistry {
 }
 
 impl RegistryBench {
+    /// Measures, then prints a Markdown table for BENCHMARKS.md.
     pub async fn run(self) -> anyhow::Result<()> {
         if self.per_service == 0 || self.concurrency == 0 || self.connections == 0 {
             bail!("--per-service, --concurrency and --connections must be at least 1");

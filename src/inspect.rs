@@ -28,6 +28,7 @@ pub struct Scope {
 }
 
 impl Scope {
+    /// Overrides the discovery settings with the flags given.
     pub fn apply(&self, config: &mut crate::discovery::Config) {
         if let Some(registry) = &self.registry {
             config.registry = registry.clone();

@@ -40,6 +40,7 @@
 //! the edge.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod bench;
 pub mod cli;

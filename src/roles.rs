@@ -18,8 +18,11 @@ use crate::shutdown::Shutdown;
 /// One of the seed's services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShopRole {
+    /// `server-user`: users by id.
     User,
+    /// `server-product`: products and their stock.
     Product,
+    /// `server-order`: places orders through the other two.
     Order,
 }
 

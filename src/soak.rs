@@ -53,6 +53,7 @@ pub enum Scenario {
 }
 
 impl Scenario {
+    /// Its name on the command line and in the report.
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Baseline => "baseline",
@@ -100,7 +101,9 @@ pub struct Args {
 /// One scenario's run.
 #[derive(Debug)]
 pub struct Report {
+    /// The scenario run.
     pub scenario: Scenario,
+    /// What the load saw.
     pub outcome: Outcome,
     /// Every invariant that did not hold.
     pub violations: Vec<String>,
@@ -127,6 +130,7 @@ impl Report {
             .count()
     }
 
+    /// The report as a row under [`TABLE_HEADER`].
     pub fn row(&self) -> String {
         let o = &self.outcome;
         format!(
@@ -153,6 +157,7 @@ impl Report {
     }
 }
 
+/// The header of the README's reliability table.
 pub const TABLE_HEADER: &str = "| scenario | orders | placed | placed after a retry | refused (stock) | failed after retries | reads failed | invariants |\n|---|---|---|---|---|---|---|---|";
 
 /// Runs one scenario: deploy, load, fault, repair, check, stop.

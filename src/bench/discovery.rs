@@ -27,6 +27,8 @@ const TARGET: &str = "bench-target";
 /// the very same instance.
 const SINGLE: &str = "bench-single";
 
+/// `shop-mesh bench discovery`: what the balanced channel costs a call
+/// beside a plain one, and how fast a killed instance leaves it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DiscoveryBench {
     /// Calls per measured run.
@@ -55,6 +57,7 @@ fn target(registry: SocketAddr, name: &str) -> anyhow::Result<Isolated> {
 type Run = (f64, Histogram<u64>);
 
 impl DiscoveryBench {
+    /// Measures, then prints a Markdown table.
     pub async fn run(self) -> anyhow::Result<()> {
         let dir =
             std::env::temp_dir().join(format!("shop-mesh-bench-discovery-{}", std::process::id()));

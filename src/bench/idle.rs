@@ -35,6 +35,7 @@ const GIVE_UP_AFTER: usize = 10;
 /// How long the registry's CPU is sampled with the silent connections open.
 const CPU_WINDOW: Duration = Duration::from_secs(3);
 
+/// `shop-mesh bench idle`: what idle connections cost a registry.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IdleBench {
     /// A running registry to measure; by default one is started here.
@@ -57,6 +58,7 @@ pub struct IdleBench {
 }
 
 impl IdleBench {
+    /// Measures, then prints a Markdown table.
     pub async fn run(self) -> anyhow::Result<()> {
         let (spawned, addr) = match self.registry {
             Some(addr) => (None, addr),

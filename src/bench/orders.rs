@@ -28,6 +28,8 @@ use crate::up::Stack;
 const PRODUCT: i64 = 1001;
 const STOCK: i32 = 100_000_000;
 
+/// `shop-mesh bench orders`: orders placed per second through the whole
+/// stack, on the database chosen.
 #[derive(Debug, Clone, clap::Args)]
 pub struct OrdersBench {
     /// One database for all three services: an empty scratch database,
@@ -47,6 +49,7 @@ pub struct OrdersBench {
 }
 
 impl OrdersBench {
+    /// Measures, then prints a Markdown table.
     pub async fn run(self) -> anyhow::Result<()> {
         if self.concurrency == 0 || self.replicas == 0 {
             bail!("--concurrency and --replicas must be at least 1");

@@ -13,6 +13,8 @@ use super::{BenchRegistry, RegistryBench, bench_instance, connect};
 use crate::pb::registry as pb;
 use crate::pb::registry::registry_client::RegistryClient;
 
+/// `shop-mesh bench watchers`: whether watchers that stop reading slow
+/// the registry for everyone else.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WatchersBench {
     /// Instances to register.
@@ -30,6 +32,7 @@ pub struct WatchersBench {
 }
 
 impl WatchersBench {
+    /// Measures, then prints a Markdown table.
     pub async fn run(self) -> anyhow::Result<()> {
         println!(
             "shop-mesh watchers bench: {} instances ({} per service), changed {} times",

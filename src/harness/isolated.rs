@@ -12,7 +12,9 @@ use crate::discovery::{self, Announce};
 use crate::server::{Connections, Server};
 use crate::shutdown::Shutdown;
 
+/// The running service; dropping it is the crash.
 pub struct Isolated {
+    /// Where it serves and what it registered.
     pub addr: SocketAddr,
     /// Cancel for a graceful stop (deregister, drain).
     pub shutdown: Shutdown,

@@ -19,7 +19,9 @@ use tokio::task::JoinHandle;
 /// How long a process may take to say something, or to exit on a signal.
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// A running process of the binary, and what it has said so far.
 pub struct Process {
+    /// The role it runs, as its first argument names it.
     pub role: &'static str,
     /// Where it listens, for a registry or a shop service once it said so.
     pub addr: String,
@@ -160,10 +162,12 @@ impl Process {
         rss_bytes(self.pid()?.as_raw().try_into().ok()?)
     }
 
+    /// Its process id, while it runs.
     pub fn pid(&self) -> Option<Pid> {
         self.child.id().map(|id| Pid::from_raw(id as i32))
     }
 
+    /// Sends it `signal` (SIGSTOP to freeze it, SIGTERM to stop it).
     pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
         let pid = self.pid().context("the process has exited")?;
         kill(pid, signal).with_context(|| format!("cannot send {signal} to the {}", self.role))

@@ -20,16 +20,25 @@ const ENV: &[(&str, &str)] = &[
 
 /// Registry, user, two products, two orders.
 pub struct Deployment {
+    /// The binary every process runs, and restarts with.
     pub bin: PathBuf,
+    /// Where the processes keep their data, one folder a role.
     pub dir: PathBuf,
+    /// The shared database, or None for SQLite files under `dir`.
     pub database_url: Option<String>,
+    /// The registry, on the address the services were given.
     pub registry: Process,
+    /// The one user service.
     pub user: Process,
+    /// Two product services, so one can die while the other serves.
     pub products: Vec<Process>,
+    /// Two order services, for the same reason.
     pub orders: Vec<Process>,
 }
 
 impl Deployment {
+    /// Starts every process of `bin`, data under `dir`, on SQLite there or
+    /// on `database_url`, and waits until each says where it listens.
     pub async fn start(
         bin: &Path,
         dir: &Path,
@@ -87,6 +96,7 @@ impl Deployment {
         })
     }
 
+    /// Where the services find the registry.
     pub fn registry_addr(&self) -> String {
         self.registry.addr.clone()
     }

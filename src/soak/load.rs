@@ -42,15 +42,18 @@ pub struct Outcome {
     pub wrong: Vec<(String, Code, String)>,
     /// Reads (GetProduct, GetUser, ListOrders): done, and failed.
     pub reads: usize,
+    /// Reads that failed after the client's retries.
     pub read_failures: usize,
 }
 
 /// A PlaceOrder its client gave up on.
 #[derive(Debug, Clone)]
 pub struct Failed {
+    /// The request id it was sent with, to look it up in the databases.
     pub request_id: String,
     /// The last answer.
     pub code: Code,
+    /// The last answer's message.
     pub message: String,
     /// When the client first sent it, from the start of the load.
     pub started: Duration,
