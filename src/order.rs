@@ -1,8 +1,15 @@
 //! The order role: `shop-mesh order`, registered as "server-order".
 //! Places orders through "server-user" and "server-product", found by name
 //! in the registry; never by address.
+//!
+//! Its parts: `place` (the order flow, free of protobuf), `peers` (what
+//! the flow needs from the user and product services), `remote` (those
+//! services over gRPC), `store` (the order database); this file is the
+//! order service's gRPC face.
 
+pub mod peers;
 pub mod place;
+pub mod remote;
 pub mod store;
 
 use tokio::net::TcpListener;
@@ -11,12 +18,11 @@ use tonic::{Request, Response, Status};
 use crate::discovery::Mesh;
 use crate::pb::shop as pb;
 use crate::pb::shop::order_service_server::{OrderService, OrderServiceServer};
-use crate::pb::shop::product_service_client::ProductServiceClient;
-use crate::pb::shop::user_service_client::UserServiceClient;
 use crate::shop::ids::IdGenerator;
 use crate::shop::{self, Error, ORDER_SERVICE, PRODUCT_SERVICE, USER_SERVICE};
 use crate::shutdown::Shutdown;
 pub use place::{PlaceOrder, Placer};
+use remote::{RemoteProducts, RemoteUsers};
 pub use store::{Order, Orders};
 
 /// Serves the order service on `listener`, registered through the
@@ -35,8 +41,8 @@ pub async fn run(
     let placer = Placer {
         orders: Orders::new(db),
         ids: ids.clone(),
-        users: UserServiceClient::new(mesh.channel(USER_SERVICE)),
-        products: ProductServiceClient::new(mesh.channel(PRODUCT_SERVICE)),
+        users: RemoteUsers::new(mesh.channel(USER_SERVICE)),
+        products: RemoteProducts::new(mesh.channel(PRODUCT_SERVICE)),
     };
     tokio::spawn(placer.clone().sweep(
         config.shop.sweep_interval,
@@ -63,7 +69,7 @@ pub async fn run(
 }
 
 struct OrderGrpc {
-    placer: Placer,
+    placer: Placer<RemoteUsers, RemoteProducts>,
     max_count: u32,
 }
 

@@ -1,22 +1,21 @@
 //! Placing an order, the seed's flow done right: the user and the product
-//! through discovery, the stock check, the deduction (one conditional
+//! (from the services of [`super::peers`]), the stock check, the deduction (one conditional
 //! update on the product side, keyed by the request), then the order and
 //! its item in one local transaction; if that cannot be written, the
 //! deduction is restored. Every step is safe to repeat under the same
 //! request id.
+//!
+//! Nothing here knows gRPC: the services come in as traits, so the flow is
+//! tested against in-memory fakes (`place/tests.rs`).
 
 use std::time::Duration;
 
 use chrono::Utc;
-use tonic::{Code, Status};
 
+use super::peers::{Deduction, Products, User, Users};
 use super::store::{Asked, Claim, Item, Order, Orders};
-use crate::discovery::{BalancedChannel, retry_safe};
-use crate::pb::shop as pb;
-use crate::pb::shop::product_service_client::ProductServiceClient;
-use crate::pb::shop::user_service_client::UserServiceClient;
+use crate::shop::Error;
 use crate::shop::ids::IdGenerator;
-use crate::shop::{Error, Money, PRODUCT_SERVICE, USER_SERVICE};
 
 /// Attempts one call may move through when the product service answers
 /// that an attempt's key was closed by an earlier compensation.
@@ -30,15 +29,19 @@ pub struct PlaceOrder {
     pub request_id: Option<String>,
 }
 
+/// Places orders: the order store, the ids, and the user and product
+/// services (`U`, `P`) it calls.
 #[derive(Clone)]
-pub struct Placer {
+pub struct Placer<U, P> {
     pub orders: Orders,
     pub ids: IdGenerator,
-    pub users: UserServiceClient<BalancedChannel>,
-    pub products: ProductServiceClient<BalancedChannel>,
+    pub users: U,
+    pub products: P,
 }
 
-impl Placer {
+impl<U: Users, P: Products> Placer<U, P> {
+    /// Places `request` once however often it is sent under its request
+    /// id: the order it placed, or why it was refused.
     pub async fn place(&self, request: PlaceOrder) -> Result<Order, Error> {
         let request_id = match request.request_id {
             Some(request_id) => request_id,
@@ -70,36 +73,22 @@ impl Placer {
 
     /// The user and the product, and whether there is stock: the checks
     /// that refuse an order before anything is taken.
-    async fn checked(&self, asked: Asked) -> Result<pb::User, Error> {
-        let user = self
-            .users
-            .clone()
-            .get_user(retry_safe(tonic::Request::new(pb::GetUserRequest {
-                id: asked.user_id,
-            })))
-            .await
-            .map_err(|status| dependency(USER_SERVICE, status))?
-            .into_inner();
-        let product = self
-            .products
-            .clone()
-            .get_product(retry_safe(tonic::Request::new(pb::GetProductRequest {
-                id: asked.product_id,
-            })))
-            .await
-            .map_err(|status| dependency(PRODUCT_SERVICE, status))?
-            .into_inner();
+    async fn checked(&self, asked: Asked) -> Result<User, Error> {
+        let user = self.users.user(asked.user_id).await?;
+        let product = self.products.product(asked.product_id).await?;
         if product.stock < asked.count {
             return Err(Error::FailedPrecondition(format!(
                 "product {} has {} in stock, {} requested",
                 product.id, product.stock, asked.count
             )));
         }
-        let price = product_price(&product)?;
-        if price.times(asked.count as u32).is_none() {
+        if product.price.times(asked.count as u32).is_none() {
             return Err(Error::invalid(
                 "count",
-                format!("{} × {price} is more than an order can total", asked.count),
+                format!(
+                    "{} × {} is more than an order can total",
+                    asked.count, product.price
+                ),
             ));
         }
         Ok(user)
@@ -110,33 +99,18 @@ impl Placer {
         request_id: &str,
         mut attempt: i32,
         asked: Asked,
-        user: pb::User,
+        user: User,
     ) -> Result<Order, Error> {
         let mut steps = 0;
         let product = loop {
-            let deduct = pb::DeductStockRequest {
-                product_id: asked.product_id,
-                count: asked.count,
-                request_id: deduction_key(request_id, attempt),
-            };
-            let answer = self
+            let key = deduction_key(request_id, attempt);
+            match self
                 .products
-                .clone()
-                .deduct_stock(retry_safe(tonic::Request::new(deduct)))
-                .await;
-            match answer.map(tonic::Response::into_inner) {
-                Ok(deducted) if deducted.outcome() == pb::DeductOutcome::Deducted => {
-                    match deducted.product {
-                        Some(product) => break product,
-                        None => {
-                            self.compensate(request_id, attempt).await;
-                            return Err(Error::Unavailable(format!(
-                                "{PRODUCT_SERVICE} answered without the product; nothing was bought, retry"
-                            )));
-                        }
-                    }
-                }
-                Ok(_cancelled) => {
+                .deduct(asked.product_id, asked.count, &key)
+                .await
+            {
+                Ok(Deduction::Taken(product)) => break product,
+                Ok(Deduction::Cancelled) => {
                     steps += 1;
                     if steps > MAX_ATTEMPT_STEPS
                         || !self.orders.next_attempt(request_id, attempt).await?
@@ -145,26 +119,25 @@ impl Placer {
                     }
                     attempt += 1;
                 }
-                Err(status) if definite(&status) => {
+                Err(err) if refused(&err) => {
                     self.forget(request_id, attempt).await;
-                    return Err(dependency(PRODUCT_SERVICE, status));
+                    return Err(err);
                 }
-                Err(status) => {
+                Err(err) => {
                     // It may or may not have been taken: close the key.
                     self.compensate(request_id, attempt).await;
                     return Err(Error::Unavailable(format!(
-                        "{PRODUCT_SERVICE} did not confirm the stock deduction ({}); nothing was bought, retry with the same request_id",
-                        status.message()
+                        "the stock deduction was not confirmed ({err}); nothing was bought, retry with the same request_id"
                     )));
                 }
             }
         };
-        let price = product_price(&product)?;
+        let price = product.price;
         let order = match (self.ids.next(), self.ids.next()) {
             (Ok(order_id), Ok(item_id)) => Order {
                 id: order_id,
                 user_id: user.id,
-                user_name: user.username,
+                user_name: user.name,
                 phone: user.phone,
                 address: user.address,
                 total_price: price
@@ -230,14 +203,9 @@ impl Placer {
         if !self.orders.begin_compensation(request_id, attempt).await? {
             return Ok(());
         }
-        let restore = pb::RestoreStockRequest {
-            request_id: deduction_key(request_id, attempt),
-        };
         self.products
-            .clone()
-            .restore_stock(retry_safe(tonic::Request::new(restore)))
-            .await
-            .map_err(|status| dependency(PRODUCT_SERVICE, status))?;
+            .restore(&deduction_key(request_id, attempt))
+            .await?;
         self.orders.finish_compensation(request_id, attempt).await
     }
 
@@ -283,37 +251,14 @@ pub fn deduction_key(request_id: &str, attempt: i32) -> String {
     format!("{request_id}#{attempt}")
 }
 
-fn product_price(product: &pb::Product) -> Result<Money, Error> {
-    Money::parse(&product.price).map_err(|reason| {
-        Error::Unavailable(format!(
-            "{PRODUCT_SERVICE} sent an unreadable price for product {}: {reason}",
-            product.id
-        ))
-    })
-}
-
-/// A refusal that means the call did nothing.
-fn definite(status: &Status) -> bool {
+/// A refusal of the deduction: the product service took nothing, so
+/// there is nothing to restore.
+fn refused(err: &Error) -> bool {
     matches!(
-        status.code(),
-        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
+        err,
+        Error::InvalidArgument { .. } | Error::NotFound(_) | Error::FailedPrecondition(_)
     )
 }
 
-/// A dependency's answer, as this service's: refusals pass through with
-/// their words; anything else is UNAVAILABLE, naming the service.
-fn dependency(service: &str, status: Status) -> Error {
-    match status.code() {
-        Code::NotFound => Error::NotFound(status.message().to_owned()),
-        Code::FailedPrecondition => Error::FailedPrecondition(status.message().to_owned()),
-        Code::InvalidArgument => {
-            Error::FailedPrecondition(format!("{service} refused: {}", status.message()))
-        }
-        Code::Aborted => Error::Aborted(format!("{service}: {}", status.message())),
-        _ => Error::Unavailable(if status.message().contains(service) {
-            status.message().to_owned()
-        } else {
-            format!("{service}: {}", status.message())
-        }),
-    }
-}
+#[cfg(test)]
+mod tests;
