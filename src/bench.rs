@@ -184,18 +184,11 @@ impl RegistryBench {
         println!();
         println!("| measure | result |");
         println!("|---|---|");
+        println!("| registrations/s | {} |", registrations.summary());
         println!(
-            "| registrations/s | {:.0} (p50 {}, p99 {}) |",
-            registrations.rate,
-            us(registrations.latency.value_at_quantile(0.5)),
-            us(registrations.latency.value_at_quantile(0.99))
-        );
-        println!(
-            "| GetService queries/s ({} instances a service) | {:.0} (p50 {}, p99 {}) |",
+            "| GetService queries/s ({} instances a service) | {} |",
             self.per_service,
-            queries.rate,
-            us(queries.latency.value_at_quantile(0.5)),
-            us(queries.latency.value_at_quantile(0.99))
+            queries.summary()
         );
         println!(
             "| watch delivery, register to event ({} other watches open) | p50 {}, p99 {}, max {} |",
@@ -362,10 +355,23 @@ impl RegistryBench {
     }
 }
 
+/// Calls a second over a measured run, and each call's latency.
 struct Rate {
     rate: f64,
     calls: usize,
     latency: Histogram<u64>,
+}
+
+impl Rate {
+    /// "rate (p50 .., p99 ..)", as a table cell.
+    fn summary(&self) -> String {
+        format!(
+            "{:.0} (p50 {}, p99 {})",
+            self.rate,
+            us(self.latency.value_at_quantile(0.5)),
+            us(self.latency.value_at_quantile(0.99))
+        )
+    }
 }
 
 /// Microseconds of registry CPU per call between two readings.
