@@ -14,18 +14,27 @@ use crate::shop::{Error, Money};
 /// A user, as an order records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
+    /// The user service's id for them.
     pub id: i64,
+    /// Copied into the order as the buyer's name.
     pub name: String,
+    /// Copied into the order as the contact number.
     pub phone: String,
+    /// Copied into the order as where it is delivered.
     pub address: String,
 }
 
 /// A product, as an order prices it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Product {
+    /// The product service's id for it.
     pub id: i64,
+    /// Copied into the order item.
     pub name: String,
+    /// Unit price; an order item is charged this times its count.
     pub price: Money,
+    /// Units left when the service answered. Checked before deducting to
+    /// refuse early; the deduction itself is what decides.
     pub stock: i32,
 }
 

@@ -24,6 +24,7 @@ const MAX_ATTEMPT_STEPS: usize = 8;
 /// A PlaceOrder request, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlaceOrder {
+    /// Who orders what and how many; a retry must ask the same.
     pub asked: Asked,
     /// None: the server makes one.
     pub request_id: Option<String>,
@@ -33,9 +34,14 @@ pub struct PlaceOrder {
 /// services (`U`, `P`) it calls.
 #[derive(Clone)]
 pub struct Placer<U, P> {
+    /// Where requests are claimed and orders written.
     pub orders: Orders,
+    /// Ids for orders and their items, and request ids for requests sent
+    /// without one.
     pub ids: IdGenerator,
+    /// Where the buyer's name, phone and address come from.
     pub users: U,
+    /// Where the price comes from and the stock is deducted.
     pub products: P,
 }
 

@@ -10,6 +10,7 @@ use super::{Item, Order, Orders, item, order};
 use crate::shop::Error;
 
 impl Orders {
+    /// The order `id` with its items; `NotFound` when there is none.
     pub async fn get(&self, id: i64) -> Result<Order, Error> {
         let storage = |err| Error::storage("reading an order", err);
         let row = order::Entity::find_by_id(id)

@@ -21,8 +21,11 @@ use crate::shop::db::{begin_write, is_unique_violation};
 /// What an order request asks for; a retry must ask for the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Asked {
+    /// The buyer.
     pub user_id: i64,
+    /// The product to buy.
     pub product_id: i64,
+    /// Units to buy; the gRPC face takes 1 up to the configured maximum.
     pub count: i32,
 }
 
@@ -30,9 +33,15 @@ pub struct Asked {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// This call places it, as this attempt.
-    Placing { attempt: i32 },
+    Placing {
+        /// The attempt now pending; its deduction key carries it.
+        attempt: i32,
+    },
     /// It placed this order already.
-    Done { order_id: i64 },
+    Done {
+        /// The order it placed; a retry gets this order back.
+        order_id: i64,
+    },
     /// Another call is placing it, or undoing it, now.
     InProgress,
     /// The request id asked for something else.
@@ -42,9 +51,12 @@ pub enum Claim {
 /// A request whose deduction may need restoring: found by the sweeper.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unsettled {
+    /// The request to settle.
     pub request_id: String,
+    /// The attempt whose deduction key is to be restored.
     pub attempt: i32,
 }
+
 impl Orders {
     /// Takes `request_id` for this call: new, or a retry after a failed
     /// attempt.
