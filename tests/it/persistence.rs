@@ -220,10 +220,11 @@ async fn a_second_registry_on_a_data_dir_is_refused_naming_the_holder_until_it_d
     .await;
     assert!(!ok, "up started beside the registry: {stderr}");
     assert!(
-        stderr.contains(&format!(
-            "error: the registry: data dir {data_arg} is in use by another registry (pid {pid}, listening on {})",
-            first.addr
-        )),
+        stderr.contains("error: the registry at ")
+            && stderr.contains(&format!(
+                ": data dir {data_arg} is in use by another registry (pid {pid}, listening on {})",
+                first.addr
+            )),
         "up names the holder: {stderr}"
     );
 
