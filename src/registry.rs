@@ -3,6 +3,7 @@
 //! (heartbeats for ephemeral instances, probes for persistent ones), and a
 //! watch that pushes every change at once.
 
+pub mod cluster;
 mod grpc;
 pub mod model;
 mod persist;

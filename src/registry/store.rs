@@ -105,6 +105,11 @@ struct State {
     epoch: Instant,
     history: VecDeque<Event>,
     history_limit: usize,
+    /// The latest revision whose change is no longer in `history`: a
+    /// watcher that has seen less than it cannot be replayed to. Revisions
+    /// need not be consecutive (a cluster's come from etcd), so this is
+    /// kept rather than worked out from the first change kept.
+    history_floor: u64,
     next_watcher: u64,
     by_service: HashMap<ServiceKey, Vec<Subscription>>,
     by_group: HashMap<GroupKey, Vec<Subscription>>,
@@ -130,6 +135,7 @@ impl Registry {
                 epoch: Instant::now(),
                 history: VecDeque::new(),
                 history_limit: config.limits.watch_history,
+                history_floor: 0,
                 next_watcher: 1,
                 by_service: HashMap::new(),
                 by_group: HashMap::new(),

@@ -311,6 +311,30 @@ async fn a_resume_from_forgotten_history_or_another_incarnation_gets_a_reset() {
     };
     assert_eq!((revision, reset, instances.len()), (20, true, 20));
 
+    // The oldest change kept is 16: a watcher that saw 15 is replayed to,
+    // one that saw 14 missed a change no longer kept.
+    let mut watch = registry
+        .watch(
+            Selector::Service(service("svc")),
+            16,
+            registry.incarnation(),
+        )
+        .unwrap();
+    for revision in 16..=20 {
+        assert_eq!(change(next_now(&mut watch).await).0, revision);
+    }
+    let mut watch = registry
+        .watch(
+            Selector::Service(service("svc")),
+            15,
+            registry.incarnation(),
+        )
+        .unwrap();
+    assert!(matches!(
+        next_now(&mut watch).await,
+        WatchItem::Snapshot { reset: true, .. }
+    ));
+
     let mut watch = registry
         .watch(Selector::Service(service("svc")), 20, 12345)
         .unwrap();

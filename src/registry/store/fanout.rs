@@ -108,12 +108,16 @@ impl State {
         {
             subs.retain(|sub| sub.offer(&event, size));
         }
-        if self.history_limit > 0 {
-            if self.history.len() == self.history_limit {
-                self.history.pop_front();
-            }
-            self.history.push_back(event);
+        if self.history_limit == 0 {
+            self.history_floor = self.revision;
+            return;
         }
+        if self.history.len() == self.history_limit
+            && let Some(dropped) = self.history.pop_front()
+        {
+            self.history_floor = dropped.revision;
+        }
+        self.history.push_back(event);
     }
 
     pub(in crate::registry) fn snapshot_chunk(
@@ -157,14 +161,10 @@ impl State {
     /// The events after `from - 1` that the selector sees, or `None` when
     /// the history no longer reaches back that far (or `from` is ahead).
     pub(in crate::registry) fn replay(&self, selector: &Selector, from: u64) -> Option<Vec<Event>> {
-        let first_kept = self
-            .history
-            .front()
-            .map_or(self.revision + 1, |e| e.revision);
-        if from < first_kept || from > self.revision + 1 {
+        if from <= self.history_floor || from > self.revision + 1 {
             return None;
         }
-        let skip = (from - first_kept) as usize;
+        let skip = self.history.partition_point(|e| e.revision < from);
         Some(
             self.history
                 .iter()

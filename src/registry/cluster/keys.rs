@@ -1,0 +1,172 @@
+//! Where each part of the registry's state lives in etcd, and back: one
+//! key a service's settings, one key an instance, one key a live lease.
+//! Names allow only letters, digits and `. _ : @ -` (see
+//! [`crate::registry::model::parse_name`]), so `/` separates the parts
+//! without escaping, and a service's instances share a key prefix that a
+//! range or a watch can cover.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::registry::model::{InstanceAddr, LeaseId, ServiceKey};
+
+/// What one key under the registry's prefix holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    /// A service's own settings, set explicitly.
+    Settings(ServiceKey),
+    /// An instance: its record, attached to its lease's etcd lease when it
+    /// is ephemeral, so etcd removes it after the delete timeout.
+    Instance(ServiceKey, InstanceAddr),
+    /// A lease whose owner has been heard from within its unhealthy
+    /// timeout: attached to an etcd lease of that TTL, so its expiry, or
+    /// its deletion when a KeepAlive stream breaks, is what turns the
+    /// lease's instances unhealthy on every node at once.
+    Alive(LeaseId),
+}
+
+impl Key {
+    /// The key's bytes under `prefix` (which has no trailing `/`).
+    pub fn encode(&self, prefix: &str) -> String {
+        match self {
+            Key::Settings(service) => format!("{prefix}/s/{}", service_path(service)),
+            Key::Instance(service, addr) => format!(
+                "{prefix}/i/{}/{}/{}/{}",
+                service_path(service),
+                addr.cluster,
+                addr.ip,
+                addr.port
+            ),
+            Key::Alive(lease) => format!("{prefix}/a/{lease:016x}"),
+        }
+    }
+
+    /// Reads a key back; None for a key this registry did not write (a
+    /// key of another tool under the same prefix is ignored, not fatal).
+    pub fn decode(prefix: &str, key: &[u8]) -> Option<Key> {
+        let key = std::str::from_utf8(key).ok()?;
+        let rest = key.strip_prefix(prefix)?.strip_prefix('/')?;
+        let (kind, rest) = rest.split_once('/')?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match (kind, parts.as_slice()) {
+            ("s", [namespace, group, name]) => Some(Key::Settings(service(namespace, group, name))),
+            ("i", [namespace, group, name, cluster, ip, port]) => Some(Key::Instance(
+                service(namespace, group, name),
+                InstanceAddr {
+                    cluster: Arc::from(*cluster),
+                    ip: ip.parse::<IpAddr>().ok()?,
+                    port: port.parse().ok().filter(|port| *port != 0)?,
+                },
+            )),
+            ("a", [lease]) if lease.len() == 16 => {
+                u64::from_str_radix(lease, 16).ok().map(Key::Alive)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The prefix every instance of `service` shares.
+pub fn instances_of(prefix: &str, service: &ServiceKey) -> String {
+    format!("{prefix}/i/{}/", service_path(service))
+}
+
+/// The etcd leases behind a registry lease: one for the instances, with
+/// the delete timeout as its TTL, and one for the alive key, with the
+/// unhealthy timeout. Both are the registry's lease id itself (even) and
+/// the id after it, so a node that has never seen a lease keeps it alive
+/// from its id alone: a client resuming on another node sends nothing
+/// else. None for an id this store never hands out (etcd wants positive
+/// 64-bit ids).
+pub fn etcd_leases(lease: LeaseId) -> Option<(i64, i64)> {
+    let id = i64::try_from(lease)
+        .ok()
+        .filter(|id| *id > 0 && id % 2 == 0)?;
+    Some((id, id | 1))
+}
+
+/// A new lease id for this store: random, even, positive as an i64.
+pub fn new_lease_id() -> LeaseId {
+    loop {
+        let id = rand::random::<u64>() >> 1 & !1;
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+fn service_path(service: &ServiceKey) -> String {
+    format!("{}/{}/{}", service.namespace, service.group, service.name)
+}
+
+fn service(namespace: &str, group: &str, name: &str) -> ServiceKey {
+    ServiceKey {
+        namespace: Arc::from(namespace),
+        group: Arc::from(group),
+        name: Arc::from(name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> ServiceKey {
+        ServiceKey::parse("public", "DEFAULT_GROUP", "server-user").unwrap()
+    }
+
+    #[test]
+    fn every_key_reads_back_as_itself() {
+        let v6 = InstanceAddr::parse("c-1", "fd00::7", 8080).unwrap();
+        let v4 = InstanceAddr::parse("", "10.0.0.1", 1).unwrap();
+        for written in [
+            Key::Settings(key()),
+            Key::Instance(key(), v6),
+            Key::Instance(key(), v4),
+            Key::Alive(u64::MAX),
+            Key::Alive(1),
+        ] {
+            let bytes = written.encode("/shop-mesh");
+            assert_eq!(
+                Key::decode("/shop-mesh", bytes.as_bytes()),
+                Some(written),
+                "{bytes}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_instance_key_lies_under_its_service_prefix_and_no_other() {
+        let addr = InstanceAddr::parse("", "10.0.0.1", 80).unwrap();
+        let instance = Key::Instance(key(), addr).encode("/p");
+        assert!(instance.starts_with(&instances_of("/p", &key())));
+        let longer = ServiceKey::parse("public", "DEFAULT_GROUP", "server-user-2").unwrap();
+        assert!(!instance.starts_with(&instances_of("/p", &longer)));
+    }
+
+    #[test]
+    fn keys_of_another_prefix_or_shape_are_not_ours() {
+        for foreign in [
+            "/other/s/public/DEFAULT_GROUP/a",
+            "/p/s/public/DEFAULT_GROUP",
+            "/p/i/public/DEFAULT_GROUP/a/c/10.0.0.1/0",
+            "/p/i/public/DEFAULT_GROUP/a/c/not-an-ip/80",
+            "/p/a/12",
+            "/p/x/1",
+            "/pp/a/0000000000000001",
+        ] {
+            assert_eq!(Key::decode("/p", foreign.as_bytes()), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn a_new_lease_has_two_etcd_leases_and_other_ids_have_none() {
+        for _ in 0..1000 {
+            let (instances, alive) = etcd_leases(new_lease_id()).expect("a lease of ours");
+            assert!(instances > 0 && alive == instances + 1);
+        }
+        for foreign in [0, 1, 3, u64::MAX, 1 << 63] {
+            assert_eq!(etcd_leases(foreign), None, "{foreign}");
+        }
+    }
+}
