@@ -1,18 +1,18 @@
 //! A small typed client of etcd's v3 API, the foundation of the
 //! registry's etcd store: reads, writes, transactions, leases and watches
-//! over one channel balanced across every member given, with etcd's types
-//! kept inside (callers see [`Kv`], [`Event`], [`Txn`], [`Error`]).
+//! against every member given, with etcd's types kept inside (callers see
+//! [`Kv`], [`Event`], [`Txn`], [`Error`]).
 //!
 //! Every call carries `hasleader: true`, so a member cut off from its
-//! quorum refuses at once ([`ErrorKind::Unavailable`]) instead of holding
-//! the call until an election that may never come; the caller retries and
-//! the balancer tries another member. Revisions are cluster-wide: any
+//! quorum refuses at once instead of holding the call until an election
+//! that may never come; the client then tries the next member. Revisions are cluster-wide: any
 //! member's header revision orders against any other's.
 
 mod txn;
 mod watch;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -245,21 +245,35 @@ impl Interceptor for HasLeader {
     }
 }
 
-/// A client of one etcd cluster; clones share its connections.
+/// The clients of one member.
 #[derive(Clone)]
-pub struct Etcd {
+struct Clients {
     kv: KvClient<Chan>,
     watch: WatchClient<Chan>,
     lease: LeaseClient<Chan>,
     cluster: ClusterClient<Chan>,
     maintenance: MaintenanceClient<Chan>,
+}
+
+/// A client of one etcd cluster; clones share its connections.
+///
+/// Calls go to one member at a time and move on to the next when it is
+/// unreachable or has no leader. A channel balanced over every member
+/// would not do: its balancer keeps picking a dead member (the failed
+/// connect shows only on the call), so a share of every call would fail
+/// for as long as a member is down.
+#[derive(Clone)]
+pub struct Etcd {
+    members: Arc<[Clients]>,
+    /// The member calls go to first: the last that answered.
+    current: Arc<AtomicUsize>,
     endpoints: Arc<str>,
     request_timeout: Duration,
 }
 
 impl Etcd {
-    /// A client balanced over `endpoints` (`host:port` or URLs), with the
-    /// default `[connections]` settings. It connects lazily: an
+    /// A client of the cluster at `endpoints` (`host:port` or URLs), with
+    /// the default `[connections]` settings. It connects lazily: an
     /// unreachable cluster shows on the first call, as
     /// [`ErrorKind::Unavailable`], so a store can start before etcd does.
     pub fn connect(endpoints: &[String], connect_timeout: Duration) -> Result<Etcd> {
@@ -292,10 +306,10 @@ impl Etcd {
                 "no endpoints given".into(),
             ));
         }
-        let list = urls
+        let members = urls
             .iter()
             .map(|url| {
-                connections
+                let channel = connections
                     .endpoint(url.clone(), connect_timeout)
                     .map_err(|err| {
                         Error::new(
@@ -304,16 +318,22 @@ impl Etcd {
                             ErrorKind::Failed,
                             format!("bad endpoint {url:?}: {err}"),
                         )
-                    })
+                    })?
+                    .connect_lazy();
+                Ok(Clients {
+                    kv: KvClient::with_interceptor(channel.clone(), HasLeader),
+                    watch: WatchClient::with_interceptor(channel.clone(), HasLeader),
+                    lease: LeaseClient::with_interceptor(channel.clone(), HasLeader),
+                    cluster: ClusterClient::with_interceptor(channel.clone(), HasLeader),
+                    maintenance: MaintenanceClient::with_interceptor(channel, HasLeader),
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        let channel = Channel::balance_list(list.into_iter());
+        // Spread clients over the members from the start.
+        let first = rand::random_range(0..members.len());
         Ok(Etcd {
-            kv: KvClient::with_interceptor(channel.clone(), HasLeader),
-            watch: WatchClient::with_interceptor(channel.clone(), HasLeader),
-            lease: LeaseClient::with_interceptor(channel.clone(), HasLeader),
-            cluster: ClusterClient::with_interceptor(channel.clone(), HasLeader),
-            maintenance: MaintenanceClient::with_interceptor(channel, HasLeader),
+            members: members.into(),
+            current: Arc::new(AtomicUsize::new(first)),
             endpoints: named,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
         })
@@ -337,8 +357,41 @@ impl Etcd {
         request
     }
 
-    fn failed(&self, op: &'static str) -> impl FnOnce(tonic::Status) -> Error + '_ {
-        move |status| Error::from_status(&self.endpoints, op, &status)
+    /// Runs `call` on the current member, then on each other in turn
+    /// while the answer is Unavailable and another try is safe: always
+    /// for a `read` (it changes nothing), for a write only when the
+    /// member surely did not apply it (it could not be reached, or had no
+    /// leader). Any Unavailable moves later calls to the next member.
+    async fn call<T, F, Fut>(&self, op: &'static str, read: bool, call: F) -> Result<T>
+    where
+        F: Fn(Clients) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let count = self.members.len();
+        let first = self.current.load(Ordering::Relaxed) % count;
+        let mut tried = 0;
+        loop {
+            let at = (first + tried) % count;
+            let status = match call(self.members[at].clone()).await {
+                Ok(answer) => return Ok(answer),
+                Err(status) => status,
+            };
+            if status.code() != Code::Unavailable
+                && !(read && matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled))
+            {
+                return Err(Error::from_status(&self.endpoints, op, &status));
+            }
+            let _ = self.current.compare_exchange(
+                at,
+                (at + 1) % count,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            tried += 1;
+            if tried == count || !(read || not_applied(&status)) {
+                return Err(Error::from_status(&self.endpoints, op, &status));
+            }
+        }
     }
 
     /// The key's current value, if it exists.
@@ -348,11 +401,11 @@ impl Etcd {
             ..Default::default()
         };
         let response = self
-            .kv
-            .clone()
-            .range(self.request(request))
-            .await
-            .map_err(self.failed("get"))?
+            .call("get", true, |mut c| {
+                let request = self.request(request.clone());
+                async move { c.kv.range(request).await }
+            })
+            .await?
             .into_inner();
         Ok(response.kvs.into_iter().next().map(Kv::from_pb))
     }
@@ -375,11 +428,11 @@ impl Etcd {
                 ..Default::default()
             };
             let response = self
-                .kv
-                .clone()
-                .range(self.request(request))
-                .await
-                .map_err(self.failed("get prefix"))?
+                .call("get prefix", true, |mut c| {
+                    let request = self.request(request.clone());
+                    async move { c.kv.range(request).await }
+                })
+                .await?
                 .into_inner();
             if revision == 0 {
                 revision = header_revision(response.header.as_ref());
@@ -413,11 +466,11 @@ impl Etcd {
             prev_kv: false,
         };
         let response = self
-            .kv
-            .clone()
-            .put(self.request(request))
-            .await
-            .map_err(self.failed("put"))?
+            .call("put", false, |mut c| {
+                let request = self.request(request.clone());
+                async move { c.kv.put(request).await }
+            })
+            .await?
             .into_inner();
         Ok(header_revision(response.header.as_ref()))
     }
@@ -448,11 +501,11 @@ impl Etcd {
             prev_kv: false,
         };
         let response = self
-            .kv
-            .clone()
-            .delete_range(self.request(request))
-            .await
-            .map_err(self.failed(op))?
+            .call(op, false, |mut c| {
+                let request = self.request(request.clone());
+                async move { c.kv.delete_range(request).await }
+            })
+            .await?
             .into_inner();
         Ok(response.deleted)
     }
@@ -460,12 +513,13 @@ impl Etcd {
     /// Runs `txn` atomically: its success operations when every compare
     /// holds, its failure operations otherwise.
     pub async fn txn(&self, txn: Txn) -> Result<TxnResult> {
+        let request = txn.into_pb();
         let response = self
-            .kv
-            .clone()
-            .txn(self.request(txn.into_pb()))
-            .await
-            .map_err(self.failed("txn"))?
+            .call("txn", false, |mut c| {
+                let request = self.request(request.clone());
+                async move { c.kv.txn(request).await }
+            })
+            .await?
             .into_inner();
         Ok(TxnResult::from_pb(response))
     }
@@ -478,11 +532,12 @@ impl Etcd {
             revision,
             physical: true,
         };
-        self.kv
-            .clone()
-            .compact(self.request(request))
-            .await
-            .map_err(self.failed("compact"))?;
+        // Compacting twice to the same revision changes nothing more.
+        self.call("compact", true, |mut c| {
+            let request = self.request(request);
+            async move { c.kv.compact(request).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -493,12 +548,13 @@ impl Etcd {
             ttl: ttl.as_secs_f64().ceil() as i64,
             id: 0,
         };
+        // A lease granted twice costs only a lease that expires unused.
         let response = self
-            .lease
-            .clone()
-            .lease_grant(self.request(request))
-            .await
-            .map_err(self.failed("lease grant"))?
+            .call("lease grant", true, |mut c| {
+                let request = self.request(request);
+                async move { c.lease.lease_grant(request).await }
+            })
+            .await?
             .into_inner();
         if !response.error.is_empty() {
             return Err(Error::new(
@@ -518,11 +574,11 @@ impl Etcd {
     /// event each). A lease already gone fails with
     /// [`ErrorKind::LeaseNotFound`].
     pub async fn lease_revoke(&self, lease: LeaseId) -> Result<()> {
-        self.lease
-            .clone()
-            .lease_revoke(self.request(pb::LeaseRevokeRequest { id: lease.0 }))
-            .await
-            .map_err(self.failed("lease revoke"))?;
+        self.call("lease revoke", false, |mut c| {
+            let request = self.request(pb::LeaseRevokeRequest { id: lease.0 });
+            async move { c.lease.lease_revoke(request).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -533,35 +589,24 @@ impl Etcd {
             keys: false,
         };
         let response = self
-            .lease
-            .clone()
-            .lease_time_to_live(self.request(request))
-            .await
-            .map_err(self.failed("lease ttl"))?
+            .call("lease ttl", true, |mut c| {
+                let request = self.request(request);
+                async move { c.lease.lease_time_to_live(request).await }
+            })
+            .await?
             .into_inner();
         // etcd answers -1 for a lease it does not know.
         Ok((response.ttl >= 0).then(|| Duration::from_secs(response.ttl as u64)))
     }
 
-    /// A keepalive stream for `lease`: each [`KeepAlive::beat`] renews it
-    /// once. One stream serves every beat, as etcd expects; a new one is
-    /// needed only after an error.
-    pub async fn lease_keepalive(&self, lease: LeaseId) -> Result<KeepAlive> {
-        let (requests, rx) = mpsc::channel(1);
-        let responses = self
-            .lease
-            .clone()
-            .lease_keep_alive(ReceiverStream::new(rx))
-            .await
-            .map_err(self.failed("lease keepalive"))?
-            .into_inner();
-        Ok(KeepAlive {
+    /// A keepalive for `lease`: each [`KeepAlive::beat`] renews it once.
+    /// Nothing is sent until the first beat.
+    pub fn lease_keepalive(&self, lease: LeaseId) -> KeepAlive {
+        KeepAlive {
             id: lease,
-            requests,
-            responses,
-            endpoints: self.endpoints.clone(),
-            timeout: self.request_timeout,
-        })
+            etcd: self.clone(),
+            stream: None,
+        }
     }
 
     /// Watches every key under `prefix` from `start_revision` (inclusive;
@@ -583,23 +628,44 @@ impl Etcd {
             prev_kv,
             watch_id: 0,
         };
-        Watch::start(
-            self.watch.clone(),
-            create,
-            self.endpoints.clone(),
-            self.request_timeout,
-        )
-        .await
+        let count = self.members.len();
+        let first = self.current.load(Ordering::Relaxed) % count;
+        let mut tried = 0;
+        loop {
+            let at = (first + tried) % count;
+            let started = Watch::start(
+                self.members[at].watch.clone(),
+                create.clone(),
+                self.endpoints.clone(),
+                self.request_timeout,
+            )
+            .await;
+            match started {
+                Err(err) if err.is_unavailable() => {
+                    let _ = self.current.compare_exchange(
+                        at,
+                        (at + 1) % count,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    tried += 1;
+                    if tried == count {
+                        return Err(err);
+                    }
+                }
+                started => return started,
+            }
+        }
     }
 
     /// The cluster's members.
     pub async fn member_list(&self) -> Result<Vec<Member>> {
         let response = self
-            .cluster
-            .clone()
-            .member_list(self.request(pb::MemberListRequest {}))
-            .await
-            .map_err(self.failed("member list"))?
+            .call("member list", true, |mut c| {
+                let request = self.request(pb::MemberListRequest {});
+                async move { c.cluster.member_list(request).await }
+            })
+            .await?
             .into_inner();
         Ok(response
             .members
@@ -618,11 +684,11 @@ impl Etcd {
     /// member's): its id, the leader it knows, the revision it applied.
     pub async fn status(&self) -> Result<MemberStatus> {
         let response = self
-            .maintenance
-            .clone()
-            .status(self.request(pb::StatusRequest {}))
-            .await
-            .map_err(self.failed("status"))?
+            .call("status", true, |mut c| {
+                let request = self.request(pb::StatusRequest {});
+                async move { c.maintenance.status(request).await }
+            })
+            .await?
             .into_inner();
         let header = response.header.unwrap_or_default();
         Ok(MemberStatus {
@@ -635,13 +701,36 @@ impl Etcd {
     }
 }
 
-/// One lease's keepalive stream.
+/// Whether a member surely did not apply the request it refused: it was
+/// never reached, or it refused for want of a leader before proposing.
+fn not_applied(status: &tonic::Status) -> bool {
+    if status.code() != Code::Unavailable {
+        return false;
+    }
+    if status.message().contains("no leader") {
+        return true;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// One lease's keepalive: one stream serves every beat, as etcd expects,
+/// and a broken one is replaced on the next beat.
 pub struct KeepAlive {
     id: LeaseId,
+    etcd: Etcd,
+    stream: Option<KeepAliveStream>,
+}
+
+struct KeepAliveStream {
     requests: mpsc::Sender<pb::LeaseKeepAliveRequest>,
     responses: tonic::Streaming<pb::LeaseKeepAliveResponse>,
-    endpoints: Arc<str>,
-    timeout: Duration,
 }
 
 impl KeepAlive {
@@ -653,36 +742,82 @@ impl KeepAlive {
     /// Renews the lease: its new time to live, or None when the lease is
     /// gone (etcd answers TTL 0 rather than an error), after which its
     /// keys are gone too and a new lease must be granted. An error means
-    /// the stream broke: open another to go on.
+    /// the stream broke or etcd did not answer in time; the next beat
+    /// opens another.
     pub async fn beat(&mut self) -> Result<Option<Duration>> {
-        let lost = |message: &str| {
-            Error::new(
-                &self.endpoints,
-                "lease keepalive",
-                ErrorKind::Unavailable,
-                message.to_owned(),
-            )
-        };
-        self.requests
-            .send(pb::LeaseKeepAliveRequest { id: self.id.0 })
-            .await
-            .map_err(|_| lost("the stream is closed"))?;
-        let answer = tokio::time::timeout(self.timeout, self.responses.next())
-            .await
-            .map_err(|_| lost("no answer in time"))?;
-        match answer {
-            Some(Ok(response)) if response.ttl > 0 => {
-                Ok(Some(Duration::from_secs(response.ttl as u64)))
+        let answer = tokio::time::timeout(self.etcd.request_timeout, self.exchange()).await;
+        let answer = match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(err)) => {
+                self.stream = None;
+                return Err(err);
             }
-            Some(Ok(_)) => Ok(None),
+            Err(_) => {
+                self.stream = None;
+                return Err(lost(&self.etcd.endpoints, "no answer in time"));
+            }
+        };
+        Ok((answer.ttl > 0).then(|| Duration::from_secs(answer.ttl as u64)))
+    }
+
+    async fn exchange(&mut self) -> Result<pb::LeaseKeepAliveResponse> {
+        let beat = pb::LeaseKeepAliveRequest { id: self.id.0 };
+        let stream = match &mut self.stream {
+            Some(stream) => {
+                stream
+                    .requests
+                    .send(beat)
+                    .await
+                    .map_err(|_| lost(&self.etcd.endpoints, "the stream is closed"))?;
+                stream
+            }
+            None => {
+                // The beat goes first: etcd answers the stream's headers
+                // only with its first answer. A beat is safe to repeat,
+                // so another member may take the stream.
+                let id = self.id.0;
+                let (requests, responses) = self
+                    .etcd
+                    .call("lease keepalive", true, |mut c| async move {
+                        let (requests, rx) = mpsc::channel(1);
+                        requests
+                            .send(pb::LeaseKeepAliveRequest { id })
+                            .await
+                            .expect("the receiver is held");
+                        let responses = c
+                            .lease
+                            .lease_keep_alive(ReceiverStream::new(rx))
+                            .await?
+                            .into_inner();
+                        Ok((requests, responses))
+                    })
+                    .await?;
+                self.stream.insert(KeepAliveStream {
+                    requests,
+                    responses,
+                })
+            }
+        };
+        match stream.responses.next().await {
+            Some(Ok(response)) => Ok(response),
             Some(Err(status)) => Err(Error::from_status(
-                &self.endpoints,
+                &self.etcd.endpoints,
                 "lease keepalive",
                 &status,
             )),
-            None => Err(lost("etcd ended the stream")),
+            None => Err(lost(&self.etcd.endpoints, "etcd ended the stream")),
         }
     }
+}
+
+/// A keepalive stream that broke: worth another.
+fn lost(endpoints: &Arc<str>, message: &str) -> Error {
+    Error::new(
+        endpoints,
+        "lease keepalive",
+        ErrorKind::Unavailable,
+        message.to_owned(),
+    )
 }
 
 /// The revision in a header etcd always sends.
