@@ -6,6 +6,10 @@
 //! answers a request that does not decode as the caller's fault. The
 //! health server is generated here for that reason too, over
 //! tonic-health's own messages.
+//!
+//! etcd's API, the etcd store's client, is compiled on its own: clients
+//! only, and kept out of the descriptor set, since the registry does not
+//! serve it.
 
 use prost::Message;
 
@@ -17,6 +21,8 @@ const PROTOS: &[&str] = &[
 ];
 
 const HEALTH: &str = "grpc/health/v1/health.proto";
+
+const ETCD: &str = "etcd/etcdserverpb.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
@@ -38,5 +44,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".grpc.health.v1", "::tonic_health::pb")
         .out_dir(servers)
         .compile_fds(protox::compile(PROTOS.iter().chain([&HEALTH]), ["proto"])?)?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_fds(protox::compile([ETCD], ["proto"])?)?;
     Ok(())
 }

@@ -18,6 +18,8 @@
 //!   mapping to gRPC codes.
 //! - [`registry`]: the registry role: its domain ([`registry::Registry`]),
 //!   its gRPC face, persistence and health probes.
+//! - [`etcd`]: a typed client of etcd's v3 API (reads, transactions,
+//!   leases, watches), the foundation of the registry's etcd store.
 //! - [`discovery`]: the client side: self-registration, the resolver that
 //!   watches a service, and the balanced channel callers use.
 //! - [`shop`]: what the shop services share: their configuration, storage
@@ -49,6 +51,7 @@ pub mod codec;
 pub mod config;
 pub mod discovery;
 pub mod error;
+pub mod etcd;
 pub mod harness;
 pub mod inspect;
 pub mod order;

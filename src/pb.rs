@@ -22,6 +22,12 @@ pub mod health {
     include!(concat!(env!("OUT_DIR"), "/server/grpc.health.v1.rs"));
 }
 
+/// `etcdserverpb`: the clients of the part of etcd's v3 API the etcd
+/// store uses; only [`crate::etcd`] speaks it.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 /// The encoded descriptor set of every proto in `proto/` but health's
 /// (tonic-health has its own), for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

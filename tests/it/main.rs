@@ -6,6 +6,7 @@ mod config;
 mod connections;
 mod discovery;
 mod e2e;
+mod etcd;
 mod grpcurl;
 mod inspect;
 mod persistence;
