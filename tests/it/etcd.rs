@@ -346,3 +346,48 @@ async fn member_list_shows_every_member() {
     assert!(members.iter().any(|m| m.id == status.member_id));
     assert!(status.version.starts_with("3."), "{}", status.version);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_member_misses_writes_and_catches_up_on_restart() {
+    let Some(mut cluster) = cluster().await else {
+        return;
+    };
+    let etcd = client(&cluster);
+    let leader = cluster.leader().await.unwrap();
+    let follower = (leader + 1) % 3;
+    cluster.stop(follower).await.unwrap();
+    assert!(!cluster.is_running(follower));
+
+    // Two of three are a quorum: writes go on, through whichever answers.
+    let give_up = Instant::now() + PATIENCE;
+    let written = loop {
+        match etcd.put("/s/k", "while stopped", None).await {
+            Ok(revision) => break revision,
+            Err(err) if err.is_unavailable() && Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("{err}"),
+        }
+    };
+
+    cluster.restart(follower).await.unwrap();
+    let alone = Etcd::connect(
+        &cluster.endpoints()[follower..=follower],
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let give_up = Instant::now() + PATIENCE;
+    loop {
+        let status = alone.status().await.unwrap();
+        if status.revision >= written {
+            break;
+        }
+        assert!(Instant::now() < give_up, "stuck at {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kv = alone.get("/s/k").await.unwrap().expect("replicated");
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision),
+        (&b"while stopped"[..], written)
+    );
+}
