@@ -56,7 +56,9 @@ type Chan = InterceptedService<Channel, HasLeader>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// No member answered, or none with a leader, or the call timed out:
-    /// the cluster may come back, so the call may be retried.
+    /// the cluster may come back, so the call may be retried. A write
+    /// that timed out may still have been applied: a retry must be a
+    /// compare-and-swap, or the write one that may be repeated.
     Unavailable,
     /// The lease named is gone (expired or revoked): retrying will not
     /// help, a new lease must be granted.
@@ -358,10 +360,13 @@ impl Etcd {
     }
 
     /// Runs `call` on the current member, then on each other in turn
-    /// while the answer is Unavailable and another try is safe: always
+    /// while the member failed to answer and another try is safe: always
     /// for a `read` (it changes nothing), for a write only when the
     /// member surely did not apply it (it could not be reached, or had no
-    /// leader). Any Unavailable moves later calls to the next member.
+    /// leader); a write that timed out may have been applied, so it is
+    /// the caller's to check. Any such failure moves later calls to the
+    /// next member. A read may so take up to one request timeout per
+    /// member.
     async fn call<T, F, Fut>(&self, op: &'static str, read: bool, call: F) -> Result<T>
     where
         F: Fn(Clients) -> Fut,
@@ -372,13 +377,23 @@ impl Etcd {
         let mut tried = 0;
         loop {
             let at = (first + tried) % count;
-            let status = match call(self.members[at].clone()).await {
-                Ok(answer) => return Ok(answer),
-                Err(status) => status,
+            // grpc-timeout bounds the call only where the member enforces
+            // it; a member that stopped answering must be bounded here.
+            let answered =
+                tokio::time::timeout(self.request_timeout, call(self.members[at].clone()));
+            let status = match answered.await {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(status)) => status,
+                Err(_) => tonic::Status::deadline_exceeded(format!(
+                    "no answer within {:?}",
+                    self.request_timeout
+                )),
             };
-            if status.code() != Code::Unavailable
-                && !(read && matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled))
-            {
+            // Cancelled is how tonic reports its own deadline expiring.
+            if !matches!(
+                status.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+            ) {
                 return Err(Error::from_status(&self.endpoints, op, &status));
             }
             let _ = self.current.compare_exchange(
