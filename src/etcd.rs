@@ -5,8 +5,9 @@
 //!
 //! Every call carries `hasleader: true`, so a member cut off from its
 //! quorum refuses at once instead of holding the call until an election
-//! that may never come; the client then tries the next member. Revisions are cluster-wide: any
-//! member's header revision orders against any other's.
+//! that may never come; the client then tries the next member.
+//! Revisions are cluster-wide: any member's header revision orders
+//! against any other's.
 
 mod txn;
 mod watch;
@@ -42,8 +43,9 @@ pub const MAX_TXN_OPS: usize = 128;
 
 /// How long a unary call may take unless [`Etcd::with_request_timeout`]
 /// says otherwise: long enough for an election (1 s by etcd's default)
-/// and a retry inside etcd, short enough that a store notices a dead
-/// member well before its leases expire.
+/// and etcd's own wait for it. A store whose leases are shorter than a
+/// few of these should set a shorter one, or a call to a silent member
+/// outlasts the lease it was meant to keep.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Keys a range read asks for at once: pages keep every answer under
