@@ -5,8 +5,9 @@
 //!
 //! Every call carries `hasleader: true`, so a member cut off from its
 //! quorum refuses at once instead of holding the call until an election
-//! that may never come; the client then tries the next member. Revisions are cluster-wide: any
-//! member's header revision orders against any other's.
+//! that may never come; the client then tries the next member.
+//! Revisions are cluster-wide: any member's header revision orders
+//! against any other's.
 
 mod txn;
 mod watch;
@@ -42,8 +43,9 @@ pub const MAX_TXN_OPS: usize = 128;
 
 /// How long a unary call may take unless [`Etcd::with_request_timeout`]
 /// says otherwise: long enough for an election (1 s by etcd's default)
-/// and a retry inside etcd, short enough that a store notices a dead
-/// member well before its leases expire.
+/// and etcd's own wait for it. A store whose leases are shorter than a
+/// few of these should set a shorter one, or a call to a silent member
+/// outlasts the lease it was meant to keep.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Keys a range read asks for at once: pages keep every answer under
@@ -56,7 +58,9 @@ type Chan = InterceptedService<Channel, HasLeader>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// No member answered, or none with a leader, or the call timed out:
-    /// the cluster may come back, so the call may be retried.
+    /// the cluster may come back, so the call may be retried. A write
+    /// that timed out may still have been applied: a retry must be a
+    /// compare-and-swap, or the write one that may be repeated.
     Unavailable,
     /// The lease named is gone (expired or revoked): retrying will not
     /// help, a new lease must be granted.
@@ -358,10 +362,13 @@ impl Etcd {
     }
 
     /// Runs `call` on the current member, then on each other in turn
-    /// while the answer is Unavailable and another try is safe: always
+    /// while the member failed to answer and another try is safe: always
     /// for a `read` (it changes nothing), for a write only when the
     /// member surely did not apply it (it could not be reached, or had no
-    /// leader). Any Unavailable moves later calls to the next member.
+    /// leader); a write that timed out may have been applied, so it is
+    /// the caller's to check. Any such failure moves later calls to the
+    /// next member. A read may so take up to one request timeout per
+    /// member.
     async fn call<T, F, Fut>(&self, op: &'static str, read: bool, call: F) -> Result<T>
     where
         F: Fn(Clients) -> Fut,
@@ -372,13 +379,23 @@ impl Etcd {
         let mut tried = 0;
         loop {
             let at = (first + tried) % count;
-            let status = match call(self.members[at].clone()).await {
-                Ok(answer) => return Ok(answer),
-                Err(status) => status,
+            // grpc-timeout bounds the call only where the member enforces
+            // it; a member that stopped answering must be bounded here.
+            let answered =
+                tokio::time::timeout(self.request_timeout, call(self.members[at].clone()));
+            let status = match answered.await {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(status)) => status,
+                Err(_) => tonic::Status::deadline_exceeded(format!(
+                    "no answer within {:?}",
+                    self.request_timeout
+                )),
             };
-            if status.code() != Code::Unavailable
-                && !(read && matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled))
-            {
+            // Cancelled is how tonic reports its own deadline expiring.
+            if !matches!(
+                status.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+            ) {
                 return Err(Error::from_status(&self.endpoints, op, &status));
             }
             let _ = self.current.compare_exchange(

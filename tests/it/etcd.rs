@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use shop_mesh::etcd::{Cmp, Compare, Etcd, Event, EventKind, Op, OpResult, Txn, Watch, WatchBatch};
+use shop_mesh::etcd::{
+    Cmp, Compare, ErrorKind, Etcd, Event, EventKind, MAX_TXN_OPS, Op, OpResult, Txn, Watch,
+    WatchBatch,
+};
 use shop_mesh::harness::EtcdCluster;
 use tokio::time::Instant;
 
@@ -105,6 +108,30 @@ async fn puts_gets_prefixes_and_compare_and_swap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_prefix_reads_whole_across_pages_and_large_txns_are_refused() {
+    let Some(cluster) = cluster().await else {
+        return;
+    };
+    let etcd = client(&cluster);
+    let keys: Vec<String> = (0..2500).map(|i| format!("/many/{i:05}")).collect();
+    let mut last = 0;
+    for batch in keys.chunks(MAX_TXN_OPS) {
+        let ops = batch.iter().map(|k| Op::put(k, k, None));
+        last = etcd.txn(Txn::new().and_then(ops)).await.unwrap().revision;
+    }
+    etcd.put("/many0", "past the prefix", None).await.unwrap();
+    let (kvs, revision) = etcd.get_prefix("/many/").await.unwrap();
+    let read: Vec<_> = kvs.iter().map(|kv| kv.key_str().unwrap()).collect();
+    assert_eq!(read, keys, "every key once, in order");
+    assert!(revision > last);
+
+    let too_many = (0..=MAX_TXN_OPS).map(|i| Op::put(format!("/big/{i}"), "x", None));
+    let err = etcd.txn(Txn::new().and_then(too_many)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Failed, "{err}");
+    assert_eq!(etcd.get_prefix("/big/").await.unwrap().0, []);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_deletes_its_keys_and_the_watch_sees_it() {
     let Some(cluster) = cluster().await else {
         return;
@@ -145,7 +172,7 @@ async fn an_expired_lease_deletes_its_keys_and_the_watch_sees_it() {
         .put("/inst/y", "late", Some(lease.id))
         .await
         .unwrap_err();
-    assert_eq!(err.kind, shop_mesh::etcd::ErrorKind::LeaseNotFound, "{err}");
+    assert_eq!(err.kind, ErrorKind::LeaseNotFound, "{err}");
 
     // Revoking deletes at once.
     let lease = etcd.lease_grant(Duration::from_secs(60)).await.unwrap();
@@ -345,4 +372,49 @@ async fn member_list_shows_every_member() {
     assert!(members.iter().any(|m| m.id == status.leader_id));
     assert!(members.iter().any(|m| m.id == status.member_id));
     assert!(status.version.starts_with("3."), "{}", status.version);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_member_misses_writes_and_catches_up_on_restart() {
+    let Some(mut cluster) = cluster().await else {
+        return;
+    };
+    let etcd = client(&cluster);
+    let leader = cluster.leader().await.unwrap();
+    let follower = (leader + 1) % 3;
+    cluster.stop(follower).await.unwrap();
+    assert!(!cluster.is_running(follower));
+
+    // Two of three are a quorum: writes go on, through whichever answers.
+    let give_up = Instant::now() + PATIENCE;
+    let written = loop {
+        match etcd.put("/s/k", "while stopped", None).await {
+            Ok(revision) => break revision,
+            Err(err) if err.is_unavailable() && Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("{err}"),
+        }
+    };
+
+    cluster.restart(follower).await.unwrap();
+    let alone = Etcd::connect(
+        &cluster.endpoints()[follower..=follower],
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let give_up = Instant::now() + PATIENCE;
+    loop {
+        let status = alone.status().await.unwrap();
+        if status.revision >= written {
+            break;
+        }
+        assert!(Instant::now() < give_up, "stuck at {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kv = alone.get("/s/k").await.unwrap().expect("replicated");
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision),
+        (&b"while stopped"[..], written)
+    );
 }
