@@ -561,9 +561,20 @@ impl Etcd {
     /// A lease of at least `ttl` (etcd rounds up to whole seconds and to
     /// its minimum, 2 s in 3.4).
     pub async fn lease_grant(&self, ttl: Duration) -> Result<Lease> {
+        self.grant(LeaseId(0), ttl).await
+    }
+
+    /// A lease of at least `ttl` under the id `id` (positive), for a
+    /// caller that derives lease ids from its own; an id etcd already has
+    /// fails with [`ErrorKind::Failed`].
+    pub async fn lease_grant_id(&self, id: LeaseId, ttl: Duration) -> Result<Lease> {
+        self.grant(id, ttl).await
+    }
+
+    async fn grant(&self, id: LeaseId, ttl: Duration) -> Result<Lease> {
         let request = pb::LeaseGrantRequest {
             ttl: ttl.as_secs_f64().ceil() as i64,
-            id: 0,
+            id: id.0,
         };
         // A lease granted twice costs only a lease that expires unused.
         let response = self

@@ -41,6 +41,15 @@ pub struct Args {
     /// [config: registry.data_dir].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Where the registry's state lives: this process's memory (and its
+    /// data dir), or an etcd cluster that any number of registry nodes
+    /// share [config: registry.store].
+    #[arg(long, value_enum)]
+    pub store: Option<StoreKind>,
+    /// The etcd cluster's client endpoints, a,b,c
+    /// [config: registry.etcd.endpoints].
+    #[arg(long, value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
 }
 
 impl Args {
@@ -52,6 +61,55 @@ impl Args {
         }
         if let Some(dir) = &self.data_dir {
             config.data_dir = dir.clone();
+        }
+        if let Some(store) = self.store {
+            config.store = store;
+        }
+        if let Some(endpoints) = &self.etcd_endpoints {
+            config.etcd.endpoints = endpoints.clone();
+        }
+    }
+}
+
+/// Where the registry's state lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In this process; persistent instances and settings in its data dir.
+    /// One registry process.
+    #[default]
+    Memory,
+    /// In an etcd cluster: any number of registry nodes over it are one
+    /// registry, and losing a node loses nothing.
+    Etcd,
+}
+
+/// The `[registry.etcd]` section: the etcd cluster a `store = "etcd"`
+/// registry keeps its state in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client endpoints of the etcd members (host:port or URLs); calls
+    /// move to the next when one is unreachable or without a leader.
+    pub endpoints: Vec<String>,
+    /// Every key the registry writes starts with this, so several
+    /// registries (or other tools) can share one etcd cluster.
+    pub prefix: String,
+    /// How long connecting to an etcd member may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long one etcd call may take before the next member is tried.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["127.0.0.1:2379".into()],
+            prefix: "/shop-mesh".into(),
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -96,6 +154,11 @@ pub struct Config {
     pub allow_link_local: bool,
     /// The `[registry.limits]` section.
     pub limits: Limits,
+    /// Where the state lives: `memory` (one process) or `etcd` (a
+    /// cluster of registry nodes).
+    pub store: StoreKind,
+    /// The etcd cluster, when `store` is `etcd`.
+    pub etcd: EtcdConfig,
 }
 
 impl Default for Config {
@@ -113,6 +176,8 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             allow_link_local: false,
             limits: Limits::default(),
+            store: StoreKind::default(),
+            etcd: EtcdConfig::default(),
         }
     }
 }
@@ -162,9 +227,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    // Held until the registry stops: one registry to a data dir.
-    let _lock = persist::DirLock::acquire(&config.data_dir, listener.local_addr()?).await?;
-    let registry = Registry::open(config).await?;
+    let (registry, _lock) = match config.store {
+        StoreKind::Memory => {
+            // Held until the registry stops: one registry to a data dir.
+            let lock = persist::DirLock::acquire(&config.data_dir, listener.local_addr()?).await?;
+            (Registry::open(config).await?, Some(lock))
+        }
+        StoreKind::Etcd => (Registry::join(config).await?, None),
+    };
     let service = RegistryServer::new(RegistryService::new(registry.clone(), shutdown.clone()))
         .max_decoding_message_size(config.limits.max_message_size);
     let mut server = crate::server::Server::new(shutdown.clone(), connections).await;
@@ -176,7 +246,14 @@ pub async fn run(
         .health()
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
-    tracing::info!(addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "registry serving");
+    match config.store {
+        StoreKind::Memory => {
+            tracing::info!(addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "registry serving")
+        }
+        StoreKind::Etcd => {
+            tracing::info!(addr = %listener.local_addr()?, etcd = %config.etcd.endpoints.join(","), "registry serving")
+        }
+    }
     let stop = shutdown.clone().cancelled_owned();
     let result = server
         .serve(routes, listener, config.shutdown_grace, stop)

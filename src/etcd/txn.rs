@@ -109,6 +109,16 @@ impl Compare {
     pub fn absent(key: impl AsRef<[u8]>) -> Compare {
         Self::create_revision(key, Cmp::Equal, 0)
     }
+
+    /// Holds when no key starts with `prefix`: etcd compares a range key
+    /// by key and, for an empty range, against a key that does not exist,
+    /// whose version is 0.
+    pub fn none_under(prefix: impl AsRef<[u8]>) -> Compare {
+        let prefix = prefix.as_ref();
+        let mut compare = Self::version(prefix, Cmp::Less, 1);
+        compare.0.range_end = super::prefix_end(prefix);
+        compare
+    }
 }
 
 /// One operation of a transaction.

@@ -3,6 +3,293 @@
 //! every change; each node keeps a view of it, fed by one etcd watch, that
 //! serves reads and watches as the memory store does.
 //!
+//! A write goes to etcd first and is answered once this node's view has
+//! applied it, so a caller reads its own writes on the node it wrote
+//! through, and every node sees every change in etcd's order.
+//!
+//! Ephemeral instances need no node to time them out: each registry lease
+//! is two etcd leases (see [`keys::etcd_leases`]). The instances' keys
+//! hang on one whose time to live is the delete timeout, so etcd removes
+//! them when nobody renews it, whichever node died. The lease's alive key
+//! hangs on one whose time to live is the unhealthy timeout: every node
+//! derives "healthy" from that key being there. A heartbeat, on any node,
+//! renews both.
+//!
 //! - [`keys`]: where each part of the state lives in etcd.
 
 pub mod keys;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Error, EtcdConfig};
+use crate::etcd::{self, Etcd, Op, Txn, TxnResult, WatchBatch};
+use crate::registry::model::LeaseId;
+use keys::Key;
+
+/// A registry node's link to the cluster: the etcd client, the prefix
+/// its keys live under, and how far its view has caught up.
+pub(in crate::registry) struct Node {
+    pub(in crate::registry) etcd: Etcd,
+    pub(in crate::registry) prefix: String,
+    /// The etcd revision the view has applied, for writers waiting to
+    /// read their own write.
+    applied: watch::Sender<i64>,
+    /// The etcd cluster's, shared by every node: what a watcher's
+    /// revisions belong to.
+    pub(in crate::registry) incarnation: u64,
+    /// KeepAlive streams on this node attached to each lease: when the
+    /// last one breaks, the lease's alive key goes, and every node sees
+    /// its instances unhealthy at once.
+    attached: Mutex<HashMap<LeaseId, u32>>,
+}
+
+/// What a view applies: etcd's state at a revision, or the changes of one
+/// revision.
+pub(in crate::registry) enum Feed {
+    /// Everything under the prefix at `revision`.
+    Load { revision: i64, kvs: Vec<etcd::Kv> },
+    /// The changes etcd made at `revision`, in its order.
+    Changes {
+        revision: i64,
+        events: Vec<etcd::Event>,
+    },
+}
+
+impl Node {
+    /// Connects to the etcd cluster and reads (or, first of all nodes,
+    /// sets) the cluster's incarnation.
+    pub(in crate::registry) async fn connect(config: &EtcdConfig) -> Result<Node, etcd::Error> {
+        let etcd = Etcd::connect(&config.endpoints, config.connect_timeout)?
+            .with_request_timeout(config.request_timeout);
+        let prefix = config.prefix.trim_end_matches('/').to_string();
+        let incarnation_key = format!("{prefix}/incarnation");
+        let proposed = (rand::random::<u64>() | 1).to_string();
+        // The first node to start sets it; every later one reads it.
+        let set = etcd
+            .txn(
+                Txn::new()
+                    .when([etcd::Compare::absent(&incarnation_key)])
+                    .and_then([etcd::Op::put(&incarnation_key, &proposed, None)])
+                    .or_else([etcd::Op::get(&incarnation_key)]),
+            )
+            .await?;
+        let incarnation = match set.results.first() {
+            Some(etcd::OpResult::Get(kvs)) => kvs
+                .first()
+                .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse().ok())
+                .unwrap_or(1),
+            _ => proposed.parse().unwrap_or(1),
+        };
+        Ok(Node {
+            etcd,
+            prefix,
+            applied: watch::channel(0).0,
+            incarnation,
+            attached: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The key of `key` under this node's prefix.
+    pub(in crate::registry) fn key(&self, key: &Key) -> String {
+        key.encode(&self.prefix)
+    }
+
+    /// Runs `txn` and waits until this node's view has applied it: what
+    /// a caller is answered after is what it wrote, or newer.
+    pub(in crate::registry) async fn commit(&self, txn: Txn) -> Result<TxnResult, Error> {
+        let result = self.etcd.txn(txn).await.map_err(unavailable)?;
+        self.caught_up(result.revision).await;
+        Ok(result)
+    }
+
+    /// Waits until the view has applied etcd's `revision`.
+    pub(in crate::registry) async fn caught_up(&self, revision: i64) {
+        let mut applied = self.applied.subscribe();
+        // The sender lives as long as the node, which the caller holds.
+        let _ = applied.wait_for(|at| *at >= revision).await;
+    }
+
+    /// Feeds the view from etcd until `closed`: a read of the whole
+    /// prefix, then its changes as etcd orders them; a watch that breaks
+    /// resumes where it stopped, and one whose history etcd compacted
+    /// away starts over from a new read (the view takes the difference,
+    /// so watchers see it as changes).
+    pub(in crate::registry) async fn feed(
+        self: Arc<Self>,
+        apply: impl Fn(Feed) + Send + 'static,
+        closed: CancellationToken,
+    ) {
+        let mut next = None;
+        loop {
+            let from = match next {
+                Some(from) => from,
+                None => {
+                    let read = (|| self.etcd.get_prefix(format!("{}/", self.prefix)))
+                        .retry(backoff())
+                        .sleep(tokio::time::sleep)
+                        .notify(|err, _| tracing::warn!(%err, "cannot read the registry's state from etcd"));
+                    let (kvs, revision) = tokio::select! {
+                        _ = closed.cancelled() => return,
+                        read = read => match read {
+                            Ok(read) => read,
+                            Err(_) => continue,
+                        },
+                    };
+                    apply(Feed::Load { revision, kvs });
+                    self.applied.send_replace(revision);
+                    revision + 1
+                }
+            };
+            next = tokio::select! {
+                _ = closed.cancelled() => return,
+                resume = self.follow(from, &apply) => resume,
+            };
+        }
+    }
+
+    /// Applies the changes from etcd revision `from` on, until the watch
+    /// ends; answers where to resume (None: read everything anew).
+    async fn follow(&self, from: i64, apply: &impl Fn(Feed)) -> Option<i64> {
+        let watch = self
+            .etcd
+            .watch_prefix(format!("{}/", self.prefix), from, false)
+            .await;
+        let mut watch = match watch {
+            Ok(watch) => watch,
+            Err(err) if err.kind == etcd::ErrorKind::Compacted => return None,
+            Err(err) => {
+                tracing::warn!(%err, "cannot watch the registry's state in etcd; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return Some(from);
+            }
+        };
+        let mut resume = from;
+        while let Some(batch) = watch.next().await {
+            match batch {
+                Ok(WatchBatch::Events { revision, events }) => {
+                    for (at, changes) in by_revision(events) {
+                        apply(Feed::Changes {
+                            revision: at,
+                            events: changes,
+                        });
+                        resume = at + 1;
+                    }
+                    self.advance(revision);
+                }
+                Ok(WatchBatch::Progress { revision }) => self.advance(revision),
+                Ok(WatchBatch::Compacted { compact_revision }) => {
+                    tracing::warn!(
+                        compact_revision,
+                        "etcd compacted changes this node had not seen; reading the state anew"
+                    );
+                    return None;
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "the etcd watch broke; resuming");
+                    return Some(resume);
+                }
+            }
+        }
+        Some(resume)
+    }
+
+    /// Counts a KeepAlive stream attached to `lease`.
+    pub(in crate::registry) fn attach(&self, lease: LeaseId) {
+        *self.attached.lock().entry(lease).or_default() += 1;
+    }
+
+    /// A KeepAlive stream attached to `leases` ended: the leases it was the
+    /// last stream of lose their alive key, in the background (a stream
+    /// ends in a destructor, which cannot wait).
+    pub(in crate::registry) fn detach(self: &Arc<Self>, leases: Vec<LeaseId>) {
+        let orphaned: Vec<LeaseId> = {
+            let mut attached = self.attached.lock();
+            leases
+                .into_iter()
+                .filter(|lease| match attached.get_mut(lease) {
+                    Some(count) if *count > 1 => {
+                        *count -= 1;
+                        false
+                    }
+                    _ => {
+                        attached.remove(lease);
+                        true
+                    }
+                })
+                .collect()
+        };
+        if orphaned.is_empty() {
+            return;
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            let deletes = orphaned
+                .iter()
+                .map(|lease| Op::delete(node.key(&Key::Alive(*lease))));
+            if let Err(err) = node.etcd.txn(Txn::new().and_then(deletes)).await {
+                // The alive keys expire by themselves within the unhealthy
+                // timeout; only the "at once" is lost.
+                tracing::warn!(%err, "cannot mark the instances of a broken KeepAlive stream unhealthy");
+            }
+        });
+    }
+
+    /// Marks the view as caught up to `revision`.
+    fn advance(&self, revision: i64) {
+        self.applied.send_if_modified(|at| {
+            let moved = revision > *at;
+            if moved {
+                *at = revision;
+            }
+            moved
+        });
+    }
+}
+
+/// Splits a batch of events into runs of one revision each.
+fn by_revision(events: Vec<etcd::Event>) -> Vec<(i64, Vec<etcd::Event>)> {
+    let mut runs: Vec<(i64, Vec<etcd::Event>)> = Vec::new();
+    for event in events {
+        let at = event.revision();
+        match runs.last_mut() {
+            Some((revision, run)) if *revision == at => run.push(event),
+            _ => runs.push((at, vec![event])),
+        }
+    }
+    runs
+}
+
+fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times()
+}
+
+/// A failed etcd write as the caller is answered: etcd unreachable or
+/// without quorum is worth retrying; anything else is not the caller's
+/// fault either, and says what etcd said.
+pub(in crate::registry) fn unavailable(err: etcd::Error) -> Error {
+    tracing::warn!(%err, "an etcd write failed");
+    match err.kind {
+        etcd::ErrorKind::LeaseNotFound => Error::NotFound(
+            "the lease expired while it was being written to; register again without a lease id"
+                .into(),
+        ),
+        etcd::ErrorKind::Unavailable => Error::Unavailable(format!(
+            "the registry's store, etcd, is not answering or has no quorum ({}); try again",
+            err.endpoints
+        )),
+        _ => Error::Unavailable(format!(
+            "the registry's store, etcd, refused a write: {err}"
+        )),
+    }
+}

@@ -161,7 +161,10 @@ impl pb::registry_server::Registry for RegistryService {
             loop {
                 let message = tokio::select! {
                     message = inbound.message() => message,
-                    _ = shutdown.cancelled() => break,
+                    _ = shutdown.cancelled() => {
+                        session.hand_over();
+                        break;
+                    }
                 };
                 // A closed or broken stream ends the session, whose drop
                 // marks its leases' instances unhealthy at once. A message
@@ -175,12 +178,14 @@ impl pb::registry_server::Registry for RegistryService {
                     }
                     Ok(None) | Err(_) => break,
                 };
-                let answer = session
-                    .beat(beat.lease_id)
-                    .map(|interval| pb::KeepAliveResponse {
-                        lease_id: beat.lease_id,
-                        heartbeat_interval_ms: interval.as_millis() as u64,
-                    });
+                let answer =
+                    session
+                        .beat(beat.lease_id)
+                        .await
+                        .map(|interval| pb::KeepAliveResponse {
+                            lease_id: beat.lease_id,
+                            heartbeat_interval_ms: interval.as_millis() as u64,
+                        });
                 let failed = answer.is_err();
                 if tx.send(answer.map_err(Status::from)).await.is_err() || failed {
                     break;

@@ -30,6 +30,8 @@ mod durable;
 mod fanout;
 mod lease;
 mod probes;
+mod replicated;
+mod view;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -40,9 +42,9 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::model::{Event, GroupKey, InstanceAddr, LeaseId, ServiceKey};
+use super::model::{ChangeKind, Event, GroupKey, Instance, InstanceAddr, LeaseId, ServiceKey};
 use super::watch::Subscription;
-use super::{Config, persist};
+use super::{Config, cluster, persist};
 use catalog::Service;
 use lease::{Lease, Millis, reap};
 
@@ -66,6 +68,9 @@ struct Inner {
     /// One permit per watch stream open.
     watches: Arc<Semaphore>,
     store: Option<persist::Store>,
+    /// Set when the state lives in etcd: writes go there, and the view
+    /// below is fed from there.
+    node: Option<Arc<cluster::Node>>,
     probes: Mutex<HashMap<(ServiceKey, InstanceAddr), AbortHandle>>,
     closed: CancellationToken,
 }
@@ -110,6 +115,9 @@ struct State {
     /// need not be consecutive (a cluster's come from etcd), so this is
     /// kept rather than worked out from the first change kept.
     history_floor: u64,
+    /// While a cluster node applies one etcd revision: its changes, to be
+    /// numbered once all are known.
+    held_back: Option<Vec<(ChangeKind, Arc<Instance>)>>,
     next_watcher: u64,
     by_service: HashMap<ServiceKey, Vec<Subscription>>,
     by_group: HashMap<GroupKey, Vec<Subscription>>,
@@ -119,13 +127,19 @@ impl Registry {
     /// A registry that keeps nothing on disk: persistent instances last as
     /// long as the process. For tests and benchmarks.
     pub fn in_memory(config: &Config) -> Registry {
-        Registry::with_store(config, None)
+        Registry::with_store(config, None, None)
     }
 
-    fn with_store(config: &Config, store: Option<persist::Store>) -> Registry {
+    fn with_store(
+        config: &Config,
+        store: Option<persist::Store>,
+        node: Option<Arc<cluster::Node>>,
+    ) -> Registry {
         let inner = Arc::new(Inner {
             config: config.clone(),
-            incarnation: rand::random::<u64>() | 1,
+            incarnation: node
+                .as_ref()
+                .map_or_else(|| rand::random::<u64>() | 1, |node| node.incarnation),
             state: Mutex::new(State {
                 revision: 0,
                 services: BTreeMap::new(),
@@ -136,6 +150,7 @@ impl Registry {
                 history: VecDeque::new(),
                 history_limit: config.limits.watch_history,
                 history_floor: 0,
+                held_back: None,
                 next_watcher: 1,
                 by_service: HashMap::new(),
                 by_group: HashMap::new(),
@@ -143,6 +158,7 @@ impl Registry {
             reaper: Arc::new(Notify::new()),
             watches: Arc::new(Semaphore::new(config.limits.max_watches)),
             store,
+            node,
             probes: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
         });

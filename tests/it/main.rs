@@ -2,6 +2,7 @@
 //! private data dir; waits poll a condition under a deadline.
 
 mod bad_input;
+mod cluster;
 mod config;
 mod connections;
 mod discovery;

@@ -89,7 +89,7 @@ async fn heartbeats_keep_an_instance_alive_indefinitely() {
     let mut session = registry.keep_alive();
     for _ in 0..200 {
         sleep(Duration::from_secs(5)).await;
-        session.beat(lease).unwrap();
+        session.beat(lease).await.unwrap();
     }
     assert_eq!(healthy_ports(&registry, "svc"), [1]);
     assert_eq!(
@@ -156,7 +156,7 @@ async fn a_dropped_keepalive_session_is_seen_unhealthy_at_once_and_a_resumed_one
     let registry = registry();
     let lease = registry.register(spec("svc", 1), 0).await.unwrap().lease;
     let mut session = registry.keep_alive();
-    session.beat(lease).unwrap();
+    session.beat(lease).await.unwrap();
     let mut watch = registry
         .watch(Selector::Service(service("svc")), 0, 0)
         .unwrap();
@@ -176,13 +176,13 @@ async fn a_dropped_keepalive_session_is_seen_unhealthy_at_once_and_a_resumed_one
 
     sleep(Duration::from_secs(20)).await;
     let mut resumed = registry.keep_alive();
-    resumed.beat(lease).unwrap();
+    resumed.beat(lease).await.unwrap();
     let (_, kind, _, healthy) = change(next_now(&mut watch).await);
     assert_eq!((kind, healthy), (ChangeKind::Put, true));
 
     for _ in 0..20 {
         sleep(Duration::from_secs(5)).await;
-        resumed.beat(lease).unwrap();
+        resumed.beat(lease).await.unwrap();
     }
     assert_eq!(healthy_ports(&registry, "svc"), [1]);
     assert!(
@@ -198,14 +198,14 @@ async fn an_orphaned_lease_is_removed_after_the_delete_timeout() {
     let registry = registry();
     let lease = registry.register(spec("svc", 1), 0).await.unwrap().lease;
     let mut session = registry.keep_alive();
-    session.beat(lease).unwrap();
+    session.beat(lease).await.unwrap();
     drop(session);
     sleep(Duration::from_millis(29_900)).await;
     assert_eq!(all_ports(&registry, "svc"), [1]);
     sleep(Duration::from_millis(200)).await;
     assert!(all_ports(&registry, "svc").is_empty());
     assert!(
-        registry.keep_alive().beat(lease).is_err(),
+        registry.keep_alive().beat(lease).await.is_err(),
         "the lease is gone too"
     );
 }
@@ -439,7 +439,7 @@ async fn the_protection_threshold_keeps_a_service_from_emptying() {
         .await
         .unwrap();
     let mut session = registry.keep_alive();
-    session.beat(lease).unwrap();
+    session.beat(lease).await.unwrap();
     drop(session);
 
     let view = registry.get_service(&key, true, &[]).unwrap();

@@ -84,6 +84,9 @@ impl Registry {
                 ),
             ));
         }
+        if let Some(node) = self.node() {
+            return self.register_replicated(node, spec, lease, timings).await;
+        }
         let Applied {
             registered,
             instance,
@@ -115,6 +118,9 @@ impl Registry {
 
     /// Removes an instance at once.
     pub async fn deregister(&self, key: &ServiceKey, addr: &InstanceAddr) -> Result<u64, Error> {
+        if let Some(node) = self.node() {
+            return self.deregister_replicated(node, key, addr).await;
+        }
         let (removed, revision) = {
             let mut state = self.inner.state.lock();
             let removed = state.remove(key, addr).ok_or_else(|| {
@@ -156,6 +162,9 @@ impl Registry {
         key: &ServiceKey,
         settings: ServiceSettings,
     ) -> Result<(), Error> {
+        if let Some(node) = self.node() {
+            return self.update_service_replicated(node, key, settings).await;
+        }
         let previous = {
             let mut state = self.inner.state.lock();
             let service = state
@@ -180,6 +189,9 @@ impl Registry {
 
     /// Deletes a service that has no instances left, with its settings.
     pub async fn delete_service(&self, key: &ServiceKey) -> Result<(), Error> {
+        if let Some(node) = self.node() {
+            return self.delete_service_replicated(node, key).await;
+        }
         let removed = {
             let mut state = self.inner.state.lock();
             let service = state
@@ -302,14 +314,14 @@ impl State {
         Ok(())
     }
 
-    pub(in crate::registry) fn register(
-        &mut self,
-        inner: &Inner,
-        spec: InstanceSpec,
-        lease_id: LeaseId,
-        timings: Timings,
-    ) -> Result<Applied, Error> {
-        let config = &inner.config;
+    /// Whether `spec` may be registered: answers the instance it would
+    /// replace, or why not (an instance of the other kind at its address,
+    /// a full service, a full namespace).
+    pub(in crate::registry) fn admit(
+        &self,
+        config: &Config,
+        spec: &InstanceSpec,
+    ) -> Result<Option<Arc<Instance>>, Error> {
         let existing = self
             .services
             .get(&spec.service)
@@ -347,6 +359,17 @@ impl State {
                 }
             }
         }
+        Ok(existing)
+    }
+
+    pub(in crate::registry) fn register(
+        &mut self,
+        inner: &Inner,
+        spec: InstanceSpec,
+        lease_id: LeaseId,
+        timings: Timings,
+    ) -> Result<Applied, Error> {
+        let existing = self.admit(&inner.config, &spec)?;
         if spec.ephemeral && lease_id != 0 && !self.leases.contains_key(&lease_id) {
             return Err(Error::NotFound(format!(
                 "lease {lease_id} is unknown or expired; register without a lease id for a new one"
@@ -489,6 +512,6 @@ impl State {
     }
 }
 
-fn unknown_service(key: &ServiceKey) -> Error {
+pub(super) fn unknown_service(key: &ServiceKey) -> Error {
     Error::NotFound(format!("service {key} is not registered"))
 }

@@ -92,13 +92,24 @@ impl Registry {
 }
 
 impl State {
+    /// Gives a change the next revision and offers it to its watchers; a
+    /// cluster node holds its changes back until it has applied all of an
+    /// etcd revision (see [`super::view`]).
     pub(in crate::registry) fn publish(&mut self, kind: ChangeKind, instance: Arc<Instance>) {
+        if let Some(held) = &mut self.held_back {
+            held.push((kind, instance));
+            return;
+        }
         self.revision += 1;
-        let event = Event {
+        self.emit(Event {
             revision: self.revision,
             kind,
             instance,
-        };
+        });
+    }
+
+    /// Offers a numbered change to its watchers and keeps it for replays.
+    pub(in crate::registry) fn emit(&mut self, event: Event) {
         let size = event.instance.footprint();
         if let Some(subs) = self.by_service.get_mut(&*event.instance.service) {
             subs.retain(|sub| sub.offer(&event, size));
@@ -109,7 +120,7 @@ impl State {
             subs.retain(|sub| sub.offer(&event, size));
         }
         if self.history_limit == 0 {
-            self.history_floor = self.revision;
+            self.history_floor = event.revision;
             return;
         }
         if self.history.len() == self.history_limit

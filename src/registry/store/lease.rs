@@ -2,6 +2,7 @@
 //! reaper that marks a lease's instances unhealthy after their unhealthy
 //! timeout and removes them after their delete timeout.
 
+use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Inner, Registry, State};
+use crate::etcd;
 use crate::registry::Error;
 use crate::registry::model::{
     Instance, InstanceAddr, LeaseId, ServiceKey, TimingOverrides, Timings,
@@ -52,6 +54,7 @@ impl Registry {
         KeepAlive {
             registry: self.clone(),
             leases: Vec::new(),
+            renewals: HashMap::new(),
         }
     }
 
@@ -267,14 +270,20 @@ impl State {
 
 /// Heartbeats of one KeepAlive stream; see [`Registry::keep_alive`].
 pub struct KeepAlive {
-    registry: Registry,
+    pub(super) registry: Registry,
     /// Leases this session is attached to.
-    leases: Vec<LeaseId>,
+    pub(super) leases: Vec<LeaseId>,
+    /// On a cluster node: the etcd keepalives that renew each lease
+    /// attached, the instances' and the alive key's.
+    pub(super) renewals: HashMap<LeaseId, (etcd::KeepAlive, etcd::KeepAlive)>,
 }
 
 impl KeepAlive {
     /// A heartbeat for `lease`; answers the heartbeat interval it expects.
-    pub fn beat(&mut self, lease: LeaseId) -> Result<Duration, Error> {
+    pub async fn beat(&mut self, lease: LeaseId) -> Result<Duration, Error> {
+        if let Some(node) = self.registry.node().cloned() {
+            return self.beat_replicated(&node, lease).await;
+        }
         let attach = !self.leases.contains(&lease);
         let inner = &self.registry.inner;
         let mut state = inner.state.lock();
@@ -286,8 +295,23 @@ impl KeepAlive {
     }
 }
 
+impl KeepAlive {
+    /// Ends the session because this registry is stopping, not because the
+    /// client went: on a cluster node its client resumes on another node,
+    /// so its instances stay healthy. In memory the registry goes with it.
+    pub fn hand_over(&mut self) {
+        if self.registry.node().is_some() {
+            self.leases.clear();
+        }
+    }
+}
+
 impl Drop for KeepAlive {
     fn drop(&mut self) {
+        if let Some(node) = self.registry.node() {
+            node.detach(std::mem::take(&mut self.leases));
+            return;
+        }
         let inner = &self.registry.inner;
         let mut state = inner.state.lock();
         for lease in self.leases.drain(..) {
