@@ -243,6 +243,23 @@ impl EtcdCluster {
         self.ready(i).await
     }
 
+    /// Starts every stopped or killed member again at once, and waits
+    /// until each follows a leader: after a whole-cluster outage no member
+    /// alone has a quorum to be ready with.
+    pub async fn restart_all(&mut self) -> anyhow::Result<()> {
+        let bin = etcd_binary().context("etcd is no longer installed")?;
+        let stopped: Vec<usize> = (0..self.members.len())
+            .filter(|i| !self.is_running(*i))
+            .collect();
+        for i in &stopped {
+            self.spawn(&bin, *i)?;
+        }
+        for i in stopped {
+            self.ready(i).await?;
+        }
+        Ok(())
+    }
+
     /// The index of the member the running members agree leads, waiting
     /// (under a deadline) through an election.
     pub async fn leader(&self) -> anyhow::Result<usize> {

@@ -2,14 +2,20 @@
 //! etcd cluster, each a role in this process on port 0, sharing a prefix
 //! of their own.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use shop_mesh::harness::EtcdCluster;
+use parking_lot::Mutex;
+use shop_mesh::discovery::{self, Announce};
+use shop_mesh::harness::{EtcdCluster, Isolated};
 use shop_mesh::pb::registry as pb;
 use shop_mesh::registry::{self, StoreKind};
 
-use crate::{TestRegistry, deregister, instance, instances, keep_alive, register, wait_until};
+use crate::{
+    TestRegistry, deregister, instance, instances, keep_alive, register, register_refused,
+    wait_until,
+};
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
@@ -179,4 +185,110 @@ async fn a_broken_keepalive_stream_makes_its_instance_unhealthy_on_every_node_at
         }
     })
     .await;
+}
+
+/// Every event a Watch stream delivers, recorded as it arrives.
+fn record(mut events: tonic::Streaming<pb::WatchResponse>) -> Arc<Mutex<Vec<pb::WatchResponse>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            while let Some(Ok(answer)) = events.next().await {
+                seen.lock().push(answer);
+            }
+        }
+    });
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_longer_than_the_delete_timeout_loses_nothing() {
+    let Some(mut cluster) = nodes(2, SHORT).await else {
+        return;
+    };
+    let registries = cluster
+        .nodes
+        .iter()
+        .map(|node| node.addr.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let service = Isolated::start(
+        discovery::Config {
+            registry: registries,
+            reconnect_max_backoff: Duration::from_millis(500),
+            ..Default::default()
+        },
+        Announce::new("svc"),
+        |_, routes| routes,
+    )
+    .expect("a registered service");
+    let mut on_b = cluster.nodes[1].client().await;
+    wait_until("the service to be healthy", PATIENCE, || {
+        let mut on_b = on_b.clone();
+        async move { instances(&mut on_b, "svc", true).await.len() == 1 }
+    })
+    .await;
+    let events = on_b
+        .watch(pb::WatchRequest {
+            service: "svc".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let seen = record(events);
+
+    for member in 0..3 {
+        cluster
+            .etcd
+            .stop(member)
+            .await
+            .expect("stop an etcd member");
+    }
+    // Reads go on from each node's view.
+    assert_eq!(instances(&mut on_b, "svc", false).await.len(), 1);
+    let mut on_a = cluster.nodes[0].client().await;
+    assert_eq!(instances(&mut on_a, "svc", false).await.len(), 1);
+    // Writes are refused, naming etcd.
+    let refused = register_refused(&mut on_a, instance("other", 81)).await;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("etcd"), "{refused:?}");
+
+    // The outage outlasts the 6 s delete timeout.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    cluster.etcd.restart_all().await.expect("restart etcd");
+    wait_until("writes to succeed again", PATIENCE, || {
+        let mut on_a = on_a.clone();
+        async move {
+            on_a.register(pb::RegisterRequest {
+                instance: Some(instance("other", 81)),
+                lease_id: 0,
+            })
+            .await
+            .is_ok()
+        }
+    })
+    .await;
+    wait_until("the service to be healthy on both nodes", PATIENCE, || {
+        let (mut on_a, mut on_b) = (on_a.clone(), on_b.clone());
+        async move {
+            instances(&mut on_a, "svc", true).await.len() == 1
+                && instances(&mut on_b, "svc", true).await.len() == 1
+        }
+    })
+    .await;
+    let deleted: Vec<_> = seen
+        .lock()
+        .iter()
+        .filter_map(|answer| match &answer.body {
+            Some(pb::watch_response::Body::Change(change))
+                if change.kind == pb::change::Kind::Delete as i32 =>
+            {
+                Some(change.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(deleted.is_empty(), "the service was removed: {deleted:?}");
+    drop(service);
 }
