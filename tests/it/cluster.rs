@@ -8,8 +8,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use shop_mesh::discovery::{self, Announce};
+use shop_mesh::etcd::{Etcd, EventKind, WatchBatch};
 use shop_mesh::harness::{EtcdCluster, Isolated};
 use shop_mesh::pb::registry as pb;
+use shop_mesh::pb::registry::registry_client::RegistryClient;
 use shop_mesh::registry::{self, StoreKind};
 
 use crate::{
@@ -23,6 +25,8 @@ const PATIENCE: Duration = Duration::from_secs(20);
 struct Nodes {
     etcd: EtcdCluster,
     nodes: Vec<TestRegistry>,
+    /// Where the nodes keep their keys in etcd.
+    prefix: String,
 }
 
 /// Timings short enough for an instance to go within seconds.
@@ -49,7 +53,11 @@ async fn nodes(count: usize, timeouts: (u64, u64)) -> Option<Nodes> {
             .await,
         );
     }
-    Some(Nodes { etcd, nodes })
+    Some(Nodes {
+        etcd,
+        nodes,
+        prefix,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,4 +299,156 @@ async fn an_etcd_outage_longer_than_the_delete_timeout_loses_nothing() {
         .collect();
     assert!(deleted.is_empty(), "the service was removed: {deleted:?}");
     drop(service);
+}
+
+/// A watcher's change, as the checker compares it: revision, kind, port,
+/// health.
+type Seen = (u64, i32, u32, bool);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_etcd_leader_under_load_loses_no_registration_and_no_watcher_event() {
+    // Long timeouts: nothing expires during the test, so every change is a
+    // registration's.
+    let Some(mut cluster) = nodes(2, (600, 1200)).await else {
+        return;
+    };
+    let mut on_b = cluster.nodes[1].client().await;
+    let events = on_b
+        .watch(pb::WatchRequest {
+            service: "svc".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let seen = record(events);
+
+    // Registrations through both nodes, retried while etcd elects.
+    const PORTS: u32 = 120;
+    let writers = [0, 1].map(|n| cluster.nodes[n].addr);
+    let load = tokio::spawn(async move {
+        let mut acknowledged = Vec::new();
+        for port in 1..=PORTS {
+            let addr = writers[port as usize % 2];
+            let mut client = RegistryClient::connect(format!("http://{addr}"))
+                .await
+                .expect("connect");
+            let give_up = tokio::time::Instant::now() + PATIENCE;
+            loop {
+                let answer = client
+                    .register(pb::RegisterRequest {
+                        instance: Some(instance("svc", port)),
+                        lease_id: 0,
+                    })
+                    .await;
+                match answer {
+                    Ok(_) => {
+                        acknowledged.push(port);
+                        break;
+                    }
+                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                        assert!(tokio::time::Instant::now() < give_up, "{status:?}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(status) => panic!("port {port}: {status:?}"),
+                }
+            }
+        }
+        acknowledged
+    });
+    wait_until("the load to be under way", PATIENCE, || {
+        let seen = seen.clone();
+        async move { seen.lock().len() > 20 }
+    })
+    .await;
+    let leader = cluster.etcd.leader().await.expect("a leader");
+    cluster.etcd.kill(leader).await.expect("kill -9 the leader");
+    let acknowledged = load.await.expect("the load");
+    assert_eq!(acknowledged.len(), PORTS as usize);
+
+    // Every acknowledged registration is there, on both nodes.
+    let mut on_a = cluster.nodes[0].client().await;
+    for client in [&mut on_a, &mut on_b] {
+        let mut ports: Vec<u32> = instances(client, "svc", false)
+            .await
+            .iter()
+            .map(|i| i.port)
+            .collect();
+        ports.sort();
+        assert_eq!(ports, acknowledged.iter().copied().collect::<Vec<_>>());
+    }
+
+    // etcd's own history of the service's instance keys, from its first
+    // revision: what the watcher must have seen, in order.
+    let etcd = Etcd::connect(&cluster.etcd.endpoints(), Duration::from_secs(1)).expect("client");
+    let prefix = format!("{}/i/public/DEFAULT_GROUP/svc/", cluster.prefix);
+    let (_, now) = etcd.get_prefix(&prefix).await.expect("read");
+    let mut history = etcd.watch_prefix(&prefix, 1, false).await.expect("watch");
+    let mut expected: Vec<(i64, i32, u32)> = Vec::new();
+    while expected.last().is_none_or(|(at, _, _)| *at < now) {
+        let batch = tokio::time::timeout(PATIENCE, history.next())
+            .await
+            .expect("etcd's history in time")
+            .expect("the history goes on")
+            .expect("a batch");
+        if let WatchBatch::Events { events, .. } = batch {
+            for event in events {
+                let port = String::from_utf8_lossy(&event.kv.key)
+                    .rsplit('/')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("an instance key ends in its port");
+                let kind = match event.kind {
+                    EventKind::Put => pb::change::Kind::Put as i32,
+                    EventKind::Delete => pb::change::Kind::Delete as i32,
+                };
+                expected.push((event.revision(), kind, port));
+            }
+        }
+        if expected.is_empty() {
+            panic!("etcd holds no history of the service");
+        }
+    }
+    wait_until("the watcher to see the last change", PATIENCE, || {
+        let seen = seen.clone();
+        let last = expected.last().map(|(at, _, _)| *at as u64);
+        async move {
+            seen.lock().iter().any(|answer| {
+                matches!(&answer.body, Some(pb::watch_response::Body::Change(_)))
+                    && Some(answer.revision >> 16) == last
+            })
+        }
+    })
+    .await;
+    let changes: Vec<Seen> = seen
+        .lock()
+        .iter()
+        .filter_map(|answer| match &answer.body {
+            Some(pb::watch_response::Body::Change(change)) => {
+                let instance = change
+                    .instance
+                    .as_ref()
+                    .expect("a change names its instance");
+                Some((
+                    answer.revision,
+                    change.kind,
+                    instance.port,
+                    instance.healthy,
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    // No duplicate, no reordering: revisions strictly increase.
+    for pair in changes.windows(2) {
+        assert!(pair[0].0 < pair[1].0, "out of order or repeated: {pair:?}");
+    }
+    // No gap, nothing invented: the watcher's changes, by etcd revision,
+    // are etcd's history of the instance keys.
+    let watched: Vec<(i64, i32, u32)> = changes
+        .iter()
+        .map(|(revision, kind, port, _)| ((revision >> 16) as i64, *kind, *port))
+        .collect();
+    assert_eq!(watched, expected);
+    drop(cluster.etcd);
 }
