@@ -375,7 +375,7 @@ async fn killing_the_etcd_leader_under_load_loses_no_registration_and_no_watcher
             .map(|i| i.port)
             .collect();
         ports.sort();
-        assert_eq!(ports, acknowledged.iter().copied().collect::<Vec<_>>());
+        assert_eq!(ports, acknowledged.to_vec());
     }
 
     // etcd's own history of the service's instance keys, from its first
