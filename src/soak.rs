@@ -13,6 +13,8 @@ mod load;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -25,6 +27,7 @@ pub use load::{Failed, Outcome};
 
 use crate::discovery::Mesh;
 use crate::product::store::product;
+use crate::registry::StoreKind;
 use crate::shop::{ORDER_SERVICE, PRODUCT_SERVICE, USER_SERVICE, db};
 
 /// The stock each product starts a run with.
@@ -39,8 +42,11 @@ pub enum Scenario {
     KillProduct,
     /// kill -9 of one order instance, possibly mid-order; restarted later.
     KillOrder,
-    /// kill -9 of the registry; restarted on its port later.
+    /// kill -9 of the registry (on the etcd store, of one of the three
+    /// registry nodes); restarted on its port later.
     KillRegistry,
+    /// kill -9 of the etcd leader (etcd store only); restarted later.
+    KillEtcdLeader,
     /// SIGSTOP of one product instance (hung, connections open) for longer
     /// than the unhealthy timeout, then SIGCONT.
     StopProduct,
@@ -60,6 +66,7 @@ impl Scenario {
             Scenario::KillProduct => "kill -9 a product",
             Scenario::KillOrder => "kill -9 an order instance",
             Scenario::KillRegistry => "kill -9 the registry",
+            Scenario::KillEtcdLeader => "kill -9 the etcd leader",
             Scenario::StopProduct => "SIGSTOP a product past the unhealthy timeout",
             Scenario::SqliteLocked => "the SQLite product database locked",
             Scenario::MysqlKill => "MariaDB connections killed by the server",
@@ -96,6 +103,23 @@ pub struct Args {
     /// made for each scenario and dropped after); SQLite files by default.
     #[arg(long)]
     pub database_url: Option<String>,
+    /// The registry's store: one registry in memory, or three registry
+    /// nodes over a 3-member etcd cluster the suite starts (needs etcd).
+    #[arg(long, value_enum, default_value = "memory")]
+    pub store: StoreKind,
+}
+
+/// How a scenario runs: the load, the database and the registry's store.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan<'a> {
+    /// Clients placing orders at once.
+    pub clients: usize,
+    /// How long the load runs; the fault is its middle third.
+    pub duration: Duration,
+    /// A server database (fresh, the scenario's own), or None for SQLite.
+    pub database_url: Option<&'a str>,
+    /// Where the registry keeps its state.
+    pub store: StoreKind,
 }
 
 /// One scenario's run.
@@ -111,9 +135,23 @@ pub struct Report {
     pub repaired: Duration,
     /// Each process's exit code on SIGTERM at the end.
     pub exits: Vec<(&'static str, Option<i32>)>,
+    /// The store the registry ran on.
+    pub store: StoreKind,
 }
 
 impl Report {
+    /// Whether the fault took out one of several of something (a service
+    /// instance, a registry node, an etcd member): then no order may fail,
+    /// not even during the fault.
+    pub fn fault_is_redundant(&self) -> bool {
+        self.scenario.replicated()
+            || (self.store == StoreKind::Etcd
+                && matches!(
+                    self.scenario,
+                    Scenario::KillRegistry | Scenario::KillEtcdLeader
+                ))
+    }
+
     /// PlaceOrder calls that still failed after their client's retries, as
     /// a share of all.
     pub fn failed_share(&self) -> f64 {
@@ -134,8 +172,12 @@ impl Report {
     pub fn row(&self) -> String {
         let o = &self.outcome;
         format!(
-            "| {} | {} | {} | {} | {} | {} ({:.2} %) | {} of {} | {} |",
+            "| {}{} | {} | {} | {} | {} | {} ({:.2} %) | {} of {} | {} |",
             self.scenario.name(),
+            match self.store {
+                StoreKind::Memory => "",
+                StoreKind::Etcd => " (registry on etcd, 3 nodes)",
+            },
             o.orders,
             o.placed.len(),
             o.placed_after_retry,
@@ -164,12 +206,10 @@ pub const TABLE_HEADER: &str = "| scenario | orders | placed | placed after a re
 pub async fn run_scenario(
     bin: &Path,
     scenario: Scenario,
-    clients: usize,
-    duration: Duration,
-    database_url: Option<&str>,
+    plan: Plan<'_>,
 ) -> anyhow::Result<Report> {
     let dir = tempdir(scenario)?;
-    let result = run_in(bin, &dir, scenario, clients, duration, database_url).await;
+    let result = run_in(bin, &dir, scenario, plan).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -178,11 +218,18 @@ async fn run_in(
     bin: &Path,
     dir: &Path,
     scenario: Scenario,
-    clients: usize,
-    duration: Duration,
-    database_url: Option<&str>,
+    plan: Plan<'_>,
 ) -> anyhow::Result<Report> {
-    let mut deployment = Deployment::start(bin, dir, database_url).await?;
+    let Plan {
+        clients,
+        duration,
+        database_url,
+        store,
+    } = plan;
+    if scenario == Scenario::KillEtcdLeader && store != StoreKind::Etcd {
+        bail!("the kill-etcd-leader scenario needs --store etcd");
+    }
+    let mut deployment = Deployment::start(bin, dir, database_url, store).await?;
     let products_db = db::connect(&deployment.url("product"), 2).await?;
     let orders_db = db::connect(&deployment.url("order"), 2).await?;
     product::Entity::update_many()
@@ -206,6 +253,12 @@ async fn run_in(
             .with_context(|| format!("{service} never had {count} instances"))?;
     }
 
+    // On a cluster, a node no fault touches watches the whole group: a
+    // fault that kills no service must remove no instance.
+    let removals = match store {
+        StoreKind::Etcd => Some(count_removals(deployment.registries[2].addr.clone()).await?),
+        StoreKind::Memory => None,
+    };
     let started = Instant::now();
     let load = tokio::spawn({
         let mesh = mesh.clone();
@@ -217,8 +270,17 @@ async fn run_in(
     repair(&mut deployment, scenario).await?;
     let repaired = started.elapsed();
     let outcome = load.await.context("the load")?;
-    let violations =
+    let mut violations =
         invariants::check(&products_db, &orders_db, &initial, Duration::from_secs(30)).await?;
+    if let Some(removals) = removals {
+        let removed = removals.load(std::sync::atomic::Ordering::Relaxed);
+        let kills_a_service = matches!(scenario, Scenario::KillProduct | Scenario::KillOrder);
+        if removed > 0 && !kills_a_service {
+            violations.push(format!(
+                "{removed} instance(s) removed though no service died"
+            ));
+        }
+    }
     products_db.close().await.ok();
     orders_db.close().await.ok();
     let exits = deployment.stop().await?;
@@ -228,6 +290,7 @@ async fn run_in(
         violations,
         repaired,
         exits,
+        store,
     })
 }
 
@@ -236,7 +299,7 @@ fn victim(deployment: &mut Deployment, scenario: Scenario) -> Option<&mut crate:
     match scenario {
         Scenario::KillProduct | Scenario::StopProduct => Some(&mut deployment.products[1]),
         Scenario::KillOrder => Some(&mut deployment.orders[1]),
-        Scenario::KillRegistry => Some(&mut deployment.registry),
+        Scenario::KillRegistry => deployment.registries.first_mut(),
         _ => None,
     }
 }
@@ -297,6 +360,11 @@ async fn inject(
             admin.close().await.ok();
             return Ok(());
         }
+        Scenario::KillEtcdLeader => {
+            let etcd = deployment.etcd.as_mut().context("no etcd cluster")?;
+            let leader = etcd.leader().await?;
+            etcd.kill(leader).await?;
+        }
         Scenario::Baseline => {}
     }
     tokio::time::sleep(length).await;
@@ -307,6 +375,14 @@ async fn inject(
 /// port), a stopped one continues.
 async fn repair(deployment: &mut Deployment, scenario: Scenario) -> anyhow::Result<()> {
     let bin = deployment.bin.clone();
+    if scenario == Scenario::KillEtcdLeader {
+        return deployment
+            .etcd
+            .as_mut()
+            .context("no etcd cluster")?
+            .restart_all()
+            .await;
+    }
     match (scenario, victim(deployment, scenario)) {
         (Scenario::StopProduct, Some(stopped)) => stopped.signal(Signal::SIGCONT),
         (_, Some(killed)) => killed.restart(&bin).await,
@@ -338,6 +414,9 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
             Scenario::KillRegistry,
             Scenario::StopProduct,
         ];
+        if args.store == StoreKind::Etcd {
+            all.push(Scenario::KillEtcdLeader);
+        }
         match server {
             None => all.push(Scenario::SqliteLocked),
             Some(url) if url.starts_with("mysql:") => all.push(Scenario::MysqlKill),
@@ -348,10 +427,14 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         args.scenario.clone()
     };
     println!(
-        "shop-mesh soak: {} clients, {:?} a scenario, on {}",
+        "shop-mesh soak: {} clients, {:?} a scenario, on {}, the registry {}",
         args.clients,
         args.duration,
-        server.map_or("SQLite".to_string(), db::redact)
+        server.map_or("SQLite".to_string(), db::redact),
+        match args.store {
+            StoreKind::Memory => "in memory",
+            StoreKind::Etcd => "as 3 nodes on a 3-member etcd cluster",
+        }
     );
     println!();
     println!("{TABLE_HEADER}");
@@ -361,14 +444,13 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
             Some(url) => Some(fresh_database(url, scenario).await?),
             None => None,
         };
-        let report = run_scenario(
-            &bin,
-            scenario,
-            args.clients,
-            args.duration,
-            database.as_ref().map(|(url, _)| url.as_str()),
-        )
-        .await;
+        let plan = Plan {
+            clients: args.clients,
+            duration: args.duration,
+            database_url: database.as_ref().map(|(url, _)| url.as_str()),
+            store: args.store,
+        };
+        let report = run_scenario(&bin, scenario, plan).await;
         if let (Some(url), Some((_, name))) = (server, &database)
             && let Err(err) = db::drop_database(url, name).await
         {
@@ -379,6 +461,32 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         println!("{}", report.row());
     }
     Ok(all_held)
+}
+
+/// Watches every service of the default group through the registry at
+/// `addr` and counts the instances it sees removed.
+async fn count_removals(addr: String) -> anyhow::Result<Arc<AtomicUsize>> {
+    use crate::pb::registry as pb;
+    let mut client = pb::registry_client::RegistryClient::connect(format!("http://{addr}")).await?;
+    let mut events = client
+        .watch(pb::WatchRequest::default())
+        .await
+        .context("watch the group")?
+        .into_inner();
+    let removed = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let removed = removed.clone();
+        async move {
+            while let Ok(Some(answer)) = events.message().await {
+                if let Some(pb::watch_response::Body::Change(change)) = answer.body
+                    && change.kind == pb::change::Kind::Delete as i32
+                {
+                    removed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    Ok(removed)
 }
 
 /// A new database beside the one `server` names; its URL and name.

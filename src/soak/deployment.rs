@@ -1,11 +1,14 @@
-//! The shop as separate processes of the real binary: a registry on a
-//! fixed loopback port (so it can be restarted where its clients look),
-//! user, two products and two orders on port 0, addresses read from their
-//! JSON logs ([`Process`]).
+//! The shop as separate processes of the real binary: a registry (or
+//! three registry nodes over a 3-member etcd cluster) on loopback, each
+//! restarted where its clients look, then user, two products and two
+//! orders on port 0, addresses read from their JSON logs ([`Process`]).
 
 use std::path::{Path, PathBuf};
 
-use crate::harness::Process;
+use anyhow::Context;
+
+use crate::harness::{EtcdCluster, Process};
+use crate::registry::StoreKind;
 
 /// Timings short enough that a fault and its recovery fit in seconds.
 const ENV: &[(&str, &str)] = &[
@@ -18,7 +21,7 @@ const ENV: &[(&str, &str)] = &[
     ("SHOP_MESH__SHOP__SWEEP_INTERVAL", "500ms"),
 ];
 
-/// Registry, user, two products, two orders.
+/// Registry (or registry nodes), user, two products, two orders.
 pub struct Deployment {
     /// The binary every process runs, and restarts with.
     pub bin: PathBuf,
@@ -26,8 +29,11 @@ pub struct Deployment {
     pub dir: PathBuf,
     /// The shared database, or None for SQLite files under `dir`.
     pub database_url: Option<String>,
-    /// The registry, on the address the services were given.
-    pub registry: Process,
+    /// The registry, or the three registry nodes of a cluster.
+    pub registries: Vec<Process>,
+    /// The etcd cluster the registry nodes keep their state in, when they
+    /// are a cluster.
+    pub etcd: Option<EtcdCluster>,
     /// The one user service.
     pub user: Process,
     /// Two product services, so one can die while the other serves.
@@ -38,27 +44,39 @@ pub struct Deployment {
 
 impl Deployment {
     /// Starts every process of `bin`, data under `dir`, on SQLite there or
-    /// on `database_url`, and waits until each says where it listens.
+    /// on `database_url`, and waits until each says where it listens. On
+    /// the etcd store, a 3-member etcd cluster and three registry nodes
+    /// over it come first.
     pub async fn start(
         bin: &Path,
         dir: &Path,
         database_url: Option<&str>,
+        store: StoreKind,
     ) -> anyhow::Result<Deployment> {
-        let registry = Process::start(
-            bin,
-            "registry",
-            vec![
-                "registry".into(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--data-dir".into(),
-                dir.join("registry").display().to_string(),
-            ],
-            ENV,
-        )
-        .await?;
-        // A restarted registry comes back on this address.
-        let registry_addr = registry.addr.clone();
+        let (etcd, registries) = match store {
+            StoreKind::Memory => (None, vec![registry(bin, dir, 0, &[]).await?]),
+            StoreKind::Etcd => {
+                let etcd = EtcdCluster::start(3).await?.context(
+                    "the etcd store's scenarios need etcd (apt-get install etcd-server)",
+                )?;
+                let cluster = [
+                    "--store".to_string(),
+                    "etcd".into(),
+                    "--etcd-endpoints".into(),
+                    etcd.endpoints().join(","),
+                ];
+                let mut nodes = Vec::new();
+                for node in 0..3 {
+                    nodes.push(registry(bin, dir, node, &cluster).await?);
+                }
+                (Some(etcd), nodes)
+            }
+        };
+        let registry_addr = registries
+            .iter()
+            .map(|r| r.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",");
         let service = |role: &'static str| {
             let mut args = vec![
                 role.to_string(),
@@ -89,16 +107,21 @@ impl Deployment {
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
             database_url: database_url.map(str::to_owned),
-            registry,
+            registries,
+            etcd,
             user,
             products,
             orders,
         })
     }
 
-    /// Where the services find the registry.
+    /// Where the services find the registry: every node, a,b,c.
     pub fn registry_addr(&self) -> String {
-        self.registry.addr.clone()
+        self.registries
+            .iter()
+            .map(|r| r.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The database URL a role stores in.
@@ -119,7 +142,28 @@ impl Deployment {
             codes.push((process.role, process.terminate().await?));
         }
         codes.push(("user", self.user.terminate().await?));
-        codes.push(("registry", self.registry.terminate().await?));
+        for registry in &mut self.registries {
+            codes.push(("registry", registry.terminate().await?));
+        }
         Ok(codes)
     }
+}
+
+/// A registry (node `node` of a cluster, with `extra` flags) on loopback
+/// port 0; a restart comes back on the port it got.
+async fn registry(
+    bin: &Path,
+    dir: &Path,
+    node: usize,
+    extra: &[String],
+) -> anyhow::Result<Process> {
+    let mut args = vec![
+        "registry".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        dir.join(format!("registry-{node}")).display().to_string(),
+    ];
+    args.extend(extra.iter().cloned());
+    Process::start(bin, "registry", args, ENV).await
 }

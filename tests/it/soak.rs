@@ -5,7 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use shop_mesh::soak::{Report, Scenario, run_scenario};
+use shop_mesh::registry::StoreKind;
+use shop_mesh::soak::{Plan, Report, Scenario, run_scenario};
 
 use crate::shop::{Backend, TestDb};
 
@@ -21,7 +22,7 @@ fn holds(report: &Report) {
     assert!(o.placed.len() > 100, "the load ran: {row}");
     assert!(report.violations.is_empty(), "{row}");
     assert!(o.wrong.is_empty(), "answers no client should get: {row}");
-    if report.scenario.replicated() {
+    if report.fault_is_redundant() {
         assert!(
             o.failed.is_empty(),
             "no order may fail for good: {row} {:?}",
@@ -44,10 +45,52 @@ fn holds(report: &Report) {
 }
 
 async fn scenario(scenario: Scenario, database_url: Option<&str>) {
-    let report = run_scenario(Path::new(BIN), scenario, CLIENTS, DURATION, database_url)
+    run(scenario, database_url, StoreKind::Memory).await;
+}
+
+async fn run(scenario: Scenario, database_url: Option<&str>, store: StoreKind) {
+    let plan = Plan {
+        clients: CLIENTS,
+        duration: DURATION,
+        database_url,
+        store,
+    };
+    let report = run_scenario(Path::new(BIN), scenario, plan)
         .await
         .unwrap_or_else(|err| panic!("{}: {err:#}", scenario.name()));
     holds(&report);
+}
+
+/// The cluster's scenarios run where etcd is installed; without it they
+/// say SKIPPED (under CI its absence fails them).
+fn etcd_here() -> bool {
+    let installed = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .iter()
+        .any(|bin| Path::new(bin).is_file());
+    if !installed {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "etcd must be installed in CI"
+        );
+        crate::skipped(
+            "the soak's etcd scenarios: etcd is not installed (apt-get install etcd-server)",
+        );
+    }
+    installed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_a_registry_node_of_a_cluster() {
+    if etcd_here() {
+        run(Scenario::KillRegistry, None, StoreKind::Etcd).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_the_etcd_leader_under_a_cluster() {
+    if etcd_here() {
+        run(Scenario::KillEtcdLeader, None, StoreKind::Etcd).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
