@@ -17,11 +17,13 @@ use tonic::transport::{Channel, Endpoint};
 use crate::pb::registry as pb;
 use crate::pb::registry::registry_client::RegistryClient;
 
+mod cluster;
 mod discovery;
 mod idle;
 mod orders;
 mod watchers;
 
+pub use cluster::ClusterBench;
 pub use discovery::DiscoveryBench;
 pub use idle::IdleBench;
 pub use orders::OrdersBench;
@@ -45,6 +47,9 @@ pub enum Bench {
     /// Idle connections: health checks with thousands of connections open
     /// that never send a byte, and when the registry closes them.
     Idle(IdleBench),
+    /// The registry on etcd beside the registry in memory and beside plain
+    /// etcd puts, on one 3-member etcd cluster started here.
+    Cluster(ClusterBench),
 }
 
 /// `shop-mesh bench registry`: a registry's write, read and watch rates.
@@ -90,6 +95,7 @@ impl Bench {
             Bench::Orders(bench) => bench.run().await,
             Bench::Watchers(bench) => bench.run().await,
             Bench::Idle(bench) => bench.run().await,
+            Bench::Cluster(bench) => bench.run().await,
         }
     }
 }
@@ -109,11 +115,21 @@ impl Drop for BenchRegistry {
 impl BenchRegistry {
     /// This binary's registry on a port of loopback's own choosing.
     async fn start() -> anyhow::Result<(BenchRegistry, SocketAddr)> {
-        let data_dir = std::env::temp_dir().join(format!("shop-mesh-bench-{}", std::process::id()));
+        Self::start_with(&[]).await
+    }
+
+    /// [`BenchRegistry::start`] with more flags (`--store etcd ...`).
+    async fn start_with(extra: &[String]) -> anyhow::Result<(BenchRegistry, SocketAddr)> {
+        let data_dir = std::env::temp_dir().join(format!(
+            "shop-mesh-bench-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         let args = ["registry", "--listen", "127.0.0.1:0", "--data-dir"]
             .into_iter()
             .map(String::from)
             .chain([data_dir.display().to_string()])
+            .chain(extra.iter().cloned())
             .collect();
         let exe = std::env::current_exe()?;
         let process = crate::harness::Process::start(&exe, "registry", args, &[])

@@ -50,6 +50,10 @@ pub struct Args {
     /// [config: registry.etcd.endpoints].
     #[arg(long, value_delimiter = ',')]
     pub etcd_endpoints: Option<Vec<String>>,
+    /// The prefix of every key the registry writes in etcd
+    /// [config: registry.etcd.prefix].
+    #[arg(long)]
+    pub etcd_prefix: Option<String>,
 }
 
 impl Args {
@@ -67,6 +71,9 @@ impl Args {
         }
         if let Some(endpoints) = &self.etcd_endpoints {
             config.etcd.endpoints = endpoints.clone();
+        }
+        if let Some(prefix) = &self.etcd_prefix {
+            config.etcd.prefix = prefix.clone();
         }
     }
 }

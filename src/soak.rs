@@ -274,8 +274,13 @@ async fn run_in(
         invariants::check(&products_db, &orders_db, &initial, Duration::from_secs(30)).await?;
     if let Some(removals) = removals {
         let removed = removals.load(std::sync::atomic::Ordering::Relaxed);
-        let kills_a_service = matches!(scenario, Scenario::KillProduct | Scenario::KillOrder);
-        if removed > 0 && !kills_a_service {
+        // A product stopped past the delete timeout is removed, as a
+        // dead one is: only the other faults must remove nothing.
+        let silences_a_service = matches!(
+            scenario,
+            Scenario::KillProduct | Scenario::KillOrder | Scenario::StopProduct
+        );
+        if removed > 0 && !silences_a_service {
             violations.push(format!(
                 "{removed} instance(s) removed though no service died"
             ));
