@@ -263,3 +263,48 @@ async fn a_prober_that_dies_without_a_word_is_replaced_once_its_lease_expires() 
     db_reads(&clients, true, "the second node to probe it serving again").await;
     drop(etcd);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prober_whose_lease_is_revoked_stops_probing_and_another_takes_over() {
+    let Some((etcd, prefix)) = etcd().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    let first = TestRegistry::start_with(node_config(&etcd, &prefix, ttl)).await;
+    let health = HealthServer::start().await;
+    register_db(&mut first.client().await, &health).await;
+    db_reads(&[first.client().await], true, "the first node to probe it").await;
+    let second = TestRegistry::start_with(node_config(&etcd, &prefix, ttl)).await;
+    let clients = clients(&[&first, &second]).await;
+    db_reads(&clients, true, "both nodes to see it healthy").await;
+
+    // The first node's lease ends while it runs (as when etcd lost sight
+    // of it for longer than the TTL): it must stop probing, since the
+    // second one wins the key as soon as it is gone.
+    let client = shop_mesh::etcd::Etcd::connect(&etcd.endpoints(), Duration::from_secs(1))
+        .expect("an etcd client");
+    let held = client
+        .get(format!("{prefix}/prober"))
+        .await
+        .expect("read the prober's key")
+        .expect("a node holds it");
+    client
+        .lease_revoke(held.lease.expect("held under a lease"))
+        .await
+        .expect("revoke");
+    wait_until("another lease to hold the key", PATIENCE, || {
+        let client = client.clone();
+        let key = format!("{prefix}/prober");
+        async move {
+            let now = client.get(key).await.expect("read the prober's key");
+            now.is_some_and(|kv| kv.lease != held.lease)
+        }
+    })
+    .await;
+    // Probes already on their way when the key moved may still arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(probers(&health).await, 1, "exactly one node probes after");
+    health.set_serving(false).await;
+    db_reads(&clients, false, "the new prober to find it not serving").await;
+    drop(etcd);
+}

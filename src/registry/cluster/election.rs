@@ -160,6 +160,9 @@ impl Campaign {
         loop {
             let (holds, watched_from) = match self.try_win(lease).await {
                 Ok(tried) => tried,
+                // Revoked behind this node's back, or expired while etcd
+                // could not be reached: the key is not this lease's to win.
+                Err(err) if err.kind == etcd::ErrorKind::LeaseNotFound => return Ended::LeaseLost,
                 Err(err) => {
                     tracing::warn!(%err, "cannot campaign for the prober");
                     self.step_down();
