@@ -174,7 +174,9 @@ impl Registry {
         Registry { inner }
     }
 
-    /// Stops the reaper and the probes and ends every watch. Idempotent.
+    /// Stops the reaper and the probes and ends every watch; a cluster
+    /// node also gives up probing, in the background ([`Registry::leave`]
+    /// waits until etcd knows). Idempotent.
     pub fn close(&self) {
         self.inner.closed.cancel();
         for (_, probe) in self.inner.probes.lock().drain() {

@@ -44,7 +44,8 @@ impl Registry {
     /// Joins the registry cluster on `config.etcd`: connects, reads the
     /// whole state into this node's view and follows etcd's changes from
     /// there. Answers once the view holds the state, so a node never
-    /// serves an empty registry while it loads.
+    /// serves an empty registry while it loads. From then on the node
+    /// also campaigns to be the one that probes persistent instances.
     pub async fn join(config: &Config) -> Result<Registry, crate::etcd::Error> {
         let node = Arc::new(Node::connect(&config.etcd).await?);
         let registry = Registry::with_store(config, None, Some(node.clone()));
