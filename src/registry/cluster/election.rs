@@ -137,9 +137,13 @@ impl Campaign {
                 Ended::LeaseLost => self.step_down(),
                 Ended::Resigned => {
                     self.step_down();
-                    if let Err(err) = self.etcd.lease_revoke(lease).await {
-                        // It expires within its TTL anyway.
-                        tracing::warn!(%err, "cannot give the prober's key up");
+                    // Not longer than the TTL: by then the lease has
+                    // expired anyway, and a stopping node must not wait
+                    // on an etcd that does not answer.
+                    match tokio::time::timeout(self.ttl, self.etcd.lease_revoke(lease)).await {
+                        Ok(Ok(())) => tracing::info!("gave the probing of persistent instances up"),
+                        Ok(Err(err)) => tracing::warn!(%err, "cannot give the prober's key up"),
+                        Err(_) => tracing::warn!("no answer giving the prober's key up"),
                     }
                     return;
                 }
