@@ -108,6 +108,12 @@ pub struct EtcdConfig {
     /// How long one etcd call may take before the next member is tried.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The TTL of the etcd lease by which one node holds the probing of
+    /// persistent instances: how long their health may go unprobed after
+    /// that node dies without a word (a clean stop hands it over at
+    /// once). etcd's minimum is 2 s.
+    #[serde(with = "humantime_serde")]
+    pub prober_ttl: Duration,
 }
 
 impl Default for EtcdConfig {
@@ -117,6 +123,7 @@ impl Default for EtcdConfig {
             prefix: "/shop-mesh".into(),
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
+            prober_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -265,6 +272,8 @@ pub async fn run(
     let result = server
         .serve(routes, listener, config.shutdown_grace, stop)
         .await;
-    registry.close();
+    // Hands the probing of persistent instances over before the process
+    // can exit, so a clean stop leaves no gap in them.
+    registry.leave().await;
     result
 }

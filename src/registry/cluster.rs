@@ -15,8 +15,15 @@
 //! derives "healthy" from that key being there. A heartbeat, on any node,
 //! renews both.
 //!
+//! Persistent instances have no lease: the registry probes them. One
+//! node at a time does, elected through etcd (see [`election`]), and
+//! writes the verdicts that change an instance's health to etcd, whence
+//! every node's view learns them.
+//!
 //! - [`keys`]: where each part of the state lives in etcd.
+//! - [`election`]: which node probes.
 
+pub mod election;
 pub mod keys;
 
 use std::collections::HashMap;
@@ -108,6 +115,12 @@ impl Node {
         let result = self.etcd.txn(txn).await.map_err(unavailable)?;
         self.caught_up(result.revision).await;
         Ok(result)
+    }
+
+    /// The etcd revision the view has applied, and its changes: what
+    /// tells the prober to look for instances to start or stop probing.
+    pub(in crate::registry) fn applied(&self) -> watch::Receiver<i64> {
+        self.applied.subscribe()
     }
 
     /// Waits until the view has applied etcd's `revision`.

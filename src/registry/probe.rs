@@ -67,6 +67,6 @@ pub(super) async fn run(
         let Some(registry) = registry.upgrade() else {
             return;
         };
-        registry.set_probed_health(&key, &addr, healthy);
+        registry.probed(&key, &addr, healthy).await;
     }
 }

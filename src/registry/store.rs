@@ -34,7 +34,7 @@ mod replicated;
 mod view;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use tokio::sync::{Notify, Semaphore};
@@ -72,6 +72,9 @@ struct Inner {
     /// below is fed from there.
     node: Option<Arc<cluster::Node>>,
     probes: Mutex<HashMap<(ServiceKey, InstanceAddr), AbortHandle>>,
+    /// On a cluster node, once its view is loaded: whether it is the one
+    /// that probes.
+    election: OnceLock<cluster::election::Election>,
     closed: CancellationToken,
 }
 
@@ -160,6 +163,7 @@ impl Registry {
             store,
             node,
             probes: Mutex::new(HashMap::new()),
+            election: OnceLock::new(),
             closed: CancellationToken::new(),
         });
         tokio::spawn(reap(
@@ -170,7 +174,9 @@ impl Registry {
         Registry { inner }
     }
 
-    /// Stops the reaper and the probes and ends every watch. Idempotent.
+    /// Stops the reaper and the probes and ends every watch; a cluster
+    /// node also gives up probing, in the background ([`Registry::leave`]
+    /// waits until etcd knows). Idempotent.
     pub fn close(&self) {
         self.inner.closed.cancel();
         for (_, probe) in self.inner.probes.lock().drain() {

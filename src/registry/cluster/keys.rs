@@ -71,6 +71,13 @@ pub fn instances_of(prefix: &str, service: &ServiceKey) -> String {
     format!("{prefix}/i/{}/", service_path(service))
 }
 
+/// The key whose holder probes the persistent instances (see
+/// [`super::election`]). Not a [`Key`]: the view has nothing to apply
+/// from it, and skips it.
+pub fn prober(prefix: &str) -> String {
+    format!("{prefix}/prober")
+}
+
 /// The etcd leases behind a registry lease: one for the instances, with
 /// the delete timeout as its TTL, and one for the alive key, with the
 /// unhealthy timeout. Both are the registry's lease id itself (even) and
@@ -154,6 +161,7 @@ mod tests {
             "/p/a/12",
             "/p/x/1",
             "/pp/a/0000000000000001",
+            prober("/p").as_str(),
         ] {
             assert_eq!(Key::decode("/p", foreign.as_bytes()), None, "{foreign}");
         }

@@ -20,7 +20,8 @@ use super::lease::Lease;
 use super::{Registry, State};
 use crate::etcd::EventKind;
 use crate::registry::Config;
-use crate::registry::cluster::keys::Key;
+use crate::registry::cluster::election::Election;
+use crate::registry::cluster::keys::{self, Key};
 use crate::registry::cluster::{Feed, Node};
 use crate::registry::model::{Event, Instance, InstanceAddr, LeaseId, ServiceKey, ServiceSettings};
 
@@ -43,7 +44,8 @@ impl Registry {
     /// Joins the registry cluster on `config.etcd`: connects, reads the
     /// whole state into this node's view and follows etcd's changes from
     /// there. Answers once the view holds the state, so a node never
-    /// serves an empty registry while it loads.
+    /// serves an empty registry while it loads. From then on the node
+    /// also campaigns to be the one that probes persistent instances.
     pub async fn join(config: &Config) -> Result<Registry, crate::etcd::Error> {
         let node = Arc::new(Node::connect(&config.etcd).await?);
         let registry = Registry::with_store(config, None, Some(node.clone()));
@@ -56,6 +58,21 @@ impl Registry {
         };
         tokio::spawn(node.clone().feed(apply, registry.inner.closed.clone()));
         node.caught_up(1).await;
+        // Only once the view is loaded: a node elected before would not
+        // know what to probe.
+        let election = Election::start(
+            node.etcd.clone(),
+            keys::prober(&node.prefix),
+            config.etcd.prober_ttl,
+            registry.inner.closed.child_token(),
+        );
+        tokio::spawn(super::probes::supervise(
+            Arc::downgrade(&registry.inner),
+            election.leads(),
+            node.applied(),
+            registry.inner.closed.clone(),
+        ));
+        let _ = registry.inner.election.set(election);
         tracing::info!(
             endpoints = %node.etcd.endpoints(),
             prefix = %node.prefix,
