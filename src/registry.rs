@@ -22,6 +22,7 @@ pub use crate::error::Error;
 pub use grpc::RegistryService;
 pub use persist::Error as DataDirError;
 pub use probe::HEALTH_SERVICE_KEY;
+pub use cluster::{ClusterInfo, EtcdInfo, EtcdMember};
 pub use store::{KeepAlive, Registry, Stats};
 pub use watch::{SNAPSHOT_CHUNK, Selector, WatchItem, WatchStream};
 
@@ -235,8 +236,11 @@ pub async fn run(
         }
         StoreKind::Etcd => (Registry::join(config).await?, None),
     };
-    let service = RegistryServer::new(RegistryService::new(registry.clone(), shutdown.clone()))
-        .max_decoding_message_size(config.limits.max_message_size);
+    let service = RegistryServer::new(
+        RegistryService::new(registry.clone(), shutdown.clone())
+            .listening_on(listener.local_addr()?),
+    )
+    .max_decoding_message_size(config.limits.max_message_size);
     let mut server = crate::server::Server::new(shutdown.clone(), connections).await;
     server.limit_message_size(config.limits.max_message_size);
     let routes = server
