@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cluster;
+mod cluster_process;
 mod config;
 mod connections;
 mod discovery;
