@@ -54,7 +54,11 @@ async fn client(
     // No endless retrying: a person is waiting. Dropping the attempt at
     // the deadline stops it.
     let never = Shutdown::new();
-    let addrs = config.registry.split(',').filter(|a| !a.trim().is_empty()).count() as u32;
+    let addrs = config
+        .registry
+        .split(',')
+        .filter(|a| !a.trim().is_empty())
+        .count() as u32;
     let patience = config.connect_timeout * (addrs.max(1) + 1);
     match tokio::time::timeout(patience, connector.connect_named(&never)).await {
         Ok(Some(reached)) => Ok(reached),
@@ -287,8 +291,14 @@ pub async fn cluster(
                         m.name.clone(),
                         format!("{:x}", m.id),
                         m.client_urls.join(","),
-                        if m.leader { "leader" } else if m.learner { "learner" } else { "follower" }
-                            .to_string(),
+                        if m.leader {
+                            "leader"
+                        } else if m.learner {
+                            "learner"
+                        } else {
+                            "follower"
+                        }
+                        .to_string(),
                     ]
                 })
                 .collect();

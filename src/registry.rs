@@ -19,10 +19,10 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 pub use crate::error::Error;
+pub use cluster::{ClusterInfo, EtcdInfo, EtcdMember};
 pub use grpc::RegistryService;
 pub use persist::Error as DataDirError;
 pub use probe::HEALTH_SERVICE_KEY;
-pub use cluster::{ClusterInfo, EtcdInfo, EtcdMember};
 pub use store::{KeepAlive, Registry, Stats};
 pub use watch::{SNAPSHOT_CHUNK, Selector, WatchItem, WatchStream};
 

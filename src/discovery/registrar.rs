@@ -71,7 +71,16 @@ async fn keep_registered(
         let last_client = Some(client.clone());
         if lease != 0 {
             tracing::debug!(lease, %registry, "resuming the lease");
-            match heartbeat(&mut client, instance, lease, interval, shutdown, Some(&registry)).await {
+            match heartbeat(
+                &mut client,
+                instance,
+                lease,
+                interval,
+                shutdown,
+                Some(&registry),
+            )
+            .await
+            {
                 Ended::Left => return None,
                 Ended::LeaseLost => {
                     tracing::warn!(

@@ -83,11 +83,7 @@ async fn record(mut client: RegistryClient<Channel>) -> Arc<Mutex<Vec<Seen>>> {
         .await
         .expect("watch")
         .into_inner();
-    let first = stream
-        .next()
-        .await
-        .expect("an answer")
-        .expect("a snapshot");
+    let first = stream.next().await.expect("an answer").expect("a snapshot");
     assert!(matches!(
         first.body,
         Some(pb::watch_response::Body::Snapshot(_))
@@ -251,7 +247,10 @@ async fn services_resume_their_leases_on_another_node_when_theirs_is_killed() {
     // kill -9 A, the node both keep their leases through.
     nodes[0].kill().await.unwrap();
     for process in [&mut user, &mut product] {
-        process.logged("lost the registry; reconnecting").await.unwrap();
+        process
+            .logged("lost the registry; reconnecting")
+            .await
+            .unwrap();
         let resumed = process.logged("resumed the lease").await.unwrap();
         assert_eq!(resumed["registry"], addrs[1].as_str(), "{resumed}");
     }
@@ -264,8 +263,7 @@ async fn services_resume_their_leases_on_another_node_when_theirs_is_killed() {
         || {
             let (on_b, on_c) = (on_b.clone(), on_c.clone());
             async move {
-                for (name, port) in [("server-user", user_port), ("server-product", product_port)]
-                {
+                for (name, port) in [("server-user", user_port), ("server-product", product_port)] {
                     for (node, client) in [("B", &on_b), ("C", &on_c)] {
                         let now = found(client, name).await;
                         if now != [(port, true)] {
@@ -324,10 +322,9 @@ async fn services_resume_their_leases_on_another_node_when_theirs_is_killed() {
         "the watcher on C saw the user leave or turn unhealthy"
     );
     assert!(
-        seen.iter()
-            .any(|(kind, service, port, _)| *kind == "delete"
-                && service == "server-product"
-                && *port == product_port),
+        seen.iter().any(|(kind, service, port, _)| *kind == "delete"
+            && service == "server-product"
+            && *port == product_port),
         "the watcher on C saw the product removed: {seen:?}"
     );
     assert_eq!(user.count_logged("registered"), 1);
@@ -335,4 +332,102 @@ async fn services_resume_their_leases_on_another_node_when_theirs_is_killed() {
     assert_eq!(user.terminate().await.unwrap(), Some(0));
     assert_eq!(nodes[2].terminate().await.unwrap(), Some(0));
     drop(etcd);
+}
+
+/// `shop-mesh up --registries 3 --store etcd`: three registry nodes, each
+/// in the summary, every service given all three, and Ctrl-C stops it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_three_registry_nodes_over_etcd() {
+    let Some(etcd) = EtcdCluster::start(3).await.expect("etcd cluster") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("/test-{:08x}", rand::random::<u32>());
+    let args = vec![
+        "up".to_string(),
+        "--registries".into(),
+        "3".into(),
+        "--store".into(),
+        "etcd".into(),
+        "--etcd-endpoints".into(),
+        etcd.endpoints().join(","),
+        "--data-dir".into(),
+        dir.path().join("data").display().to_string(),
+    ];
+    let env = [
+        ("SHOP_MESH__REGISTRY__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__USER__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__PRODUCT__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__ORDER__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__REGISTRY__ETCD__PREFIX", prefix.as_str()),
+    ];
+    let mut up = Process::start(Path::new(BIN), "up", args, &env)
+        .await
+        .unwrap();
+    let summary = up
+        .printed(|line| line.starts_with("Ctrl-C"))
+        .await
+        .expect("up prints its summary")
+        .join("\n");
+    assert!(
+        summary.starts_with("shop-mesh is up: 3 registry nodes on etcd and 3 service instances"),
+        "{summary}"
+    );
+    let registries: Vec<String> = summary
+        .lines()
+        .filter(|line| line.starts_with("registry "))
+        .map(|line| line.split_whitespace().nth(2).unwrap().to_string())
+        .collect();
+    assert_eq!(registries.len(), 3, "{summary}");
+    assert!(
+        registries[0] != registries[1] && registries[1] != registries[2],
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("--registry {}", registries.join(","))),
+        "{summary}"
+    );
+    // Every node answers for all of it.
+    for node in &registries {
+        let (ok, out, err) = run_bin(&["services", "--registry", node]).await;
+        assert!(ok, "{err}");
+        assert_eq!(out.lines().count(), 1 + 3 + 2, "{out}");
+        assert!(out.ends_with(&format!("\nanswered by {node}\n")), "{out}");
+    }
+    let (ok, out, err) = run_bin(&[
+        "order",
+        "place",
+        "--user",
+        "1001",
+        "--product",
+        "1001",
+        "--count",
+        "10",
+        "--registry",
+        &registries.join(","),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("23990.00"), "{out}");
+
+    assert_eq!(
+        up.stop_with(nix::sys::signal::Signal::SIGINT)
+            .await
+            .unwrap(),
+        Some(0)
+    );
+    assert_eq!(up.count_logged("deregistered"), 3);
+    drop(etcd);
+}
+
+#[tokio::test]
+async fn up_refuses_several_registries_on_the_memory_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let (ok, _, err) = run_bin(&["up", "--registries", "2", "--data-dir", &data]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("2 registry nodes need a shared store: add --store etcd"),
+        "{err}"
+    );
 }

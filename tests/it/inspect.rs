@@ -63,9 +63,7 @@ async fn services_and_instances_print_tables_and_json() {
     assert!(ok);
     assert_eq!(
         out,
-        format!(
-            "NODE      {addr}\nSTORE     memory\nREVISION  1\n\nanswered by {addr}\n"
-        )
+        format!("NODE      {addr}\nSTORE     memory\nREVISION  1\n\nanswered by {addr}\n")
     );
 
     let (ok, _, err) = run_bin(&["instances", "nobody", "--registry", &addr]).await;
