@@ -68,6 +68,9 @@ pub enum Role {
         #[command(flatten)]
         scope: crate::inspect::Scope,
     },
+    /// Shows the registry node that answers, where its state lives and,
+    /// on the etcd store, the etcd cluster's members and its leader.
+    Cluster(crate::inspect::Scope),
     /// Runs the shop as processes under load and faults, and checks that
     /// nothing was oversold, lost or doubled.
     Soak(crate::soak::Args),
@@ -133,9 +136,10 @@ impl Role {
             Role::Product(role) => role.serve.apply(&mut config.discovery, &mut config.product),
             Role::Order(role) => role.serve.apply(&mut config.discovery, &mut config.order),
             Role::Up(args) => args.apply(config),
-            Role::Services(scope) | Role::Instances { scope, .. } | Role::Watch { scope, .. } => {
-                scope.apply(&mut config.discovery)
-            }
+            Role::Services(scope)
+            | Role::Cluster(scope)
+            | Role::Instances { scope, .. }
+            | Role::Watch { scope, .. } => scope.apply(&mut config.discovery),
             _ => {}
         }
         if self.prints_for_people() {
@@ -151,7 +155,11 @@ impl Role {
             Role::Product(ProductRole { command, .. }) => command.is_some(),
             Role::Order(OrderRole { command, .. }) => command.is_some(),
             Role::Up(args) => !args.verbose,
-            Role::Soak(_) | Role::Services(_) | Role::Instances { .. } | Role::Watch { .. } => true,
+            Role::Soak(_)
+            | Role::Services(_)
+            | Role::Cluster(_)
+            | Role::Instances { .. }
+            | Role::Watch { .. } => true,
             Role::Registry(_) | Role::Bench(_) => false,
         }
     }
@@ -232,6 +240,11 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
         Role::Bench(bench) => bench.run().await.map(|()| ExitCode::SUCCESS),
         Role::Services(scope) => {
             crate::inspect::services(&config.discovery, &config.connections, scope.json)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Role::Cluster(scope) => {
+            crate::inspect::cluster(&config.discovery, &config.connections, scope.json)
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }

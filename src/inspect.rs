@@ -1,5 +1,8 @@
-//! Commands that look into the registry: `services`, `instances`, `watch`.
-//! Tables for people, `--json` (one object per line) for scripts.
+//! Commands that look into the registry: `services`, `instances`, `watch`,
+//! `cluster`. Tables for people, `--json` (one object per line) for
+//! scripts. A table ends (a watch begins) with the registry node that
+//! answered: with several addresses (a,b,c) it is the first that could be
+//! reached.
 
 use std::io::Write;
 
@@ -42,18 +45,30 @@ impl Scope {
     }
 }
 
+/// A client of the first registry address that answers, and that address.
 async fn client(
     config: &crate::discovery::Config,
     connections: &Connections,
-) -> anyhow::Result<RegistryClient<tonic::transport::Channel>> {
+) -> anyhow::Result<(RegistryClient<tonic::transport::Channel>, String)> {
     let connector = config.connector(connections)?;
     // No endless retrying: a person is waiting. Dropping the attempt at
     // the deadline stops it.
     let never = Shutdown::new();
-    match tokio::time::timeout(config.connect_timeout * 2, connector.connect(&never)).await {
-        Ok(Some(client)) => Ok(client),
+    let addrs = config
+        .registry
+        .split(',')
+        .filter(|a| !a.trim().is_empty())
+        .count() as u32;
+    let patience = config.connect_timeout * (addrs.max(1) + 1);
+    match tokio::time::timeout(patience, connector.connect_named(&never)).await {
+        Ok(Some(reached)) => Ok(reached),
         _ => anyhow::bail!("cannot reach the registry at {}", config.registry),
     }
+}
+
+/// The line under a table naming the registry node that answered.
+fn answered_by(addr: &str) -> String {
+    format!("\nanswered by {addr}\n")
 }
 
 /// A status as a person reads it: `FailedPrecondition: product 1001 has ...`.
@@ -67,7 +82,7 @@ pub async fn services(
     connections: &Connections,
     json: bool,
 ) -> anyhow::Result<()> {
-    let mut client = client(config, connections).await?;
+    let (mut client, answered) = client(config, connections).await?;
     let mut all = Vec::new();
     for page in 1.. {
         let answer = client
@@ -107,8 +122,9 @@ pub async fn services(
         .collect();
     write!(
         out,
-        "{}",
-        table(&["SERVICE", "INSTANCES", "HEALTHY"], &rows)
+        "{}{}",
+        table(&["SERVICE", "INSTANCES", "HEALTHY"], &rows),
+        answered_by(&answered)
     )?;
     Ok(())
 }
@@ -120,7 +136,7 @@ pub async fn instances(
     service: &str,
     json: bool,
 ) -> anyhow::Result<()> {
-    let mut client = client(config, connections).await?;
+    let (mut client, answered) = client(config, connections).await?;
     let answer = client
         .get_service(pb::GetServiceRequest {
             namespace: config.namespace.clone(),
@@ -141,7 +157,7 @@ pub async fn instances(
     let rows: Vec<Vec<String>> = answer.instances.iter().map(instance_row).collect();
     write!(
         out,
-        "{}",
+        "{}{}",
         table(
             &[
                 "ADDRESS",
@@ -152,7 +168,8 @@ pub async fn instances(
                 "EPHEMERAL"
             ],
             &rows
-        )
+        ),
+        answered_by(&answered)
     )?;
     Ok(())
 }
@@ -165,7 +182,7 @@ pub async fn watch(
     json: bool,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let mut client = client(config, connections).await?;
+    let (mut client, answered) = client(config, connections).await?;
     let mut stream = client
         .watch(pb::WatchRequest {
             namespace: config.namespace.clone(),
@@ -176,6 +193,11 @@ pub async fn watch(
         .await
         .map_err(status)?
         .into_inner();
+    if !json {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "answered by {answered}")?;
+        out.flush()?;
+    }
     loop {
         let answer = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -215,6 +237,82 @@ pub async fn watch(
         }
         out.flush()?;
     }
+}
+
+/// `shop-mesh cluster`: the registry node that answered, where its state
+/// lives, its view's revision and, on the etcd store, etcd's members.
+pub async fn cluster(
+    config: &crate::discovery::Config,
+    connections: &Connections,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (mut client, answered) = client(config, connections).await?;
+    let info = client
+        .get_cluster(pb::GetClusterRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    if json {
+        let members: Vec<serde_json::Value> = info
+            .etcd_members
+            .iter()
+            .map(|m| {
+                json!({"id": format!("{:x}", m.id), "name": m.name, "client_urls": m.client_urls,
+                    "leader": m.leader, "learner": m.learner})
+            })
+            .collect();
+        let line = json!({"answered_by": answered, "node": info.node, "store": info.store,
+            "revision": info.revision, "incarnation": info.incarnation,
+            "etcd_endpoints": info.etcd_endpoints, "etcd_prefix": info.etcd_prefix,
+            "etcd_members": members, "etcd_error": info.etcd_error});
+        writeln!(out, "{line}")?;
+        return Ok(());
+    }
+    let mut rows = vec![
+        vec!["NODE".to_string(), info.node.clone()],
+        vec!["STORE".to_string(), info.store.clone()],
+        vec!["REVISION".to_string(), info.revision.to_string()],
+    ];
+    if info.store == "etcd" {
+        rows.push(vec!["ETCD".to_string(), info.etcd_endpoints.join(",")]);
+        rows.push(vec!["PREFIX".to_string(), info.etcd_prefix.clone()]);
+    }
+    let head = table(&["", ""], &rows);
+    // The header row of two empty cells is an empty line: drop it.
+    write!(out, "{}", head.trim_start_matches('\n'))?;
+    if info.store == "etcd" {
+        if info.etcd_error.is_empty() {
+            let members: Vec<Vec<String>> = info
+                .etcd_members
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.name.clone(),
+                        format!("{:x}", m.id),
+                        m.client_urls.join(","),
+                        if m.leader {
+                            "leader"
+                        } else if m.learner {
+                            "learner"
+                        } else {
+                            "follower"
+                        }
+                        .to_string(),
+                    ]
+                })
+                .collect();
+            write!(
+                out,
+                "\n{}",
+                table(&["ETCD MEMBER", "ID", "CLIENT URLS", "ROLE"], &members)
+            )?;
+        } else {
+            writeln!(out, "\netcd members unknown: {}", info.etcd_error)?;
+        }
+    }
+    write!(out, "{}", answered_by(&answered))?;
+    Ok(())
 }
 
 fn address(i: &pb::Instance) -> String {

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 pub use crate::error::Error;
+pub use cluster::{ClusterInfo, EtcdInfo, EtcdMember};
 pub use grpc::RegistryService;
 pub use persist::Error as DataDirError;
 pub use probe::HEALTH_SERVICE_KEY;
@@ -249,8 +250,11 @@ pub async fn run(
         }
         StoreKind::Etcd => (Registry::join(config).await?, None),
     };
-    let service = RegistryServer::new(RegistryService::new(registry.clone(), shutdown.clone()))
-        .max_decoding_message_size(config.limits.max_message_size);
+    let service = RegistryServer::new(
+        RegistryService::new(registry.clone(), shutdown.clone())
+            .listening_on(listener.local_addr()?),
+    )
+    .max_decoding_message_size(config.limits.max_message_size);
     let mut server = crate::server::Server::new(shutdown.clone(), connections).await;
     server.limit_message_size(config.limits.max_message_size);
     let routes = server

@@ -4,6 +4,10 @@
 //! through the registry's gRPC API exactly as a separate process would;
 //! the order service finds the others by name. Ctrl-C stops the services
 //! first (each deregisters and drains), then the registry.
+//!
+//! With `--registries N --store etcd` the registry is N nodes over one
+//! etcd cluster, each on a listener of its own, and every service is
+//! given all N addresses.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -12,6 +16,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::discovery::Mesh;
+use crate::registry::StoreKind;
 use crate::roles::{ShopRole, Spawned};
 use crate::server::bind;
 use crate::shop::{ORDER_SERVICE, PRODUCT_SERVICE, USER_SERVICE};
@@ -27,6 +32,17 @@ pub struct Args {
     /// after their first (8061, 8071, ...), or the next free ones.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub replicas: u16,
+    /// Registry nodes, on registry.listen's port and the next free ones;
+    /// more than one needs `--store etcd`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub registries: u16,
+    /// Where the registry's state lives [config: registry.store].
+    #[arg(long, value_enum)]
+    pub store: Option<StoreKind>,
+    /// The etcd cluster's client endpoints, a,b,c
+    /// [config: registry.etcd.endpoints].
+    #[arg(long, value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
     /// Where the registry and the services keep their data (SQLite files).
     #[arg(long, default_value = "data")]
     pub data_dir: PathBuf,
@@ -45,6 +61,12 @@ impl Args {
     pub fn apply(&self, config: &mut Config) {
         config.registry.data_dir = self.data_dir.join("registry");
         config.registry.listen.set_ip(self.host);
+        if let Some(store) = self.store {
+            config.registry.store = store;
+        }
+        if let Some(endpoints) = &self.etcd_endpoints {
+            config.registry.etcd.endpoints = endpoints.clone();
+        }
         config.discovery.registry = config.registry.listen.to_string();
         for (role, service) in [
             ("user", &mut config.user),
@@ -74,11 +96,11 @@ pub struct Running {
 /// The registry and every service, running in this process: what `up`
 /// shows a newcomer, and what `bench orders` measures.
 pub struct Stack {
-    /// What runs where, the registry first.
+    /// What runs where, the registry nodes first.
     pub running: Vec<Running>,
     /// Cancelled while the services start: stop waiting for them.
     shutdown: Shutdown,
-    registry: Spawned,
+    registries: Vec<Spawned>,
     services: Vec<Spawned>,
 }
 
@@ -91,30 +113,80 @@ impl Stack {
         replicas: u16,
         shutdown: Shutdown,
     ) -> anyhow::Result<Stack> {
-        let registry_listener = bind(config.registry.listen, "the registry", None).await?;
-        let registry = Spawned::registry(&config.registry, &config.connections, registry_listener)?;
-        let mut config = config.clone();
-        config.discovery.registry = registry.addr.to_string();
+        Self::start_cluster(config, 1, replicas, shutdown).await
+    }
+
+    /// [`Stack::start`] with `registries` registry nodes, the first on
+    /// `config.registry.listen`, the others on the next free ports; more
+    /// than one needs the etcd store (`config.registry.store`). Every
+    /// service is given every node's address.
+    pub async fn start_cluster(
+        config: &Config,
+        registries: u16,
+        replicas: u16,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<Stack> {
+        anyhow::ensure!(registries >= 1, "at least one registry node is needed");
+        anyhow::ensure!(
+            registries == 1 || config.registry.store == StoreKind::Etcd,
+            "{registries} registry nodes need a shared store: add --store etcd --etcd-endpoints \
+             a,b,c (with the memory store there is one registry)"
+        );
         let mut stack = Stack {
-            running: vec![Running {
+            running: Vec::new(),
+            shutdown,
+            registries: Vec::new(),
+            services: Vec::new(),
+        };
+        let store = match config.registry.store {
+            StoreKind::Memory => config.registry.data_dir.display().to_string(),
+            StoreKind::Etcd => format!(
+                "etcd {} {}",
+                config.registry.etcd.endpoints.join(","),
+                config.registry.etcd.prefix
+            ),
+        };
+        let mut next_port = config.registry.listen.port();
+        for node in 0..registries {
+            let first = SocketAddr::new(config.registry.listen.ip(), next_port);
+            let listener = match bind(first, "the registry", (node > 0).then_some(64)).await {
+                Ok(listener) => listener,
+                Err(err) => return Err(stack.stop(Err(err)).await.unwrap_err()),
+            };
+            let registry = Spawned::registry(&config.registry, &config.connections, listener)?;
+            // Port 0 (tests, benches) stays 0: each node gets its own.
+            if next_port != 0 {
+                next_port = registry.addr.port().saturating_add(1);
+            }
+            stack.running.push(Running {
                 role: "registry",
                 service: "",
                 addr: registry.addr,
-                store: config.registry.data_dir.display().to_string(),
-            }],
-            shutdown,
-            registry,
-            services: Vec::new(),
-        };
+                store: store.clone(),
+            });
+            stack.registries.push(registry);
+        }
+        let mut config = config.clone();
+        config.discovery.registry = stack
+            .registries
+            .iter()
+            .map(|r| r.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         match stack.spawn_services(&config, replicas).await {
             Ok(()) => Ok(stack),
             Err(err) => Err(stack.stop(Err(err)).await.unwrap_err()),
         }
     }
 
-    /// Where the registry listens.
+    /// Where the (first) registry node listens.
     pub fn registry(&self) -> SocketAddr {
-        self.registry.addr
+        self.registries[0].addr
+    }
+
+    /// Where every registry node listens, the first first.
+    pub fn registries(&self) -> Vec<SocketAddr> {
+        self.registries.iter().map(|r| r.addr).collect()
     }
 
     async fn spawn_services(&mut self, config: &Config, replicas: u16) -> anyhow::Result<()> {
@@ -160,7 +232,7 @@ impl Stack {
 
     /// Resolves when a role ends on its own (it failed); until then, never.
     pub async fn ended(&mut self) -> anyhow::Error {
-        let roles = std::iter::once(&mut self.registry).chain(self.services.iter_mut());
+        let roles = self.registries.iter_mut().chain(self.services.iter_mut());
         let (ended, _, _) = futures::future::select_all(roles.map(|role| {
             Box::pin(async move {
                 let name = role.name;
@@ -190,17 +262,22 @@ impl Stack {
                 }
             }
         }
-        match self.registry.stop().await {
-            Err(err) if result.is_ok() => Err(err),
-            _ => result,
+        for registry in self.registries {
+            if let Err(err) = registry.stop().await
+                && result.is_ok()
+            {
+                result = Err(err);
+            }
         }
+        result
     }
 }
 
 /// Runs everything until `shutdown`; prints what runs where once all of
 /// it is registered.
 pub async fn run(config: &Config, args: &Args, shutdown: Shutdown) -> anyhow::Result<()> {
-    let mut stack = Stack::start(config, args.replicas, shutdown.clone()).await?;
+    let mut stack =
+        Stack::start_cluster(config, args.registries, args.replicas, shutdown.clone()).await?;
     if shutdown.is_cancelled() {
         return stack.stop(Ok(())).await;
     }
@@ -247,25 +324,38 @@ fn summary(running: &[Running], data_dir: &std::path::Path) -> String {
             ]
         })
         .collect();
-    let registry = running[0].addr;
+    let registries: Vec<SocketAddr> = running
+        .iter()
+        .filter(|r| r.role == "registry")
+        .map(|r| r.addr)
+        .collect();
+    let registry = registries[0];
     let order = running
         .iter()
         .find(|r| r.role == "order")
         .map_or(registry, |r| r.addr);
-    let registry_flag =
-        if registry.port() == crate::registry::DEFAULT_PORT && registry.ip().is_loopback() {
-            String::new()
-        } else {
-            format!(" --registry {registry}")
-        };
+    let registry_flag = if registries.len() == 1
+        && registry.port() == crate::registry::DEFAULT_PORT
+        && registry.ip().is_loopback()
+    {
+        String::new()
+    } else {
+        let all: Vec<String> = registries.iter().map(ToString::to_string).collect();
+        format!(" --registry {}", all.join(","))
+    };
+    let nodes = match (registries.len(), running[0].store.starts_with("etcd ")) {
+        (1, false) => "a registry".to_string(),
+        (1, true) => "a registry node on etcd".to_string(),
+        (n, _) => format!("{n} registry nodes on etcd"),
+    };
     format!(
-        "shop-mesh is up: a registry and {} service instances, on SQLite under {}\n\n{}\n\
+        "shop-mesh is up: {nodes} and {} service instances, on SQLite under {}\n\n{}\n\
          Try:\n\
          \x20 shop-mesh order place --user 1001 --product 1001 --count 10{registry_flag}\n\
          \x20 shop-mesh product get 1001{registry_flag}\n\
          \x20 grpcurl -plaintext -d '{{\"user_id\":1001}}' {order} shopmesh.shop.v1.OrderService/ListOrders\n\n\
          Ctrl-C stops everything.\n",
-        running.len() - 1,
+        running.len() - registries.len(),
         data_dir.display(),
         crate::inspect::table(&["ROLE", "SERVICE", "ADDRESS", "STORE"], &rows),
     )

@@ -14,7 +14,8 @@ use crate::shutdown::Shutdown;
 /// rounds, so each resolver and registrar reconnects the same way.
 #[derive(Debug, Clone)]
 pub struct Connector {
-    endpoints: Vec<Endpoint>,
+    /// Each address as given, beside its endpoint.
+    endpoints: Vec<(String, Endpoint)>,
     max_backoff: Duration,
 }
 
@@ -49,6 +50,7 @@ impl Connector {
                 };
                 connections
                     .endpoint(uri, connect_timeout)
+                    .map(|endpoint| (addr.to_string(), endpoint))
                     .map_err(|err| Error::BadAddress(addr.into(), err.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -64,11 +66,20 @@ impl Connector {
     /// A connected client: each address in turn, then a back-off, until one
     /// answers; `None` once `shutdown` fires.
     pub async fn connect(&self, shutdown: &Shutdown) -> Option<RegistryClient<Channel>> {
+        self.connect_named(shutdown).await.map(|(client, _)| client)
+    }
+
+    /// [`Connector::connect`], also answering which address (as given)
+    /// it reached.
+    pub async fn connect_named(
+        &self,
+        shutdown: &Shutdown,
+    ) -> Option<(RegistryClient<Channel>, String)> {
         let mut delays = self.backoff();
         loop {
-            for endpoint in &self.endpoints {
+            for (addr, endpoint) in &self.endpoints {
                 match endpoint.connect().await {
-                    Ok(channel) => return Some(RegistryClient::new(channel)),
+                    Ok(channel) => return Some((RegistryClient::new(channel), addr.clone())),
                     Err(err) => {
                         tracing::debug!(registry = %endpoint.uri(), %err, "registry unreachable")
                     }

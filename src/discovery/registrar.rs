@@ -50,52 +50,88 @@ impl Registration {
 
 /// Registers and heartbeats, reconnecting as needed, until shutdown;
 /// answers the last client, to deregister with.
+///
+/// A KeepAlive stream that breaks while the lease may still be alive (the
+/// registry node died, or the connection did) is resumed, not registered
+/// again: the next address reached gets a KeepAlive for the same lease,
+/// which any node of a cluster renews, so the instance never leaves and
+/// never turns unhealthy. Only a registry that no longer knows the lease
+/// (NOT_FOUND: it restarted, or the lease expired) gets a new registration.
 async fn keep_registered(
     connector: &Connector,
     instance: &pb::Instance,
     shutdown: &Shutdown,
 ) -> Option<RegistryClient<Channel>> {
     let mut lease = 0;
+    // The lease's heartbeat interval, as the registry last answered it.
+    let mut interval = Duration::from_secs(1);
     let mut backoff = connector.backoff();
     loop {
-        let mut client = connector.connect(shutdown).await?;
+        let (mut client, registry) = connector.connect_named(shutdown).await?;
         let last_client = Some(client.clone());
-        let request = pb::RegisterRequest {
-            instance: Some(instance.clone()),
-            lease_id: lease,
-        };
-        let answer = tokio::select! {
-            _ = shutdown.cancelled() => return last_client,
-            answer = client.register(request) => answer,
-        };
-        match answer {
-            Ok(answer) => {
-                let answer = answer.into_inner();
-                lease = answer.lease_id;
-                backoff = connector.backoff();
-                tracing::info!(instance = %answer.instance_id, lease, "registered");
-                let interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
-                match heartbeat(&mut client, instance, lease, interval, shutdown).await {
-                    Ended::Left => return None,
-                    Ended::LeaseLost => {
-                        tracing::warn!(
-                            lease,
-                            "the registry no longer knows our lease; registering again"
-                        );
-                        lease = 0;
-                        continue;
+        if lease != 0 {
+            tracing::debug!(lease, %registry, "resuming the lease");
+            match heartbeat(
+                &mut client,
+                instance,
+                lease,
+                interval,
+                shutdown,
+                Some(&registry),
+            )
+            .await
+            {
+                Ended::Left => return None,
+                Ended::LeaseLost => {
+                    tracing::warn!(
+                        lease,
+                        %registry,
+                        "the registry no longer knows our lease; registering again"
+                    );
+                    lease = 0;
+                    continue;
+                }
+                Ended::Broken { answered } => {
+                    if answered {
+                        backoff = connector.backoff();
                     }
-                    Ended::Broken => {
-                        tracing::warn!("lost the registry; reconnecting");
-                    }
+                    tracing::warn!(%registry, "lost the registry; reconnecting");
                 }
             }
-            Err(status) if status.code() == Code::NotFound && lease != 0 => {
-                lease = 0;
-                continue;
-            }
-            Err(status) => {
-                tracing::warn!(%status, "registration refused");
+        } else {
+            let request = pb::RegisterRequest {
+                instance: Some(instance.clone()),
+                lease_id: 0,
+            };
+            let answer = tokio::select! {
+                _ = shutdown.cancelled() => return last_client,
+                answer = client.register(request) => answer,
+            };
+            match answer {
+                Ok(answer) => {
+                    let answer = answer.into_inner();
+                    lease = answer.lease_id;
+                    backoff = connector.backoff();
+                    tracing::info!(instance = %answer.instance_id, lease, %registry, "registered");
+                    interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
+                    match heartbeat(&mut client, instance, lease, interval, shutdown, None).await {
+                        Ended::Left => return None,
+                        Ended::LeaseLost => {
+                            tracing::warn!(
+                                lease,
+                                "the registry no longer knows our lease; registering again"
+                            );
+                            lease = 0;
+                            continue;
+                        }
+                        Ended::Broken { .. } => {
+                            tracing::warn!(%registry, "lost the registry; reconnecting");
+                        }
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(%status, %registry, "registration refused");
+                }
             }
         }
         let delay = backoff.next().unwrap_or(Duration::from_secs(1));
@@ -109,11 +145,15 @@ async fn keep_registered(
 enum Ended {
     /// Shut down and deregistered.
     Left,
+    /// The registry does not know the lease.
     LeaseLost,
-    Broken,
+    /// The stream or its connection broke; `answered`: after at least one
+    /// heartbeat was answered.
+    Broken { answered: bool },
 }
 
-/// Sends a heartbeat every `interval` on one KeepAlive stream; on
+/// Sends a heartbeat every `interval` on one KeepAlive stream (logging
+/// its first answer when it resumes a lease on `resuming_on`); on
 /// shutdown, deregisters while the stream is still open (closing it first
 /// would mark the instance unhealthy for nothing).
 async fn heartbeat(
@@ -122,20 +162,23 @@ async fn heartbeat(
     lease: u64,
     interval: Duration,
     shutdown: &Shutdown,
+    resuming_on: Option<&str>,
 ) -> Ended {
     let (tx, rx) = mpsc::channel(2);
+    let broken = Ended::Broken { answered: false };
     if tx
         .send(pb::KeepAliveRequest { lease_id: lease })
         .await
         .is_err()
     {
-        return Ended::Broken;
+        return broken;
     }
     let mut answers = match client.keep_alive(ReceiverStream::new(rx)).await {
         Ok(answers) => answers.into_inner(),
         Err(status) if status.code() == Code::NotFound => return Ended::LeaseLost,
-        Err(_) => return Ended::Broken,
+        Err(_) => return broken,
     };
+    let mut answered = false;
     let mut ticks = tokio::time::interval(interval);
     ticks.tick().await;
     loop {
@@ -146,13 +189,18 @@ async fn heartbeat(
             }
             _ = ticks.tick() => {
                 if tx.send(pb::KeepAliveRequest { lease_id: lease }).await.is_err() {
-                    return Ended::Broken;
+                    return Ended::Broken { answered };
                 }
             }
             answer = answers.message() => match answer {
-                Ok(Some(_)) => {}
+                Ok(Some(_)) => {
+                    if !answered && let Some(registry) = resuming_on {
+                        tracing::info!(lease, %registry, "resumed the lease");
+                    }
+                    answered = true;
+                }
                 Err(status) if status.code() == Code::NotFound => return Ended::LeaseLost,
-                Ok(None) | Err(_) => return Ended::Broken,
+                Ok(None) | Err(_) => return Ended::Broken { answered },
             },
         }
     }

@@ -306,3 +306,62 @@ pub(in crate::registry) fn unavailable(err: etcd::Error) -> Error {
         )),
     }
 }
+
+/// What a registry node answers about itself and the cluster it belongs
+/// to ([`crate::registry::Registry::cluster_info`]).
+#[derive(Debug, Clone)]
+pub struct ClusterInfo {
+    /// Where the state lives.
+    pub store: super::StoreKind,
+    /// The revision this node's view has reached.
+    pub revision: u64,
+    /// The incarnation its revisions belong to.
+    pub incarnation: u64,
+    /// On the etcd store: the etcd cluster as this node sees it.
+    pub etcd: Option<EtcdInfo>,
+}
+
+/// The etcd cluster under a registry node.
+#[derive(Debug, Clone)]
+pub struct EtcdInfo {
+    /// The endpoints the node was given.
+    pub endpoints: Vec<String>,
+    /// The prefix its keys live under.
+    pub prefix: String,
+    /// The members etcd lists, or why it could not be asked.
+    pub members: Result<Vec<EtcdMember>, String>,
+}
+
+/// One etcd member, as etcd lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdMember {
+    /// Its id.
+    pub id: u64,
+    /// Its name.
+    pub name: String,
+    /// Where clients reach it.
+    pub client_urls: Vec<String>,
+    /// Whether it is the leader the answering member follows.
+    pub leader: bool,
+    /// A learner does not vote.
+    pub learner: bool,
+}
+
+impl Node {
+    /// The etcd members and which one leads, as the member that answers
+    /// sees it.
+    pub(in crate::registry) async fn members(&self) -> Result<Vec<EtcdMember>, etcd::Error> {
+        let members = self.etcd.member_list().await?;
+        let leader = self.etcd.status().await?.leader_id;
+        Ok(members
+            .into_iter()
+            .map(|m| EtcdMember {
+                id: m.id,
+                leader: m.id == leader,
+                name: m.name,
+                client_urls: m.client_urls,
+                learner: m.is_learner,
+            })
+            .collect())
+    }
+}

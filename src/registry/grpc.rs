@@ -13,7 +13,7 @@ use super::model::{
     TimingOverrides,
 };
 use super::watch::{Selector, WatchItem};
-use super::{Error, Registry};
+use super::{Error, Registry, StoreKind};
 use crate::pb::registry as pb;
 use crate::shutdown::Shutdown;
 
@@ -22,12 +22,24 @@ use crate::shutdown::Shutdown;
 pub struct RegistryService {
     registry: Registry,
     shutdown: Shutdown,
+    /// Where this node listens, as GetCluster names it.
+    addr: Option<std::net::SocketAddr>,
 }
 
 impl RegistryService {
     /// Serves `registry`; watch streams end when `shutdown` fires.
     pub fn new(registry: Registry, shutdown: Shutdown) -> Self {
-        Self { registry, shutdown }
+        Self {
+            registry,
+            shutdown,
+            addr: None,
+        }
+    }
+
+    /// Names `addr` as this node's address in GetCluster answers.
+    pub fn listening_on(mut self, addr: std::net::SocketAddr) -> Self {
+        self.addr = Some(addr);
+        self
     }
 }
 
@@ -193,6 +205,44 @@ impl pb::registry_server::Registry for RegistryService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_cluster(
+        &self,
+        _request: Request<pb::GetClusterRequest>,
+    ) -> Result<Response<pb::GetClusterResponse>, Status> {
+        let info = self.registry.cluster_info().await;
+        let mut answer = pb::GetClusterResponse {
+            store: match info.store {
+                StoreKind::Memory => "memory",
+                StoreKind::Etcd => "etcd",
+            }
+            .into(),
+            node: self.addr.map(|a| a.to_string()).unwrap_or_default(),
+            revision: info.revision,
+            incarnation: info.incarnation,
+            ..Default::default()
+        };
+        if let Some(etcd) = info.etcd {
+            answer.etcd_endpoints = etcd.endpoints;
+            answer.etcd_prefix = etcd.prefix;
+            match etcd.members {
+                Ok(members) => {
+                    answer.etcd_members = members
+                        .into_iter()
+                        .map(|m| pb::EtcdMember {
+                            id: m.id,
+                            name: m.name,
+                            client_urls: m.client_urls,
+                            leader: m.leader,
+                            learner: m.learner,
+                        })
+                        .collect()
+                }
+                Err(err) => answer.etcd_error = err,
+            }
+        }
+        Ok(Response::new(answer))
     }
 
     type WatchStream = BoxStream<pb::WatchResponse>;

@@ -198,6 +198,27 @@ impl Registry {
         &self.inner.config
     }
 
+    /// Where this node's state lives, the revision its view has reached,
+    /// and on the etcd store the etcd cluster's members (asked of etcd
+    /// now, so this may take up to etcd's request timeout).
+    pub async fn cluster_info(&self) -> cluster::ClusterInfo {
+        let revision = self.inner.state.lock().revision;
+        let etcd = match self.node() {
+            None => None,
+            Some(node) => Some(cluster::EtcdInfo {
+                endpoints: self.inner.config.etcd.endpoints.clone(),
+                prefix: node.prefix.clone(),
+                members: node.members().await.map_err(|err| err.to_string()),
+            }),
+        };
+        cluster::ClusterInfo {
+            store: self.inner.config.store,
+            revision,
+            incarnation: self.inner.incarnation,
+            etcd,
+        }
+    }
+
     /// Counts of what the registry holds now.
     pub fn stats(&self) -> Stats {
         let state = self.inner.state.lock();

@@ -29,6 +29,7 @@ const RPCS: &[(&str, &[&str])] = &[
             "/shopmesh.registry.v1.Registry/DeleteService",
             "/shopmesh.registry.v1.Registry/KeepAlive",
             "/shopmesh.registry.v1.Registry/Watch",
+            "/shopmesh.registry.v1.Registry/GetCluster",
             "/grpc.health.v1.Health/Check",
         ],
     ),

@@ -24,7 +24,9 @@ async fn services_and_instances_print_tables_and_json() {
     assert!(ok);
     assert_eq!(
         out,
-        "SERVICE         INSTANCES  HEALTHY\nserver-product  1          1\n"
+        format!(
+            "SERVICE         INSTANCES  HEALTHY\nserver-product  1          1\n\nanswered by {addr}\n"
+        )
     );
 
     let (ok, out, _) = run_bin(&["instances", "server-product", "--registry", &addr]).await;
@@ -43,6 +45,26 @@ async fn services_and_instances_print_tables_and_json() {
     let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(line["address"], "127.0.0.1:8070");
     assert_eq!(line["healthy"], true);
+
+    // With several addresses, the first that answers does, and says so.
+    let dead = "127.0.0.1:1";
+    let (ok, out, _) = run_bin(&[
+        "instances",
+        "server-product",
+        "--registry",
+        &format!("{dead},{addr}"),
+    ])
+    .await;
+    assert!(ok);
+    assert!(out.ends_with(&format!("\nanswered by {addr}\n")), "{out}");
+
+    // One registry on the memory store: no etcd to list.
+    let (ok, out, _) = run_bin(&["cluster", "--registry", &addr]).await;
+    assert!(ok);
+    assert_eq!(
+        out,
+        format!("NODE      {addr}\nSTORE     memory\nREVISION  1\n\nanswered by {addr}\n")
+    );
 
     let (ok, _, err) = run_bin(&["instances", "nobody", "--registry", &addr]).await;
     assert!(!ok);

@@ -4,6 +4,7 @@
 mod bad_input;
 mod cluster;
 mod cluster_probes;
+mod cluster_process;
 mod config;
 mod connections;
 mod discovery;

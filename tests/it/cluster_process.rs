@@ -1,0 +1,437 @@
+//! The registry as a cluster of processes: three `shop-mesh registry
+//! --store etcd` processes over a real 3-member etcd cluster, a user and a
+//! product service given all three addresses, and a watcher on a node that
+//! stays up recording every change. The node the services keep their
+//! leases alive through is killed with SIGKILL: they resume their leases
+//! on the next node, and nobody sees them leave or turn unhealthy. Then a
+//! node is killed together with a service that kept its lease through it:
+//! that service is removed within the delete timeout, as a surviving node
+//! sees it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use parking_lot::Mutex;
+use shop_mesh::harness::{EtcdCluster, Process};
+use shop_mesh::pb::registry as pb;
+use shop_mesh::pb::registry::registry_client::RegistryClient;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::{BIN, run_bin, wait_until};
+
+/// The soak's short timings: a heartbeat a second, unhealthy after 3 s,
+/// removed after 6 s.
+const TIMINGS: [(&str, &str); 4] = [
+    ("SHOP_MESH__REGISTRY__HEARTBEAT_INTERVAL", "1s"),
+    ("SHOP_MESH__REGISTRY__MIN_HEARTBEAT_INTERVAL", "500ms"),
+    ("SHOP_MESH__REGISTRY__UNHEALTHY_TIMEOUT", "3s"),
+    ("SHOP_MESH__REGISTRY__DELETE_TIMEOUT", "6s"),
+];
+const UNHEALTHY_TIMEOUT: Duration = Duration::from_secs(3);
+const DELETE_TIMEOUT: Duration = Duration::from_secs(6);
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A registry node on port 0 over `etcd`, under `prefix`.
+async fn registry_node(etcd: &EtcdCluster, prefix: &str, dir: &Path) -> Process {
+    let args = vec![
+        "registry".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--store".into(),
+        "etcd".into(),
+        "--etcd-endpoints".into(),
+        etcd.endpoints().join(","),
+    ];
+    let mut env: Vec<(&str, &str)> = TIMINGS.to_vec();
+    env.push(("SHOP_MESH__REGISTRY__ETCD__PREFIX", prefix));
+    Process::start(Path::new(BIN), "registry", args, &env)
+        .await
+        .expect("a registry node starts")
+}
+
+/// A shop service on port 0 given every registry address.
+async fn service(role: &'static str, registries: &str, dir: &Path) -> Process {
+    let args = vec![
+        role.to_string(),
+        "--registry".into(),
+        registries.into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        dir.join(role).display().to_string(),
+    ];
+    Process::start(Path::new(BIN), role, args, &[])
+        .await
+        .expect("the service starts")
+}
+
+/// One change a watcher saw: (kind, service, port, healthy).
+type Seen = (&'static str, String, u32, bool);
+
+/// Watches the default group on `client` and records every answer, until
+/// the stream ends ("ended" is recorded then).
+async fn record(mut client: RegistryClient<Channel>) -> Arc<Mutex<Vec<Seen>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut stream = client
+        .watch(pb::WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = stream.next().await.expect("an answer").expect("a snapshot");
+    assert!(matches!(
+        first.body,
+        Some(pb::watch_response::Body::Snapshot(_))
+    ));
+    tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            while let Some(Ok(answer)) = stream.next().await {
+                let mut seen = seen.lock();
+                match answer.body {
+                    Some(pb::watch_response::Body::Snapshot(s)) => {
+                        for i in s.instances {
+                            seen.push(("snapshot", i.service, i.port, i.healthy));
+                        }
+                    }
+                    Some(pb::watch_response::Body::Change(change)) => {
+                        let kind = match change.kind() {
+                            pb::change::Kind::Delete => "delete",
+                            _ => "put",
+                        };
+                        if let Some(i) = change.instance {
+                            seen.push((kind, i.service, i.port, i.healthy));
+                        }
+                    }
+                    None => {}
+                }
+            }
+            seen.lock().push(("ended", String::new(), 0, false));
+        }
+    });
+    seen
+}
+
+async fn client(addr: &str) -> RegistryClient<Channel> {
+    RegistryClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to a registry node")
+}
+
+/// Every instance of `service` through `registry`: (port, healthy).
+async fn found(registry: &RegistryClient<Channel>, service: &str) -> Vec<(u32, bool)> {
+    let mut registry = registry.clone();
+    let answer = registry
+        .get_service(pb::GetServiceRequest {
+            service: service.into(),
+            ..Default::default()
+        })
+        .await;
+    match answer {
+        Ok(answer) => answer
+            .into_inner()
+            .instances
+            .iter()
+            .map(|i| (i.port, i.healthy))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn port(addr: &str) -> u32 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// Polls `check` every 100 ms for `window`, failing the moment it fails:
+/// a condition that must hold throughout, not just at the end.
+async fn holds_throughout<F, Fut>(what: &str, window: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        if let Err(why) = check().await {
+            panic!("{what} stopped holding: {why}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the watcher saw of `services` that a flap would show: a removal
+/// or an unhealthy mark, or the watch ending.
+fn flaps(seen: &[Seen], services: &[&str]) -> Vec<Seen> {
+    seen.iter()
+        .filter(|(kind, service, _, healthy)| {
+            *kind == "ended"
+                || (services.contains(&service.as_str()) && (*kind == "delete" || !healthy))
+        })
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_resume_their_leases_on_another_node_when_theirs_is_killed() {
+    let Some(etcd) = EtcdCluster::start(3).await.expect("etcd cluster") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("/test-{:08x}", rand::random::<u32>());
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(registry_node(&etcd, &prefix, &dir.path().join(format!("registry-{i}"))).await);
+    }
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let on_b = client(&addrs[1]).await;
+    let on_c = client(&addrs[2]).await;
+    // The watcher is on C, which stays up throughout.
+    let seen = record(on_c.clone()).await;
+
+    let all = addrs.join(",");
+    let mut user = service("user", &all, dir.path()).await;
+    let mut product = service("product", &all, dir.path()).await;
+    let (user_port, product_port) = (port(&user.addr), port(&product.addr));
+    for (name, port) in [("server-user", user_port), ("server-product", product_port)] {
+        wait_until(
+            &format!("{name} registered and healthy on every node"),
+            PATIENCE,
+            || {
+                let (on_b, on_c) = (on_b.clone(), on_c.clone());
+                async move {
+                    found(&on_b, name).await == [(port, true)]
+                        && found(&on_c, name).await == [(port, true)]
+                }
+            },
+        )
+        .await;
+    }
+    // Addresses are tried in turn: both keep their leases through A.
+    for process in [&mut user, &mut product] {
+        let registered = process.logged("registered").await.unwrap();
+        assert_eq!(registered["registry"], addrs[0].as_str(), "{registered}");
+    }
+
+    // The inspect commands name the node that answered, and the cluster.
+    let (ok, out, err) = run_bin(&["services", "--registry", &addrs[1]]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.ends_with(&format!("\nanswered by {}\n", addrs[1])),
+        "{out}"
+    );
+    let (ok, out, err) = run_bin(&["cluster", "--json", "--registry", &addrs[1]]).await;
+    assert!(ok, "{err}");
+    let cluster: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(cluster["store"], "etcd", "{cluster}");
+    assert_eq!(cluster["node"], addrs[1].as_str(), "{cluster}");
+    assert_eq!(cluster["answered_by"], addrs[1].as_str(), "{cluster}");
+    assert_eq!(cluster["etcd_prefix"], prefix.as_str(), "{cluster}");
+    let members = cluster["etcd_members"].as_array().expect("members");
+    assert_eq!(members.len(), 3, "{cluster}");
+    assert_eq!(
+        members.iter().filter(|m| m["leader"] == true).count(),
+        1,
+        "one leader: {cluster}"
+    );
+    for url in etcd.endpoints() {
+        assert!(
+            members.iter().any(|m| m["client_urls"][0] == url.as_str()),
+            "{url} listed: {cluster}"
+        );
+    }
+
+    // kill -9 A, the node both keep their leases through.
+    nodes[0].kill().await.unwrap();
+    for process in [&mut user, &mut product] {
+        process
+            .logged("lost the registry; reconnecting")
+            .await
+            .unwrap();
+        let resumed = process.logged("resumed the lease").await.unwrap();
+        assert_eq!(resumed["registry"], addrs[1].as_str(), "{resumed}");
+    }
+    // Healthy on both survivors for twice the unhealthy timeout after the
+    // kill: an alive key left to lapse, or a stream break taken for a
+    // death, would show within that.
+    holds_throughout(
+        "both services registered and healthy on B and C",
+        UNHEALTHY_TIMEOUT * 2,
+        || {
+            let (on_b, on_c) = (on_b.clone(), on_c.clone());
+            async move {
+                for (name, port) in [("server-user", user_port), ("server-product", product_port)] {
+                    for (node, client) in [("B", &on_b), ("C", &on_c)] {
+                        let now = found(client, name).await;
+                        if now != [(port, true)] {
+                            return Err(format!("{name} on {node}: {now:?}"));
+                        }
+                    }
+                }
+                Ok(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        flaps(&seen.lock(), &["server-user", "server-product"]),
+        [],
+        "the watcher on C saw a service leave or turn unhealthy"
+    );
+    for process in [&user, &product] {
+        assert_eq!(
+            process.count_logged("registered"),
+            1,
+            "the {} resumed its lease rather than registering again",
+            process.role
+        );
+    }
+
+    // kill -9 B together with the product, which keeps its lease through
+    // B: C removes it within the delete timeout. The user resumes on C.
+    let killed = Instant::now();
+    nodes[1].kill().await.unwrap();
+    product.kill().await.unwrap();
+    wait_until(
+        "the killed product removed, as C sees it",
+        DELETE_TIMEOUT + Duration::from_secs(10),
+        || {
+            let on_c = on_c.clone();
+            async move { found(&on_c, "server-product").await.is_empty() }
+        },
+    )
+    .await;
+    let gone_after = killed.elapsed();
+    eprintln!("the killed product was removed {gone_after:?} after the kill");
+    // Its lease was last renewed up to a heartbeat before the kill; etcd
+    // checks for expired leases twice a second, and C applies the removal
+    // once its watch delivers it.
+    assert!(
+        gone_after <= DELETE_TIMEOUT + Duration::from_secs(2),
+        "the product was removed {gone_after:?} after it died; the delete timeout is {DELETE_TIMEOUT:?}"
+    );
+    wait_until("the user resumed on C", PATIENCE, || {
+        let resumed = user.count_logged("resumed the lease");
+        async move { resumed >= 2 }
+    })
+    .await;
+    assert_eq!(found(&on_c, "server-user").await, [(user_port, true)]);
+    let seen = seen.lock().clone();
+    assert_eq!(
+        flaps(&seen, &["server-user"]),
+        [],
+        "the watcher on C saw the user leave or turn unhealthy"
+    );
+    assert!(
+        seen.iter().any(|(kind, service, port, _)| *kind == "delete"
+            && service == "server-product"
+            && *port == product_port),
+        "the watcher on C saw the product removed: {seen:?}"
+    );
+    assert_eq!(user.count_logged("registered"), 1);
+
+    assert_eq!(user.terminate().await.unwrap(), Some(0));
+    assert_eq!(nodes[2].terminate().await.unwrap(), Some(0));
+    drop(etcd);
+}
+
+/// `shop-mesh up --registries 3 --store etcd`: three registry nodes, each
+/// in the summary, every service given all three, and Ctrl-C stops it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_three_registry_nodes_over_etcd() {
+    let Some(etcd) = EtcdCluster::start(3).await.expect("etcd cluster") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("/test-{:08x}", rand::random::<u32>());
+    let args = vec![
+        "up".to_string(),
+        "--registries".into(),
+        "3".into(),
+        "--store".into(),
+        "etcd".into(),
+        "--etcd-endpoints".into(),
+        etcd.endpoints().join(","),
+        "--data-dir".into(),
+        dir.path().join("data").display().to_string(),
+    ];
+    let env = [
+        ("SHOP_MESH__REGISTRY__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__USER__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__PRODUCT__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__ORDER__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__REGISTRY__ETCD__PREFIX", prefix.as_str()),
+    ];
+    let mut up = Process::start(Path::new(BIN), "up", args, &env)
+        .await
+        .unwrap();
+    let summary = up
+        .printed(|line| line.starts_with("Ctrl-C"))
+        .await
+        .expect("up prints its summary")
+        .join("\n");
+    assert!(
+        summary.starts_with("shop-mesh is up: 3 registry nodes on etcd and 3 service instances"),
+        "{summary}"
+    );
+    let registries: Vec<String> = summary
+        .lines()
+        .filter(|line| line.starts_with("registry "))
+        .map(|line| line.split_whitespace().nth(2).unwrap().to_string())
+        .collect();
+    assert_eq!(registries.len(), 3, "{summary}");
+    assert!(
+        registries[0] != registries[1] && registries[1] != registries[2],
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("--registry {}", registries.join(","))),
+        "{summary}"
+    );
+    // Every node answers for all of it.
+    for node in &registries {
+        let (ok, out, err) = run_bin(&["services", "--registry", node]).await;
+        assert!(ok, "{err}");
+        assert_eq!(out.lines().count(), 1 + 3 + 2, "{out}");
+        assert!(out.ends_with(&format!("\nanswered by {node}\n")), "{out}");
+    }
+    let (ok, out, err) = run_bin(&[
+        "order",
+        "place",
+        "--user",
+        "1001",
+        "--product",
+        "1001",
+        "--count",
+        "10",
+        "--registry",
+        &registries.join(","),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("23990.00"), "{out}");
+
+    assert_eq!(
+        up.stop_with(nix::sys::signal::Signal::SIGINT)
+            .await
+            .unwrap(),
+        Some(0)
+    );
+    assert_eq!(up.count_logged("deregistered"), 3);
+    drop(etcd);
+}
+
+#[tokio::test]
+async fn up_refuses_several_registries_on_the_memory_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let (ok, _, err) = run_bin(&["up", "--registries", "2", "--data-dir", &data]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("2 registry nodes need a shared store: add --store etcd"),
+        "{err}"
+    );
+}
