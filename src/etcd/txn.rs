@@ -170,6 +170,17 @@ impl Op {
         ))
     }
 
+    /// The key (or the first key of the range) the operation is on.
+    pub fn key(&self) -> &[u8] {
+        use pb::request_op::Request;
+        match &self.0.request {
+            Some(Request::RequestRange(r)) => &r.key,
+            Some(Request::RequestPut(r)) => &r.key,
+            Some(Request::RequestDeleteRange(r)) => &r.key,
+            None => &[],
+        }
+    }
+
     /// Deletes every key under `prefix`.
     pub fn delete_prefix(prefix: impl AsRef<[u8]>) -> Op {
         let prefix = prefix.as_ref();

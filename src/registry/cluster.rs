@@ -26,18 +26,18 @@
 pub mod election;
 pub mod keys;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Error, EtcdConfig};
-use crate::etcd::{self, Etcd, Op, Txn, TxnResult, WatchBatch};
+use crate::etcd::{self, Etcd, MAX_TXN_OPS, Op, Txn, TxnResult, WatchBatch};
 use crate::registry::model::LeaseId;
 use keys::Key;
 
@@ -56,6 +56,49 @@ pub(in crate::registry) struct Node {
     /// last one breaks, the lease's alive key goes, and every node sees
     /// its instances unhealthy at once.
     attached: Mutex<HashMap<LeaseId, u32>>,
+    /// Callers' puts waiting to be written in one transaction.
+    batches: mpsc::Sender<Batched>,
+}
+
+/// One caller's puts, and where its transaction's revision goes.
+type Batched = (Vec<Op>, oneshot::Sender<Result<i64, ()>>);
+
+/// Writes queued puts, as many callers' at once as fit in one
+/// transaction; one transaction at a time, so a batch gathers while the
+/// previous one is in etcd. Ends when the node is dropped.
+async fn write_batches(etcd: Etcd, mut queued: mpsc::Receiver<Batched>) {
+    let mut next: Option<Batched> = None;
+    loop {
+        let first = match next.take() {
+            Some(first) => first,
+            None => match queued.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let mut keys: HashSet<Vec<u8>> = first.0.iter().map(|op| op.key().to_vec()).collect();
+        let mut batch = vec![first];
+        while let Ok(more) = queued.try_recv() {
+            let fits = keys.len() + more.0.len() <= MAX_TXN_OPS
+                && more.0.iter().all(|op| !keys.contains(op.key()));
+            if !fits {
+                next = Some(more);
+                break;
+            }
+            keys.extend(more.0.iter().map(|op| op.key().to_vec()));
+            batch.push(more);
+        }
+        let ops: Vec<Op> = batch
+            .iter()
+            .flat_map(|(puts, _)| puts.iter().cloned())
+            .collect();
+        let result = etcd.txn(Txn::new().and_then(ops)).await;
+        for (_, answer) in batch {
+            // A failed batch: each caller writes alone, to learn its own
+            // answer.
+            let _ = answer.send(result.as_ref().map(|r| r.revision).map_err(|_| ()));
+        }
+    }
 }
 
 /// What a view applies: etcd's state at a revision, or the changes of one
@@ -95,12 +138,15 @@ impl Node {
                 .unwrap_or(1),
             _ => proposed.parse().unwrap_or(1),
         };
+        let (batches, queued) = mpsc::channel(MAX_TXN_OPS);
+        tokio::spawn(write_batches(etcd.clone(), queued));
         Ok(Node {
             etcd,
             prefix,
             applied: watch::channel(0).0,
             incarnation,
             attached: Mutex::new(HashMap::new()),
+            batches,
         })
     }
 
@@ -121,6 +167,32 @@ impl Node {
     /// tells the prober to look for instances to start or stop probing.
     pub(in crate::registry) fn applied(&self) -> watch::Receiver<i64> {
         self.applied.subscribe()
+    }
+
+    /// Writes `puts` (one caller's, written together) batched with other
+    /// callers' into one etcd transaction, and waits until the view has
+    /// applied it. Registrations come many at a time and write distinct
+    /// keys: a batch costs etcd one revision where each alone costs one.
+    /// A batch that fails is retried one caller at a time, so one caller's
+    /// expired lease refuses only that caller.
+    pub(in crate::registry) async fn put_batched(&self, puts: Vec<Op>) -> Result<i64, Error> {
+        let (answer, answered) = oneshot::channel();
+        if self.batches.send((puts.clone(), answer)).await.is_err() {
+            // The batcher stopped with the registry: write alone.
+            return self
+                .commit(Txn::new().and_then(puts))
+                .await
+                .map(|r| r.revision);
+        }
+        let revision = match answered.await {
+            Ok(Ok(revision)) => revision,
+            Ok(Err(_)) | Err(_) => {
+                let result = self.etcd.txn(Txn::new().and_then(puts)).await;
+                result.map_err(unavailable)?.revision
+            }
+        };
+        self.caught_up(revision).await;
+        Ok(revision)
     }
 
     /// Waits until the view has applied etcd's `revision`.

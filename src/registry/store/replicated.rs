@@ -29,6 +29,9 @@ impl Registry {
         timings: Timings,
     ) -> Result<Registered, Error> {
         let existing = self.inner.state.lock().admit(&self.inner.config, &spec)?;
+        // A lease granted here has both its etcd leases; one kept or
+        // asked for may have lost its alive lease to the unhealthy timeout.
+        let mut fresh = false;
         let lease = if !spec.ephemeral {
             0
         } else {
@@ -40,6 +43,7 @@ impl Registry {
                 (0, _) => {
                     let lease = new_lease_id();
                     node.grant(lease, &timings).await?;
+                    fresh = true;
                     lease
                 }
                 (asked, _) => {
@@ -70,8 +74,7 @@ impl Registry {
         let mut ops = Vec::with_capacity(2);
         if let Some((instances, alive)) = etcd_leases(lease) {
             // A registration is a sign of life: the alive key comes back
-            // with it (renewed if it expired meanwhile).
-            node.revive(lease, &timings).await?;
+            // with it.
             ops.push(Op::put(
                 node.key(&Key::Alive(lease)),
                 b"",
@@ -81,11 +84,20 @@ impl Registry {
         } else {
             ops.push(Op::put(&instance_key, &value, None));
         }
-        let committed = node.commit(Txn::new().and_then(ops)).await?;
+        let committed = match node.put_batched(ops.clone()).await {
+            // The alive lease expired: grant it anew and write again (the
+            // instances' lease was alive a moment ago; if it is gone too,
+            // the second write says so).
+            Err(Error::NotFound(_)) if spec.ephemeral && !fresh => {
+                node.revive(lease, &timings).await?;
+                node.put_batched(ops).await?
+            }
+            committed => committed?,
+        };
         Ok(Registered {
             instance_id: record.id(),
             lease,
-            revision: self.revision_after(committed.revision),
+            revision: self.revision_after(committed),
             heartbeat_interval: timings.heartbeat_interval(),
         })
     }
@@ -266,10 +278,12 @@ impl Node {
         lease: LeaseId,
         timings: &Timings,
     ) -> Result<(), Error> {
-        let (instances, _) = etcd_leases(lease).expect("a lease id of this store");
-        self.grant_one(EtcdLease(instances), timings.delete_timeout_ms)
-            .await?;
-        self.revive(lease, timings).await
+        let (instances, alive) = etcd_leases(lease).expect("a lease id of this store");
+        tokio::try_join!(
+            self.grant_one(EtcdLease(instances), timings.delete_timeout_ms),
+            self.grant_one(EtcdLease(alive), timings.unhealthy_timeout_ms),
+        )?;
+        Ok(())
     }
 
     /// Makes sure the alive lease of `lease` exists, granting it anew if
