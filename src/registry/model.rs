@@ -339,6 +339,30 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// The instance a registration of `spec` stores, under `service` (the
+    /// registry's shared key), replacing `existing` if any. A
+    /// registration is a sign of life; a persistent instance keeps what
+    /// its probe last said.
+    pub fn registered(
+        spec: InstanceSpec,
+        service: Arc<ServiceKey>,
+        timings: Timings,
+        lease: LeaseId,
+        existing: Option<&Instance>,
+    ) -> Instance {
+        Instance {
+            service,
+            addr: spec.addr,
+            weight: spec.weight,
+            enabled: spec.enabled,
+            healthy: spec.ephemeral || existing.is_some_and(|e| e.healthy),
+            ephemeral: spec.ephemeral,
+            metadata: spec.metadata,
+            timings,
+            lease,
+        }
+    }
+
     /// Roughly the bytes this instance holds: what a watcher's queue
     /// counts against its budget for each change it has not yet read.
     pub fn footprint(&self) -> usize {

@@ -13,6 +13,7 @@ use shop_mesh::harness::{EtcdCluster, Isolated};
 use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
 use shop_mesh::registry::{self, StoreKind};
+use tonic::transport::Channel;
 
 use crate::{
     TestRegistry, deregister, instance, instances, keep_alive, register, register_refused,
@@ -66,15 +67,7 @@ async fn registered_through_one_node_watched_through_another_found_through_a_thi
         return;
     };
     let [a, b, c] = [0, 1, 2].map(|i| &cluster.nodes[i]);
-    let mut watcher = b.client().await;
-    let mut events = watcher
-        .watch(pb::WatchRequest {
-            service: "svc".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut events = watch_svc(&mut b.client().await).await;
     let first = events.next().await.expect("an answer").expect("a snapshot");
     assert!(matches!(
         first.body,
@@ -195,6 +188,18 @@ async fn a_broken_keepalive_stream_makes_its_instance_unhealthy_on_every_node_at
     .await;
 }
 
+/// A watch of the service "svc" through `client`.
+async fn watch_svc(client: &mut RegistryClient<Channel>) -> tonic::Streaming<pb::WatchResponse> {
+    client
+        .watch(pb::WatchRequest {
+            service: "svc".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
 /// Every event a Watch stream delivers, recorded as it arrives.
 fn record(mut events: tonic::Streaming<pb::WatchResponse>) -> Arc<Mutex<Vec<pb::WatchResponse>>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -236,15 +241,7 @@ async fn an_etcd_outage_longer_than_the_delete_timeout_loses_nothing() {
         async move { instances(&mut on_b, "svc", true).await.len() == 1 }
     })
     .await;
-    let events = on_b
-        .watch(pb::WatchRequest {
-            service: "svc".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    let seen = record(events);
+    let seen = record(watch_svc(&mut on_b).await);
 
     for member in 0..3 {
         cluster
@@ -313,15 +310,7 @@ async fn killing_the_etcd_leader_under_load_loses_no_registration_and_no_watcher
         return;
     };
     let mut on_b = cluster.nodes[1].client().await;
-    let events = on_b
-        .watch(pb::WatchRequest {
-            service: "svc".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    let seen = record(events);
+    let seen = record(watch_svc(&mut on_b).await);
 
     // Registrations through both nodes, retried while etcd elects.
     const PORTS: u32 = 120;

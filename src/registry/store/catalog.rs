@@ -409,19 +409,13 @@ impl State {
         }
 
         let service_key = self.ensure_service(&spec.service).key.clone();
-        let instance = Arc::new(Instance {
-            service: service_key.clone(),
-            addr: spec.addr,
-            weight: spec.weight,
-            enabled: spec.enabled,
-            // A registration is a sign of life; a persistent instance keeps
-            // what its probe last said.
-            healthy: spec.ephemeral || existing.as_ref().is_some_and(|e| e.healthy),
-            ephemeral: spec.ephemeral,
-            metadata: spec.metadata,
+        let instance = Arc::new(Instance::registered(
+            spec,
+            service_key.clone(),
             timings,
-            lease: lease_id,
-        });
+            lease_id,
+            existing.as_deref(),
+        ));
         if existing.as_deref() != Some(&*instance) {
             self.put(instance.clone());
         }

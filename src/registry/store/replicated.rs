@@ -56,21 +56,17 @@ impl Registry {
                 }
             }
         };
-        let record = Instance {
-            service: Arc::new(spec.service.clone()),
-            addr: spec.addr.clone(),
-            weight: spec.weight,
-            enabled: spec.enabled,
-            // A persistent instance keeps what its probe last said.
-            healthy: spec.ephemeral || existing.as_ref().is_some_and(|e| e.healthy),
-            ephemeral: spec.ephemeral,
-            metadata: spec.metadata,
+        let (service, addr, ephemeral) = (spec.service.clone(), spec.addr.clone(), spec.ephemeral);
+        let record = Instance::registered(
+            spec,
+            Arc::new(service.clone()),
             timings,
             lease,
-        };
+            existing.as_deref(),
+        );
         // Weights are checked finite, so the record always serialises.
         let value = serde_json::to_vec(&record).expect("an instance record serialises");
-        let instance_key = node.key(&Key::Instance(spec.service.clone(), spec.addr.clone()));
+        let instance_key = node.key(&Key::Instance(service, addr));
         let mut ops = Vec::with_capacity(2);
         if let Some((instances, alive)) = etcd_leases(lease) {
             // A registration is a sign of life: the alive key comes back
@@ -88,7 +84,7 @@ impl Registry {
             // The alive lease expired: grant it anew and write again (the
             // instances' lease was alive a moment ago; if it is gone too,
             // the second write says so).
-            Err(Error::NotFound(_)) if spec.ephemeral && !fresh => {
+            Err(Error::NotFound(_)) if ephemeral && !fresh => {
                 node.revive(lease, &timings).await?;
                 node.put_batched(ops).await?
             }
