@@ -255,38 +255,22 @@ impl RegistryBench {
         channels: &[Channel],
         instance: impl Fn(usize, usize) -> pb::Instance + Clone + Send + 'static,
     ) -> anyhow::Result<Rate> {
-        let next = Arc::new(AtomicUsize::new(0));
-        let started = Instant::now();
-        let tasks: Vec<_> = (0..self.concurrency)
-            .map(|t| {
-                let mut client = RegistryClient::new(channels[t % channels.len()].clone());
-                let (next, total, per_service) = (next.clone(), self.instances, self.per_service);
-                let instance = instance.clone();
-                tokio::spawn(async move {
-                    let mut latency = histogram();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= total {
-                            return Ok::<_, tonic::Status>(latency);
-                        }
-                        let call = Instant::now();
-                        client
-                            .register(pb::RegisterRequest {
-                                instance: Some(instance(i, per_service)),
-                                lease_id: 0,
-                            })
-                            .await?;
-                        latency.saturating_record(call.elapsed().as_micros() as u64);
-                    }
-                })
-            })
-            .collect();
-        let latency = merge(tasks).await?;
-        Ok(Rate {
-            rate: self.instances as f64 / started.elapsed().as_secs_f64(),
-            calls: self.instances,
-            latency,
+        let per_service = self.per_service;
+        timed_calls(self.instances, self.concurrency, |t| {
+            let client = RegistryClient::new(channels[t % channels.len()].clone());
+            let instance = instance.clone();
+            move |i| {
+                let (mut client, request) = (
+                    client.clone(),
+                    pb::RegisterRequest {
+                        instance: Some(instance(i, per_service)),
+                        lease_id: 0,
+                    },
+                );
+                async move { client.register(request).await.map(drop) }
+            }
         })
+        .await
     }
 
     /// GetService on random services for `query_time`.
@@ -398,6 +382,45 @@ fn cpu_per_call(before: Option<Duration>, after: Option<Duration>, calls: usize)
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+/// Makes calls `0..total`, `concurrency` at a time: task `t` takes the
+/// next index and makes its call with `task(t)`, until none is left; the
+/// rate over all, and each call's latency.
+async fn timed_calls<C, Fut>(
+    total: usize,
+    concurrency: usize,
+    task: impl Fn(usize) -> C,
+) -> anyhow::Result<Rate>
+where
+    C: FnMut(usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|t| {
+            let (mut call, next) = (task(t), next.clone());
+            tokio::spawn(async move {
+                let mut latency = histogram();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        return Ok(latency);
+                    }
+                    let started = Instant::now();
+                    call(i).await?;
+                    latency.saturating_record(started.elapsed().as_micros() as u64);
+                }
+            })
+        })
+        .collect();
+    let latency = merge(tasks).await?;
+    Ok(Rate {
+        rate: total as f64 / started.elapsed().as_secs_f64(),
+        calls: total,
+        latency,
+    })
 }
 
 async fn merge(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 
-use super::{BenchRegistry, Rate, RegistryBench, connect, histogram, merge, us};
+use super::{BenchRegistry, Rate, RegistryBench, connect, histogram, timed_calls, us};
 use crate::discovery::{self, Mesh};
 use crate::etcd::Etcd;
 use crate::harness::EtcdCluster;
@@ -116,34 +116,19 @@ impl ClusterBench {
     async fn plain_puts(&self, endpoints: &[String]) -> anyhow::Result<Rate> {
         let etcd = Etcd::connect(endpoints, Duration::from_secs(3))?;
         let value = Arc::new(vec![b'x'; 300]);
-        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let started = Instant::now();
-        let tasks = (0..self.concurrency)
-            .map(|_| {
-                let (etcd, value, next, total) =
-                    (etcd.clone(), value.clone(), next.clone(), self.instances);
-                tokio::spawn(async move {
-                    let mut latency = histogram();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= total {
-                            return Ok(latency);
-                        }
-                        let call = Instant::now();
-                        etcd.put(format!("/bench-plain/{i}"), value.as_slice(), None)
-                            .await
-                            .map_err(|err| tonic::Status::unavailable(err.to_string()))?;
-                        latency.saturating_record(call.elapsed().as_micros() as u64);
-                    }
-                })
-            })
-            .collect();
-        let latency = merge(tasks).await?;
-        Ok(Rate {
-            rate: self.instances as f64 / started.elapsed().as_secs_f64(),
-            calls: self.instances,
-            latency,
+        timed_calls(self.instances, self.concurrency, |_| {
+            let (etcd, value) = (etcd.clone(), value.clone());
+            move |i| {
+                let (etcd, value) = (etcd.clone(), value.clone());
+                async move {
+                    etcd.put(format!("/bench-plain/{i}"), value.as_slice(), None)
+                        .await
+                        .map(drop)
+                        .map_err(|err| tonic::Status::unavailable(err.to_string()))
+                }
+            }
         })
+        .await
     }
 
     /// Two registry nodes; a caller's mesh that watches through the first;
