@@ -93,7 +93,7 @@ impl Registry {
         Ok(Registered {
             instance_id: record.id(),
             lease,
-            revision: self.revision_after(committed),
+            revision: super::view::revision_of(committed),
             heartbeat_interval: timings.heartbeat_interval(),
         })
     }
@@ -117,7 +117,7 @@ impl Registry {
                 addr.ip, addr.port, addr.cluster
             )));
         }
-        Ok(self.revision_after(committed.revision))
+        Ok(super::view::revision_of(committed.revision))
     }
 
     /// [`Registry::update_service`] on a cluster node.
@@ -170,12 +170,6 @@ impl Registry {
             )));
         }
         Ok(())
-    }
-
-    /// The revision this node's view reached once it applied etcd's
-    /// `revision`: what a write is answered with.
-    fn revision_after(&self, _etcd_revision: i64) -> u64 {
-        self.inner.state.lock().revision
     }
 }
 

@@ -31,6 +31,13 @@ pub const SUB_REVISION_BITS: u32 = 16;
 /// The place of the last change of an etcd revision.
 const LAST_OF_REVISION: u64 = (1 << SUB_REVISION_BITS) - 1;
 
+/// The revision a write that etcd made at `etcd_revision` is answered
+/// with: that of the last change of its etcd revision, so a watch from
+/// the next misses nothing after it.
+pub(super) fn revision_of(etcd_revision: i64) -> u64 {
+    (etcd_revision.max(0) as u64) << SUB_REVISION_BITS | LAST_OF_REVISION
+}
+
 /// One key as etcd changed it: its new value, or None when deleted.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyChange<'a> {
