@@ -69,35 +69,11 @@ async fn keep_registered(
     loop {
         let (mut client, registry) = connector.connect_named(shutdown).await?;
         let last_client = Some(client.clone());
-        if lease != 0 {
+        // The lease to keep alive, and whether it is resumed rather than
+        // just registered: None when the registration was refused.
+        let alive = if lease != 0 {
             tracing::debug!(lease, %registry, "resuming the lease");
-            match heartbeat(
-                &mut client,
-                instance,
-                lease,
-                interval,
-                shutdown,
-                Some(&registry),
-            )
-            .await
-            {
-                Ended::Left => return None,
-                Ended::LeaseLost => {
-                    tracing::warn!(
-                        lease,
-                        %registry,
-                        "the registry no longer knows our lease; registering again"
-                    );
-                    lease = 0;
-                    continue;
-                }
-                Ended::Broken { answered } => {
-                    if answered {
-                        backoff = connector.backoff();
-                    }
-                    tracing::warn!(%registry, "lost the registry; reconnecting");
-                }
-            }
+            Some(Some(registry.as_str()))
         } else {
             let request = pb::RegisterRequest {
                 instance: Some(instance.clone()),
@@ -114,31 +90,50 @@ async fn keep_registered(
                     backoff = connector.backoff();
                     tracing::info!(instance = %answer.instance_id, lease, %registry, "registered");
                     interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
-                    match heartbeat(&mut client, instance, lease, interval, shutdown, None).await {
-                        Ended::Left => return None,
-                        Ended::LeaseLost => {
-                            tracing::warn!(
-                                lease,
-                                "the registry no longer knows our lease; registering again"
-                            );
-                            lease = 0;
-                            continue;
-                        }
-                        Ended::Broken { .. } => {
-                            tracing::warn!(%registry, "lost the registry; reconnecting");
-                        }
-                    }
+                    Some(None)
                 }
                 Err(status) => {
                     tracing::warn!(%status, %registry, "registration refused");
+                    None
                 }
             }
+        };
+        let Some(resuming) = alive else {
+            if !pause(&mut backoff, shutdown).await {
+                return last_client;
+            }
+            continue;
+        };
+        match heartbeat(&mut client, instance, lease, interval, shutdown, resuming).await {
+            Ended::Left => return None,
+            Ended::LeaseLost => {
+                tracing::warn!(
+                    lease,
+                    %registry,
+                    "the registry no longer knows our lease; registering again"
+                );
+                lease = 0;
+                continue;
+            }
+            Ended::Broken { answered } => {
+                if answered {
+                    backoff = connector.backoff();
+                }
+                tracing::warn!(%registry, "lost the registry; reconnecting");
+            }
         }
-        let delay = backoff.next().unwrap_or(Duration::from_secs(1));
-        tokio::select! {
-            _ = shutdown.cancelled() => return last_client,
-            _ = tokio::time::sleep(delay) => {}
+        if !pause(&mut backoff, shutdown).await {
+            return last_client;
         }
+    }
+}
+
+/// Waits the back-off's next delay; false when shut down meanwhile.
+async fn pause(backoff: &mut impl Iterator<Item = Duration>, shutdown: &Shutdown) -> bool {
+    let delay = backoff.next().unwrap_or(Duration::from_secs(1));
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
     }
 }
 
