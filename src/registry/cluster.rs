@@ -30,7 +30,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -213,6 +213,8 @@ impl Node {
         closed: CancellationToken,
     ) {
         let mut next = None;
+        // Pauses between attempts to open the watch while etcd refuses it.
+        let mut pauses = backoff().build();
         loop {
             let from = match next {
                 Some(from) => from,
@@ -233,27 +235,40 @@ impl Node {
                     revision + 1
                 }
             };
-            next = tokio::select! {
+            let followed = tokio::select! {
                 _ = closed.cancelled() => return,
-                resume = self.follow(from, &apply) => resume,
+                followed = self.follow(from, &apply) => followed,
+            };
+            next = match followed {
+                Ok(resume) => {
+                    pauses = backoff().build();
+                    resume
+                }
+                Err(from) => {
+                    let pause = pauses.next().unwrap_or(Duration::from_secs(2));
+                    tokio::select! {
+                        _ = closed.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => Some(from),
+                    }
+                }
             };
         }
     }
 
     /// Applies the changes from etcd revision `from` on, until the watch
-    /// ends; answers where to resume (None: read everything anew).
-    async fn follow(&self, from: i64, apply: &impl Fn(Feed)) -> Option<i64> {
+    /// ends; answers where to resume (None: read everything anew), or
+    /// Err(from) when the watch could not be opened.
+    async fn follow(&self, from: i64, apply: &impl Fn(Feed)) -> Result<Option<i64>, i64> {
         let watch = self
             .etcd
             .watch_prefix(format!("{}/", self.prefix), from, false)
             .await;
         let mut watch = match watch {
             Ok(watch) => watch,
-            Err(err) if err.kind == etcd::ErrorKind::Compacted => return None,
+            Err(err) if err.kind == etcd::ErrorKind::Compacted => return Ok(None),
             Err(err) => {
                 tracing::warn!(%err, "cannot watch the registry's state in etcd; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                return Some(from);
+                return Err(from);
             }
         };
         let mut resume = from;
@@ -275,15 +290,15 @@ impl Node {
                         compact_revision,
                         "etcd compacted changes this node had not seen; reading the state anew"
                     );
-                    return None;
+                    return Ok(None);
                 }
                 Err(err) => {
                     tracing::warn!(%err, "the etcd watch broke; resuming");
-                    return Some(resume);
+                    return Ok(Some(resume));
                 }
             }
         }
-        Some(resume)
+        Ok(Some(resume))
     }
 
     /// Counts a KeepAlive stream attached to `lease`.
