@@ -9,6 +9,6 @@ mod etcd;
 mod isolated;
 mod process;
 
-pub use etcd::EtcdCluster;
+pub use etcd::{EtcdCluster, etcd_binary};
 pub use isolated::Isolated;
 pub use process::{Process, cpu_time, rss_bytes};

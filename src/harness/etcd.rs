@@ -291,8 +291,9 @@ impl EtcdCluster {
     }
 }
 
-/// `etcd` on PATH, or Debian's.
-fn etcd_binary() -> Option<PathBuf> {
+/// `etcd` on PATH, or Debian's: where the harness finds the binary it
+/// starts, and how a test tells whether etcd is installed here.
+pub fn etcd_binary() -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
             .map(|dir| dir.join("etcd"))

@@ -64,9 +64,7 @@ async fn run(scenario: Scenario, database_url: Option<&str>, store: StoreKind) {
 /// The cluster's scenarios run where etcd is installed; without it they
 /// say SKIPPED (under CI its absence fails them).
 fn etcd_here() -> bool {
-    let installed = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-        .iter()
-        .any(|bin| Path::new(bin).is_file());
+    let installed = shop_mesh::harness::etcd_binary().is_some();
     if !installed {
         assert!(
             std::env::var_os("CI").is_none(),
