@@ -248,7 +248,7 @@ pub async fn run(
             let lock = persist::DirLock::acquire(&config.data_dir, listener.local_addr()?).await?;
             (Registry::open(config).await?, Some(lock))
         }
-        StoreKind::Etcd => (Registry::join(config).await?, None),
+        StoreKind::Etcd => (Registry::join(config, connections).await?, None),
     };
     let service = RegistryServer::new(
         RegistryService::new(registry.clone(), shutdown.clone())

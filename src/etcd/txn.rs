@@ -1,7 +1,7 @@
 //! Transactions as typed builders: compares, then the operations for
 //! either outcome, so the store's compare-and-swap reads as what it means.
 
-use super::{Kv, LeaseId, header_revision, pb, prefix_end};
+use super::{Kv, LeaseId, header_revision, pb};
 
 /// How a compare relates the key's field to the value given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,17 +83,6 @@ impl Compare {
         )
     }
 
-    /// On the key's value.
-    pub fn value(key: impl AsRef<[u8]>, cmp: Cmp, value: impl AsRef<[u8]>) -> Compare {
-        use pb::compare::{CompareTarget, TargetUnion};
-        Self::new(
-            key,
-            cmp,
-            CompareTarget::Value,
-            TargetUnion::Value(value.as_ref().to_vec()),
-        )
-    }
-
     /// On the lease the key is attached to (None: no lease).
     pub fn lease(key: impl AsRef<[u8]>, cmp: Cmp, lease: Option<LeaseId>) -> Compare {
         use pb::compare::{CompareTarget, TargetUnion};
@@ -140,16 +129,6 @@ impl Op {
         }))
     }
 
-    /// Reads every key under `prefix` (unpaged: for small prefixes).
-    pub fn get_prefix(prefix: impl AsRef<[u8]>) -> Op {
-        let prefix = prefix.as_ref();
-        Self::of(pb::request_op::Request::RequestRange(pb::RangeRequest {
-            key: prefix.to_vec(),
-            range_end: prefix_end(prefix),
-            ..Default::default()
-        }))
-    }
-
     /// Sets the key, attached to `lease` if given.
     pub fn put(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, lease: Option<LeaseId>) -> Op {
         Self::of(pb::request_op::Request::RequestPut(pb::PutRequest {
@@ -179,18 +158,6 @@ impl Op {
             Some(Request::RequestDeleteRange(r)) => &r.key,
             None => &[],
         }
-    }
-
-    /// Deletes every key under `prefix`.
-    pub fn delete_prefix(prefix: impl AsRef<[u8]>) -> Op {
-        let prefix = prefix.as_ref();
-        Self::of(pb::request_op::Request::RequestDeleteRange(
-            pb::DeleteRangeRequest {
-                key: prefix.to_vec(),
-                range_end: prefix_end(prefix),
-                prev_kv: false,
-            },
-        ))
     }
 }
 

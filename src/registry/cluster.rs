@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Error, EtcdConfig};
 use crate::etcd::{self, Etcd, MAX_TXN_OPS, Op, Txn, TxnResult, WatchBatch};
 use crate::registry::model::LeaseId;
+use crate::server::Connections;
 use keys::Key;
 
 /// A registry node's link to the cluster: the etcd client, the prefix
@@ -116,8 +117,11 @@ pub(in crate::registry) enum Feed {
 impl Node {
     /// Connects to the etcd cluster and reads (or, first of all nodes,
     /// sets) the cluster's incarnation.
-    pub(in crate::registry) async fn connect(config: &EtcdConfig) -> Result<Node, etcd::Error> {
-        let etcd = Etcd::connect(&config.endpoints, config.connect_timeout)?
+    pub(in crate::registry) async fn connect(
+        config: &EtcdConfig,
+        connections: &Connections,
+    ) -> Result<Node, etcd::Error> {
+        let etcd = Etcd::connect_with(&config.endpoints, connections, config.connect_timeout)?
             .with_request_timeout(config.request_timeout);
         let prefix = config.prefix.trim_end_matches('/').to_string();
         let incarnation_key = format!("{prefix}/incarnation");

@@ -24,6 +24,7 @@ use crate::registry::cluster::election::Election;
 use crate::registry::cluster::keys::{self, Key};
 use crate::registry::cluster::{Feed, Node};
 use crate::registry::model::{Event, Instance, InstanceAddr, LeaseId, ServiceKey, ServiceSettings};
+use crate::server::Connections;
 
 /// Bits of a revision that number the changes of one etcd revision.
 pub const SUB_REVISION_BITS: u32 = 16;
@@ -53,8 +54,11 @@ impl Registry {
     /// there. Answers once the view holds the state, so a node never
     /// serves an empty registry while it loads. From then on the node
     /// also campaigns to be the one that probes persistent instances.
-    pub async fn join(config: &Config) -> Result<Registry, crate::etcd::Error> {
-        let node = Arc::new(Node::connect(&config.etcd).await?);
+    pub async fn join(
+        config: &Config,
+        connections: &Connections,
+    ) -> Result<Registry, crate::etcd::Error> {
+        let node = Arc::new(Node::connect(&config.etcd, connections).await?);
         let registry = Registry::with_store(config, None, Some(node.clone()));
         let weak = Arc::downgrade(&registry.inner);
         let prefix = node.prefix.clone();
