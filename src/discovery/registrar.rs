@@ -54,7 +54,7 @@ impl Registration {
 /// A KeepAlive stream that breaks while the lease may still be alive (the
 /// registry node died, or the connection did) is resumed, not registered
 /// again: the next address reached gets a KeepAlive for the same lease,
-/// which any node of a cluster renews, so the instance never leaves and
+/// which any node of a cluster takes over, so the instance never leaves and
 /// never turns unhealthy. Only a registry that no longer knows the lease
 /// (NOT_FOUND: it restarted, or the lease expired) gets a new registration.
 async fn keep_registered(

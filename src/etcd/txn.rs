@@ -99,6 +99,11 @@ impl Compare {
         Self::create_revision(key, Cmp::Equal, 0)
     }
 
+    /// Holds when the key exists.
+    pub fn present(key: impl AsRef<[u8]>) -> Compare {
+        Self::create_revision(key, Cmp::Greater, 0)
+    }
+
     /// Holds when no key starts with `prefix`: etcd compares a range key
     /// by key and, for an empty range, against a key that does not exist,
     /// whose version is 0.

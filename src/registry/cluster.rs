@@ -7,13 +7,12 @@
 //! applied it, so a caller reads its own writes on the node it wrote
 //! through, and every node sees every change in etcd's order.
 //!
-//! Ephemeral instances need no node to time them out: each registry lease
-//! is two etcd leases (see [`keys::etcd_leases`]). The instances' keys
-//! hang on one whose time to live is the delete timeout, so etcd removes
-//! them when nobody renews it, whichever node died. The lease's alive key
-//! hangs on one whose time to live is the unhealthy timeout: every node
-//! derives "healthy" from that key being there. A heartbeat, on any node,
-//! renews both.
+//! Ephemeral instances are held by the node their client beats through
+//! (see [`holds`]): their keys hang on that node's etcd leases, and the
+//! node times its clients' silence as the memory store does. A client
+//! whose node dies resumes on another, which takes its keys over; what
+//! nobody takes over goes when the dead node's etcd leases expire. Every
+//! node derives "healthy" from a lease's alive key being there.
 //!
 //! Persistent instances have no lease: the registry probes them. One
 //! node at a time does, elected through etcd (see [`election`]), and
@@ -21,25 +20,28 @@
 //! every node's view learns them.
 //!
 //! - [`keys`]: where each part of the state lives in etcd.
+//! - [`holds`]: the leases a node holds for its clients, and their
+//!   silences.
 //! - [`election`]: which node probes.
 
 pub mod election;
+pub mod holds;
 pub mod keys;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Error, EtcdConfig};
 use crate::etcd::{self, Etcd, MAX_TXN_OPS, Op, Txn, TxnResult, WatchBatch};
-use crate::registry::model::LeaseId;
 use crate::server::Connections;
+use holds::{NodeLeases, Silences};
 use keys::Key;
 
 /// A registry node's link to the cluster: the etcd client, the prefix
@@ -53,10 +55,17 @@ pub(in crate::registry) struct Node {
     /// The etcd cluster's, shared by every node: what a watcher's
     /// revisions belong to.
     pub(in crate::registry) incarnation: u64,
-    /// KeepAlive streams on this node attached to each lease: when the
-    /// last one breaks, the lease's alive key goes, and every node sees
-    /// its instances unhealthy at once.
-    attached: Mutex<HashMap<LeaseId, u32>>,
+    /// The etcd leases this node's clients' keys hang on.
+    leases: Mutex<NodeLeases>,
+    /// Their times to live: the registry's unhealthy and delete timeouts.
+    lease_ttls: (Duration, Duration),
+    /// The leases this node holds, and when each client was last heard.
+    silences: Mutex<Silences>,
+    /// Wakes the silence timer when an earlier deadline is set.
+    pub(in crate::registry) timer: Notify,
+    /// Wakes the keeper of the node's etcd leases when a write found one
+    /// gone.
+    lost: Notify,
     /// Callers' puts waiting to be written in one transaction.
     batches: mpsc::Sender<Batched>,
 }
@@ -115,10 +124,12 @@ pub(in crate::registry) enum Feed {
 }
 
 impl Node {
-    /// Connects to the etcd cluster and reads (or, first of all nodes,
-    /// sets) the cluster's incarnation.
+    /// Connects to the etcd cluster, reads (or, first of all nodes, sets)
+    /// the cluster's incarnation, and grants the node's etcd leases, which
+    /// live `lease_ttls`: the registry's unhealthy and delete timeouts.
     pub(in crate::registry) async fn connect(
         config: &EtcdConfig,
+        lease_ttls: (Duration, Duration),
         connections: &Connections,
     ) -> Result<Node, etcd::Error> {
         let etcd = Etcd::connect_with(&config.endpoints, connections, config.connect_timeout)?
@@ -142,6 +153,7 @@ impl Node {
                 .unwrap_or(1),
             _ => proposed.parse().unwrap_or(1),
         };
+        let leases = NodeLeases::grant(&etcd, lease_ttls).await?;
         let (batches, queued) = mpsc::channel(MAX_TXN_OPS);
         tokio::spawn(write_batches(etcd.clone(), queued));
         Ok(Node {
@@ -149,7 +161,11 @@ impl Node {
             prefix,
             applied: watch::channel(0).0,
             incarnation,
-            attached: Mutex::new(HashMap::new()),
+            leases: Mutex::new(leases),
+            lease_ttls,
+            silences: Mutex::new(Silences::default()),
+            timer: Notify::new(),
+            lost: Notify::new(),
             batches,
         })
     }
@@ -162,7 +178,7 @@ impl Node {
     /// Runs `txn` and waits until this node's view has applied it: what
     /// a caller is answered after is what it wrote, or newer.
     pub(in crate::registry) async fn commit(&self, txn: Txn) -> Result<TxnResult, Error> {
-        let result = self.etcd.txn(txn).await.map_err(unavailable)?;
+        let result = self.etcd.txn(txn).await.map_err(|err| self.failed(err))?;
         self.caught_up(result.revision).await;
         Ok(result)
     }
@@ -192,7 +208,7 @@ impl Node {
             Ok(Ok(revision)) => revision,
             Ok(Err(_)) | Err(_) => {
                 let result = self.etcd.txn(Txn::new().and_then(puts)).await;
-                result.map_err(unavailable)?.revision
+                result.map_err(|err| self.failed(err))?.revision
             }
         };
         self.caught_up(revision).await;
@@ -305,47 +321,6 @@ impl Node {
         Ok(Some(resume))
     }
 
-    /// Counts a KeepAlive stream attached to `lease`.
-    pub(in crate::registry) fn attach(&self, lease: LeaseId) {
-        *self.attached.lock().entry(lease).or_default() += 1;
-    }
-
-    /// A KeepAlive stream attached to `leases` ended: the leases it was the
-    /// last stream of lose their alive key, in the background (a stream
-    /// ends in a destructor, which cannot wait).
-    pub(in crate::registry) fn detach(self: &Arc<Self>, leases: Vec<LeaseId>) {
-        let orphaned: Vec<LeaseId> = {
-            let mut attached = self.attached.lock();
-            leases
-                .into_iter()
-                .filter(|lease| match attached.get_mut(lease) {
-                    Some(count) if *count > 1 => {
-                        *count -= 1;
-                        false
-                    }
-                    _ => {
-                        attached.remove(lease);
-                        true
-                    }
-                })
-                .collect()
-        };
-        if orphaned.is_empty() {
-            return;
-        }
-        let node = self.clone();
-        tokio::spawn(async move {
-            let deletes = orphaned
-                .iter()
-                .map(|lease| Op::delete(node.key(&Key::Alive(*lease))));
-            if let Err(err) = node.etcd.txn(Txn::new().and_then(deletes)).await {
-                // The alive keys expire by themselves within the unhealthy
-                // timeout; only the "at once" is lost.
-                tracing::warn!(%err, "cannot mark the instances of a broken KeepAlive stream unhealthy");
-            }
-        });
-    }
-
     /// Marks the view as caught up to `revision`.
     fn advance(&self, revision: i64) {
         self.applied.send_if_modified(|at| {
@@ -378,14 +353,26 @@ fn backoff() -> ExponentialBuilder {
         .without_max_times()
 }
 
+impl Node {
+    /// A failed etcd write as the caller is answered ([`unavailable`]);
+    /// one that found this node's etcd lease gone also has the node grant
+    /// new ones at once.
+    pub(in crate::registry) fn failed(&self, err: etcd::Error) -> Error {
+        if err.kind == etcd::ErrorKind::LeaseNotFound {
+            self.lost.notify_one();
+        }
+        unavailable(err)
+    }
+}
+
 /// A failed etcd write as the caller is answered: etcd unreachable or
 /// without quorum is worth retrying; anything else is not the caller's
 /// fault either, and says what etcd said.
 pub(in crate::registry) fn unavailable(err: etcd::Error) -> Error {
     tracing::warn!(%err, "an etcd write failed");
     match err.kind {
-        etcd::ErrorKind::LeaseNotFound => Error::NotFound(
-            "the lease expired while it was being written to; register again without a lease id"
+        etcd::ErrorKind::LeaseNotFound => Error::Unavailable(
+            "this registry node's etcd lease expired while it was written to; it is granting another, try again"
                 .into(),
         ),
         etcd::ErrorKind::Unavailable => Error::Unavailable(format!(

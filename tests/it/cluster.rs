@@ -2,13 +2,14 @@
 //! etcd cluster, each a role in this process on port 0, sharing a prefix
 //! of their own.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use parking_lot::Mutex;
 use shop_mesh::discovery::{self, Announce};
-use shop_mesh::etcd::{Etcd, EventKind, WatchBatch};
+use shop_mesh::etcd::{Etcd, EventKind, LeaseId, WatchBatch};
 use shop_mesh::harness::{EtcdCluster, Isolated};
 use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
@@ -116,6 +117,7 @@ async fn a_lease_kept_alive_through_another_node_keeps_its_instance_and_a_silent
     };
     let [a, b] = [0, 1].map(|i| &cluster.nodes[i]);
     let mut on_a = a.client().await;
+    let seen = record(watch_svc(&mut on_a).await);
     let kept = register(&mut on_a, instance("svc", 80)).await.lease_id;
     let silent = register(&mut on_a, instance("svc", 81)).await.lease_id;
     assert_ne!(kept, silent);
@@ -158,7 +160,144 @@ async fn a_lease_kept_alive_through_another_node_keeps_its_instance_and_a_silent
     .await;
     let kept_instance = instances(&mut on_a, "svc", false).await;
     assert!(kept_instance[0].healthy, "the beaten lease stayed healthy");
+    // A held both leases first, and its timer of :80's silence came due
+    // long before :81 was removed: B took :80 over, so A could not touch it.
+    let flaps: Vec<_> = changes(&seen)
+        .into_iter()
+        .filter(|c| {
+            let deleted = c.kind == pb::change::Kind::Delete as i32;
+            c.instance
+                .as_ref()
+                .is_some_and(|i| i.port == 80 && (deleted || !i.healthy))
+        })
+        .collect();
+    assert_eq!(flaps, [], "the instance beaten through B flapped");
     beating.abort();
+}
+
+/// The changes a recorded watch has delivered so far.
+fn changes(seen: &Mutex<Vec<pb::WatchResponse>>) -> Vec<pb::Change> {
+    seen.lock()
+        .iter()
+        .filter_map(|answer| match &answer.body {
+            Some(pb::watch_response::Body::Change(change)) => Some(change.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The etcd leases the keys under `prefix/kind/` hang on, one per key.
+async fn leases_under(etcd: &Etcd, prefix: &str, kind: &str) -> Vec<Option<LeaseId>> {
+    let (kvs, _) = etcd
+        .get_prefix(format!("{prefix}/{kind}/"))
+        .await
+        .expect("read etcd");
+    kvs.into_iter().map(|kv| kv.lease).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_hang_on_the_etcd_leases_of_their_node_and_grant_none() {
+    let Some(cluster) = nodes(2, SHORT).await else {
+        return;
+    };
+    let etcd = Etcd::connect(&cluster.etcd.endpoints(), PATIENCE).expect("etcd client");
+    let mut by_node = Vec::new();
+    for (n, node) in cluster.nodes.iter().enumerate() {
+        let mut client = node.client().await;
+        let mut leases = HashSet::new();
+        for port in 0..20 {
+            let service = format!("svc-{n}");
+            leases.insert(
+                register(&mut client, instance(&service, 80 + port))
+                    .await
+                    .lease_id,
+            );
+        }
+        assert_eq!(leases.len(), 20, "a registry lease each");
+        let instances = leases_under(
+            &etcd,
+            &cluster.prefix,
+            &format!("i/public/DEFAULT_GROUP/svc-{n}"),
+        )
+        .await;
+        by_node.push(instances);
+    }
+    let alive = leases_under(&etcd, &cluster.prefix, "a").await;
+    assert_eq!(alive.len(), 40, "an alive key a registry lease");
+    for (n, instances) in by_node.iter().enumerate() {
+        assert_eq!(instances.len(), 20);
+        let distinct: HashSet<_> = instances.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            1,
+            "node {n}'s instances hang on one etcd lease: {distinct:?}"
+        );
+        assert!(instances[0].is_some());
+    }
+    assert_ne!(by_node[0][0], by_node[1][0], "each node its own");
+    let distinct: HashSet<_> = alive.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        2,
+        "the alive keys on one etcd lease a node: {distinct:?}"
+    );
+    assert!(!distinct.contains(&by_node[0][0]) && !distinct.contains(&by_node[1][0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_etcd_leases_are_revoked_grants_new_ones_and_its_clients_register_again() {
+    let Some(cluster) = nodes(1, SHORT).await else {
+        return;
+    };
+    let node = &cluster.nodes[0];
+    let service = Isolated::start(
+        discovery::Config {
+            registry: node.addr.to_string(),
+            reconnect_max_backoff: Duration::from_millis(500),
+            ..Default::default()
+        },
+        Announce::new("svc"),
+        |_, routes| routes,
+    )
+    .expect("a registered service");
+    let mut client = node.client().await;
+    wait_until("the service to be healthy", PATIENCE, || {
+        let mut client = client.clone();
+        async move { instances(&mut client, "svc", true).await.len() == 1 }
+    })
+    .await;
+    let etcd = Etcd::connect(&cluster.etcd.endpoints(), PATIENCE).expect("etcd client");
+    let held = [
+        leases_under(&etcd, &cluster.prefix, "a").await,
+        leases_under(&etcd, &cluster.prefix, "i").await,
+    ];
+    let revoked: HashSet<LeaseId> = held.iter().flatten().flatten().copied().collect();
+    assert_eq!(revoked.len(), 2, "the node's two etcd leases: {revoked:?}");
+    for lease in &revoked {
+        etcd.lease_revoke(*lease).await.expect("revoke");
+    }
+    // Its keys went with them; the node grants new leases, and the
+    // service, told its lease is gone, registers again on them.
+    wait_until(
+        "the service registered again on new leases",
+        PATIENCE,
+        || {
+            let (mut client, etcd, prefix, revoked) = (
+                client.clone(),
+                etcd.clone(),
+                cluster.prefix.clone(),
+                revoked.clone(),
+            );
+            async move {
+                let healthy = instances(&mut client, "svc", true).await.len() == 1;
+                let now = leases_under(&etcd, &prefix, "i").await;
+                healthy && now.len() == 1 && now[0].is_some_and(|l| !revoked.contains(&l))
+            }
+        },
+    )
+    .await;
+    assert_eq!(instances(&mut client, "svc", false).await.len(), 1);
+    drop(service);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,17 +421,9 @@ async fn etcd_down_for_10s_past_the_delete_timeout_loses_nothing() {
         }
     })
     .await;
-    let deleted: Vec<_> = seen
-        .lock()
-        .iter()
-        .filter_map(|answer| match &answer.body {
-            Some(pb::watch_response::Body::Change(change))
-                if change.kind == pb::change::Kind::Delete as i32 =>
-            {
-                Some(change.clone())
-            }
-            _ => None,
-        })
+    let deleted: Vec<_> = changes(&seen)
+        .into_iter()
+        .filter(|change| change.kind == pb::change::Kind::Delete as i32)
         .collect();
     assert!(deleted.is_empty(), "the service was removed: {deleted:?}");
     drop(service);

@@ -15,13 +15,15 @@ use crate::registry::model::{InstanceAddr, LeaseId, ServiceKey};
 pub enum Key {
     /// A service's own settings, set explicitly.
     Settings(ServiceKey),
-    /// An instance: its record, attached to its lease's etcd lease when it
-    /// is ephemeral, so etcd removes it after the delete timeout.
+    /// An instance: its record; when it is ephemeral, attached to the
+    /// instances' etcd lease of the node that holds its registry lease
+    /// (see [`super::holds`]).
     Instance(ServiceKey, InstanceAddr),
-    /// A lease whose owner has been heard from within its unhealthy
-    /// timeout: attached to an etcd lease of that TTL, so its expiry, or
-    /// its deletion when a KeepAlive stream breaks, is what turns the
-    /// lease's instances unhealthy on every node at once.
+    /// A registry lease whose client has been heard from within its
+    /// unhealthy timeout, attached to the alive keys' etcd lease of the
+    /// node that holds it: its deletion (by that node, or by etcd when
+    /// that node's lease expires) is what turns the lease's instances
+    /// unhealthy on every node at once.
     Alive(LeaseId),
 }
 
@@ -76,30 +78,6 @@ pub fn instances_of(prefix: &str, service: &ServiceKey) -> String {
 /// from it, and skips it.
 pub fn prober(prefix: &str) -> String {
     format!("{prefix}/prober")
-}
-
-/// The etcd leases behind a registry lease: one for the instances, with
-/// the delete timeout as its TTL, and one for the alive key, with the
-/// unhealthy timeout. Both are the registry's lease id itself (even) and
-/// the id after it, so a node that has never seen a lease keeps it alive
-/// from its id alone: a client resuming on another node sends nothing
-/// else. None for an id this store never hands out (etcd wants positive
-/// 64-bit ids).
-pub fn etcd_leases(lease: LeaseId) -> Option<(i64, i64)> {
-    let id = i64::try_from(lease)
-        .ok()
-        .filter(|id| *id > 0 && id % 2 == 0)?;
-    Some((id, id | 1))
-}
-
-/// A new lease id for this store: random, even, positive as an i64.
-pub fn new_lease_id() -> LeaseId {
-    loop {
-        let id = rand::random::<u64>() >> 1 & !1;
-        if id != 0 {
-            return id;
-        }
-    }
 }
 
 fn service_path(service: &ServiceKey) -> String {
@@ -164,17 +142,6 @@ mod tests {
             prober("/p").as_str(),
         ] {
             assert_eq!(Key::decode("/p", foreign.as_bytes()), None, "{foreign}");
-        }
-    }
-
-    #[test]
-    fn a_new_lease_has_two_etcd_leases_and_other_ids_have_none() {
-        for _ in 0..1000 {
-            let (instances, alive) = etcd_leases(new_lease_id()).expect("a lease of ours");
-            assert!(instances > 0 && alive == instances + 1);
-        }
-        for foreign in [0, 1, 3, u64::MAX, 1 << 63] {
-            assert_eq!(etcd_leases(foreign), None, "{foreign}");
         }
     }
 }

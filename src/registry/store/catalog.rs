@@ -395,6 +395,7 @@ impl State {
                         orphaned: false,
                         members: SmallVec::new(),
                         queued: None,
+                        alive_on: None,
                     },
                 );
                 id

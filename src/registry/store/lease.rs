@@ -2,7 +2,6 @@
 //! reaper that marks a lease's instances unhealthy after their unhealthy
 //! timeout and removes them after their delete timeout.
 
-use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -37,6 +36,10 @@ pub(super) struct Lease {
     pub(super) members: SmallVec<[Arc<Instance>; 1]>,
     /// The lease's entry in `deadlines`, if any.
     pub(super) queued: Option<NonZeroU64>,
+    /// On a cluster node: the etcd lease its alive key hangs on, that of
+    /// the node holding it (None while it has no alive key; always None
+    /// in memory).
+    pub(super) alive_on: Option<etcd::LeaseId>,
 }
 
 impl Lease {
@@ -54,7 +57,6 @@ impl Registry {
         KeepAlive {
             registry: self.clone(),
             leases: Vec::new(),
-            renewals: HashMap::new(),
         }
     }
 
@@ -273,9 +275,6 @@ pub struct KeepAlive {
     pub(super) registry: Registry,
     /// Leases this session is attached to.
     pub(super) leases: Vec<LeaseId>,
-    /// On a cluster node: the etcd keepalives that renew each lease
-    /// attached, the instances' and the alive key's.
-    pub(super) renewals: HashMap<LeaseId, (etcd::KeepAlive, etcd::KeepAlive)>,
 }
 
 impl KeepAlive {

@@ -10,11 +10,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use super::{Inner, KeepAlive, Registry};
-use crate::etcd::{self, LeaseId as EtcdLease, Op, Txn};
+use crate::etcd::{self, Compare, Op, Txn};
 use crate::registry::Error;
-use crate::registry::cluster::keys::{Key, etcd_leases, new_lease_id};
-use crate::registry::cluster::{Node, unavailable};
+use crate::registry::cluster::Node;
+use crate::registry::cluster::holds::Due;
+use crate::registry::cluster::keys::Key;
 use crate::registry::model::{
     Instance, InstanceAddr, InstanceSpec, LeaseId, Registered, ServiceKey, ServiceSettings, Timings,
 };
@@ -29,9 +32,6 @@ impl Registry {
         timings: Timings,
     ) -> Result<Registered, Error> {
         let existing = self.inner.state.lock().admit(&self.inner.config, &spec)?;
-        // A lease granted here has both its etcd leases; one kept or
-        // asked for may have lost its alive lease to the unhealthy timeout.
-        let mut fresh = false;
         let lease = if !spec.ephemeral {
             0
         } else {
@@ -39,24 +39,24 @@ impl Registry {
             // lease, as in memory: registering twice is one registration.
             let kept = existing.as_ref().map(|e| e.lease).filter(|l| *l != 0);
             match (asked_lease, kept) {
-                (0, Some(kept)) if node.lease_alive(kept).await? => kept,
-                (0, _) => {
-                    let lease = new_lease_id();
-                    node.grant(lease, &timings).await?;
-                    fresh = true;
-                    lease
-                }
-                (asked, _) => {
-                    if !node.lease_alive(asked).await? {
+                (0, Some(kept)) => match self.hold(node, kept).await {
+                    Ok(_) => kept,
+                    Err(Error::NotFound(_)) => self.inner.state.lock().new_lease_id(),
+                    Err(err) => return Err(err),
+                },
+                (0, None) => self.inner.state.lock().new_lease_id(),
+                (asked, _) => match self.hold(node, asked).await {
+                    Ok(_) => asked,
+                    Err(Error::NotFound(_)) => {
                         return Err(Error::NotFound(format!(
                             "lease {asked} is unknown or expired; register without a lease id for a new one"
                         )));
                     }
-                    asked
-                }
+                    Err(err) => return Err(err),
+                },
             }
         };
-        let (service, addr, ephemeral) = (spec.service.clone(), spec.addr.clone(), spec.ephemeral);
+        let (service, addr) = (spec.service.clone(), spec.addr.clone());
         let record = Instance::registered(
             spec,
             Arc::new(service.clone()),
@@ -64,32 +64,20 @@ impl Registry {
             lease,
             existing.as_deref(),
         );
-        // Weights are checked finite, so the record always serialises.
-        let value = serde_json::to_vec(&record).expect("an instance record serialises");
         let instance_key = node.key(&Key::Instance(service, addr));
-        let mut ops = Vec::with_capacity(2);
-        if let Some((instances, alive)) = etcd_leases(lease) {
-            // A registration is a sign of life: the alive key comes back
-            // with it.
-            ops.push(Op::put(
-                node.key(&Key::Alive(lease)),
-                b"",
-                Some(EtcdLease(alive)),
-            ));
-            ops.push(Op::put(&instance_key, &value, Some(EtcdLease(instances))));
+        let ops = if lease == 0 {
+            vec![Op::put(&instance_key, record_value(&record), None)]
         } else {
-            ops.push(Op::put(&instance_key, &value, None));
-        }
-        let committed = match node.put_batched(ops.clone()).await {
-            // The alive lease expired: grant it anew and write again (the
-            // instances' lease was alive a moment ago; if it is gone too,
-            // the second write says so).
-            Err(Error::NotFound(_)) if ephemeral && !fresh => {
-                node.revive(lease, &timings).await?;
-                node.put_batched(ops).await?
-            }
-            committed => committed?,
+            // A registration is a sign of life: the alive key comes back
+            // with it, and this node holds the lease from now on.
+            node.heard(lease, &timings);
+            let held = node.leases();
+            vec![
+                Op::put(node.key(&Key::Alive(lease)), b"", Some(held.alive)),
+                Op::put(&instance_key, record_value(&record), Some(held.instances)),
+            ]
         };
+        let committed = node.put_batched(ops).await?;
         Ok(Registered {
             instance_id: record.id(),
             lease,
@@ -98,6 +86,65 @@ impl Registry {
         })
     }
 
+    /// Makes this node the holder of `lease`, healthy: unless it is
+    /// already, puts the lease's alive key and instances again under this
+    /// node's etcd leases (the node that held them may be dead, or the
+    /// client moved). Answers the lease's timings; NotFound when it has
+    /// neither instances nor an alive key left.
+    pub(super) async fn hold(&self, node: &Node, lease: LeaseId) -> Result<Timings, Error> {
+        let inner = &self.inner;
+        // The view may not have seen the lease yet (registered through
+        // another node a moment ago): asked of etcd once before giving up.
+        let mut asked_etcd = false;
+        // Each round races only writes to the lease's own instances.
+        for _ in 0..5 {
+            let (members, alive_on) = {
+                let state = inner.state.lock();
+                match state.leases.get(&lease) {
+                    None => (Vec::new(), None),
+                    Some(held) => (held.members.to_vec(), held.alive_on),
+                }
+            };
+            if node.holds_healthy(lease, alive_on) {
+                return Ok(inner.timings_of(lease));
+            }
+            if members.is_empty() && alive_on.is_none() {
+                if asked_etcd {
+                    break;
+                }
+                asked_etcd = true;
+                let alive_key = node.key(&Key::Alive(lease));
+                match node.etcd.get(&alive_key).await {
+                    Ok(Some(kv)) => node.caught_up(kv.mod_revision).await,
+                    Ok(None) => break,
+                    Err(err) => return Err(node.failed(err)),
+                }
+                continue;
+            }
+            let held = node.leases();
+            let keys: Vec<String> = members
+                .iter()
+                .map(|m| node.key(&Key::Instance((*m.service).clone(), m.addr.clone())))
+                .collect();
+            // Only instances still there are put again: one deregistered
+            // meanwhile must not come back.
+            let txn = Txn::new().when(keys.iter().map(Compare::present)).and_then(
+                std::iter::once(Op::put(node.key(&Key::Alive(lease)), b"", Some(held.alive)))
+                    .chain(members.iter().zip(&keys).map(|(member, key)| {
+                        Op::put(key, record_value(member), Some(held.instances))
+                    })),
+            );
+            let committed = node.commit(txn).await?;
+            if committed.succeeded {
+                let timings = inner.timings_of(lease);
+                node.heard(lease, &timings);
+                return Ok(timings);
+            }
+        }
+        Err(Error::NotFound(format!(
+            "lease {lease} is unknown or expired; register again"
+        )))
+    }
     /// [`Registry::deregister`] on a cluster node.
     pub(super) async fn deregister_replicated(
         &self,
@@ -174,58 +221,107 @@ impl Registry {
 }
 
 impl KeepAlive {
-    /// [`KeepAlive::beat`] on a cluster node: renews both etcd leases of
-    /// `lease` and brings its alive key back if it was gone (the
-    /// session that held it broke, or it expired).
+    /// [`KeepAlive::beat`] on a cluster node: a beat of a lease this node
+    /// holds healthy is only noted here; any other makes this node its
+    /// holder first ([`Registry::hold`]).
     pub(super) async fn beat_replicated(
         &mut self,
         node: &Arc<Node>,
         lease: LeaseId,
     ) -> Result<Duration, Error> {
-        let gone = || {
-            Error::NotFound(format!(
-                "lease {lease} is unknown or expired; register again"
-            ))
-        };
-        let (instances, alive) = etcd_leases(lease).ok_or_else(gone)?;
-        let (renew_instances, renew_alive) = self.renewals.entry(lease).or_insert_with(|| {
-            (
-                node.etcd.lease_keepalive(EtcdLease(instances)),
-                node.etcd.lease_keepalive(EtcdLease(alive)),
-            )
-        });
-        match renew_instances.beat().await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                self.renewals.remove(&lease);
-                return Err(gone());
-            }
-            Err(err) => return Err(unavailable(err)),
-        }
-        let inner = &self.registry.inner;
-        let alive_expired = match renew_alive.beat().await {
-            Ok(ttl) => ttl.is_none(),
-            Err(err) => return Err(unavailable(err)),
-        };
-        if alive_expired {
-            node.revive(lease, &inner.timings_of(lease)).await?;
-        }
-        let orphaned = inner
-            .state
-            .lock()
-            .leases
-            .get(&lease)
-            .is_none_or(|l| l.orphaned);
-        if orphaned {
-            let put = Op::put(node.key(&Key::Alive(lease)), b"", Some(EtcdLease(alive)));
-            node.commit(Txn::new().and_then([put])).await?;
-        }
+        let timings = self.registry.hold(node, lease).await?;
+        node.heard(lease, &timings);
         if !self.leases.contains(&lease) {
             node.attach(lease);
             self.leases.push(lease);
         }
-        Ok(inner.interval_of(lease))
+        Ok(self.registry.inner.interval_of(lease))
     }
+}
+
+/// Carries out what the silences of the clients this node holds call for,
+/// until `closed`: an alive key taken at the unhealthy timeout, the
+/// instances at the delete timeout, each only while it still hangs on
+/// this node's lease.
+pub(super) async fn time_silences(
+    inner: std::sync::Weak<Inner>,
+    node: Arc<Node>,
+    closed: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let notified = node.timer.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (due, next) = node.due();
+        if !due.is_empty() {
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            // In the background, so a slow etcd holds up no deadline, and a
+            // few at a time, so a thousand clients gone at once do not
+            // become a thousand writes in flight.
+            let node = node.clone();
+            tokio::spawn(async move {
+                futures::stream::iter(due)
+                    .for_each_concurrent(SILENCES_IN_FLIGHT, |due| {
+                        let (inner, node) = (&inner, &node);
+                        async move {
+                            if let Err(err) = silence(inner, node, due).await {
+                                tracing::warn!(%err, "cannot time a silent client out in etcd; trying again");
+                                node.retry(due);
+                            }
+                        }
+                    })
+                    .await;
+            });
+        }
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = closed.cancelled() => return,
+            _ = notified => {}
+            _ = sleep => {}
+        }
+    }
+}
+
+/// Writes of silences in flight at once.
+const SILENCES_IN_FLIGHT: usize = 16;
+
+/// The write one silence calls for.
+async fn silence(inner: &Inner, node: &Node, due: Due) -> Result<(), etcd::Error> {
+    match due {
+        Due::Unhealthy(lease) => node.take_alive(lease).await,
+        Due::Expired(lease) => {
+            let members: Vec<String> = inner
+                .state
+                .lock()
+                .leases
+                .get(&lease)
+                .map(|held| {
+                    held.members
+                        .iter()
+                        .map(|m| node.key(&Key::Instance((*m.service).clone(), m.addr.clone())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let takes = members.iter().map(|key| node.take_instance(key));
+            futures::future::try_join_all(takes).await?;
+            node.take_alive(lease).await?;
+            node.forget(lease);
+            Ok(())
+        }
+    }
+}
+
+/// An instance record as etcd stores it. Weights are checked finite, so
+/// a record always serialises.
+fn record_value(record: &Instance) -> Vec<u8> {
+    serde_json::to_vec(record).expect("an instance record serialises")
 }
 
 impl Inner {
@@ -258,61 +354,5 @@ impl Inner {
                     .min()
             })
             .unwrap_or(self.config.heartbeat_interval)
-    }
-}
-
-impl Node {
-    /// Grants the two etcd leases of a new registry lease.
-    pub(in crate::registry) async fn grant(
-        &self,
-        lease: LeaseId,
-        timings: &Timings,
-    ) -> Result<(), Error> {
-        let (instances, alive) = etcd_leases(lease).expect("a lease id of this store");
-        tokio::try_join!(
-            self.grant_one(EtcdLease(instances), timings.delete_timeout_ms),
-            self.grant_one(EtcdLease(alive), timings.unhealthy_timeout_ms),
-        )?;
-        Ok(())
-    }
-
-    /// Makes sure the alive lease of `lease` exists, granting it anew if
-    /// it expired (its id is free again then).
-    pub(in crate::registry) async fn revive(
-        &self,
-        lease: LeaseId,
-        timings: &Timings,
-    ) -> Result<(), Error> {
-        let (_, alive) = etcd_leases(lease).expect("a lease id of this store");
-        match self.etcd.lease_ttl(EtcdLease(alive)).await {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => {
-                self.grant_one(EtcdLease(alive), timings.unhealthy_timeout_ms)
-                    .await
-            }
-            Err(err) => Err(unavailable(err)),
-        }
-    }
-
-    async fn grant_one(&self, id: EtcdLease, ttl_ms: u32) -> Result<(), Error> {
-        let ttl = Duration::from_millis(ttl_ms.into());
-        match self.etcd.lease_grant_id(id, ttl).await {
-            Ok(_) => Ok(()),
-            // A grant retried after its answer was lost finds its own lease.
-            Err(err) if err.message.contains("lease already exists") => Ok(()),
-            Err(err) => Err(unavailable(err)),
-        }
-    }
-
-    /// Whether the registry lease `lease` is still alive in etcd (its
-    /// instances' lease has time left).
-    pub(in crate::registry) async fn lease_alive(&self, lease: LeaseId) -> Result<bool, Error> {
-        let Some((instances, _)) = etcd_leases(lease) else {
-            return Ok(false);
-        };
-        match self.etcd.lease_ttl(EtcdLease(instances)).await {
-            Ok(ttl) => Ok(ttl.is_some()),
-            Err(err) => Err(unavailable(err)),
-        }
     }
 }

@@ -18,7 +18,7 @@ use smallvec::SmallVec;
 
 use super::lease::Lease;
 use super::{Registry, State};
-use crate::etcd::EventKind;
+use crate::etcd::{EventKind, LeaseId as EtcdLease};
 use crate::registry::Config;
 use crate::registry::cluster::election::Election;
 use crate::registry::cluster::keys::{self, Key};
@@ -46,6 +46,18 @@ pub struct KeyChange<'a> {
     pub key: &'a [u8],
     /// Its value after the change; None: the key was deleted.
     pub value: Option<&'a [u8]>,
+    /// The etcd lease it hangs on after the change.
+    pub lease: Option<EtcdLease>,
+}
+
+impl<'a> KeyChange<'a> {
+    fn of(kv: &'a crate::etcd::Kv) -> KeyChange<'a> {
+        KeyChange {
+            key: &kv.key,
+            value: Some(&kv.value),
+            lease: kv.lease,
+        }
+    }
 }
 
 impl Registry {
@@ -58,7 +70,8 @@ impl Registry {
         config: &Config,
         connections: &Connections,
     ) -> Result<Registry, crate::etcd::Error> {
-        let node = Arc::new(Node::connect(&config.etcd, connections).await?);
+        let lease_ttls = (config.unhealthy_timeout, config.delete_timeout);
+        let node = Arc::new(Node::connect(&config.etcd, lease_ttls, connections).await?);
         let registry = Registry::with_store(config, None, Some(node.clone()));
         let weak = Arc::downgrade(&registry.inner);
         let prefix = node.prefix.clone();
@@ -68,6 +81,12 @@ impl Registry {
             }
         };
         tokio::spawn(node.clone().feed(apply, registry.inner.closed.clone()));
+        tokio::spawn(node.clone().keep_leases(registry.inner.closed.clone()));
+        tokio::spawn(super::replicated::time_silences(
+            Arc::downgrade(&registry.inner),
+            node.clone(),
+            registry.inner.closed.clone(),
+        ));
         node.caught_up(1).await;
         // Only once the view is loaded: a node elected before would not
         // know what to probe.
@@ -106,8 +125,7 @@ impl State {
             Feed::Load { revision, kvs } => self.reload_etcd(
                 prefix,
                 revision.max(0) as u64,
-                kvs.iter()
-                    .map(|kv| (kv.key.as_slice(), kv.value.as_slice())),
+                kvs.iter().map(KeyChange::of),
             ),
             Feed::Changes { revision, events } => self.apply_etcd(
                 prefix,
@@ -118,6 +136,7 @@ impl State {
                         EventKind::Put => Some(event.kv.value.as_slice()),
                         EventKind::Delete => None,
                     },
+                    lease: event.kv.lease,
                 }),
             ),
         }
@@ -148,7 +167,7 @@ impl State {
                     }
                 }
                 (Key::Instance(service, addr), None) => self.remove_replicated(&service, &addr),
-                (Key::Alive(lease), value) => self.set_alive(lease, value.is_some()),
+                (Key::Alive(lease), value) => self.set_alive(lease, value.is_some(), change.lease),
                 (Key::Settings(service), Some(value)) => {
                     match serde_json::from_slice::<ServiceSettings>(value) {
                         Ok(settings) => {
@@ -193,10 +212,10 @@ impl State {
         &mut self,
         prefix: &str,
         etcd_revision: u64,
-        kvs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+        kvs: impl IntoIterator<Item = KeyChange<'a>>,
     ) {
-        let kvs: Vec<(&[u8], &[u8])> = kvs.into_iter().collect();
-        let present: std::collections::HashSet<&[u8]> = kvs.iter().map(|(key, _)| *key).collect();
+        let kvs: Vec<KeyChange<'a>> = kvs.into_iter().collect();
+        let present: std::collections::HashSet<&[u8]> = kvs.iter().map(|kv| kv.key).collect();
         let mut held: Vec<String> = Vec::new();
         for service in self.services.values() {
             if service.explicit {
@@ -221,15 +240,13 @@ impl State {
         // Alive keys first, so an instance put is healthy at once.
         let puts = kvs
             .iter()
-            .filter(|(key, _)| is_alive(key))
-            .chain(kvs.iter().filter(|(key, _)| !is_alive(key)))
-            .map(|(key, value)| KeyChange {
-                key,
-                value: Some(value),
-            });
+            .filter(|kv| is_alive(kv.key))
+            .chain(kvs.iter().filter(|kv| !is_alive(kv.key)))
+            .copied();
         let deletes = gone.iter().map(|key| KeyChange {
             key: key.as_bytes(),
             value: None,
+            lease: None,
         });
         self.apply_etcd(prefix, etcd_revision, deletes.chain(puts));
         self.history.clear();
@@ -284,11 +301,13 @@ impl State {
         }
     }
 
-    /// A lease's alive key appeared or went: its instances turn healthy or
-    /// unhealthy, in key order.
-    fn set_alive(&mut self, id: LeaseId, alive: bool) {
+    /// A lease's alive key appeared (hanging on the etcd lease
+    /// `alive_on`) or went: its instances turn healthy or unhealthy, in
+    /// key order.
+    fn set_alive(&mut self, id: LeaseId, alive: bool, alive_on: Option<EtcdLease>) {
         let lease = self.leases.entry(id).or_insert_with(orphan);
         lease.orphaned = !alive;
+        lease.alive_on = alive_on.filter(|_| alive);
         if !alive && lease.members.is_empty() {
             self.leases.remove(&id);
             return;
@@ -336,6 +355,7 @@ fn orphan() -> Lease {
         orphaned: true,
         members: SmallVec::new(),
         queued: None,
+        alive_on: None,
     }
 }
 
@@ -391,10 +411,20 @@ mod tests {
             PREFIX,
             revision,
             changes.iter().map(|(key, value)| KeyChange {
+                lease: None,
                 key: key.as_bytes(),
                 value: *value,
             }),
         );
+    }
+
+    /// A key as a range read returns it.
+    fn put<'a>((key, value): (&'a [u8], &'a [u8])) -> KeyChange<'a> {
+        KeyChange {
+            key,
+            value: Some(value),
+            lease: None,
+        }
     }
 
     async fn next(watch: &mut crate::registry::watch::WatchStream) -> WatchItem {
@@ -506,7 +536,11 @@ mod tests {
             (records[1].0.as_bytes(), &records[1].1),
         ];
         range.sort();
-        loaded.inner.state.lock().reload_etcd(PREFIX, 4, range);
+        loaded
+            .inner
+            .state
+            .lock()
+            .reload_etcd(PREFIX, 4, range.into_iter().map(put));
         let from = watched.stats().revision + 1;
         let mut on_watched = watched
             .watch(Selector::Service(service()), from, 0)
@@ -532,11 +566,11 @@ mod tests {
     async fn a_watcher_older_than_a_nodes_start_is_reset_there() {
         let registry = Registry::in_memory(&Config::default());
         let (key, value) = record(80, 2);
-        registry
-            .inner
-            .state
-            .lock()
-            .reload_etcd(PREFIX, 9, [(key.as_bytes(), value.as_slice())]);
+        registry.inner.state.lock().reload_etcd(
+            PREFIX,
+            9,
+            [put((key.as_bytes(), value.as_slice()))],
+        );
         // A watcher that saw only the first change of revision 9.
         let mut watch = registry
             .watch(
