@@ -6,7 +6,9 @@
 //! on the next node, and nobody sees them leave or turn unhealthy. Then a
 //! node is killed together with a service that kept its lease through it:
 //! that service is removed within the delete timeout, as a surviving node
-//! sees it.
+//! sees it. And the etcd leader is killed under a load of registrations
+//! through every node: nothing acknowledged is lost, and each node's
+//! watcher saw exactly etcd's history.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use parking_lot::Mutex;
+use shop_mesh::etcd::{Etcd, EventKind, WatchBatch};
 use shop_mesh::harness::{EtcdCluster, Process};
 use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
@@ -434,4 +437,192 @@ async fn up_refuses_several_registries_on_the_memory_store() {
         err.contains("2 registry nodes need a shared store: add --store etcd"),
         "{err}"
     );
+}
+
+/// A watcher's change, as the checker compares it: revision, kind, port,
+/// health.
+type Change = (u64, i32, u32, bool);
+
+/// Watches `service` on `client` and records every change with its
+/// revision.
+async fn record_changes(
+    mut client: RegistryClient<Channel>,
+    service: &str,
+) -> Arc<Mutex<Vec<Change>>> {
+    let mut stream = client
+        .watch(pb::WatchRequest {
+            service: service.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = stream.next().await.expect("an answer").expect("a snapshot");
+    assert!(matches!(
+        first.body,
+        Some(pb::watch_response::Body::Snapshot(_))
+    ));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            while let Some(Ok(answer)) = stream.next().await {
+                match answer.body {
+                    Some(pb::watch_response::Body::Change(change)) => {
+                        let instance = change.instance.expect("a change names its instance");
+                        seen.lock().push((
+                            answer.revision,
+                            change.kind,
+                            instance.port,
+                            instance.healthy,
+                        ));
+                    }
+                    other => panic!("the watch was reset or ended: {other:?}"),
+                }
+            }
+        }
+    });
+    seen
+}
+
+/// etcd's own history of the instance keys under `prefix`, from its first
+/// revision to now: (etcd revision, kind, port).
+async fn etcd_history(etcd: &EtcdCluster, prefix: &str) -> Vec<(i64, i32, u32)> {
+    let etcd = Etcd::connect(&etcd.endpoints(), Duration::from_secs(1)).expect("client");
+    let (_, now) = etcd.get_prefix(prefix).await.expect("read");
+    let mut history = etcd.watch_prefix(prefix, 1, false).await.expect("watch");
+    let mut expected: Vec<(i64, i32, u32)> = Vec::new();
+    while expected.last().is_none_or(|(at, _, _)| *at < now) {
+        let batch = tokio::time::timeout(PATIENCE, history.next())
+            .await
+            .expect("etcd's history in time")
+            .expect("the history goes on")
+            .expect("a batch");
+        if let WatchBatch::Events { events, .. } = batch {
+            for event in events {
+                let port = String::from_utf8_lossy(&event.kv.key)
+                    .rsplit('/')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("an instance key ends in its port");
+                let kind = match event.kind {
+                    EventKind::Put => pb::change::Kind::Put as i32,
+                    EventKind::Delete => pb::change::Kind::Delete as i32,
+                };
+                expected.push((event.revision(), kind, port));
+            }
+        }
+        assert!(!expected.is_empty(), "etcd holds no history of the service");
+    }
+    expected
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_etcd_leader_under_load_loses_no_registration_and_no_watcher_event() {
+    let Some(mut etcd) = EtcdCluster::start(3).await.expect("etcd cluster") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("/test-{:08x}", rand::random::<u32>());
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(registry_node(&etcd, &prefix, &dir.path().join(format!("registry-{i}"))).await);
+    }
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let mut watchers = Vec::new();
+    for addr in &addrs {
+        watchers.push(record_changes(client(addr).await, "svc").await);
+    }
+
+    // Registrations through every node in turn, retried while etcd elects.
+    // Their timeouts outlast the test: every change is a registration's.
+    const PORTS: u32 = 150;
+    let writers = addrs.clone();
+    let load = tokio::spawn(async move {
+        let mut acknowledged = Vec::new();
+        for port in 1..=PORTS {
+            let mut registry = client(&writers[port as usize % writers.len()]).await;
+            let give_up = Instant::now() + PATIENCE;
+            loop {
+                let answer = registry
+                    .register(pb::RegisterRequest {
+                        instance: Some(pb::Instance {
+                            service: "svc".into(),
+                            ip: "127.0.0.1".into(),
+                            port,
+                            unhealthy_timeout_ms: Some(600_000),
+                            delete_timeout_ms: Some(1_200_000),
+                            ..Default::default()
+                        }),
+                        lease_id: 0,
+                    })
+                    .await;
+                match answer {
+                    Ok(_) => {
+                        acknowledged.push(port);
+                        break;
+                    }
+                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                        assert!(Instant::now() < give_up, "{status:?}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(status) => panic!("port {port}: {status:?}"),
+                }
+            }
+        }
+        acknowledged
+    });
+    wait_until("the load to be under way", PATIENCE, || {
+        let seen = watchers[0].clone();
+        async move { seen.lock().len() > 30 }
+    })
+    .await;
+    let leader = etcd.leader().await.expect("a leader");
+    etcd.kill(leader).await.expect("kill -9 the leader");
+    let acknowledged = load.await.expect("the load");
+    assert_eq!(acknowledged.len(), PORTS as usize);
+
+    // Every acknowledged registration is there, healthy, on every node.
+    for addr in &addrs {
+        let mut ports = found(&client(addr).await, "svc").await;
+        ports.sort();
+        let all: Vec<(u32, bool)> = acknowledged.iter().map(|p| (*p, true)).collect();
+        assert_eq!(ports, all, "as {addr} has it");
+    }
+
+    // Each watcher saw etcd's history of the instance keys: no gap, no
+    // duplicate, no reordering, nothing invented.
+    let expected = etcd_history(&etcd, &format!("{prefix}/i/public/DEFAULT_GROUP/svc/")).await;
+    let last = expected.last().map(|(at, _, _)| *at as u64);
+    for (addr, seen) in addrs.iter().zip(&watchers) {
+        wait_until(
+            &format!("the watcher on {addr} to see the last change"),
+            PATIENCE,
+            || {
+                let seen = seen.clone();
+                async move { seen.lock().iter().any(|c| Some(c.0 >> 16) == last) }
+            },
+        )
+        .await;
+        let changes = seen.lock().clone();
+        for pair in changes.windows(2) {
+            assert!(
+                pair[0].0 < pair[1].0,
+                "{addr}: out of order or repeated: {pair:?}"
+            );
+        }
+        let watched: Vec<(i64, i32, u32)> = changes
+            .iter()
+            .map(|(revision, kind, port, _)| ((revision >> 16) as i64, *kind, *port))
+            .collect();
+        assert_eq!(watched, expected, "the watcher on {addr}");
+        assert!(
+            changes.iter().all(|c| c.3),
+            "{addr}: an instance turned unhealthy: {changes:?}"
+        );
+    }
+    for node in &mut nodes {
+        assert_eq!(node.terminate().await.unwrap(), Some(0));
+    }
+    drop(etcd);
 }
