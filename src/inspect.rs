@@ -105,7 +105,8 @@ pub async fn services(
     if json {
         for s in &all {
             let line = json!({"namespace": s.namespace, "group": s.group, "service": s.name,
-                "instances": s.instance_count, "healthy": s.healthy_count, "protect_threshold": s.protect_threshold});
+                "instances": s.instance_count, "healthy": s.healthy_count, "protect_threshold": s.protect_threshold,
+                "answered_by": answered});
             writeln!(out, "{line}")?;
         }
         return Ok(());
@@ -150,7 +151,9 @@ pub async fn instances(
     let mut out = std::io::stdout().lock();
     if json {
         for i in &answer.instances {
-            writeln!(out, "{}", instance_json(i))?;
+            let mut line = instance_json(i);
+            line["answered_by"] = answered.clone().into();
+            writeln!(out, "{line}")?;
         }
         return Ok(());
     }
@@ -223,7 +226,8 @@ pub async fn watch(
         let mut out = std::io::stdout().lock();
         for i in &instances {
             if json {
-                let line = json!({"revision": answer.revision, "event": event, "instance": instance_json(i)});
+                let line = json!({"revision": answer.revision, "event": event, "instance": instance_json(i),
+                    "answered_by": answered});
                 writeln!(out, "{line}")?;
             } else {
                 let row = instance_row(i).join("  ");

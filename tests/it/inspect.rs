@@ -45,6 +45,7 @@ async fn services_and_instances_print_tables_and_json() {
     let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(line["address"], "127.0.0.1:8070");
     assert_eq!(line["healthy"], true);
+    assert_eq!(line["answered_by"], addr.as_str(), "{line}");
 
     // With several addresses, the first that answers does, and says so.
     let dead = "127.0.0.1:1";
@@ -108,6 +109,7 @@ async fn watch_prints_each_change_as_it_happens() {
         "{first}"
     );
     assert_eq!(first["instance"]["address"], "127.0.0.1:8060");
+    assert_eq!(first["answered_by"], addr.as_str(), "{first}");
 
     deregister(&mut client, "server-user", 8060).await.unwrap();
     let next = next_json(&mut lines).await;
