@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Error, EtcdConfig};
 use crate::etcd::{self, Etcd, MAX_TXN_OPS, Op, Txn, TxnResult, WatchBatch};
 use crate::server::Connections;
-use holds::{NodeLeases, Silences};
+use holds::{Holding, NodeLeases, Silences};
 use keys::Key;
 
 /// A registry node's link to the cluster: the etcd client, the prefix
@@ -55,12 +55,14 @@ pub(in crate::registry) struct Node {
     /// The etcd cluster's, shared by every node: what a watcher's
     /// revisions belong to.
     pub(in crate::registry) incarnation: u64,
-    /// The etcd leases this node's clients' keys hang on.
-    leases: Mutex<NodeLeases>,
-    /// Their times to live: the registry's unhealthy and delete timeouts.
+    /// The etcd leases this node's clients' keys hang on, when they were
+    /// last renewed, and the silences of the clients it holds: one lock,
+    /// so a new grant and the end of everything held on the old one are
+    /// one step.
+    held: Mutex<Holding>,
+    /// The node's etcd leases' times to live: the registry's unhealthy and
+    /// delete timeouts.
     lease_ttls: (Duration, Duration),
-    /// The leases this node holds, and when each client was last heard.
-    silences: Mutex<Silences>,
     /// Wakes the silence timer when an earlier deadline is set.
     pub(in crate::registry) timer: Notify,
     /// Wakes the keeper of the node's etcd leases when a write found one
@@ -153,6 +155,7 @@ impl Node {
                 .unwrap_or(1),
             _ => proposed.parse().unwrap_or(1),
         };
+        let asked = tokio::time::Instant::now();
         let leases = NodeLeases::grant(&etcd, lease_ttls).await?;
         let (batches, queued) = mpsc::channel(MAX_TXN_OPS);
         tokio::spawn(write_batches(etcd.clone(), queued));
@@ -161,9 +164,12 @@ impl Node {
             prefix,
             applied: watch::channel(0).0,
             incarnation,
-            leases: Mutex::new(leases),
+            held: Mutex::new(Holding {
+                leases,
+                renewed: asked,
+                silences: Silences::default(),
+            }),
             lease_ttls,
-            silences: Mutex::new(Silences::default()),
             timer: Notify::new(),
             lost: Notify::new(),
             batches,

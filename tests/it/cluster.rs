@@ -196,6 +196,50 @@ async fn leases_under(etcd: &Etcd, prefix: &str, kind: &str) -> Vec<Option<Lease
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_registered_on_a_lease_through_another_node_is_taken_over_with_it() {
+    let Some(mut cluster) = nodes(2, SHORT).await else {
+        return;
+    };
+    let mut on_a = cluster.nodes[0].client().await;
+    let mut on_b = cluster.nodes[1].client().await;
+    let lease = register(&mut on_a, instance("svc", 80)).await.lease_id;
+    let (beats, mut answers) = keep_alive(&mut on_a, lease).await;
+    answers.next().await.expect("an answer").expect("renewed");
+    // A second instance joins the lease through B, whose etcd lease it
+    // then hangs on; A takes it over on the client's next beat.
+    on_b.register(pb::RegisterRequest {
+        instance: Some(instance("svc", 81)),
+        lease_id: lease,
+    })
+    .await
+    .expect("register on the same lease through B");
+    let beating = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if beats
+                .send(pb::KeepAliveRequest { lease_id: lease })
+                .await
+                .is_err()
+                || answers.next().await.is_none()
+            {
+                return;
+            }
+        }
+    });
+    // B goes, its etcd leases with it, past the delete timeout.
+    cluster.nodes.remove(1).stop().await;
+    tokio::time::sleep(Duration::from_secs(SHORT.1 + 3)).await;
+    let mut ports: Vec<(u32, bool)> = instances(&mut on_a, "svc", false)
+        .await
+        .iter()
+        .map(|i| (i.port, i.healthy))
+        .collect();
+    ports.sort();
+    assert_eq!(ports, [(80, true), (81, true)]);
+    beating.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrations_hang_on_the_etcd_leases_of_their_node_and_grant_none() {
     let Some(cluster) = nodes(2, SHORT).await else {
         return;
@@ -381,6 +425,8 @@ async fn etcd_down_for_10s_past_the_delete_timeout_loses_nothing() {
     })
     .await;
     let seen = record(watch_svc(&mut on_b).await);
+    let mut on_a = cluster.nodes[0].client().await;
+    let held_by_a = register(&mut on_a, instance("held", 90)).await.lease_id;
 
     for member in 0..3 {
         cluster
@@ -391,8 +437,18 @@ async fn etcd_down_for_10s_past_the_delete_timeout_loses_nothing() {
     }
     // Reads go on from each node's view.
     assert_eq!(instances(&mut on_b, "svc", false).await.len(), 1);
-    let mut on_a = cluster.nodes[0].client().await;
     assert_eq!(instances(&mut on_a, "svc", false).await.len(), 1);
+    // A node that cannot renew its own etcd lease stops answering beats
+    // from its view (its clients' keys may expire with that lease): they
+    // go to etcd, and fail, so a client can move to a node that reaches it.
+    wait_until("A to refuse beats once its etcd lease is stale", PATIENCE, || {
+        let mut on_a = on_a.clone();
+        async move {
+            let (_beats, mut answers) = keep_alive(&mut on_a, held_by_a).await;
+            matches!(answers.next().await, Some(Err(status)) if status.code() == tonic::Code::Unavailable)
+        }
+    })
+    .await;
     // Writes are refused, naming etcd.
     let refused = register_refused(&mut on_a, instance("other", 81)).await;
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");

@@ -60,45 +60,67 @@ impl NodeLeases {
     }
 }
 
+/// What [`Node::held`] guards.
+pub(in crate::registry) struct Holding {
+    /// The etcd leases the node's clients' keys hang on.
+    pub leases: NodeLeases,
+    /// When a renewal of `leases.alive` that etcd confirmed was sent (or
+    /// the grant asked for).
+    pub renewed: Instant,
+    /// The clients it holds.
+    pub silences: Silences,
+}
+
 impl Node {
     /// The etcd leases this node hangs its clients' keys on now.
     pub(in crate::registry) fn leases(&self) -> NodeLeases {
-        *self.leases.lock()
+        self.held.lock().leases
     }
 
     /// Whether this node holds `lease` healthy, as both its own
     /// bookkeeping and its view (whose alive key hangs on this node's
-    /// lease) say. A beat of such a lease is answered without etcd.
+    /// lease) say, and its own etcd lease is known to be alive: then a
+    /// beat of it is answered without etcd. A node that has not renewed
+    /// its lease for half its time to live (etcd out of its reach) says
+    /// no, so its clients' beats go to etcd, fail, and move them to a node
+    /// that can keep their keys.
     pub(in crate::registry) fn holds_healthy(
         &self,
         lease: LeaseId,
         alive_on: Option<EtcdLease>,
     ) -> bool {
-        alive_on == Some(self.leases().alive) && self.silences.lock().holds_healthy(lease)
+        let held = self.held.lock();
+        alive_on == Some(held.leases.alive)
+            && held.renewed.elapsed() < self.lease_ttls.0 / 2
+            && held.silences.holds_healthy(lease)
     }
 
     /// A sign of life of the client of `lease`: this node holds it from
-    /// now on.
-    pub(in crate::registry) fn heard(&self, lease: LeaseId, timings: &Timings) {
-        if self.silences.lock().heard(lease, timings, Instant::now()) {
+    /// now on. Answers the etcd leases to hang its keys on, read in the
+    /// same step, so a lease granted meanwhile cannot leave keys on the
+    /// new lease that no silence of the old bookkeeping times out.
+    pub(in crate::registry) fn heard(&self, lease: LeaseId, timings: &Timings) -> NodeLeases {
+        let mut held = self.held.lock();
+        if held.silences.heard(lease, timings, Instant::now()) {
             self.timer.notify_one();
         }
+        held.leases
     }
 
     /// Counts a KeepAlive stream through this node attached to `lease`.
     pub(in crate::registry) fn attach(&self, lease: LeaseId) {
-        self.silences.lock().attach(lease);
+        self.held.lock().silences.attach(lease);
     }
 
     /// A KeepAlive stream attached to `leases` ended: those it was the
     /// last stream of lose their alive key, in the background (a stream
     /// ends in a destructor, which cannot wait).
     pub(in crate::registry) fn detach(self: &Arc<Self>, leases: Vec<LeaseId>) {
-        let silent: Vec<LeaseId> = {
-            let mut silences = self.silences.lock();
+        let silent: Vec<Silent> = {
+            let mut held = self.held.lock();
             leases
                 .into_iter()
-                .filter(|lease| silences.detach(*lease))
+                .filter_map(|lease| held.silences.detach(lease))
                 .collect()
         };
         if silent.is_empty() {
@@ -106,53 +128,75 @@ impl Node {
         }
         let node = self.clone();
         tokio::spawn(async move {
-            for lease in silent {
-                if let Err(err) = node.take_alive(lease).await {
+            for silent in silent {
+                if let Err(err) = node.take_alive(silent).await {
                     // Asked again later; the alive key goes at the
                     // unhealthy timeout then, not at once.
                     tracing::warn!(%err, "cannot mark the instances of a broken KeepAlive stream unhealthy");
-                    node.retry(Due::Unhealthy(lease));
+                    node.retry(silent);
                 }
             }
         });
     }
 
-    /// Deletes the alive key of `lease` if it still hangs on this node's
-    /// lease: its instances turn unhealthy on every node.
-    pub(in crate::registry) async fn take_alive(&self, lease: LeaseId) -> Result<(), etcd::Error> {
-        let key = self.key(&Key::Alive(lease));
-        let mine = self.leases().alive;
+    /// Deletes the alive key of a silent lease if it still hangs on this
+    /// node's lease and the client has not been heard from since: its
+    /// instances turn unhealthy on every node.
+    pub(in crate::registry) async fn take_alive(&self, silent: Silent) -> Result<(), etcd::Error> {
+        let Some(mine) = self.still_silent(silent) else {
+            return Ok(());
+        };
+        let key = self.key(&Key::Alive(silent.due.lease()));
         let txn = Txn::new()
-            .when([Compare::lease(&key, Cmp::Equal, Some(mine))])
+            .when([Compare::lease(&key, Cmp::Equal, Some(mine.alive))])
             .and_then([Op::delete(&key)]);
         self.etcd.txn(txn).await.map(drop)
     }
 
-    /// Deletes the instance at `key` if it still hangs on this node's
-    /// lease.
-    pub(in crate::registry) async fn take_instance(&self, key: &str) -> Result<(), etcd::Error> {
-        let mine = self.leases().instances;
-        let txn = Txn::new()
-            .when([Compare::lease(key, Cmp::Equal, Some(mine))])
-            .and_then([Op::delete(key)]);
-        self.etcd.txn(txn).await.map(drop)
+    /// Deletes the instances at `keys` of an expired lease, each only if it
+    /// still hangs on this node's lease and the lease's alive key is gone
+    /// (a client heard from again puts it back first). Then stops holding
+    /// the lease, unless its client was heard from meanwhile.
+    pub(in crate::registry) async fn take_instances(
+        &self,
+        silent: Silent,
+        keys: &[String],
+    ) -> Result<(), etcd::Error> {
+        let Some(mine) = self.still_silent(silent) else {
+            return Ok(());
+        };
+        let alive = self.key(&Key::Alive(silent.due.lease()));
+        let takes = keys.iter().map(|key| {
+            let txn = Txn::new()
+                .when([
+                    Compare::lease(key, Cmp::Equal, Some(mine.instances)),
+                    Compare::absent(&alive),
+                ])
+                .and_then([Op::delete(key)]);
+            self.etcd.txn(txn)
+        });
+        futures::future::try_join_all(takes).await?;
+        self.held.lock().silences.forget_if(silent);
+        Ok(())
+    }
+
+    /// This node's etcd leases if `silent` still stands: the client has
+    /// not been heard from since it was decided.
+    fn still_silent(&self, silent: Silent) -> Option<NodeLeases> {
+        let held = self.held.lock();
+        held.silences.still(silent).then_some(held.leases)
     }
 
     /// What has come due, and when the next will.
-    pub(in crate::registry) fn due(&self) -> (Vec<Due>, Option<Instant>) {
-        let mut silences = self.silences.lock();
-        (silences.due(Instant::now()), silences.next())
+    pub(in crate::registry) fn due(&self) -> (Vec<Silent>, Option<Instant>) {
+        let mut held = self.held.lock();
+        (held.silences.due(Instant::now()), held.silences.next())
     }
 
-    /// Stops holding `lease`.
-    pub(in crate::registry) fn forget(&self, lease: LeaseId) {
-        self.silences.lock().forget(lease);
-    }
-
-    /// The write `due` called for failed: asks for it again in a second.
-    pub(in crate::registry) fn retry(&self, due: Due) {
+    /// The write `silent` called for failed: asks for it again in a second.
+    pub(in crate::registry) fn retry(&self, silent: Silent) {
         let at = Instant::now() + RETRY;
-        self.silences.lock().retry(due, at);
+        self.held.lock().silences.retry(silent, at);
         self.timer.notify_one();
     }
 
@@ -167,19 +211,19 @@ impl Node {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let leases = self.leases();
-            let mut renewals = [
-                self.etcd.lease_keepalive(leases.alive),
-                self.etcd.lease_keepalive(leases.instances),
-            ];
+            let mut renewals =
+                [leases.alive, leases.instances].map(|id| self.etcd.lease_keepalive(id));
             'renew: loop {
                 tokio::select! {
                     _ = closed.cancelled() => return,
                     _ = ticks.tick() => {}
                     _ = self.lost.notified() => {}
                 }
+                let sent = Instant::now();
+                let mut renewed = true;
                 for renewal in &mut renewals {
                     match tokio::time::timeout(every, renewal.beat()).await {
-                        Ok(Ok(Some(_))) => {}
+                        Ok(Ok(Some(_))) => continue,
                         Ok(Ok(None)) => break 'renew,
                         Ok(Err(err)) => {
                             tracing::warn!(%err, "cannot renew this registry node's etcd lease")
@@ -188,18 +232,26 @@ impl Node {
                             tracing::warn!("no answer renewing this registry node's etcd lease")
                         }
                     }
+                    // The next beat opens a new stream, perhaps to another
+                    // member: one that hangs is not waited on again.
+                    *renewal = self.etcd.lease_keepalive(renewal.lease());
+                    renewed = false;
+                }
+                if renewed {
+                    self.held.lock().renewed = sent;
                 }
             }
             tracing::warn!(
                 "this registry node's etcd leases expired, and the keys of its clients with them; granting new ones (its clients register again)"
             );
             let mut pauses = super::backoff().build();
-            let granted = loop {
+            let (asked, granted) = loop {
+                let asked = Instant::now();
                 let grant = NodeLeases::grant(&self.etcd, self.lease_ttls);
                 let failed = tokio::select! {
                     _ = closed.cancelled() => return,
                     granted = grant => match granted {
-                        Ok(granted) => break granted,
+                        Ok(granted) => break (asked, granted),
                         Err(err) => err,
                     },
                 };
@@ -210,8 +262,11 @@ impl Node {
                     _ = tokio::time::sleep(pause) => {}
                 }
             };
-            *self.leases.lock() = granted;
-            *self.silences.lock() = Silences::default();
+            *self.held.lock() = Holding {
+                leases: granted,
+                renewed: asked,
+                silences: Silences::default(),
+            };
         }
     }
 }
@@ -229,6 +284,25 @@ pub(in crate::registry) enum Due {
     Expired(LeaseId),
 }
 
+impl Due {
+    /// The lease it is about.
+    pub fn lease(self) -> LeaseId {
+        match self {
+            Due::Unhealthy(lease) | Due::Expired(lease) => lease,
+        }
+    }
+}
+
+/// A [`Due`] as decided: it stands only while the client has not been
+/// heard from since (its lease's generation is still the one it was
+/// decided at).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::registry) struct Silent {
+    /// What the silence calls for.
+    pub due: Due,
+    generation: u64,
+}
+
 /// One lease this node holds.
 #[derive(Debug)]
 struct Held {
@@ -241,6 +315,9 @@ struct Held {
     silent: bool,
     /// Its entry in the deadlines, if any.
     queued: Option<Instant>,
+    /// Bumped by every sign of life: a silence decided before one no
+    /// longer stands.
+    generation: u64,
 }
 
 /// The silence of the clients whose leases this node holds: when each was
@@ -273,8 +350,10 @@ impl Silences {
             streams: 0,
             silent: false,
             queued: None,
+            generation: 0,
         });
         held.last_seen = now;
+        held.generation += 1;
         held.unhealthy = Duration::from_millis(timings.unhealthy_timeout_ms.into());
         held.delete = Duration::from_millis(timings.delete_timeout_ms.into());
         held.silent = false;
@@ -289,24 +368,37 @@ impl Silences {
         }
     }
 
-    /// A KeepAlive stream attached to `lease` ended: true when it was the
-    /// last one, and the lease has turned silent (its alive key must go
-    /// at once).
-    pub fn detach(&mut self, lease: LeaseId) -> bool {
-        let Some(held) = self.held.get_mut(&lease) else {
-            return false;
-        };
+    /// A KeepAlive stream attached to `lease` ended: when it was the last
+    /// one, the lease has turned silent, and its alive key must go at
+    /// once.
+    pub fn detach(&mut self, lease: LeaseId) -> Option<Silent> {
+        let held = self.held.get_mut(&lease)?;
         held.streams = held.streams.saturating_sub(1);
         if held.streams > 0 || held.silent {
-            return false;
+            return None;
         }
         held.silent = true;
-        true
+        Some(Silent {
+            due: Due::Unhealthy(lease),
+            generation: held.generation,
+        })
     }
 
-    /// Stops holding `lease`: another node took it over, or its instances
-    /// are gone.
-    pub fn forget(&mut self, lease: LeaseId) {
+    /// Whether `silent` still stands: its client has not been heard from
+    /// since it was decided.
+    pub fn still(&self, silent: Silent) -> bool {
+        self.held
+            .get(&silent.due.lease())
+            .is_some_and(|held| held.generation == silent.generation)
+    }
+
+    /// Stops holding the lease of `silent` (its instances are gone) if it
+    /// still stands.
+    pub fn forget_if(&mut self, silent: Silent) {
+        let lease = silent.due.lease();
+        if !self.still(silent) {
+            return;
+        }
         if let Some(held) = self.held.remove(&lease)
             && let Some(at) = held.queued
         {
@@ -314,13 +406,15 @@ impl Silences {
         }
     }
 
-    /// A write a [`Due`] called for failed: ask again at `at`.
-    pub fn retry(&mut self, due: Due, at: Instant) {
-        let lease = match due {
-            Due::Unhealthy(lease) | Due::Expired(lease) => lease,
-        };
+    /// A write `silent` called for failed: ask again at `at`, if it still
+    /// stands.
+    pub fn retry(&mut self, silent: Silent, at: Instant) {
+        if !self.still(silent) {
+            return;
+        }
+        let lease = silent.due.lease();
         if let Some(held) = self.held.get_mut(&lease) {
-            if let Due::Unhealthy(_) = due {
+            if let Due::Unhealthy(_) = silent.due {
                 held.silent = false;
             }
             self.schedule(lease, at);
@@ -328,7 +422,7 @@ impl Silences {
     }
 
     /// Takes what has come due by `now`, in deadline order.
-    pub fn due(&mut self, now: Instant) -> Vec<Due> {
+    pub fn due(&mut self, now: Instant) -> Vec<Silent> {
         let mut due = Vec::new();
         while let Some(&(at, lease)) = self.deadlines.first() {
             if at > now {
@@ -341,15 +435,17 @@ impl Silences {
             held.queued = None;
             let unhealthy_at = held.last_seen + held.unhealthy;
             let delete_at = held.last_seen + held.delete;
+            let generation = held.generation;
+            let decided = |due| Silent { due, generation };
             if now >= delete_at {
                 // Stays held until the instances are gone: the node
                 // forgets it then, or asks again.
                 held.silent = true;
-                due.push(Due::Expired(lease));
+                due.push(decided(Due::Expired(lease)));
             } else if now >= unhealthy_at {
                 if !held.silent {
                     held.silent = true;
-                    due.push(Due::Unhealthy(lease));
+                    due.push(decided(Due::Unhealthy(lease)));
                 }
                 self.schedule(lease, delete_at);
             } else {
@@ -394,9 +490,13 @@ mod tests {
     }
 
     /// What is due after `secs` more seconds of the paused clock.
-    async fn after(silences: &mut Silences, secs: u64) -> Vec<Due> {
+    async fn after(silences: &mut Silences, secs: u64) -> Vec<Silent> {
         tokio::time::advance(Duration::from_secs(secs)).await;
         silences.due(Instant::now())
+    }
+
+    fn dues(silent: &[Silent]) -> Vec<Due> {
+        silent.iter().map(|s| s.due).collect()
     }
 
     #[tokio::test(start_paused = true)]
@@ -404,15 +504,17 @@ mod tests {
         let mut silences = Silences::default();
         silences.heard(1, &timings(15, 30), Instant::now());
         silences.heard(2, &timings(5, 10), Instant::now());
-        assert_eq!(after(&mut silences, 4).await, []);
-        assert_eq!(after(&mut silences, 1).await, [Due::Unhealthy(2)]);
+        assert_eq!(dues(&after(&mut silences, 4).await), []);
+        assert_eq!(dues(&after(&mut silences, 1).await), [Due::Unhealthy(2)]);
         assert!(!silences.holds_healthy(2));
-        assert_eq!(after(&mut silences, 5).await, [Due::Expired(2)]);
-        assert_eq!(after(&mut silences, 5).await, [Due::Unhealthy(1)]);
-        assert_eq!(after(&mut silences, 14).await, []);
-        assert_eq!(after(&mut silences, 1).await, [Due::Expired(1)]);
-        silences.forget(1);
-        silences.forget(2);
+        let expired = after(&mut silences, 5).await;
+        assert_eq!(dues(&expired), [Due::Expired(2)]);
+        silences.forget_if(expired[0]);
+        assert_eq!(dues(&after(&mut silences, 5).await), [Due::Unhealthy(1)]);
+        assert_eq!(dues(&after(&mut silences, 14).await), []);
+        let expired = after(&mut silences, 1).await;
+        assert_eq!(dues(&expired), [Due::Expired(1)]);
+        silences.forget_if(expired[0]);
         assert!(silences.held.is_empty());
         assert_eq!(silences.next(), None);
     }
@@ -422,15 +524,32 @@ mod tests {
         let mut silences = Silences::default();
         silences.heard(1, &timings(15, 30), Instant::now());
         for _ in 0..10 {
-            assert_eq!(after(&mut silences, 10).await, []);
+            assert_eq!(dues(&after(&mut silences, 10).await), []);
             silences.heard(1, &timings(15, 30), Instant::now());
         }
         assert!(silences.holds_healthy(1));
         // Silent after it had turned unhealthy: a beat makes it healthy.
-        assert_eq!(after(&mut silences, 20).await, [Due::Unhealthy(1)]);
+        assert_eq!(dues(&after(&mut silences, 20).await), [Due::Unhealthy(1)]);
         silences.heard(1, &timings(15, 30), Instant::now());
         assert!(silences.holds_healthy(1));
-        assert_eq!(after(&mut silences, 29).await, [Due::Unhealthy(1)]);
+        assert_eq!(dues(&after(&mut silences, 29).await), [Due::Unhealthy(1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silence_decided_before_a_sign_of_life_no_longer_stands() {
+        let mut silences = Silences::default();
+        silences.heard(1, &timings(15, 30), Instant::now());
+        let unhealthy = after(&mut silences, 15).await[0];
+        assert!(silences.still(unhealthy));
+        let expired = after(&mut silences, 15).await[0];
+        // The client comes back while the writes are on their way.
+        silences.heard(1, &timings(15, 30), Instant::now());
+        assert!(!silences.still(unhealthy) && !silences.still(expired));
+        silences.forget_if(expired);
+        silences.retry(unhealthy, Instant::now());
+        assert!(silences.holds_healthy(1), "still held, and healthy");
+        assert_eq!(dues(&after(&mut silences, 14).await), []);
+        assert_eq!(dues(&after(&mut silences, 1).await), [Due::Unhealthy(1)]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -439,34 +558,27 @@ mod tests {
         silences.heard(1, &timings(15, 30), Instant::now());
         silences.attach(1);
         silences.attach(1);
-        assert!(!silences.detach(1), "another stream is still attached");
-        assert!(silences.detach(1), "the last one");
+        assert_eq!(silences.detach(1), None, "another stream is still attached");
+        let silent = silences.detach(1).expect("the last one");
+        assert_eq!(silent.due, Due::Unhealthy(1));
         assert!(!silences.holds_healthy(1));
-        assert!(!silences.detach(1), "said once");
+        assert_eq!(silences.detach(1), None, "said once");
         // Its instances still go at the delete timeout, not the unhealthy.
-        assert_eq!(after(&mut silences, 15).await, []);
-        assert_eq!(after(&mut silences, 15).await, [Due::Expired(1)]);
+        assert_eq!(dues(&after(&mut silences, 15).await), []);
+        assert_eq!(dues(&after(&mut silences, 15).await), [Due::Expired(1)]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_write_is_asked_for_again() {
         let mut silences = Silences::default();
         silences.heard(1, &timings(15, 30), Instant::now());
-        assert_eq!(after(&mut silences, 15).await, [Due::Unhealthy(1)]);
-        silences.retry(Due::Unhealthy(1), Instant::now() + Duration::from_secs(1));
-        assert_eq!(after(&mut silences, 1).await, [Due::Unhealthy(1)]);
-        assert_eq!(after(&mut silences, 14).await, [Due::Expired(1)]);
-        silences.retry(Due::Expired(1), Instant::now() + Duration::from_secs(1));
-        assert_eq!(after(&mut silences, 1).await, [Due::Expired(1)]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_lease_another_node_took_over_is_not_timed_here() {
-        let mut silences = Silences::default();
-        silences.heard(1, &timings(15, 30), Instant::now());
-        silences.forget(1);
-        assert_eq!(after(&mut silences, 60).await, []);
-        assert!(!silences.holds_healthy(1));
+        let unhealthy = after(&mut silences, 15).await[0];
+        silences.retry(unhealthy, Instant::now() + Duration::from_secs(1));
+        assert_eq!(dues(&after(&mut silences, 1).await), [Due::Unhealthy(1)]);
+        let expired = after(&mut silences, 14).await[0];
+        assert_eq!(expired.due, Due::Expired(1));
+        silences.retry(expired, Instant::now() + Duration::from_secs(1));
+        assert_eq!(dues(&after(&mut silences, 1).await), [Due::Expired(1)]);
     }
 
     #[test]

@@ -7,16 +7,17 @@
 //! are checked against what this node has seen: two nodes admitting at
 //! once may pass a limit by the writes in flight, never by more.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 
 use super::{Inner, KeepAlive, Registry};
-use crate::etcd::{self, Compare, Op, Txn};
+use crate::etcd::{self, Cmp, Compare, MAX_TXN_OPS, Op, Txn};
 use crate::registry::Error;
 use crate::registry::cluster::Node;
-use crate::registry::cluster::holds::Due;
+use crate::registry::cluster::holds::{Due, Silent};
 use crate::registry::cluster::keys::Key;
 use crate::registry::model::{
     Instance, InstanceAddr, InstanceSpec, LeaseId, Registered, ServiceKey, ServiceSettings, Timings,
@@ -70,8 +71,7 @@ impl Registry {
         } else {
             // A registration is a sign of life: the alive key comes back
             // with it, and this node holds the lease from now on.
-            node.heard(lease, &timings);
-            let held = node.leases();
+            let held = node.heard(lease, &timings);
             vec![
                 Op::put(node.key(&Key::Alive(lease)), b"", Some(held.alive)),
                 Op::put(&instance_key, record_value(&record), Some(held.instances)),
@@ -89,15 +89,22 @@ impl Registry {
     /// Makes this node the holder of `lease`, healthy: unless it is
     /// already, puts the lease's alive key and instances again under this
     /// node's etcd leases (the node that held them may be dead, or the
-    /// client moved). Answers the lease's timings; NotFound when it has
-    /// neither instances nor an alive key left.
+    /// client moved). Each instance is put again as etcd has it, on
+    /// condition that it has not changed since it was read, so a
+    /// deregistration or a registration made meanwhile through another
+    /// node is never undone; one registered meanwhile is taken too.
+    /// Answers the lease's timings; NotFound when it has neither instances
+    /// nor an alive key left.
     pub(super) async fn hold(&self, node: &Node, lease: LeaseId) -> Result<Timings, Error> {
         let inner = &self.inner;
+        let alive_key = node.key(&Key::Alive(lease));
         // The view may not have seen the lease yet (registered through
         // another node a moment ago): asked of etcd once before giving up.
         let mut asked_etcd = false;
-        // Each round races only writes to the lease's own instances.
-        for _ in 0..5 {
+        let mut alive_taken = false;
+        // Instance keys put under this node's lease (or found gone) here.
+        let mut taken: HashSet<String> = HashSet::new();
+        for _ in 0..HOLD_ROUNDS {
             let (members, alive_on) = {
                 let state = inner.state.lock();
                 match state.leases.get(&lease) {
@@ -105,15 +112,22 @@ impl Registry {
                     Some(held) => (held.members.to_vec(), held.alive_on),
                 }
             };
-            if node.holds_healthy(lease, alive_on) {
+            if !alive_taken && node.holds_healthy(lease, alive_on) {
                 return Ok(inner.timings_of(lease));
             }
-            if members.is_empty() && alive_on.is_none() {
+            let pending: Vec<String> = members
+                .iter()
+                .map(|m| node.key(&Key::Instance((*m.service).clone(), m.addr.clone())))
+                .filter(|key| !taken.contains(key))
+                .collect();
+            if alive_taken && pending.is_empty() {
+                return Ok(inner.timings_of(lease));
+            }
+            if !alive_taken && members.is_empty() && alive_on.is_none() {
                 if asked_etcd {
                     break;
                 }
                 asked_etcd = true;
-                let alive_key = node.key(&Key::Alive(lease));
                 match node.etcd.get(&alive_key).await {
                     Ok(Some(kv)) => node.caught_up(kv.mod_revision).await,
                     Ok(None) => break,
@@ -121,30 +135,62 @@ impl Registry {
                 }
                 continue;
             }
-            let held = node.leases();
-            let keys: Vec<String> = members
-                .iter()
-                .map(|m| node.key(&Key::Instance((*m.service).clone(), m.addr.clone())))
-                .collect();
-            // Only instances still there are put again: one deregistered
-            // meanwhile must not come back.
-            let txn = Txn::new().when(keys.iter().map(Compare::present)).and_then(
-                std::iter::once(Op::put(node.key(&Key::Alive(lease)), b"", Some(held.alive)))
-                    .chain(members.iter().zip(&keys).map(|(member, key)| {
-                        Op::put(key, record_value(member), Some(held.instances))
-                    })),
-            );
-            let committed = node.commit(txn).await?;
-            if committed.succeeded {
-                let timings = inner.timings_of(lease);
-                node.heard(lease, &timings);
-                return Ok(timings);
+            // Heard first, so a silence decided before no longer stands;
+            // the alive key first, so no instance is taken for expired
+            // while its lease is taken over.
+            let mine = node.heard(lease, &inner.timings_of(lease));
+            if !alive_taken {
+                let put = Op::put(&alive_key, b"", Some(mine.alive));
+                node.commit(Txn::new().and_then([put])).await?;
+                alive_taken = true;
             }
+            for chunk in pending.chunks(MAX_TXN_OPS / 2) {
+                let read = Txn::new().and_then(chunk.iter().map(Op::get));
+                let read = node.etcd.txn(read).await.map_err(|err| node.failed(err))?;
+                let mut compares = Vec::new();
+                let mut puts = Vec::new();
+                for (key, result) in chunk.iter().zip(&read.results) {
+                    let kv = match result {
+                        etcd::OpResult::Get(kvs) => kvs.first(),
+                        _ => None,
+                    };
+                    let ours = kv.is_some_and(|kv| {
+                        serde_json::from_slice::<Instance>(&kv.value)
+                            .is_ok_and(|record| record.ephemeral && record.lease == lease)
+                    });
+                    match kv {
+                        Some(kv) if ours => {
+                            compares.push(Compare::mod_revision(key, Cmp::Equal, kv.mod_revision));
+                            puts.push(Op::put(key, &kv.value, Some(mine.instances)));
+                        }
+                        // Gone, or another lease's (or persistent) now.
+                        _ => {
+                            taken.insert(key.clone());
+                        }
+                    }
+                }
+                if puts.is_empty() {
+                    continue;
+                }
+                let committed = node
+                    .commit(Txn::new().when(compares).and_then(puts))
+                    .await?;
+                if committed.succeeded {
+                    taken.extend(chunk.iter().cloned());
+                }
+                // Otherwise one changed after it was read: read again.
+            }
+        }
+        if alive_taken {
+            return Err(Error::Unavailable(format!(
+                "the instances of lease {lease} kept changing while this registry node took the lease over; try again"
+            )));
         }
         Err(Error::NotFound(format!(
             "lease {lease} is unknown or expired; register again"
         )))
     }
+
     /// [`Registry::deregister`] on a cluster node.
     pub(super) async fn deregister_replicated(
         &self,
@@ -230,7 +276,7 @@ impl KeepAlive {
         lease: LeaseId,
     ) -> Result<Duration, Error> {
         let timings = self.registry.hold(node, lease).await?;
-        node.heard(lease, &timings);
+        let _ = node.heard(lease, &timings);
         if !self.leases.contains(&lease) {
             node.attach(lease);
             self.leases.push(lease);
@@ -263,12 +309,12 @@ pub(super) async fn time_silences(
             let node = node.clone();
             tokio::spawn(async move {
                 futures::stream::iter(due)
-                    .for_each_concurrent(SILENCES_IN_FLIGHT, |due| {
+                    .for_each_concurrent(SILENCES_IN_FLIGHT, |silent| {
                         let (inner, node) = (&inner, &node);
                         async move {
-                            if let Err(err) = silence(inner, node, due).await {
+                            if let Err(err) = silence(inner, node, silent).await {
                                 tracing::warn!(%err, "cannot time a silent client out in etcd; trying again");
-                                node.retry(due);
+                                node.retry(silent);
                             }
                         }
                     })
@@ -289,33 +335,32 @@ pub(super) async fn time_silences(
     }
 }
 
+/// Rounds of reading and taking over a lease's instances before a lease
+/// whose instances keep changing is given up on (the caller retries).
+const HOLD_ROUNDS: usize = 8;
+
 /// Writes of silences in flight at once.
 const SILENCES_IN_FLIGHT: usize = 16;
 
-/// The write one silence calls for.
-async fn silence(inner: &Inner, node: &Node, due: Due) -> Result<(), etcd::Error> {
-    match due {
-        Due::Unhealthy(lease) => node.take_alive(lease).await,
-        Due::Expired(lease) => {
-            let members: Vec<String> = inner
-                .state
-                .lock()
-                .leases
-                .get(&lease)
-                .map(|held| {
-                    held.members
-                        .iter()
-                        .map(|m| node.key(&Key::Instance((*m.service).clone(), m.addr.clone())))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let takes = members.iter().map(|key| node.take_instance(key));
-            futures::future::try_join_all(takes).await?;
-            node.take_alive(lease).await?;
-            node.forget(lease);
-            Ok(())
-        }
+/// The writes one silence calls for.
+async fn silence(inner: &Inner, node: &Node, silent: Silent) -> Result<(), etcd::Error> {
+    node.take_alive(silent).await?;
+    if let Due::Expired(lease) = silent.due {
+        let keys: Vec<String> = inner
+            .state
+            .lock()
+            .leases
+            .get(&lease)
+            .map(|held| {
+                held.members
+                    .iter()
+                    .map(|m| node.key(&Key::Instance((*m.service).clone(), m.addr.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        node.take_instances(silent, &keys).await?;
     }
+    Ok(())
 }
 
 /// An instance record as etcd stores it. Weights are checked finite, so
