@@ -35,6 +35,14 @@ pub enum Error {
     /// now; retrying later may succeed.
     #[error("{0}")]
     Unavailable(String),
+    /// No credential, or one that is malformed, unknown or revoked; the
+    /// message says which, and never quotes the credential.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid credential whose scope does not cover the request; the
+    /// message names what was asked and what the credential may touch.
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 impl Error {
@@ -56,6 +64,8 @@ impl Error {
             Error::Aborted(_) => tonic::Code::Aborted,
             Error::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             Error::Unavailable(_) => tonic::Code::Unavailable,
+            Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
         }
     }
 }
