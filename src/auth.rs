@@ -51,6 +51,46 @@ impl FromStr for TokenId {
     }
 }
 
+/// A secret in configuration (a token): shown by neither `Debug` nor
+/// `--print-config`, which print only whether it is set.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether it is set.
+    pub fn is_set(&self) -> bool {
+        !self.0.trim().is_empty()
+    }
+}
+
+impl From<String> for Secret {
+    fn from(secret: String) -> Secret {
+        Secret(secret)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.is_set() {
+            "Secret(hidden)"
+        } else {
+            "Secret(unset)"
+        })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.is_set() { "(hidden)" } else { "" })
+    }
+}
+
 /// A token as its holder has it: id and secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token {
@@ -176,13 +216,16 @@ pub enum Need<'a> {
     },
     /// To manage tokens, or anything else that spans namespaces.
     Admin,
+    /// Only to be a caller the registry knows (a KeepAlive stream before
+    /// its first lease, the cluster's description).
+    Authenticated,
 }
 
 impl Scope {
     /// Whether this scope allows `need`.
     pub fn allows(&self, need: Need<'_>) -> bool {
         match (self, need) {
-            (Scope::Admin, _) => true,
+            (Scope::Admin, _) | (_, Need::Authenticated) => true,
             (_, Need::Admin) => false,
             (Scope::Read { namespace }, Need::Read { namespace: asked }) => {
                 namespace == "*" || namespace == asked
@@ -328,6 +371,16 @@ mod tests {
                 assert!(!err.to_string().contains(&bad), "{err}");
             }
         }
+    }
+
+    #[test]
+    fn a_secret_in_configuration_is_never_printed() {
+        let text = Token::generate().reveal();
+        let secret = Secret::from(text.clone());
+        assert!(!format!("{secret:?}").contains(&text));
+        assert!(!serde_json::to_string(&secret).unwrap().contains(&text));
+        assert_eq!(secret.expose(), text);
+        assert!(!Secret::default().is_set());
     }
 
     #[test]

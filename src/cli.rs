@@ -71,6 +71,9 @@ pub enum Role {
     /// Shows the registry node that answers, where its state lives and,
     /// on the etcd store, the etcd cluster's members and its leader.
     Cluster(crate::inspect::Scope),
+    /// Makes, lists and revokes the registry's tokens (with an admin one).
+    #[command(subcommand)]
+    Token(crate::token::Command),
     /// Runs the shop as processes under load and faults, and checks that
     /// nothing was oversold, lost or doubled.
     Soak(crate::soak::Args),
@@ -140,6 +143,7 @@ impl Role {
             | Role::Cluster(scope)
             | Role::Instances { scope, .. }
             | Role::Watch { scope, .. } => scope.apply(&mut config.discovery),
+            Role::Token(command) => command.scope().apply(&mut config.discovery),
             _ => {}
         }
         if self.prints_for_people() {
@@ -159,7 +163,8 @@ impl Role {
             | Role::Services(_)
             | Role::Cluster(_)
             | Role::Instances { .. }
-            | Role::Watch { .. } => true,
+            | Role::Watch { .. }
+            | Role::Token(_) => true,
             Role::Registry(_) | Role::Bench(_) => false,
         }
     }
@@ -248,6 +253,10 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
+        Role::Token(command) => command
+            .run(&config.discovery, &config.connections)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Role::Instances { service, scope } => {
             crate::inspect::instances(&config.discovery, &config.connections, &service, scope.json)
                 .await

@@ -21,6 +21,7 @@ pub mod resolver;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,11 +30,12 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use balancer::{BalanceConfig, BalancedChannel, RetrySafe, retry_safe};
-pub use connector::Connector;
+pub use connector::{Connector, Credential, RegistryClient};
 pub use endpoint::EjectionPolicy;
 pub use registrar::Registration;
 pub use resolver::{Change, EndpointInfo, Target};
 
+use crate::auth::Secret;
 use crate::registry::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE};
 use crate::server::Connections;
 
@@ -83,6 +85,12 @@ pub struct Config {
     /// has closed.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The token shown on every registry call (`SHOP_MESH__DISCOVERY__TOKEN`),
+    /// when the registry checks credentials; never printed.
+    pub token: Secret,
+    /// A file holding the token instead (its first line), such as the
+    /// registry's `admin.token`; empty: none.
+    pub token_file: PathBuf,
 }
 
 impl Default for Config {
@@ -102,6 +110,8 @@ impl Default for Config {
             reconnect_max_backoff: Duration::from_secs(2),
             drain_delay: Duration::from_millis(200),
             shutdown_grace: Duration::from_secs(10),
+            token: Secret::default(),
+            token_file: PathBuf::new(),
         }
     }
 }
@@ -116,6 +126,26 @@ impl Config {
             self.connect_timeout,
             connections,
         )
+        .map(|connector| connector.showing(self.credential()))
+    }
+
+    /// What every registry call shows: `token`, or the first line of
+    /// `token_file`, or nothing. A file that cannot be read is logged and
+    /// nothing is shown (the registry then says what it wants).
+    pub fn credential(&self) -> Credential {
+        if self.token.is_set() {
+            return Credential::bearer(self.token.expose());
+        }
+        if self.token_file.as_os_str().is_empty() {
+            return Credential::default();
+        }
+        match std::fs::read_to_string(&self.token_file) {
+            Ok(text) => Credential::bearer(text.lines().next().unwrap_or_default()),
+            Err(err) => {
+                tracing::error!(file = %self.token_file.display(), %err, "cannot read the registry token file; calling without a token");
+                Credential::default()
+            }
+        }
     }
 
     /// This section's call settings for a [`BalancedChannel`], with the shared

@@ -8,8 +8,8 @@ use std::io::Write;
 
 use serde_json::json;
 
+use crate::discovery::RegistryClient;
 use crate::pb::registry as pb;
-use crate::pb::registry::registry_client::RegistryClient;
 use crate::server::Connections;
 use crate::shutdown::Shutdown;
 
@@ -28,6 +28,10 @@ pub struct Scope {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// A file holding the token to show the registry [config:
+    /// discovery.token_file; or discovery.token].
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl Scope {
@@ -42,14 +46,17 @@ impl Scope {
         if let Some(group) = &self.group {
             config.group = group.clone();
         }
+        if let Some(file) = &self.token_file {
+            config.token_file = file.clone();
+        }
     }
 }
 
 /// A client of the first registry address that answers, and that address.
-async fn client(
+pub(crate) async fn client(
     config: &crate::discovery::Config,
     connections: &Connections,
-) -> anyhow::Result<(RegistryClient<tonic::transport::Channel>, String)> {
+) -> anyhow::Result<(RegistryClient, String)> {
     let connector = config.connector(connections)?;
     // No endless retrying: a person is waiting. Dropping the attempt at
     // the deadline stops it.

@@ -66,5 +66,6 @@ pub mod shop;
 pub mod shutdown;
 pub mod soak;
 pub mod telemetry;
+pub mod token;
 pub mod up;
 pub mod user;

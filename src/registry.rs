@@ -129,6 +129,30 @@ impl Default for EtcdConfig {
     }
 }
 
+/// The `[registry.auth]` section: whether callers must show a token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Every call but health checks and reflection needs a token whose
+    /// scope covers it (see [`crate::auth`]).
+    pub enabled: bool,
+    /// Reads (GetService, ListServices, Watch, GetCluster) need no token
+    /// even when `enabled`.
+    pub open_reads: bool,
+    /// Tokens the registry keeps at most.
+    pub max_tokens: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            open_reads: false,
+            max_tokens: 10_000,
+        }
+    }
+}
+
 /// The `[registry]` configuration section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -174,6 +198,8 @@ pub struct Config {
     pub store: StoreKind,
     /// The etcd cluster, when `store` is `etcd`.
     pub etcd: EtcdConfig,
+    /// The `[registry.auth]` section.
+    pub auth: AuthConfig,
 }
 
 impl Default for Config {
@@ -193,6 +219,7 @@ impl Default for Config {
             limits: Limits::default(),
             store: StoreKind::default(),
             etcd: EtcdConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -250,6 +277,7 @@ pub async fn run(
         }
         StoreKind::Etcd => (Registry::join(config, connections).await?, None),
     };
+    registry.ensure_admin_token(&config.data_dir).await?;
     let service = RegistryServer::new(
         RegistryService::new(registry.clone(), shutdown.clone())
             .listening_on(listener.local_addr()?),

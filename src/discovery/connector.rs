@@ -4,11 +4,50 @@
 use std::time::Duration;
 
 use backon::BackoffBuilder;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::pb::registry::registry_client::RegistryClient;
+use crate::pb::registry::registry_client;
 use crate::server::Connections;
 use crate::shutdown::Shutdown;
+
+/// A registry client that shows this process's [`Credential`] on every
+/// call.
+pub type RegistryClient = registry_client::RegistryClient<InterceptedService<Channel, Credential>>;
+
+/// The token a process shows the registry, as `authorization` metadata
+/// marked sensitive (so no `Debug` of a request prints it); none when the
+/// process has no token.
+#[derive(Debug, Clone, Default)]
+pub struct Credential(Option<MetadataValue<Ascii>>);
+
+impl Credential {
+    /// Shows `token` as `Bearer <token>`. One that is not printable ASCII
+    /// cannot be a token: nothing is shown, and the registry says so.
+    pub fn bearer(token: &str) -> Credential {
+        let value = MetadataValue::try_from(format!("Bearer {}", token.trim())).ok();
+        Credential(value.map(|mut value| {
+            value.set_sensitive(true);
+            value
+        }))
+    }
+}
+
+impl Interceptor for Credential {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// Reaches the registry: the addresses to try in turn and the back-off between
 /// rounds, so each resolver and registrar reconnects the same way.
@@ -17,6 +56,7 @@ pub struct Connector {
     /// Each address as given, beside its endpoint.
     endpoints: Vec<(String, Endpoint)>,
     max_backoff: Duration,
+    credential: Credential,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,26 +100,36 @@ impl Connector {
         Ok(Self {
             endpoints,
             max_backoff,
+            credential: Credential::default(),
         })
+    }
+
+    /// The same, showing `credential` on every call.
+    pub fn showing(mut self, credential: Credential) -> Self {
+        self.credential = credential;
+        self
     }
 
     /// A connected client: each address in turn, then a back-off, until one
     /// answers; `None` once `shutdown` fires.
-    pub async fn connect(&self, shutdown: &Shutdown) -> Option<RegistryClient<Channel>> {
+    pub async fn connect(&self, shutdown: &Shutdown) -> Option<RegistryClient> {
         self.connect_named(shutdown).await.map(|(client, _)| client)
     }
 
     /// [`Connector::connect`], also answering which address (as given)
     /// it reached.
-    pub async fn connect_named(
-        &self,
-        shutdown: &Shutdown,
-    ) -> Option<(RegistryClient<Channel>, String)> {
+    pub async fn connect_named(&self, shutdown: &Shutdown) -> Option<(RegistryClient, String)> {
         let mut delays = self.backoff();
         loop {
             for (addr, endpoint) in &self.endpoints {
                 match endpoint.connect().await {
-                    Ok(channel) => return Some((RegistryClient::new(channel), addr.clone())),
+                    Ok(channel) => {
+                        let client = registry_client::RegistryClient::with_interceptor(
+                            channel,
+                            self.credential.clone(),
+                        );
+                        return Some((client, addr.clone()));
+                    }
                     Err(err) => {
                         tracing::debug!(registry = %endpoint.uri(), %err, "registry unreachable")
                     }

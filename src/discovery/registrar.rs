@@ -7,11 +7,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-use tonic::transport::Channel;
 
 use super::connector::Connector;
+use crate::discovery::RegistryClient;
 use crate::pb::registry as pb;
-use crate::pb::registry::registry_client::RegistryClient;
 use crate::shutdown::Shutdown;
 
 /// How long deregistration may take before the service goes anyway.
@@ -61,7 +60,7 @@ async fn keep_registered(
     connector: &Connector,
     instance: &pb::Instance,
     shutdown: &Shutdown,
-) -> Option<RegistryClient<Channel>> {
+) -> Option<RegistryClient> {
     let mut lease = 0;
     // The lease's heartbeat interval, as the registry last answered it.
     let mut interval = Duration::from_secs(1);
@@ -152,7 +151,7 @@ enum Ended {
 /// shutdown, deregisters while the stream is still open (closing it first
 /// would mark the instance unhealthy for nothing).
 async fn heartbeat(
-    client: &mut RegistryClient<Channel>,
+    client: &mut RegistryClient,
     instance: &pb::Instance,
     lease: u64,
     interval: Duration,
@@ -201,7 +200,7 @@ async fn heartbeat(
     }
 }
 
-async fn deregister(mut client: RegistryClient<Channel>, instance: &pb::Instance) {
+async fn deregister(mut client: RegistryClient, instance: &pb::Instance) {
     let request = pb::DeregisterRequest {
         namespace: instance.namespace.clone(),
         group: instance.group.clone(),

@@ -14,6 +14,7 @@ use super::model::{
 };
 use super::watch::{Selector, WatchItem};
 use super::{Error, Registry, StoreKind};
+use crate::auth::{Need, Scope, TokenId};
 use crate::pb::registry as pb;
 use crate::shutdown::Shutdown;
 
@@ -51,11 +52,14 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let token = presented(&request);
         let request = request.into_inner();
         let instance = request
             .instance
             .ok_or_else(|| Error::invalid("instance", "must be set"))?;
         let spec = InstanceSpec::try_from(instance)?;
+        self.registry
+            .authorize(token.as_deref(), write(&spec.service))?;
         let registered = self.registry.register(spec, request.lease_id).await?;
         Ok(Response::new(pb::RegisterResponse {
             instance_id: registered.instance_id,
@@ -69,9 +73,11 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let token = presented(&request);
         let r = request.into_inner();
         let key = ServiceKey::parse(&r.namespace, &r.group, &r.service)?;
         let addr = InstanceAddr::parse(&r.cluster, &r.ip, r.port)?;
+        self.registry.authorize(token.as_deref(), write(&key))?;
         let revision = self.registry.deregister(&key, &addr).await?;
         Ok(Response::new(pb::DeregisterResponse { revision }))
     }
@@ -80,8 +86,11 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let token = presented(&request);
         let r = request.into_inner();
         let group = GroupKey::parse(&r.namespace, &r.group)?;
+        self.registry
+            .authorize(token.as_deref(), read(&group.namespace))?;
         let max = self.registry.config().limits.max_page_size;
         let page_size = match r.page_size as usize {
             0 => max.min(100),
@@ -119,8 +128,11 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::GetServiceResponse>, Status> {
+        let token = presented(&request);
         let r = request.into_inner();
         let key = ServiceKey::parse(&r.namespace, &r.group, &r.service)?;
+        self.registry
+            .authorize(token.as_deref(), read(&key.namespace))?;
         for cluster in &r.clusters {
             model::parse_name("clusters", cluster, None)?;
         }
@@ -142,9 +154,11 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::UpdateServiceRequest>,
     ) -> Result<Response<pb::UpdateServiceResponse>, Status> {
+        let token = presented(&request);
         let r = request.into_inner();
         let key = ServiceKey::parse(&r.namespace, &r.group, &r.service)?;
         let settings = ServiceSettings::parse(r.protect_threshold, r.metadata)?;
+        self.registry.authorize(token.as_deref(), write(&key))?;
         self.registry.update_service(&key, settings).await?;
         Ok(Response::new(pb::UpdateServiceResponse {}))
     }
@@ -153,8 +167,10 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::DeleteServiceRequest>,
     ) -> Result<Response<pb::DeleteServiceResponse>, Status> {
+        let token = presented(&request);
         let r = request.into_inner();
         let key = ServiceKey::parse(&r.namespace, &r.group, &r.service)?;
+        self.registry.authorize(token.as_deref(), write(&key))?;
         self.registry.delete_service(&key).await?;
         Ok(Response::new(pb::DeleteServiceResponse {}))
     }
@@ -165,10 +181,14 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let token = presented(&request);
+        self.registry
+            .authorize(token.as_deref(), Need::Authenticated)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let mut session = self.registry.keep_alive();
         let shutdown = self.shutdown.clone();
+        let registry = self.registry.clone();
         tokio::spawn(async move {
             loop {
                 let message = tokio::select! {
@@ -190,14 +210,28 @@ impl pb::registry_server::Registry for RegistryService {
                     }
                     Ok(None) | Err(_) => break,
                 };
-                let answer =
-                    session
-                        .beat(beat.lease_id)
-                        .await
-                        .map(|interval| pb::KeepAliveResponse {
-                            lease_id: beat.lease_id,
-                            heartbeat_interval_ms: interval.as_millis() as u64,
+                // The token must cover every service the lease keeps
+                // alive: a lease id read elsewhere keeps nothing alive for
+                // a caller not allowed to write its services.
+                let allowed =
+                    registry
+                        .lease_services(beat.lease_id)
+                        .iter()
+                        .try_for_each(|service| {
+                            registry
+                                .authorize(token.as_deref(), write(service))
+                                .map(drop)
                         });
+                let answer =
+                    match allowed {
+                        Err(err) => Err(err),
+                        Ok(()) => session.beat(beat.lease_id).await.map(|interval| {
+                            pb::KeepAliveResponse {
+                                lease_id: beat.lease_id,
+                                heartbeat_interval_ms: interval.as_millis() as u64,
+                            }
+                        }),
+                    };
                 let failed = answer.is_err();
                 if tx.send(answer.map_err(Status::from)).await.is_err() || failed {
                     break;
@@ -209,8 +243,11 @@ impl pb::registry_server::Registry for RegistryService {
 
     async fn get_cluster(
         &self,
-        _request: Request<pb::GetClusterRequest>,
+        request: Request<pb::GetClusterRequest>,
     ) -> Result<Response<pb::GetClusterResponse>, Status> {
+        let token = presented(&request);
+        self.registry
+            .authorize(token.as_deref(), Need::Authenticated)?;
         let info = self.registry.cluster_info().await;
         let mut answer = pb::GetClusterResponse {
             store: match info.store {
@@ -251,8 +288,11 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let token = presented(&request);
         let r = request.into_inner();
         let group = GroupKey::parse(&r.namespace, &r.group)?;
+        self.registry
+            .authorize(token.as_deref(), read(&group.namespace))?;
         let selector = if r.service.is_empty() {
             Selector::Group(group)
         } else {
@@ -266,6 +306,129 @@ impl pb::registry_server::Registry for RegistryService {
             .map(move |item| Ok(watch_response(item, incarnation)))
             .take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(answers)))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let token = presented(&request);
+        self.registry.authorize(token.as_deref(), Need::Admin)?;
+        let r = request.into_inner();
+        let scope = scope_from_pb(
+            r.scope
+                .ok_or_else(|| Error::invalid("scope", "must be set"))?,
+        )?;
+        let made = self.registry.create_token(&r.name, scope).await?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            id: made.id().to_string(),
+            token: made.reveal(),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let token = presented(&request);
+        self.registry.authorize(token.as_deref(), Need::Admin)?;
+        let tokens = self
+            .registry
+            .tokens()
+            .iter()
+            .map(|grant| pb::TokenInfo {
+                id: grant.id.to_string(),
+                name: grant.name.clone(),
+                scope: Some(scope_to_pb(&grant.scope)),
+                created_ms: grant.created_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let token = presented(&request);
+        self.registry.authorize(token.as_deref(), Need::Admin)?;
+        let id: TokenId = request.into_inner().id.parse()?;
+        self.registry.revoke_token(id).await?;
+        Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+}
+
+/// The token a call shows in its `authorization` metadata (`Bearer
+/// smt_...`), if any; checked, and never logged, by
+/// [`Registry::authorize`].
+fn presented<T>(request: &Request<T>) -> Option<String> {
+    let value = request.metadata().get("authorization")?.to_str().ok()?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .unwrap_or(value);
+    Some(token.trim().to_string())
+}
+
+/// What changing `service` needs.
+fn write(service: &ServiceKey) -> Need<'_> {
+    Need::Write {
+        namespace: &service.namespace,
+        service: &service.name,
+    }
+}
+
+/// What reading `namespace` needs.
+fn read(namespace: &str) -> Need<'_> {
+    Need::Read { namespace }
+}
+
+fn scope_from_pb(scope: pb::TokenScope) -> Result<Scope, Error> {
+    let kinds = [
+        scope.admin,
+        !scope.read_namespace.is_empty(),
+        !scope.namespace.is_empty() || !scope.services.is_empty(),
+    ];
+    if kinds.iter().filter(|set| **set).count() != 1 {
+        return Err(Error::invalid(
+            "scope",
+            "set exactly one of admin, read_namespace, or namespace with services",
+        ));
+    }
+    let scope = if scope.admin {
+        Scope::Admin
+    } else if !scope.read_namespace.is_empty() {
+        Scope::Read {
+            namespace: scope.read_namespace,
+        }
+    } else {
+        Scope::Services {
+            namespace: scope.namespace,
+            services: scope.services,
+        }
+    };
+    scope.validate()?;
+    Ok(scope)
+}
+
+fn scope_to_pb(scope: &Scope) -> pb::TokenScope {
+    match scope {
+        Scope::Admin => pb::TokenScope {
+            admin: true,
+            ..Default::default()
+        },
+        Scope::Read { namespace } => pb::TokenScope {
+            read_namespace: namespace.clone(),
+            ..Default::default()
+        },
+        Scope::Services {
+            namespace,
+            services,
+        } => pb::TokenScope {
+            namespace: namespace.clone(),
+            services: services.clone(),
+            ..Default::default()
+        },
     }
 }
 

@@ -1,5 +1,5 @@
-//! Keeps what must survive a restart: persistent instances and services'
-//! own settings. A snapshot file holds the state as of its writing and a
+//! Keeps what must survive a restart: persistent instances, services'
+//! own settings, and the grants of tokens. A snapshot file holds the state as of its writing and a
 //! log holds each change since, one checksummed record apiece, so storing
 //! a change costs one append and one fsync however large the state is;
 //! once the log outgrows the snapshot, the two are folded into a new one.
@@ -21,6 +21,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::model::{Instance, InstanceAddr, ServiceKey, ServiceSettings};
+use crate::auth::{Grant, TokenId};
 
 pub use lock::DirLock;
 pub use snapshot::Snapshot;
@@ -46,6 +47,8 @@ pub enum Change {
         service: ServiceKey,
         settings: Option<ServiceSettings>,
     },
+    /// A token's grant; `None` once it is revoked.
+    Token { id: TokenId, grant: Option<Grant> },
 }
 
 /// What a caller asks to have stored, as memory holds it when it asks.
@@ -53,6 +56,7 @@ pub enum Change {
 pub enum Subject<'a> {
     Instance(&'a ServiceKey, &'a InstanceAddr),
     Service(&'a ServiceKey),
+    Token(TokenId),
 }
 
 /// Why a data dir cannot be opened, naming the path and what to do.

@@ -14,6 +14,7 @@
 //! - [`durable`]: what must survive a restart: loading it at open, and
 //!   storing each persistent change before it is acknowledged.
 //! - [`probes`]: the health probes of persistent instances.
+//! - [`tokens`]: the credentials the registry accepts.
 //!
 //! The seam where state lives is [`State`] (the view every query and watch
 //! reads, in memory) and [`durable`] (how a change is made to last).
@@ -31,6 +32,7 @@ mod fanout;
 mod lease;
 mod probes;
 mod replicated;
+mod tokens;
 mod view;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -45,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use super::model::{ChangeKind, Event, GroupKey, Instance, InstanceAddr, LeaseId, ServiceKey};
 use super::watch::Subscription;
 use super::{Config, cluster, persist};
+use crate::auth::{Grant, TokenId};
 use catalog::Service;
 use lease::{Lease, Millis, reap};
 
@@ -124,6 +127,8 @@ struct State {
     next_watcher: u64,
     by_service: HashMap<ServiceKey, Vec<Subscription>>,
     by_group: HashMap<GroupKey, Vec<Subscription>>,
+    /// The grants of the tokens this registry accepts.
+    tokens: HashMap<TokenId, Arc<Grant>>,
 }
 
 impl Registry {
@@ -157,6 +162,7 @@ impl Registry {
                 next_watcher: 1,
                 by_service: HashMap::new(),
                 by_group: HashMap::new(),
+                tokens: HashMap::new(),
             }),
             reaper: Arc::new(Notify::new()),
             watches: Arc::new(Semaphore::new(config.limits.max_watches)),

@@ -1,6 +1,7 @@
 //! Integration tests: roles started in-process on port 0, each with a
 //! private data dir; waits poll a condition under a deadline.
 
+mod auth;
 mod bad_input;
 mod cluster;
 mod cluster_probes;

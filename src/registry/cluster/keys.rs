@@ -8,6 +8,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::auth::TokenId;
 use crate::registry::model::{InstanceAddr, LeaseId, ServiceKey};
 
 /// What one key under the registry's prefix holds.
@@ -25,6 +26,8 @@ pub enum Key {
     /// that node's lease expires) is what turns the lease's instances
     /// unhealthy on every node at once.
     Alive(LeaseId),
+    /// A token's grant (see [`crate::auth`]).
+    Token(TokenId),
 }
 
 impl Key {
@@ -40,6 +43,7 @@ impl Key {
                 addr.port
             ),
             Key::Alive(lease) => format!("{prefix}/a/{lease:016x}"),
+            Key::Token(id) => format!("{prefix}/t/{id}"),
         }
     }
 
@@ -63,6 +67,7 @@ impl Key {
             ("a", [lease]) if lease.len() == 16 => {
                 u64::from_str_radix(lease, 16).ok().map(Key::Alive)
             }
+            ("t", [id]) => id.parse().ok().map(Key::Token),
             _ => None,
         }
     }
@@ -110,6 +115,7 @@ mod tests {
             Key::Instance(key(), v4),
             Key::Alive(u64::MAX),
             Key::Alive(1),
+            Key::Token(TokenId(0x0123_4567_89ab_cdef)),
         ] {
             let bytes = written.encode("/shop-mesh");
             assert_eq!(
@@ -137,6 +143,7 @@ mod tests {
             "/p/i/public/DEFAULT_GROUP/a/c/10.0.0.1/0",
             "/p/i/public/DEFAULT_GROUP/a/c/not-an-ip/80",
             "/p/a/12",
+            "/p/t/12",
             "/p/x/1",
             "/pp/a/0000000000000001",
             prober("/p").as_str(),

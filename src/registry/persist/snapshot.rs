@@ -11,6 +11,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{Change, Error};
+use crate::auth::{Grant, TokenId};
 use crate::registry::model::{Instance, InstanceAddr, ServiceKey, ServiceSettings};
 
 /// A snapshot with a change log beside it.
@@ -24,6 +25,9 @@ pub struct Snapshot {
     pub format: u32,
     pub services: Vec<(ServiceKey, ServiceSettings)>,
     pub instances: Vec<Instance>,
+    /// Absent in snapshots written before tokens were.
+    #[serde(default)]
+    pub tokens: Vec<Grant>,
 }
 
 impl Snapshot {
@@ -42,12 +46,14 @@ impl Snapshot {
 pub struct State {
     services: BTreeMap<ServiceKey, ServiceSettings>,
     instances: BTreeMap<(ServiceKey, InstanceAddr), Instance>,
+    tokens: BTreeMap<TokenId, Grant>,
 }
 
 impl From<Snapshot> for State {
     fn from(snapshot: Snapshot) -> State {
         let mut state = State {
             services: snapshot.services.into_iter().collect(),
+            tokens: snapshot.tokens.into_iter().map(|g| (g.id, g)).collect(),
             ..State::default()
         };
         for instance in snapshot.instances {
@@ -79,6 +85,15 @@ impl State {
             } => {
                 self.services.remove(&service);
             }
+            Change::Token {
+                id,
+                grant: Some(grant),
+            } => {
+                self.tokens.insert(id, grant);
+            }
+            Change::Token { id, grant: None } => {
+                self.tokens.remove(&id);
+            }
         }
     }
 
@@ -91,6 +106,7 @@ impl State {
                 .map(|(key, settings)| (key.clone(), settings.clone()))
                 .collect(),
             instances: self.instances.values().cloned().collect(),
+            tokens: self.tokens.values().cloned().collect(),
         }
     }
 }

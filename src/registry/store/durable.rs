@@ -32,8 +32,14 @@ impl Registry {
                 state.put(instance.clone());
                 registry.start_probe(&instance);
             }
+            state.tokens = loaded
+                .tokens
+                .into_iter()
+                .map(|grant| (grant.id, Arc::new(grant)))
+                .collect();
             tracing::info!(
                 services = state.services.len(),
+                tokens = state.tokens.len(),
                 revision = state.revision,
                 "loaded persistent state"
             );
@@ -79,6 +85,10 @@ impl State {
                     .get(key)
                     .filter(|s| s.explicit)
                     .map(|s| s.settings.clone()),
+            },
+            persist::Subject::Token(id) => persist::Change::Token {
+                id,
+                grant: self.tokens.get(&id).map(|grant| (**grant).clone()),
             },
         }
     }

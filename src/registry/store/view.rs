@@ -18,6 +18,7 @@ use smallvec::SmallVec;
 
 use super::lease::Lease;
 use super::{Registry, State};
+use crate::auth::Grant;
 use crate::etcd::{EventKind, LeaseId as EtcdLease};
 use crate::registry::Config;
 use crate::registry::cluster::election::Election;
@@ -181,6 +182,15 @@ impl State {
                     }
                 }
                 (Key::Settings(service), None) => self.unset_settings(&service),
+                (Key::Token(id), Some(value)) => match serde_json::from_slice::<Grant>(value) {
+                    Ok(grant) if grant.id == id => {
+                        self.tokens.insert(id, Arc::new(grant));
+                    }
+                    _ => tracing::warn!(%id, "an unreadable token grant; skipped"),
+                },
+                (Key::Token(id), None) => {
+                    self.tokens.remove(&id);
+                }
             }
         }
         let held = self.held_back.take().unwrap_or_default();
@@ -226,6 +236,9 @@ impl State {
                     Key::Instance((*service.key).clone(), instance.addr.clone()).encode(prefix),
                 );
             }
+        }
+        for id in self.tokens.keys() {
+            held.push(Key::Token(*id).encode(prefix));
         }
         for (id, lease) in &self.leases {
             if !lease.orphaned {
