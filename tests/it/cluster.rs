@@ -240,6 +240,99 @@ async fn an_instance_registered_on_a_lease_through_another_node_is_taken_over_wi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_made_through_one_node_is_accepted_by_every_node_until_revoked_through_another() {
+    // The etcd cluster only: these nodes check credentials.
+    let Some(cluster) = nodes(0, SHORT).await else {
+        return;
+    };
+    let endpoints = cluster.etcd.endpoints();
+    let prefix = cluster.prefix.clone();
+    let guarded = [0, 1].map(|_| (endpoints.clone(), prefix.clone()));
+    let mut nodes = Vec::new();
+    for (endpoints, prefix) in guarded {
+        nodes.push(
+            TestRegistry::start_with(move |config: &mut registry::Config| {
+                config.store = StoreKind::Etcd;
+                config.etcd.endpoints = endpoints;
+                config.etcd.prefix = prefix;
+                config.auth.enabled = true;
+            })
+            .await,
+        );
+    }
+    // The first node to find no admin token made one; its data dir has it.
+    let admin = {
+        let files: Vec<_> = nodes
+            .iter()
+            .map(|n| n.config.data_dir.join("admin.token"))
+            .collect();
+        wait_until("a node to write the admin token", PATIENCE, || {
+            let any = files.iter().any(|f| f.exists());
+            async move { any }
+        })
+        .await;
+        let file = files.iter().find(|f| f.exists()).unwrap();
+        std::fs::read_to_string(file).unwrap().trim().to_string()
+    };
+    let bearer = |token: &str| -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
+        format!("Bearer {token}").parse().unwrap()
+    };
+    let mut on_a = nodes[0].client().await;
+    let mut on_b = nodes[1].client().await;
+    let mut create = tonic::Request::new(pb::CreateTokenRequest {
+        name: "product".into(),
+        scope: Some(pb::TokenScope {
+            namespace: "public".into(),
+            services: vec!["svc".into()],
+            ..Default::default()
+        }),
+    });
+    create
+        .metadata_mut()
+        .insert("authorization", bearer(&admin));
+    let made = on_a
+        .create_token(create)
+        .await
+        .expect("create through A")
+        .into_inner();
+    let register = |token: &str| {
+        let mut request = tonic::Request::new(pb::RegisterRequest {
+            instance: Some(instance("svc", 80)),
+            lease_id: 0,
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", bearer(token));
+        request
+    };
+    // B knows it as soon as its view has the change.
+    wait_until("B to accept the token made through A", PATIENCE, || {
+        let (mut on_b, request) = (on_b.clone(), register(&made.token));
+        async move { on_b.register(request).await.is_ok() }
+    })
+    .await;
+    let mut revoke = tonic::Request::new(pb::RevokeTokenRequest {
+        id: made.id.clone(),
+    });
+    revoke
+        .metadata_mut()
+        .insert("authorization", bearer(&admin));
+    on_b.revoke_token(revoke).await.expect("revoke through B");
+    wait_until("A to refuse the token revoked through B", PATIENCE, || {
+        let (mut on_a, request) = (on_a.clone(), register(&made.token));
+        async move {
+            matches!(on_a.register(request).await, Err(s) if s.code() == tonic::Code::Unauthenticated)
+        }
+    })
+    .await;
+    let refused = on_b
+        .register(register(&made.token))
+        .await
+        .expect_err("revoked");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrations_hang_on_the_etcd_leases_of_their_node_and_grant_none() {
     let Some(cluster) = nodes(2, SHORT).await else {
         return;
