@@ -176,6 +176,11 @@ impl Digest32 {
     pub fn matches(&self, token: &Token) -> bool {
         self.0.ct_eq(&token.digest().0).into()
     }
+
+    /// A digest no secret has (as far as anyone can tell): what a token
+    /// of an unknown id is compared with, so that costs what a known one
+    /// does.
+    pub const NONE: Digest32 = Digest32([0; 32]);
 }
 
 /// What a token may touch.
@@ -217,15 +222,18 @@ pub enum Need<'a> {
     /// To manage tokens, or anything else that spans namespaces.
     Admin,
     /// Only to be a caller the registry knows (a KeepAlive stream before
-    /// its first lease, the cluster's description).
+    /// its first beat).
     Authenticated,
+    /// To read what the registry says of itself (its cluster): open to
+    /// every token, and to anyone when reads are open.
+    Describe,
 }
 
 impl Scope {
     /// Whether this scope allows `need`.
     pub fn allows(&self, need: Need<'_>) -> bool {
         match (self, need) {
-            (Scope::Admin, _) | (_, Need::Authenticated) => true,
+            (Scope::Admin, _) | (_, Need::Authenticated | Need::Describe) => true,
             (_, Need::Admin) => false,
             (Scope::Read { namespace }, Need::Read { namespace: asked }) => {
                 namespace == "*" || namespace == asked
@@ -260,17 +268,19 @@ impl Scope {
                 services,
             } => {
                 crate::registry::model::parse_name("namespace", namespace, None)?;
-                if services.is_empty() {
+                if services.is_empty() || services.len() > MAX_PATTERNS {
                     return Err(Error::invalid(
                         "services",
-                        "name at least one service (or a prefix such as server-*)",
+                        format!(
+                            "name 1 to {MAX_PATTERNS} services (a name, a prefix such as server-*, or * for every service of the namespace)"
+                        ),
                     ));
                 }
                 for pattern in services {
-                    let name = pattern.strip_suffix('*').unwrap_or(pattern);
-                    if name.is_empty() {
+                    if pattern == "*" {
                         continue;
                     }
+                    let name = pattern.strip_suffix('*').unwrap_or(pattern);
                     crate::registry::model::parse_name("services", name, None)?;
                 }
                 Ok(())
@@ -291,6 +301,9 @@ impl fmt::Display for Scope {
         }
     }
 }
+
+/// The most service patterns one token's scope may name.
+pub const MAX_PATTERNS: usize = 64;
 
 /// A name, or a prefix ending in `*`.
 fn pattern_matches(pattern: &str, name: &str) -> bool {
@@ -326,7 +339,7 @@ mod hex_bytes {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let text = String::deserialize(d)?;
         let mut bytes = [0u8; 32];
-        if text.len() != 64 {
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(serde::de::Error::custom("a digest is 64 hex digits"));
         }
         for (i, byte) in bytes.iter_mut().enumerate() {
@@ -384,6 +397,14 @@ mod tests {
     }
 
     #[test]
+    fn a_digest_that_is_not_hex_is_refused_not_a_panic() {
+        let bad = format!("\"{}\u{e9}{}\"", "0".repeat(31), "0".repeat(31));
+        assert!(serde_json::from_str::<Digest32>(&bad).is_err());
+        let short = format!("\"{}\"", "0".repeat(62));
+        assert!(serde_json::from_str::<Digest32>(&short).is_err());
+    }
+
+    #[test]
     fn a_digest_matches_its_own_token_only() {
         let token = Token::generate();
         let digest = token.digest();
@@ -438,6 +459,11 @@ mod tests {
         assert!(services("public", &[]).validate().is_err());
         assert!(services("public", &["a b"]).validate().is_err());
         assert!(services("", &["db"]).validate().is_err());
+        assert!(services("public", &["*"]).validate().is_ok());
+        assert!(services("public", &[""]).validate().is_err());
+        let many: Vec<String> = (0..=MAX_PATTERNS).map(|i| format!("s{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(services("public", &many).validate().is_err());
         assert!(
             Scope::Read {
                 namespace: "*".into()

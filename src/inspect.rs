@@ -47,7 +47,9 @@ impl Scope {
             config.group = group.clone();
         }
         if let Some(file) = &self.token_file {
+            // The flag wins over a token in the environment.
             config.token_file = file.clone();
+            config.token = Default::default();
         }
     }
 }

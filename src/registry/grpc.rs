@@ -60,6 +60,17 @@ impl pb::registry_server::Registry for RegistryService {
         let spec = InstanceSpec::try_from(instance)?;
         self.registry
             .authorize(token.as_deref(), write(&spec.service))?;
+        // Joining a lease (named, or the one the instance already has) is
+        // keeping its other instances alive: the token must cover them too.
+        let joined = match request.lease_id {
+            0 => self.registry.lease_of(&spec.service, &spec.addr),
+            lease => Some(lease),
+        };
+        if let Some(lease) = joined {
+            for service in self.registry.lease_services(lease) {
+                self.registry.authorize(token.as_deref(), write(&service))?;
+            }
+        }
         let registered = self.registry.register(spec, request.lease_id).await?;
         Ok(Response::new(pb::RegisterResponse {
             instance_id: registered.instance_id,
@@ -213,15 +224,19 @@ impl pb::registry_server::Registry for RegistryService {
                 // The token must cover every service the lease keeps
                 // alive: a lease id read elsewhere keeps nothing alive for
                 // a caller not allowed to write its services.
-                let allowed =
-                    registry
-                        .lease_services(beat.lease_id)
-                        .iter()
-                        .try_for_each(|service| {
-                            registry
-                                .authorize(token.as_deref(), write(service))
-                                .map(drop)
-                        });
+                let services = registry.lease_services(beat.lease_id);
+                let allowed = if services.is_empty() && registry.config().auth.enabled {
+                    Err(Error::PermissionDenied(format!(
+                        "lease {} keeps no instance this registry knows of; register with a token that may write its service, then beat it",
+                        beat.lease_id
+                    )))
+                } else {
+                    services.iter().try_for_each(|service| {
+                        registry
+                            .authorize(token.as_deref(), write(service))
+                            .map(drop)
+                    })
+                };
                 let answer =
                     match allowed {
                         Err(err) => Err(err),
@@ -246,8 +261,7 @@ impl pb::registry_server::Registry for RegistryService {
         request: Request<pb::GetClusterRequest>,
     ) -> Result<Response<pb::GetClusterResponse>, Status> {
         let token = presented(&request);
-        self.registry
-            .authorize(token.as_deref(), Need::Authenticated)?;
+        self.registry.authorize(token.as_deref(), Need::Describe)?;
         let info = self.registry.cluster_info().await;
         let mut answer = pb::GetClusterResponse {
             store: match info.store {
@@ -293,6 +307,7 @@ impl pb::registry_server::Registry for RegistryService {
         let group = GroupKey::parse(&r.namespace, &r.group)?;
         self.registry
             .authorize(token.as_deref(), read(&group.namespace))?;
+        let (registry, namespace) = (self.registry.clone(), group.namespace.clone());
         let selector = if r.service.is_empty() {
             Selector::Group(group)
         } else {
@@ -302,8 +317,21 @@ impl pb::registry_server::Registry for RegistryService {
             .registry
             .watch(selector, r.start_revision, r.incarnation)?;
         let incarnation = self.registry.incarnation();
+        // A token revoked while its watch is open gets no further change:
+        // its next answer is the refusal, and the stream ends.
+        let mut refused = false;
         let answers = stream
-            .map(move |item| Ok(watch_response(item, incarnation)))
+            .map(move |item| {
+                registry
+                    .authorize(token.as_deref(), read(&namespace))
+                    .map(|_| watch_response(item, incarnation))
+                    .map_err(Status::from)
+            })
+            .take_while(move |answer| {
+                let go = !refused;
+                refused |= answer.is_err();
+                std::future::ready(go)
+            })
             .take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(answers)))
     }

@@ -383,3 +383,104 @@ async fn the_token_commands_make_list_and_revoke_with_the_admin_token() {
         .expect_err("revoked");
     assert_eq!(refused.code(), Code::Unauthenticated);
 }
+
+#[tokio::test]
+async fn a_token_joins_no_lease_of_another_service_and_a_revoked_watch_ends() {
+    let (registry, admin) = guarded().await;
+    let mut client = registry.client().await;
+    let product = token_for(&mut client, &admin, &["server-product"])
+        .await
+        .token;
+    let order = token_for(&mut client, &admin, &["server-order"]).await;
+    let lease = client
+        .register(showing(
+            pb::RegisterRequest {
+                instance: Some(instance("server-product", 8070)),
+                lease_id: 0,
+            },
+            Some(&product),
+        ))
+        .await
+        .expect("register")
+        .into_inner()
+        .lease_id;
+
+    // The order's token may write server-order, but not onto the
+    // product's lease: that would let it break the product's beats.
+    let joined = client
+        .register(showing(
+            pb::RegisterRequest {
+                instance: Some(instance("server-order", 8080)),
+                lease_id: lease,
+            },
+            Some(&order.token),
+        ))
+        .await
+        .expect_err("joining another service's lease");
+    assert_eq!(joined.code(), Code::PermissionDenied, "{joined:?}");
+    keep_alive_once(&mut client, lease, Some(&product))
+        .await
+        .expect("the product's beats go on");
+
+    // A lease with no instance left keeps nothing alive for anyone.
+    client
+        .deregister(showing(
+            pb::DeregisterRequest {
+                service: "server-product".into(),
+                ip: "127.0.0.1".into(),
+                port: 8070,
+                ..Default::default()
+            },
+            Some(&product),
+        ))
+        .await
+        .expect("deregister");
+    let empty = keep_alive_once(&mut client, lease, Some(&order.token))
+        .await
+        .expect_err("an empty lease");
+    assert_eq!(empty.code(), Code::PermissionDenied, "{empty:?}");
+
+    // A watch whose token is revoked gets no further change.
+    let mut watch = client
+        .watch(showing(
+            pb::WatchRequest {
+                service: "server-order".into(),
+                ..Default::default()
+            },
+            Some(&order.token),
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    watch.next().await.expect("a snapshot").expect("allowed");
+    client
+        .revoke_token(showing(
+            pb::RevokeTokenRequest {
+                id: order.id.clone(),
+            },
+            Some(&admin),
+        ))
+        .await
+        .expect("revoke");
+    client
+        .register(showing(
+            pb::RegisterRequest {
+                instance: Some(instance("server-order", 8080)),
+                lease_id: 0,
+            },
+            Some(&admin),
+        ))
+        .await
+        .expect("a change to watch");
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("an answer");
+    let refused = next
+        .expect("the refusal")
+        .expect_err("no change for a revoked token");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let ended = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("the stream ends");
+    assert!(ended.is_none(), "{ended:?}");
+}

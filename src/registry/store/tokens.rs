@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::Registry;
-use crate::auth::{Grant, Need, Scope, Token, TokenId};
+use crate::auth::{Digest32, Grant, Need, Scope, Token, TokenId};
 use crate::etcd::{Compare, Op, Txn};
 use crate::registry::Error;
 use crate::registry::cluster::keys::Key;
@@ -33,7 +33,33 @@ impl Registry {
                 "this registry keeps at most {max} tokens (registry.auth.max_tokens); revoke some first"
             )));
         }
-        let token = Token::generate();
+        self.store_token(Token::generate(), name, scope, false)
+            .await
+    }
+
+    /// Stores the grant of `token`. `first`: only if no first admin token
+    /// was ever made (on a cluster, decided in etcd, so nodes that start
+    /// together make one between them); answers None when one was.
+    async fn store_token_once(
+        &self,
+        token: Token,
+        name: &str,
+        scope: Scope,
+    ) -> Result<Option<Token>, Error> {
+        match self.store_token(token, name, scope, true).await {
+            Ok(token) => Ok(Some(token)),
+            Err(Error::Aborted(_)) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn store_token(
+        &self,
+        token: Token,
+        name: &str,
+        scope: Scope,
+        first: bool,
+    ) -> Result<Token, Error> {
         let grant = Grant {
             id: token.id(),
             name: name.to_string(),
@@ -47,10 +73,18 @@ impl Registry {
             // The grant serialises: it holds strings and numbers only.
             let value = serde_json::to_vec(&grant).expect("a grant serialises");
             let key = node.key(&Key::Token(grant.id));
-            let txn = Txn::new()
-                .when([Compare::absent(&key)])
-                .and_then([Op::put(&key, value, None)]);
-            if !node.commit(txn).await?.succeeded {
+            let bootstrap = format!("{}/{FIRST_ADMIN_KEY}", node.prefix);
+            let mut compares = vec![Compare::absent(&key)];
+            let mut puts = vec![Op::put(&key, value, None)];
+            if first {
+                compares.push(Compare::absent(&bootstrap));
+                puts.push(Op::put(&bootstrap, grant.id.to_string(), None));
+            }
+            if !node
+                .commit(Txn::new().when(compares).and_then(puts))
+                .await?
+                .succeeded
+            {
                 return Err(Error::Aborted(
                     "a token with the same id was made at the same moment; try again".into(),
                 ));
@@ -103,28 +137,60 @@ impl Registry {
         &self,
         dir: &std::path::Path,
     ) -> anyhow::Result<Option<std::path::PathBuf>> {
-        if !self.inner.config.auth.enabled || self.tokens().iter().any(|g| g.scope == Scope::Admin)
-        {
+        // A registry that has tokens is past its first start: one whose
+        // admin tokens were all revoked is not given another behind its
+        // operator's back.
+        if !self.inner.config.auth.enabled || !self.tokens().is_empty() {
             return Ok(None);
         }
-        let token = self
-            .create_token("admin (first start)", Scope::Admin)
-            .await?;
+        // The file first: a crash before the grant is stored leaves a
+        // token nobody accepts, and the next start writes another.
+        let token = Token::generate();
         let path = dir.join(ADMIN_TOKEN_FILE);
-        if let Err(err) = write_private(&path, &token.reveal()) {
-            // Nobody could use it: take it back, and say why.
-            let _ = self.revoke_token(token.id()).await;
-            anyhow::bail!(
+        write_private(&path, &token.reveal()).map_err(|err| {
+            anyhow::anyhow!(
                 "cannot write the first admin token to {}: {err}",
                 path.display()
-            );
+            )
+        })?;
+        match self
+            .store_token_once(token, "admin (first start)", Scope::Admin)
+            .await
+        {
+            Ok(Some(token)) => {
+                tracing::warn!(
+                    file = %path.display(),
+                    id = %token.id(),
+                    "made the first admin token; read it from this file (shop-mesh token create --token-file ...) and keep it safe"
+                );
+                Ok(Some(path))
+            }
+            Ok(None) => {
+                // Another node of the cluster made it: the file here holds
+                // nothing anyone accepts.
+                let _ = std::fs::remove_file(&path);
+                tracing::info!(
+                    "the first admin token was made by another registry node; it is in that node's data dir"
+                );
+                Ok(None)
+            }
+            Err(err) => {
+                let _ = std::fs::remove_file(&path);
+                Err(anyhow::anyhow!("cannot store the first admin token: {err}"))
+            }
         }
-        tracing::warn!(
-            file = %path.display(),
-            id = %token.id(),
-            "made the first admin token; read it from this file (shop-mesh token create --token-file ...) and keep it safe"
-        );
-        Ok(Some(path))
+    }
+
+    /// The lease that keeps the instance `addr` of `service` alive, if it
+    /// is ephemeral.
+    pub fn lease_of(
+        &self,
+        service: &crate::registry::model::ServiceKey,
+        addr: &crate::registry::model::InstanceAddr,
+    ) -> Option<crate::registry::model::LeaseId> {
+        let state = self.inner.state.lock();
+        let instance = state.services.get(service)?.get(addr)?;
+        (instance.lease != 0).then_some(instance.lease)
     }
 
     /// The services whose instances `lease` keeps alive now.
@@ -159,7 +225,8 @@ impl Registry {
         need: Need<'_>,
     ) -> Result<Option<Arc<Grant>>, Error> {
         let auth = &self.inner.config.auth;
-        if !auth.enabled || (auth.open_reads && matches!(need, Need::Read { .. })) {
+        if !auth.enabled || (auth.open_reads && matches!(need, Need::Read { .. } | Need::Describe))
+        {
             return Ok(None);
         }
         let Some(presented) = presented else {
@@ -173,7 +240,10 @@ impl Registry {
         // time taken tells nothing about which ids exist.
         let matched = match &grant {
             Some(grant) => grant.digest.matches(&token),
-            None => token.digest().matches(&Token::generate()),
+            None => {
+                std::hint::black_box(Digest32::NONE.matches(&token));
+                false
+            }
         };
         let grant = grant.filter(|_| matched).ok_or_else(|| {
             Error::Unauthenticated(format!(
@@ -197,21 +267,31 @@ impl Registry {
 /// The file the first admin token is written to, in the data dir.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
-/// Writes `text` to a new file at `path` that only its owner may read.
+/// The key that says, on a cluster, that the first admin token was made.
+const FIRST_ADMIN_KEY: &str = "first-admin-token";
+
+/// Writes `text` to a new file at `path` that only its owner may read: a
+/// new temporary file (never one left behind, nor what a link points at),
+/// made durable, then renamed over `path`.
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(path.parent().unwrap_or(path))?;
+    let dir = path.parent().unwrap_or(path);
+    std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
+    match std::fs::remove_file(&tmp) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
     writeln!(file, "{text}")?;
     file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// What a call needed, as a refusal names it.
@@ -222,7 +302,7 @@ fn describe(need: Need<'_>) -> String {
             format!("changing service {service} of namespace {namespace}")
         }
         Need::Admin => "managing tokens".into(),
-        Need::Authenticated => "calling this registry".into(),
+        Need::Authenticated | Need::Describe => "calling this registry".into(),
     }
 }
 
