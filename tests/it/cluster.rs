@@ -333,6 +333,53 @@ async fn a_token_made_through_one_node_is_accepted_by_every_node_until_revoked_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_start_together_on_one_data_dir_make_one_admin_token_that_works() {
+    let Some(cluster) = nodes(0, SHORT).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = registry::Config {
+        store: StoreKind::Etcd,
+        etcd: registry::EtcdConfig {
+            endpoints: cluster.etcd.endpoints(),
+            prefix: cluster.prefix.clone(),
+            ..Default::default()
+        },
+        data_dir: dir.path().into(),
+        auth: registry::AuthConfig {
+            enabled: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (a, b) = tokio::join!(
+        TestRegistry::start_on(config.clone()),
+        TestRegistry::start_on(config)
+    );
+    let file = dir.path().join("admin.token");
+    wait_until("the admin token file", PATIENCE, || {
+        let exists = file.exists();
+        async move { exists }
+    })
+    .await;
+    let admin = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    for node in [&a, &b] {
+        let mut request = tonic::Request::new(pb::ListTokensRequest {});
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {admin}").parse().unwrap());
+        let listed = node
+            .client()
+            .await
+            .list_tokens(request)
+            .await
+            .expect("the file's token is an admin token on every node")
+            .into_inner();
+        assert_eq!(listed.tokens.len(), 1, "one admin token: {listed:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrations_hang_on_the_etcd_leases_of_their_node_and_grant_none() {
     let Some(cluster) = nodes(2, SHORT).await else {
         return;

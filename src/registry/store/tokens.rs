@@ -143,21 +143,35 @@ impl Registry {
         if !self.inner.config.auth.enabled || !self.tokens().is_empty() {
             return Ok(None);
         }
-        // The file first: a crash before the grant is stored leaves a
-        // token nobody accepts, and the next start writes another.
         let token = Token::generate();
         let path = dir.join(ADMIN_TOKEN_FILE);
-        write_private(&path, &token.reveal()).map_err(|err| {
+        let cannot_write = |err: std::io::Error| {
             anyhow::anyhow!(
                 "cannot write the first admin token to {}: {err}",
                 path.display()
             )
-        })?;
+        };
+        // The token's own temporary file, so nodes of a cluster that share
+        // a data dir (as `up --registries 3` does) never write over each
+        // other's.
+        let tmp = dir.join(format!("{ADMIN_TOKEN_FILE}.{}.tmp", token.id()));
+        write_private(&tmp, &token.reveal()).map_err(cannot_write)?;
+        // In memory the file goes in place first: a crash before the grant
+        // is stored leaves a token nobody accepts, and the next start writes
+        // another. On a cluster only the node whose grant etcd takes puts
+        // its file in place.
+        let clustered = self.node().is_some();
+        if !clustered {
+            publish(&tmp, &path).map_err(cannot_write)?;
+        }
         match self
             .store_token_once(token, "admin (first start)", Scope::Admin)
             .await
         {
             Ok(Some(token)) => {
+                if clustered {
+                    publish(&tmp, &path).map_err(cannot_write)?;
+                }
                 tracing::warn!(
                     file = %path.display(),
                     id = %token.id(),
@@ -166,16 +180,14 @@ impl Registry {
                 Ok(Some(path))
             }
             Ok(None) => {
-                // Another node of the cluster made it: the file here holds
-                // nothing anyone accepts.
-                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(&tmp);
                 tracing::info!(
                     "the first admin token was made by another registry node; it is in that node's data dir"
                 );
                 Ok(None)
             }
             Err(err) => {
-                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(if clustered { &tmp } else { &path });
                 Err(anyhow::anyhow!("cannot store the first admin token: {err}"))
             }
         }
@@ -270,16 +282,13 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// The key that says, on a cluster, that the first admin token was made.
 const FIRST_ADMIN_KEY: &str = "first-admin-token";
 
-/// Writes `text` to a new file at `path` that only its owner may read: a
-/// new temporary file (never one left behind, nor what a link points at),
-/// made durable, then renamed over `path`.
+/// Writes `text` to a new file at `path` that only its owner may read
+/// (never to one left behind, nor to what a link points at), durably.
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(path);
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    match std::fs::remove_file(&tmp) {
+    std::fs::create_dir_all(path.parent().unwrap_or(path))?;
+    match std::fs::remove_file(path) {
         Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
         _ => {}
     }
@@ -287,11 +296,15 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&tmp)?;
+        .open(path)?;
     writeln!(file, "{text}")?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    file.sync_all()
+}
+
+/// Renames `tmp` over `path`, durably.
+fn publish(tmp: &std::path::Path, path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::rename(tmp, path)?;
+    std::fs::File::open(path.parent().unwrap_or(path))?.sync_all()
 }
 
 /// What a call needed, as a refusal names it.
