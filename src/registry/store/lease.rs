@@ -322,15 +322,31 @@ impl Drop for KeepAlive {
 /// The lease reaper: sleeps until the earliest lease deadline (or until
 /// an earlier one is scheduled), then brings the due leases up to date.
 pub(super) async fn reap(inner: Weak<Inner>, wake: Arc<Notify>, closed: CancellationToken) {
+    on_deadlines(&wake, &closed, || {
+        let strong = inner.upgrade()?;
+        let next = strong.state.lock().reap(&strong);
+        Some(next)
+    })
+    .await;
+}
+
+/// A timer over a set of deadlines: runs `due` (which does what has come
+/// due and answers the next deadline, or None to stop), then sleeps until
+/// that deadline, until `wake` says an earlier one was set, or until
+/// `closed`.
+pub(super) async fn on_deadlines(
+    wake: &Notify,
+    closed: &CancellationToken,
+    mut due: impl FnMut() -> Option<Option<Instant>>,
+) {
     loop {
+        // Armed before `due` runs, so a deadline set meanwhile wakes it.
         let notified = wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let Some(strong) = inner.upgrade() else {
+        let Some(next) = due() else {
             return;
         };
-        let next = strong.state.lock().reap(&strong);
-        drop(strong);
         let sleep = async {
             match next {
                 Some(at) => tokio::time::sleep_until(at).await,

@@ -117,7 +117,7 @@ impl Registry {
             }
             let pending: Vec<String> = members
                 .iter()
-                .map(|m| node.key(&Key::Instance((*m.service).clone(), m.addr.clone())))
+                .map(|m| instance_key(node, m))
                 .filter(|key| !taken.contains(key))
                 .collect();
             if alive_taken && pending.is_empty() {
@@ -294,15 +294,10 @@ pub(super) async fn time_silences(
     node: Arc<Node>,
     closed: tokio_util::sync::CancellationToken,
 ) {
-    loop {
-        let notified = node.timer.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+    super::lease::on_deadlines(&node.timer, &closed, || {
         let (due, next) = node.due();
         if !due.is_empty() {
-            let Some(inner) = inner.upgrade() else {
-                return;
-            };
+            let inner = inner.upgrade()?;
             // In the background, so a slow etcd holds up no deadline, and a
             // few at a time, so a thousand clients gone at once do not
             // become a thousand writes in flight.
@@ -321,18 +316,9 @@ pub(super) async fn time_silences(
                     .await;
             });
         }
-        let sleep = async {
-            match next {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = closed.cancelled() => return,
-            _ = notified => {}
-            _ = sleep => {}
-        }
-    }
+        Some(next)
+    })
+    .await;
 }
 
 /// Rounds of reading and taking over a lease's instances before a lease
@@ -351,16 +337,19 @@ async fn silence(inner: &Inner, node: &Node, silent: Silent) -> Result<(), etcd:
             .lock()
             .leases
             .get(&lease)
-            .map(|held| {
-                held.members
-                    .iter()
-                    .map(|m| node.key(&Key::Instance((*m.service).clone(), m.addr.clone())))
-                    .collect()
-            })
+            .map(|held| held.members.iter().map(|m| instance_key(node, m)).collect())
             .unwrap_or_default();
         node.take_instances(silent, &keys).await?;
     }
     Ok(())
+}
+
+/// Where `instance` lives in etcd.
+fn instance_key(node: &Node, instance: &Instance) -> String {
+    node.key(&Key::Instance(
+        (*instance.service).clone(),
+        instance.addr.clone(),
+    ))
 }
 
 /// An instance record as etcd stores it. Weights are checked finite, so
