@@ -9,37 +9,34 @@ use shop_mesh::harness::Isolated;
 use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
 use shop_mesh::server::Connections;
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Request};
 
-use crate::{TestRegistry, instance, run_bin, wait_until};
-
-/// `message` showing `token` (none: no authorization metadata).
-fn showing<T>(message: T, token: Option<&str>) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Some(token) = token {
-        let value = format!("Bearer {token}").parse().expect("ASCII");
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
-}
+use crate::{TestRegistry, admin_token, instance, run_bin, showing, wait_until};
 
 /// A registry that checks credentials, and the admin token its first
 /// start wrote to its data dir.
 async fn guarded() -> (TestRegistry, String) {
     let registry = TestRegistry::start_with(|config| config.auth.enabled = true).await;
-    let file = registry.config.data_dir.join("admin.token");
-    wait_until(
-        "the first start to write an admin token",
-        Duration::from_secs(10),
-        || {
-            let exists = file.exists();
-            async move { exists }
-        },
-    )
-    .await;
-    let admin = std::fs::read_to_string(&file).expect("the admin token");
-    (registry, admin.trim().to_string())
+    let admin = admin_token(&[&registry.config.data_dir]).await;
+    (registry, admin)
+}
+
+/// Registers `instance` on `lease` (0: a new one) showing `token`.
+async fn register_as(
+    client: &mut RegistryClient<Channel>,
+    instance: pb::Instance,
+    lease: u64,
+    token: Option<&str>,
+) -> Result<pb::RegisterResponse, tonic::Status> {
+    let request = pb::RegisterRequest {
+        instance: Some(instance),
+        lease_id: lease,
+    };
+    client
+        .register(showing(request, token))
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 /// Makes a token writing `services` of the default namespace.
@@ -111,18 +108,15 @@ async fn every_write_needs_a_token_that_covers_it_and_one_that_does_not_changes_
         .await
         .expect("revoke");
 
-    let lease = client
-        .register(showing(
-            pb::RegisterRequest {
-                instance: Some(instance("server-product", 8070)),
-                lease_id: 0,
-            },
-            Some(&product),
-        ))
-        .await
-        .expect("the product's own token registers it")
-        .into_inner()
-        .lease_id;
+    let lease = register_as(
+        &mut client,
+        instance("server-product", 8070),
+        0,
+        Some(&product),
+    )
+    .await
+    .expect("the product's own token registers it")
+    .lease_id;
     let before = product_state(&mut client, &admin).await;
     assert_eq!(before, (vec![(8070, 1.0, true)], 0.0));
 
@@ -140,16 +134,7 @@ async fn every_write_needs_a_token_that_covers_it_and_one_that_does_not_changes_
         let answers = [
             (
                 "Register",
-                client
-                    .register(showing(
-                        pb::RegisterRequest {
-                            instance: Some(hijack),
-                            lease_id: 0,
-                        },
-                        token,
-                    ))
-                    .await
-                    .map(drop),
+                register_as(&mut client, hijack, 0, token).await.map(drop),
             ),
             (
                 "Deregister",
@@ -371,14 +356,7 @@ async fn the_token_commands_make_list_and_revoke_with_the_admin_token() {
     assert!(ok, "{err}");
     assert!(out.contains("revoked"), "{out}");
     let mut client = registry.client().await;
-    let refused = client
-        .register(showing(
-            pb::RegisterRequest {
-                instance: Some(instance("server-product", 8070)),
-                lease_id: 0,
-            },
-            Some(made),
-        ))
+    let refused = register_as(&mut client, instance("server-product", 8070), 0, Some(made))
         .await
         .expect_err("revoked");
     assert_eq!(refused.code(), Code::Unauthenticated);
@@ -392,31 +370,26 @@ async fn a_token_joins_no_lease_of_another_service_and_a_revoked_watch_ends() {
         .await
         .token;
     let order = token_for(&mut client, &admin, &["server-order"]).await;
-    let lease = client
-        .register(showing(
-            pb::RegisterRequest {
-                instance: Some(instance("server-product", 8070)),
-                lease_id: 0,
-            },
-            Some(&product),
-        ))
-        .await
-        .expect("register")
-        .into_inner()
-        .lease_id;
+    let lease = register_as(
+        &mut client,
+        instance("server-product", 8070),
+        0,
+        Some(&product),
+    )
+    .await
+    .expect("register")
+    .lease_id;
 
     // The order's token may write server-order, but not onto the
     // product's lease: that would let it break the product's beats.
-    let joined = client
-        .register(showing(
-            pb::RegisterRequest {
-                instance: Some(instance("server-order", 8080)),
-                lease_id: lease,
-            },
-            Some(&order.token),
-        ))
-        .await
-        .expect_err("joining another service's lease");
+    let joined = register_as(
+        &mut client,
+        instance("server-order", 8080),
+        lease,
+        Some(&order.token),
+    )
+    .await
+    .expect_err("joining another service's lease");
     assert_eq!(joined.code(), Code::PermissionDenied, "{joined:?}");
     keep_alive_once(&mut client, lease, Some(&product))
         .await
@@ -462,14 +435,7 @@ async fn a_token_joins_no_lease_of_another_service_and_a_revoked_watch_ends() {
         ))
         .await
         .expect("revoke");
-    client
-        .register(showing(
-            pb::RegisterRequest {
-                instance: Some(instance("server-order", 8080)),
-                lease_id: 0,
-            },
-            Some(&admin),
-        ))
+    register_as(&mut client, instance("server-order", 8080), 0, Some(&admin))
         .await
         .expect("a change to watch");
     let next = tokio::time::timeout(Duration::from_secs(10), watch.next())

@@ -17,8 +17,8 @@ use shop_mesh::registry::{self, StoreKind};
 use tonic::transport::Channel;
 
 use crate::{
-    TestRegistry, deregister, instance, instances, keep_alive, register, register_refused,
-    wait_until,
+    TestRegistry, admin_token, deregister, instance, instances, keep_alive, keep_beating, register,
+    register_refused, showing, wait_until,
 };
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -130,21 +130,7 @@ async fn a_lease_kept_alive_through_another_node_keeps_its_instance_and_a_silent
         .await
         .expect("an answer")
         .expect("B renews a lease A granted");
-    let beating = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if beats
-                .send(pb::KeepAliveRequest { lease_id: kept })
-                .await
-                .is_err()
-            {
-                return;
-            }
-            if answers.next().await.is_none() {
-                return;
-            }
-        }
-    });
+    let beating = keep_beating(beats, answers, kept);
 
     wait_until("the silent instance to be removed", PATIENCE, || {
         let mut on_a = on_a.clone();
@@ -213,19 +199,7 @@ async fn an_instance_registered_on_a_lease_through_another_node_is_taken_over_wi
     })
     .await
     .expect("register on the same lease through B");
-    let beating = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if beats
-                .send(pb::KeepAliveRequest { lease_id: lease })
-                .await
-                .is_err()
-                || answers.next().await.is_none()
-            {
-                return;
-            }
-        }
-    });
+    let beating = keep_beating(beats, answers, lease);
     // B goes, its etcd leases with it, past the delete timeout.
     cluster.nodes.remove(1).stop().await;
     tokio::time::sleep(Duration::from_secs(SHORT.1 + 3)).await;
@@ -261,49 +235,32 @@ async fn a_token_made_through_one_node_is_accepted_by_every_node_until_revoked_t
         );
     }
     // The first node to find no admin token made one; its data dir has it.
-    let admin = {
-        let files: Vec<_> = nodes
-            .iter()
-            .map(|n| n.config.data_dir.join("admin.token"))
-            .collect();
-        wait_until("a node to write the admin token", PATIENCE, || {
-            let any = files.iter().any(|f| f.exists());
-            async move { any }
-        })
-        .await;
-        let file = files.iter().find(|f| f.exists()).unwrap();
-        std::fs::read_to_string(file).unwrap().trim().to_string()
-    };
-    let bearer = |token: &str| -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
-        format!("Bearer {token}").parse().unwrap()
-    };
+    let dirs: Vec<&std::path::Path> = nodes.iter().map(|n| n.config.data_dir.as_path()).collect();
+    let admin = admin_token(&dirs).await;
     let mut on_a = nodes[0].client().await;
     let mut on_b = nodes[1].client().await;
-    let mut create = tonic::Request::new(pb::CreateTokenRequest {
-        name: "product".into(),
-        scope: Some(pb::TokenScope {
-            namespace: "public".into(),
-            services: vec!["svc".into()],
-            ..Default::default()
-        }),
-    });
-    create
-        .metadata_mut()
-        .insert("authorization", bearer(&admin));
+    let create = showing(
+        pb::CreateTokenRequest {
+            name: "product".into(),
+            scope: Some(pb::TokenScope {
+                namespace: "public".into(),
+                services: vec!["svc".into()],
+                ..Default::default()
+            }),
+        },
+        Some(&admin),
+    );
     let made = on_a
         .create_token(create)
         .await
         .expect("create through A")
         .into_inner();
     let register = |token: &str| {
-        let mut request = tonic::Request::new(pb::RegisterRequest {
+        let request = pb::RegisterRequest {
             instance: Some(instance("svc", 80)),
             lease_id: 0,
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", bearer(token));
-        request
+        };
+        showing(request, Some(token))
     };
     // B knows it as soon as its view has the change.
     wait_until("B to accept the token made through A", PATIENCE, || {
@@ -311,12 +268,12 @@ async fn a_token_made_through_one_node_is_accepted_by_every_node_until_revoked_t
         async move { on_b.register(request).await.is_ok() }
     })
     .await;
-    let mut revoke = tonic::Request::new(pb::RevokeTokenRequest {
-        id: made.id.clone(),
-    });
-    revoke
-        .metadata_mut()
-        .insert("authorization", bearer(&admin));
+    let revoke = showing(
+        pb::RevokeTokenRequest {
+            id: made.id.clone(),
+        },
+        Some(&admin),
+    );
     on_b.revoke_token(revoke).await.expect("revoke through B");
     wait_until("A to refuse the token revoked through B", PATIENCE, || {
         let (mut on_a, request) = (on_a.clone(), register(&made.token));
@@ -356,18 +313,9 @@ async fn nodes_that_start_together_on_one_data_dir_make_one_admin_token_that_wor
         TestRegistry::start_on(config.clone()),
         TestRegistry::start_on(config)
     );
-    let file = dir.path().join("admin.token");
-    wait_until("the admin token file", PATIENCE, || {
-        let exists = file.exists();
-        async move { exists }
-    })
-    .await;
-    let admin = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    let admin = admin_token(&[dir.path()]).await;
     for node in [&a, &b] {
-        let mut request = tonic::Request::new(pb::ListTokensRequest {});
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {admin}").parse().unwrap());
+        let request = showing(pb::ListTokensRequest {}, Some(&admin));
         let listed = node
             .client()
             .await

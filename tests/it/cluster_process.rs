@@ -58,6 +58,16 @@ async fn registry_node(etcd: &EtcdCluster, prefix: &str, dir: &Path) -> Process 
         .expect("a registry node starts")
 }
 
+/// Three registry nodes over `etcd`, each with a data dir of its own
+/// under `dir`.
+async fn registry_nodes(etcd: &EtcdCluster, prefix: &str, dir: &Path) -> Vec<Process> {
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(registry_node(etcd, prefix, &dir.join(format!("registry-{i}"))).await);
+    }
+    nodes
+}
+
 /// A shop service on port 0 given every registry address.
 async fn service(role: &'static str, registries: &str, dir: &Path) -> Process {
     let args = vec![
@@ -185,10 +195,7 @@ async fn services_resume_their_leases_on_another_node_when_theirs_is_killed() {
     };
     let dir = tempfile::tempdir().unwrap();
     let prefix = format!("/test-{:08x}", rand::random::<u32>());
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        nodes.push(registry_node(&etcd, &prefix, &dir.path().join(format!("registry-{i}"))).await);
-    }
+    let mut nodes = registry_nodes(&etcd, &prefix, dir.path()).await;
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
     let on_b = client(&addrs[1]).await;
     let on_c = client(&addrs[2]).await;
@@ -524,10 +531,7 @@ async fn killing_the_etcd_leader_under_load_loses_no_registration_and_no_watcher
     };
     let dir = tempfile::tempdir().unwrap();
     let prefix = format!("/test-{:08x}", rand::random::<u32>());
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        nodes.push(registry_node(&etcd, &prefix, &dir.path().join(format!("registry-{i}"))).await);
-    }
+    let mut nodes = registry_nodes(&etcd, &prefix, dir.path()).await;
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
     let mut watchers = Vec::new();
     for addr in &addrs {

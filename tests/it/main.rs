@@ -193,6 +193,61 @@ pub async fn keep_alive(
     (beats, answers)
 }
 
+/// `message` showing `token` as its credential (none: no authorization
+/// metadata).
+pub fn showing<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse().expect("ASCII");
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// The first admin token, once a registry with auth on has written it to
+/// one of `data_dirs` (on a cluster, the node that made it).
+pub async fn admin_token(data_dirs: &[&std::path::Path]) -> String {
+    let files: Vec<_> = data_dirs.iter().map(|d| d.join("admin.token")).collect();
+    wait_until(
+        "a registry to write the first admin token",
+        std::time::Duration::from_secs(20),
+        || {
+            let written = files.iter().any(|f| f.exists());
+            async move { written }
+        },
+    )
+    .await;
+    let file = files.iter().find(|f| f.exists()).expect("written");
+    std::fs::read_to_string(file)
+        .expect("the admin token")
+        .trim()
+        .to_string()
+}
+
+/// Beats `lease` on an open KeepAlive stream every half second, each beat
+/// after the answer to the last, until the stream ends or the task is
+/// aborted.
+pub fn keep_beating(
+    beats: tokio::sync::mpsc::Sender<pb::KeepAliveRequest>,
+    mut answers: tonic::Streaming<pb::KeepAliveResponse>,
+    lease: u64,
+) -> tokio::task::JoinHandle<()> {
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            if beats
+                .send(pb::KeepAliveRequest { lease_id: lease })
+                .await
+                .is_err()
+                || answers.next().await.is_none()
+            {
+                return;
+            }
+        }
+    })
+}
+
 /// The binary, for tests that run it as a process.
 pub const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
 
