@@ -59,18 +59,7 @@ impl pb::registry_server::Registry for RegistryService {
             .ok_or_else(|| Error::invalid("instance", "must be set"))?;
         let spec = InstanceSpec::try_from(instance)?;
         self.registry
-            .authorize(token.as_deref(), write(&spec.service))?;
-        // Joining a lease (named, or the one the instance already has) is
-        // keeping its other instances alive: the token must cover them too.
-        let joined = match request.lease_id {
-            0 => self.registry.lease_of(&spec.service, &spec.addr),
-            lease => Some(lease),
-        };
-        if let Some(lease) = joined {
-            for service in self.registry.lease_services(lease) {
-                self.registry.authorize(token.as_deref(), write(&service))?;
-            }
-        }
+            .authorize_registration(token.as_deref(), &spec, request.lease_id)?;
         let registered = self.registry.register(spec, request.lease_id).await?;
         Ok(Response::new(pb::RegisterResponse {
             instance_id: registered.instance_id,
@@ -221,22 +210,7 @@ impl pb::registry_server::Registry for RegistryService {
                     }
                     Ok(None) | Err(_) => break,
                 };
-                // The token must cover every service the lease keeps
-                // alive: a lease id read elsewhere keeps nothing alive for
-                // a caller not allowed to write its services.
-                let services = registry.lease_services(beat.lease_id);
-                let allowed = if services.is_empty() && registry.config().auth.enabled {
-                    Err(Error::PermissionDenied(format!(
-                        "lease {} keeps no instance this registry knows of; register with a token that may write its service, then beat it",
-                        beat.lease_id
-                    )))
-                } else {
-                    services.iter().try_for_each(|service| {
-                        registry
-                            .authorize(token.as_deref(), write(service))
-                            .map(drop)
-                    })
-                };
+                let allowed = registry.authorize_lease(token.as_deref(), beat.lease_id);
                 let answer =
                     match allowed {
                         Err(err) => Err(err),

@@ -195,7 +195,7 @@ impl Registry {
 
     /// The lease that keeps the instance `addr` of `service` alive, if it
     /// is ephemeral.
-    pub fn lease_of(
+    fn lease_of(
         &self,
         service: &crate::registry::model::ServiceKey,
         addr: &crate::registry::model::InstanceAddr,
@@ -205,19 +205,70 @@ impl Registry {
         (instance.lease != 0).then_some(instance.lease)
     }
 
-    /// The services whose instances `lease` keeps alive now.
-    pub fn lease_services(
+    /// Checks a registration of `spec` on `lease` (0: a new one, or the
+    /// one the instance has): the token must cover its service and, when
+    /// it joins a lease, every service that lease keeps.
+    pub fn authorize_registration(
         &self,
+        presented: Option<&str>,
+        spec: &crate::registry::model::InstanceSpec,
         lease: crate::registry::model::LeaseId,
-    ) -> Vec<crate::registry::model::ServiceKey> {
-        let state = self.inner.state.lock();
-        let mut services: Vec<_> = state
-            .leases
-            .get(&lease)
-            .map(|l| l.members.iter().map(|m| (*m.service).clone()).collect())
-            .unwrap_or_default();
-        services.dedup();
-        services
+    ) -> Result<(), Error> {
+        let need = Need::Write {
+            namespace: &spec.service.namespace,
+            service: &spec.service.name,
+        };
+        if self.authorize(presented, need)?.is_none() {
+            return Ok(());
+        }
+        let joined = match lease {
+            0 => self.lease_of(&spec.service, &spec.addr),
+            lease => Some(lease),
+        };
+        match joined {
+            Some(lease) => self.authorize_lease(presented, lease),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a call that keeps `lease` alive (a beat, or a registration
+    /// joining it): the token must cover every service the lease keeps,
+    /// so a lease id read elsewhere keeps nothing alive for a caller not
+    /// allowed to write them, and a lease with no instance left keeps
+    /// nothing alive for anyone. Nothing to look up when credentials are
+    /// not checked.
+    pub fn authorize_lease(
+        &self,
+        presented: Option<&str>,
+        lease: crate::registry::model::LeaseId,
+    ) -> Result<(), Error> {
+        if !self.inner.config.auth.enabled {
+            return Ok(());
+        }
+        let services: Vec<crate::registry::model::ServiceKey> = {
+            let state = self.inner.state.lock();
+            let members = state
+                .leases
+                .get(&lease)
+                .map(|l| &l.members[..])
+                .unwrap_or(&[]);
+            members.iter().map(|m| (*m.service).clone()).collect()
+        };
+        if services.is_empty() {
+            return Err(Error::PermissionDenied(format!(
+                "lease {lease} keeps no instance this registry knows of; register with a token that may write its service, then beat it"
+            )));
+        }
+        for service in &services {
+            self.authorize(
+                presented,
+                Need::Write {
+                    namespace: &service.namespace,
+                    service: &service.name,
+                },
+            )?;
+        }
+        Ok(())
     }
 
     /// The grants of every token accepted now, oldest first.
