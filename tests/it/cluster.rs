@@ -199,10 +199,25 @@ async fn an_instance_registered_on_a_lease_through_another_node_is_taken_over_wi
     })
     .await
     .expect("register on the same lease through B");
+    // The instance hangs on B's etcd lease until A takes it over.
+    let etcd = Etcd::connect(&cluster.etcd.endpoints(), PATIENCE).expect("etcd client");
+    let (kvs, _) = etcd
+        .get_prefix(format!("{}/i/", cluster.prefix))
+        .await
+        .expect("read etcd");
+    let of_b = kvs
+        .iter()
+        .find(|kv| kv.key.ends_with(b"/81"))
+        .and_then(|kv| kv.lease)
+        .expect("the instance registered through B hangs on a lease");
     let beating = keep_beating(beats, answers, lease);
-    // B goes, its etcd leases with it, past the delete timeout.
+    // B goes, and its etcd leases expire.
     cluster.nodes.remove(1).stop().await;
-    tokio::time::sleep(Duration::from_secs(SHORT.1 + 3)).await;
+    wait_until("B's etcd lease to expire", PATIENCE, || {
+        let etcd = etcd.clone();
+        async move { matches!(etcd.lease_ttl(of_b).await, Ok(None)) }
+    })
+    .await;
     let mut ports: Vec<(u32, bool)> = instances(&mut on_a, "svc", false)
         .await
         .iter()
