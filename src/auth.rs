@@ -12,6 +12,8 @@
 //! reads only, or reads and writes of the services of one namespace whose
 //! names match its patterns (`server-product`, or a prefix: `server-*`).
 
+pub mod identity;
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -158,6 +160,31 @@ impl FromStr for Token {
         }
         Ok(Token { id, secret: bytes })
     }
+}
+
+/// Writes `text` to a new file at `path` that only its owner may read
+/// (never to one left behind, nor to what a link points at), durably.
+pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(path.parent().unwrap_or(path))?;
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(file, "{text}")?;
+    file.sync_all()
+}
+
+/// Renames `tmp` over `path`, durably.
+pub fn publish(tmp: &std::path::Path, path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::rename(tmp, path)?;
+    std::fs::File::open(path.parent().unwrap_or(path))?.sync_all()
 }
 
 /// A SHA-256 digest of a token's secret.

@@ -16,6 +16,7 @@
 mod balancer;
 mod connector;
 pub mod endpoint;
+mod identity;
 mod registrar;
 pub mod resolver;
 
@@ -32,6 +33,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 pub use balancer::{BalanceConfig, BalancedChannel, RetrySafe, retry_safe};
 pub use connector::{Connector, Credential, RegistryClient};
 pub use endpoint::EjectionPolicy;
+pub use identity::{Callers, Identities};
 pub use registrar::Registration;
 pub use resolver::{Change, EndpointInfo, Target};
 
@@ -146,6 +148,36 @@ impl Config {
                 Credential::default()
             }
         }
+    }
+
+    /// The identities `service` shows the services it calls, fetched from
+    /// the registry with this section's token.
+    pub fn identities(
+        &self,
+        connections: &Connections,
+        service: &str,
+    ) -> Result<Identities, connector::Error> {
+        Ok(Identities::new(
+            self.connector(connections)?,
+            &self.namespace,
+            service,
+            self.call_timeout,
+        ))
+    }
+
+    /// The check of the identities `me`'s callers show, with the registry's
+    /// keys.
+    pub fn callers(
+        &self,
+        connections: &Connections,
+        me: &str,
+    ) -> Result<Callers, connector::Error> {
+        Ok(Callers::new(
+            self.connector(connections)?,
+            &self.namespace,
+            me,
+            self.call_timeout,
+        ))
     }
 
     /// This section's call settings for a [`BalancedChannel`], with the shared

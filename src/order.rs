@@ -42,7 +42,12 @@ pub async fn run(
         orders: Orders::new(db),
         ids: ids.clone(),
         users: RemoteUsers::new(mesh.channel(USER_SERVICE)),
-        products: RemoteProducts::new(mesh.channel(PRODUCT_SERVICE)),
+        products: RemoteProducts::new(
+            mesh.channel(PRODUCT_SERVICE),
+            config
+                .discovery
+                .identities(&config.connections, ORDER_SERVICE)?,
+        ),
     };
     tokio::spawn(placer.clone().sweep(
         config.shop.sweep_interval,

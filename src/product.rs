@@ -7,9 +7,10 @@ pub mod store;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
+use crate::discovery::Callers;
 use crate::pb::shop as pb;
 use crate::pb::shop::product_service_server::{ProductService, ProductServiceServer};
-use crate::shop::{self, Error, PRODUCT_SERVICE};
+use crate::shop::{self, Error, ORDER_SERVICE, PRODUCT_SERVICE};
 use crate::shutdown::Shutdown;
 pub use store::{Deducted, Product, Products, Restored};
 
@@ -28,7 +29,10 @@ pub async fn run(
             .await
             .map_err(|err| anyhow::anyhow!("cannot load the seed's products: {err}"))?;
     }
-    let service = ProductServiceServer::new(ProductGrpc { products });
+    let callers = config
+        .discovery
+        .callers(&config.connections, PRODUCT_SERVICE)?;
+    let service = ProductServiceServer::new(ProductGrpc { products, callers });
     shop::serve(
         &config.discovery,
         &config.connections,
@@ -43,6 +47,8 @@ pub async fn run(
 
 struct ProductGrpc {
     products: Products,
+    /// Who may change stock: the order service alone.
+    callers: Callers,
 }
 
 fn product_pb(product: Product) -> pb::Product {
@@ -97,6 +103,7 @@ impl ProductService for ProductGrpc {
         &self,
         request: Request<pb::DeductStockRequest>,
     ) -> Result<Response<pb::DeductStockResponse>, Status> {
+        self.callers.check(&request, ORDER_SERVICE).await?;
         let request = request.into_inner();
         let product_id = shop::parse_id("product_id", request.product_id)?;
         let count = parse_count(request.count)?;
@@ -119,6 +126,7 @@ impl ProductService for ProductGrpc {
         &self,
         request: Request<pb::RestoreStockRequest>,
     ) -> Result<Response<pb::RestoreStockResponse>, Status> {
+        self.callers.check(&request, ORDER_SERVICE).await?;
         let request_id = shop::parse_request_id(
             "request_id",
             &request.into_inner().request_id,

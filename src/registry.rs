@@ -23,7 +23,7 @@ pub use cluster::{ClusterInfo, EtcdInfo, EtcdMember};
 pub use grpc::RegistryService;
 pub use persist::Error as DataDirError;
 pub use probe::HEALTH_SERVICE_KEY;
-pub use store::{KeepAlive, Registry, Stats};
+pub use store::{ADMIN_TOKEN_FILE, IDENTITY_KEY_FILE, KeepAlive, Registry, Stats};
 pub use watch::{SNAPSHOT_CHUNK, Selector, WatchItem, WatchStream};
 
 use crate::pb::registry::registry_server::RegistryServer;
@@ -141,14 +141,18 @@ pub struct AuthConfig {
     pub open_reads: bool,
     /// Tokens the registry keeps at most.
     pub max_tokens: usize,
+    /// How long a service identity (IssueIdentity) is accepted.
+    #[serde(with = "humantime_serde")]
+    pub identity_ttl: Duration,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             open_reads: false,
             max_tokens: 10_000,
+            identity_ttl: Duration::from_secs(600),
         }
     }
 }

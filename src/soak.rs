@@ -239,10 +239,7 @@ async fn run_in(
         .await?;
     let initial: HashMap<i64, i32> = load::PRODUCTS.iter().map(|id| (*id, STOCK)).collect();
 
-    let mut discovery = crate::discovery::Config {
-        registry: deployment.registry_addr(),
-        ..Default::default()
-    };
+    let mut discovery = deployment.discovery();
     discovery.call_timeout = Duration::from_secs(5);
     let mesh = Mesh::new(&discovery, &Default::default())?;
     for (service, count) in [(USER_SERVICE, 1), (PRODUCT_SERVICE, 2), (ORDER_SERVICE, 2)] {
@@ -256,7 +253,13 @@ async fn run_in(
     // On a cluster, a node no fault touches watches the whole group: a
     // fault that kills no service must remove no instance.
     let removals = match store {
-        StoreKind::Etcd => Some(count_removals(deployment.registries[2].addr.clone()).await?),
+        StoreKind::Etcd => Some(
+            count_removals(crate::discovery::Config {
+                registry: deployment.registries[2].addr.clone(),
+                ..deployment.discovery()
+            })
+            .await?,
+        ),
         StoreKind::Memory => None,
     };
     let started = Instant::now();
@@ -470,9 +473,9 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
 
 /// Watches every service of the default group through the registry at
 /// `addr` and counts the instances it sees removed.
-async fn count_removals(addr: String) -> anyhow::Result<Arc<AtomicUsize>> {
+async fn count_removals(node: crate::discovery::Config) -> anyhow::Result<Arc<AtomicUsize>> {
     use crate::pb::registry as pb;
-    let mut client = pb::registry_client::RegistryClient::connect(format!("http://{addr}")).await?;
+    let (mut client, _) = crate::inspect::client(&node, &Default::default()).await?;
     let mut events = client
         .watch(pb::WatchRequest::default())
         .await

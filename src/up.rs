@@ -9,6 +9,8 @@
 //! etcd cluster, each on a listener of its own, and every service is
 //! given all N addresses.
 
+pub mod credentials;
+
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -102,6 +104,11 @@ pub struct Stack {
     shutdown: Shutdown,
     registries: Vec<Spawned>,
     services: Vec<Spawned>,
+    /// How a caller finds the services: every registry node, and (when
+    /// the registry checks credentials) the read-only token up made.
+    discovery: crate::discovery::Config,
+    /// Where that token is kept, for the shell.
+    reader_file: Option<PathBuf>,
 }
 
 impl Stack {
@@ -137,6 +144,8 @@ impl Stack {
             shutdown,
             registries: Vec::new(),
             services: Vec::new(),
+            discovery: config.discovery.clone(),
+            reader_file: None,
         };
         let store = match config.registry.store {
             StoreKind::Memory => config.registry.data_dir.display().to_string(),
@@ -173,7 +182,43 @@ impl Stack {
             .map(|r| r.addr.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        match stack.spawn_services(&config, replicas).await {
+        stack.discovery.registry = config.discovery.registry.clone();
+        let mut tokens = Vec::new();
+        if config.registry.auth.enabled {
+            let cli_dir = config
+                .registry
+                .data_dir
+                .parent()
+                .unwrap_or(&config.registry.data_dir)
+                .to_path_buf();
+            let services = [
+                (USER_SERVICE, config.user.data_dir.clone()),
+                (PRODUCT_SERVICE, config.product.data_dir.clone()),
+                (ORDER_SERVICE, config.order.data_dir.clone()),
+            ];
+            let handing = credentials::hand_out(
+                &config.discovery,
+                &config.connections,
+                &config.registry.data_dir,
+                &services,
+                &cli_dir,
+            );
+            // A registry that fails to start says why, rather than the
+            // token it never wrote.
+            let handed = tokio::select! {
+                handed = handing => handed,
+                err = stack.ended() => Err(err),
+            };
+            let handed = match handed {
+                Ok(handed) => handed,
+                Err(err) => return Err(stack.stop(Err(err)).await.unwrap_err()),
+            };
+            stack.discovery.token = handed.reader.0;
+            stack.discovery.token_file = PathBuf::new();
+            stack.reader_file = Some(handed.reader.1);
+            tokens = handed.services;
+        }
+        match stack.spawn_services(&config, replicas, &tokens).await {
             Ok(()) => Ok(stack),
             Err(err) => Err(stack.stop(Err(err)).await.unwrap_err()),
         }
@@ -184,18 +229,37 @@ impl Stack {
         self.registries[0].addr
     }
 
+    /// How a caller of the services finds them: every registry node, and
+    /// a read-only token when the registry checks credentials.
+    pub fn discovery(&self) -> &crate::discovery::Config {
+        &self.discovery
+    }
+
     /// Where every registry node listens, the first first.
     pub fn registries(&self) -> Vec<SocketAddr> {
         self.registries.iter().map(|r| r.addr).collect()
     }
 
-    async fn spawn_services(&mut self, config: &Config, replicas: u16) -> anyhow::Result<()> {
+    /// Starts the services, each showing its token from `tokens` (by
+    /// service name), when it has one.
+    async fn spawn_services(
+        &mut self,
+        config: &Config,
+        replicas: u16,
+        tokens: &[(&'static str, crate::auth::Secret)],
+    ) -> anyhow::Result<()> {
         let plan = [
             (ShopRole::User, replicas),
             (ShopRole::Product, replicas),
             (ShopRole::Order, 1),
         ];
         for (shop_role, count) in plan {
+            let mut role_config = config.clone();
+            if let Some((_, token)) = tokens.iter().find(|(s, _)| *s == shop_role.service()) {
+                role_config.discovery.token = token.clone();
+                role_config.discovery.token_file = PathBuf::new();
+            }
+            let config = &role_config;
             let service_config = shop_role.config(config);
             let mut next_port = service_config.listen.port();
             for replica in 0..count {
@@ -223,8 +287,10 @@ impl Stack {
             }
         }
         let shutdown = self.shutdown.clone();
+        let mut watching = config.clone();
+        watching.discovery = self.discovery.clone();
         tokio::select! {
-            ready = registered(config, replicas.into()) => ready,
+            ready = registered(&watching, replicas.into()) => ready,
             err = self.ended() => Err(err),
             _ = shutdown.cancelled() => Ok(()),
         }
@@ -282,7 +348,11 @@ pub async fn run(config: &Config, args: &Args, shutdown: Shutdown) -> anyhow::Re
         return stack.stop(Ok(())).await;
     }
     let mut out = std::io::stdout().lock();
-    write!(out, "{}", summary(&stack.running, &args.data_dir))?;
+    write!(
+        out,
+        "{}",
+        summary(&stack.running, &args.data_dir, stack.reader_file.as_deref())
+    )?;
     out.flush()?;
     drop(out);
     let result = tokio::select! {
@@ -312,7 +382,11 @@ async fn registered(config: &Config, replicas: usize) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("the services did not all register within {START_TIMEOUT:?}"))
 }
 
-fn summary(running: &[Running], data_dir: &std::path::Path) -> String {
+fn summary(
+    running: &[Running],
+    data_dir: &std::path::Path,
+    reader_file: Option<&std::path::Path>,
+) -> String {
     let rows: Vec<Vec<String>> = running
         .iter()
         .map(|r| {
@@ -348,9 +422,24 @@ fn summary(running: &[Running], data_dir: &std::path::Path) -> String {
         (1, true) => "a registry node on etcd".to_string(),
         (n, _) => format!("{n} registry nodes on etcd"),
     };
+    let credentials = match reader_file {
+        Some(file) => format!(
+            "The registry checks credentials: each service was given a token that may register \
+             it alone, and the shell a read-only one. The admin token, which makes more \
+             (shop-mesh token create --token-file ...), is in {}.\n\n\
+             Try (the first line lets this shell read the registry):\n\
+             \x20 export SHOP_MESH__DISCOVERY__TOKEN_FILE={}\n",
+            data_dir
+                .join("registry")
+                .join(crate::registry::ADMIN_TOKEN_FILE)
+                .display(),
+            file.display()
+        ),
+        None => "Try:\n".to_string(),
+    };
     format!(
         "shop-mesh is up: {nodes} and {} service instances, on SQLite under {}\n\n{}\n\
-         Try:\n\
+         {credentials}\
          \x20 shop-mesh order place --user 1001 --product 1001 --count 10{registry_flag}\n\
          \x20 shop-mesh product get 1001{registry_flag}\n\
          \x20 grpcurl -plaintext -d '{{\"user_id\":1001}}' {order} shopmesh.shop.v1.OrderService/ListOrders\n\n\

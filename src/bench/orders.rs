@@ -92,9 +92,7 @@ impl OrdersBench {
             .exec(&products_db)
             .await?;
 
-        let mut discovery = config.discovery.clone();
-        discovery.registry = stack.registry().to_string();
-        let mesh = Mesh::new(&discovery, &config.connections)?;
+        let mesh = Mesh::new(stack.discovery(), &config.connections)?;
         let orders = OrderServiceClient::new(mesh.channel(ORDER_SERVICE));
         let products = ProductServiceClient::new(mesh.channel(PRODUCT_SERVICE));
 

@@ -77,6 +77,8 @@ struct Shared {
     service: String,
     /// `None` until the resolver's first answer.
     endpoints: watch::Receiver<Endpoints>,
+    /// Why the registry refused to answer, while it does.
+    refused: watch::Receiver<Option<String>>,
     budget: TpsBudget,
     config: BalanceConfig,
     _stop: DropGuard,
@@ -86,6 +88,7 @@ impl BalancedChannel {
     /// A channel fed by `changes` (a resolver's output).
     pub fn new(service: &str, mut changes: mpsc::Receiver<Change>, config: BalanceConfig) -> Self {
         let (tx, rx) = watch::channel(None);
+        let (refusals, refused) = watch::channel(None);
         let stop = CancellationToken::new();
         let stopped = stop.clone();
         let endpoint_config = config.clone();
@@ -97,6 +100,11 @@ impl BalancedChannel {
                     change = changes.recv() => change,
                 };
                 let Some(change) = change else { return };
+                if let Change::Refused(why) = change {
+                    refusals.send_replace(Some(why));
+                    continue;
+                }
+                refusals.send_replace(None);
                 apply(&mut table, change, &endpoint_config);
                 // Take whatever else is queued before publishing once.
                 while let Ok(change) = changes.try_recv() {
@@ -109,6 +117,7 @@ impl BalancedChannel {
             shared: Arc::new(Shared {
                 service: service.into(),
                 endpoints: rx,
+                refused,
                 budget: retry_budget(config.retry_percent),
                 config,
                 _stop: stop.drop_guard(),
@@ -170,6 +179,8 @@ fn apply(table: &mut HashMap<SocketAddr, Arc<Endpoint>>, change: Change, config:
         Change::Remove(addr) => {
             table.remove(&addr);
         }
+        // Taken before: the table stays as it was.
+        Change::Refused(_) => {}
     }
 }
 
@@ -204,11 +215,17 @@ impl Shared {
         request: http::Request<Body>,
     ) -> Result<http::Response<Body>, BoxError> {
         let Some(list) = self.resolved().await else {
-            return Ok(tonic::Status::unavailable(format!(
-                "no instance of {} is known yet: the registry has not answered",
-                self.service
-            ))
-            .into_http());
+            let message = match self.refused.borrow().as_deref() {
+                Some(why) => format!(
+                    "no instance of {} is known: the registry refused to say: {why}",
+                    self.service
+                ),
+                None => format!(
+                    "no instance of {} is known yet: the registry has not answered",
+                    self.service
+                ),
+            };
+            return Ok(tonic::Status::unavailable(message).into_http());
         };
         let Some(first) = pick(&list, None, &mut rand::rng()) else {
             return Ok(tonic::Status::unavailable(format!(

@@ -91,6 +91,21 @@ async fn keep_registered(
                     interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
                     Some(None)
                 }
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        Code::Unauthenticated | Code::PermissionDenied
+                    ) =>
+                {
+                    tracing::error!(
+                        reason = %status.message(),
+                        %registry,
+                        "the registry refused this service's credential; give it a token that may register {} (SHOP_MESH__DISCOVERY__TOKEN, or discovery.token_file), made with shop-mesh token create --service {}",
+                        instance.service,
+                        instance.service
+                    );
+                    None
+                }
                 Err(status) => {
                     tracing::warn!(%status, %registry, "registration refused");
                     None

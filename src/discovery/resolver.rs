@@ -42,6 +42,9 @@ pub enum Change {
     /// No longer takes traffic: removed, unhealthy, disabled or weight 0, or
     /// stale past its grace.
     Remove(SocketAddr),
+    /// The registry refused to say (the credential shown is not good for
+    /// it): why, so a call that finds no instance can tell its caller.
+    Refused(String),
 }
 
 /// Which service to follow.
@@ -113,6 +116,16 @@ async fn run(
                 follow(stream.into_inner(), stale_grace, shutdown, tx, state).await;
             }
             Err(status) => {
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) && tx
+                    .send(Change::Refused(status.message().to_owned()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
                 tracing::warn!(service = %target.service, %status, "cannot watch the service")
             }
         }

@@ -3,10 +3,12 @@
 //! `tonic::Status`. Each call is converted here once, into the types of
 //! [`super::peers`].
 
+use std::sync::Arc;
+
 use tonic::{Code, Status};
 
 use super::peers::{Deduction, Product, Products, User, Users};
-use crate::discovery::{BalancedChannel, retry_safe};
+use crate::discovery::{BalancedChannel, Identities, retry_safe};
 use crate::pb::shop as pb;
 use crate::pb::shop::product_service_client::ProductServiceClient;
 use crate::pb::shop::user_service_client::UserServiceClient;
@@ -49,14 +51,26 @@ impl Users for RemoteUsers {
 #[derive(Clone)]
 pub struct RemoteProducts {
     client: ProductServiceClient<BalancedChannel>,
+    /// Stock calls are the product service's ledger: it takes them only
+    /// from the order service, which shows it this.
+    identities: Arc<Identities>,
 }
 
 impl RemoteProducts {
-    /// Calls the product service over `channel`.
-    pub fn new(channel: BalancedChannel) -> Self {
+    /// Calls the product service over `channel`, showing `identities` on
+    /// the stock calls.
+    pub fn new(channel: BalancedChannel, identities: Identities) -> Self {
         RemoteProducts {
             client: ProductServiceClient::new(channel),
+            identities: Arc::new(identities),
         }
+    }
+
+    /// `message` as a stock call, showing the order service's identity.
+    async fn stock_call<T>(&self, message: T) -> Result<tonic::Request<T>, Error> {
+        let mut request = tonic::Request::new(message);
+        self.identities.show(PRODUCT_SERVICE, &mut request).await?;
+        Ok(retry_safe(request))
     }
 }
 
@@ -83,7 +97,7 @@ impl Products for RemoteProducts {
         let deducted = self
             .client
             .clone()
-            .deduct_stock(retry_safe(tonic::Request::new(deduct)))
+            .deduct_stock(self.stock_call(deduct).await?)
             .await
             .map_err(|status| dependency(PRODUCT_SERVICE, status))?
             .into_inner();
@@ -105,7 +119,7 @@ impl Products for RemoteProducts {
         };
         self.client
             .clone()
-            .restore_stock(retry_safe(tonic::Request::new(restore)))
+            .restore_stock(self.stock_call(restore).await?)
             .await
             .map_err(|status| dependency(PRODUCT_SERVICE, status))?;
         Ok(())
@@ -139,6 +153,11 @@ fn dependency(service: &str, status: Status) -> Error {
             Error::FailedPrecondition(format!("{service} refused: {}", status.message()))
         }
         Code::Aborted => Error::Aborted(format!("{service}: {}", status.message())),
+        // Refused before anything was touched: did nothing.
+        Code::Unauthenticated | Code::PermissionDenied => Error::FailedPrecondition(format!(
+            "{service} refused this caller: {}",
+            status.message()
+        )),
         _ => Error::Unavailable(if status.message().contains(service) {
             status.message().to_owned()
         } else {
@@ -181,6 +200,18 @@ mod tests {
             (
                 Code::Internal,
                 Error::Unavailable("server-product: no product 7".into()),
+            ),
+            (
+                Code::PermissionDenied,
+                Error::FailedPrecondition(
+                    "server-product refused this caller: no product 7".into(),
+                ),
+            ),
+            (
+                Code::Unauthenticated,
+                Error::FailedPrecondition(
+                    "server-product refused this caller: no product 7".into(),
+                ),
             ),
         ];
         for (code, expected) in cases {

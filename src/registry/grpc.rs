@@ -358,6 +358,47 @@ impl pb::registry_server::Registry for RegistryService {
         self.registry.revoke_token(id).await?;
         Ok(Response::new(pb::RevokeTokenResponse {}))
     }
+
+    async fn issue_identity(
+        &self,
+        request: Request<pb::IssueIdentityRequest>,
+    ) -> Result<Response<pb::IssueIdentityResponse>, Status> {
+        let token = presented(&request);
+        let r = request.into_inner();
+        let namespace =
+            model::parse_name("namespace", &r.namespace, Some(model::DEFAULT_NAMESPACE))?;
+        let service = model::parse_name("service", &r.service, None)?;
+        let audience = model::parse_name("audience", &r.audience, None)?;
+        self.registry.authorize(
+            token.as_deref(),
+            Need::Write {
+                namespace: &namespace,
+                service: &service,
+            },
+        )?;
+        let (identity, expires_ms) = self
+            .registry
+            .issue_identity(&namespace, &service, &audience);
+        Ok(Response::new(pb::IssueIdentityResponse {
+            identity,
+            expires_ms,
+        }))
+    }
+
+    async fn get_identity_keys(
+        &self,
+        request: Request<pb::GetIdentityKeysRequest>,
+    ) -> Result<Response<pb::GetIdentityKeysResponse>, Status> {
+        let token = presented(&request);
+        self.registry.authorize(token.as_deref(), Need::Describe)?;
+        let key = self.registry.identity_key();
+        Ok(Response::new(pb::GetIdentityKeysResponse {
+            keys: vec![pb::IdentityKey {
+                id: key.id,
+                ed25519: key.key,
+            }],
+        }))
+    }
 }
 
 /// The token a call shows in its `authorization` metadata (`Bearer

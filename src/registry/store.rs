@@ -29,6 +29,7 @@
 mod catalog;
 mod durable;
 mod fanout;
+mod identity;
 mod lease;
 mod probes;
 mod replicated;
@@ -47,12 +48,15 @@ use tokio_util::sync::CancellationToken;
 use super::model::{ChangeKind, Event, GroupKey, Instance, InstanceAddr, LeaseId, ServiceKey};
 use super::watch::Subscription;
 use super::{Config, cluster, persist};
+use crate::auth::identity::Signer;
 use crate::auth::{Grant, TokenId};
 use catalog::Service;
 use lease::{Lease, Millis, reap};
 
+pub use identity::IDENTITY_KEY_FILE;
 pub use lease::KeepAlive;
 pub(super) use probes::WeakRegistry;
+pub use tokens::ADMIN_TOKEN_FILE;
 
 /// The registry. Cheap to clone: clones share one state.
 #[derive(Clone)]
@@ -79,6 +83,8 @@ struct Inner {
     /// that probes.
     election: OnceLock<cluster::election::Election>,
     closed: CancellationToken,
+    /// What service identities are signed with.
+    signer: Signer,
 }
 
 /// Counts for tests, metrics and the benchmark.
@@ -135,13 +141,14 @@ impl Registry {
     /// A registry that keeps nothing on disk: persistent instances last as
     /// long as the process. For tests and benchmarks.
     pub fn in_memory(config: &Config) -> Registry {
-        Registry::with_store(config, None, None)
+        Registry::with_store(config, None, None, Signer::generate())
     }
 
     fn with_store(
         config: &Config,
         store: Option<persist::Store>,
         node: Option<Arc<cluster::Node>>,
+        signer: Signer,
     ) -> Registry {
         let inner = Arc::new(Inner {
             config: config.clone(),
@@ -171,6 +178,7 @@ impl Registry {
             probes: Mutex::new(HashMap::new()),
             election: OnceLock::new(),
             closed: CancellationToken::new(),
+            signer,
         });
         tokio::spawn(reap(
             Arc::downgrade(&inner),

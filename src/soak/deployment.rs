@@ -40,6 +40,8 @@ pub struct Deployment {
     pub products: Vec<Process>,
     /// Two order services, for the same reason.
     pub orders: Vec<Process>,
+    /// The read-only token's file, for the load and the checks.
+    pub reader: PathBuf,
 }
 
 impl Deployment {
@@ -77,6 +79,41 @@ impl Deployment {
             .map(|r| r.addr.clone())
             .collect::<Vec<_>>()
             .join(",");
+        // The registry checks credentials, as it does by default: each
+        // service gets a token of its own, as `up` hands them out, made
+        // with the admin token the first node wrote.
+        let mut discovery = crate::discovery::Config {
+            registry: registry_addr.clone(),
+            ..Default::default()
+        };
+        let services = [
+            (crate::shop::USER_SERVICE, dir.join("user")),
+            (crate::shop::PRODUCT_SERVICE, dir.join("product")),
+            (crate::shop::ORDER_SERVICE, dir.join("order")),
+        ];
+        let handed = crate::up::credentials::hand_out(
+            &discovery,
+            &Default::default(),
+            &dir.join("registry-0"),
+            &services,
+            dir,
+        )
+        .await?;
+        discovery.token_file = handed.reader.1.clone();
+        let env = |role: &str| {
+            let token = dir
+                .join(role)
+                .join(crate::up::credentials::SERVICE_TOKEN_FILE);
+            let mut env: Vec<(String, String)> = ENV
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect();
+            env.push((
+                "SHOP_MESH__DISCOVERY__TOKEN_FILE".into(),
+                token.display().to_string(),
+            ));
+            env
+        };
         let service = |role: &'static str| {
             let mut args = vec![
                 role.to_string(),
@@ -94,14 +131,23 @@ impl Deployment {
         };
         // One at a time: instances of one service sharing a database
         // migrate it once.
-        let user = Process::start(bin, "user", service("user"), ENV).await?;
+        let start = |role: &'static str| {
+            let env = env(role);
+            let args = service(role);
+            async move {
+                let env: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                Process::start(bin, role, args, &env).await
+            }
+        };
+        let user = start("user").await?;
         let mut products = Vec::new();
         for _ in 0..2 {
-            products.push(Process::start(bin, "product", service("product"), ENV).await?);
+            products.push(start("product").await?);
         }
         let mut orders = Vec::new();
         for _ in 0..2 {
-            orders.push(Process::start(bin, "order", service("order"), ENV).await?);
+            orders.push(start("order").await?);
         }
         Ok(Deployment {
             bin: bin.to_path_buf(),
@@ -112,7 +158,18 @@ impl Deployment {
             user,
             products,
             orders,
+            reader: discovery.token_file,
         })
+    }
+
+    /// How a caller finds the services: every registry node, with the
+    /// read-only token.
+    pub fn discovery(&self) -> crate::discovery::Config {
+        crate::discovery::Config {
+            registry: self.registry_addr(),
+            token_file: self.reader.clone(),
+            ..Default::default()
+        }
     }
 
     /// Where the services find the registry: every node, a,b,c.

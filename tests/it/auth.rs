@@ -450,3 +450,77 @@ async fn a_token_joins_no_lease_of_another_service_and_a_revoked_watch_ends() {
         .expect("the stream ends");
     assert!(ended.is_none(), "{ended:?}");
 }
+
+/// A service identity is made only for a token that may register the
+/// service it names: a product's token cannot get the order service's,
+/// so it cannot change stock through the product service's ledger calls.
+#[tokio::test]
+async fn an_identity_is_issued_only_to_a_token_that_may_register_its_service() {
+    let (registry, admin) = guarded().await;
+    let mut client = registry.client().await;
+    let order = token_for(&mut client, &admin, &["server-order"])
+        .await
+        .token;
+    let product = token_for(&mut client, &admin, &["server-product"])
+        .await
+        .token;
+    let asked = || pb::IssueIdentityRequest {
+        namespace: String::new(),
+        service: "server-order".into(),
+        audience: "server-product".into(),
+    };
+
+    let issued = client
+        .issue_identity(showing(asked(), Some(&order)))
+        .await
+        .expect("the order service's own token")
+        .into_inner();
+    assert!(issued.identity.starts_with("smi_"), "{issued:?}");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // registry.auth.identity_ttl, by default ten minutes.
+    assert!(issued.expires_ms > now_ms && issued.expires_ms <= now_ms + 600_000);
+
+    let status = client
+        .issue_identity(showing(asked(), Some(&product)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("changing service server-order"),
+        "{status:?}"
+    );
+    let status = client
+        .issue_identity(showing(asked(), None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let status = client
+        .issue_identity(showing(
+            pb::IssueIdentityRequest {
+                audience: String::new(),
+                ..asked()
+            },
+            Some(&order),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // The keys are for any caller the registry knows, and nobody else.
+    let keys = client
+        .get_identity_keys(showing(pb::GetIdentityKeysRequest {}, Some(&product)))
+        .await
+        .expect("any token reads the keys")
+        .into_inner();
+    assert_eq!(keys.keys.len(), 1);
+    assert_eq!(keys.keys[0].ed25519.len(), 32);
+    let status = client
+        .get_identity_keys(showing(pb::GetIdentityKeysRequest {}, None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    registry.stop().await;
+}

@@ -296,6 +296,7 @@ async fn abandoned_streams_give_their_memory_back() {
         ("SHOP_MESH__REGISTRY__HEARTBEAT_INTERVAL", "500ms"),
         ("SHOP_MESH__REGISTRY__UNHEALTHY_TIMEOUT", "1s"),
         ("SHOP_MESH__REGISTRY__DELETE_TIMEOUT", "2s"),
+        crate::CREDENTIALS_OFF,
     ];
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shop-mesh"));
     let registry = Process::start(bin, "registry", args, &timings)

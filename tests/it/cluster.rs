@@ -587,3 +587,57 @@ async fn etcd_down_for_10s_past_the_delete_timeout_loses_nothing() {
     assert!(deleted.is_empty(), "the service was removed: {deleted:?}");
     drop(service);
 }
+
+/// Identities are signed with one key for the whole cluster, put in etcd
+/// by the first node: one made by any node is checked with the key any
+/// other node hands out, and a node that joins later hands out the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_signs_and_hands_out_the_same_identity_key() {
+    let Some(mut cluster) = nodes(2, SHORT).await else {
+        return;
+    };
+    async fn keys(node: &TestRegistry) -> Vec<pb::IdentityKey> {
+        node.client()
+            .await
+            .get_identity_keys(pb::GetIdentityKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .keys
+    }
+    let first = keys(&cluster.nodes[0]).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(keys(&cluster.nodes[1]).await, first);
+    let endpoints = cluster.etcd.endpoints();
+    let prefix = cluster.prefix.clone();
+    cluster.nodes.push(
+        TestRegistry::start_with(move |config: &mut registry::Config| {
+            config.store = StoreKind::Etcd;
+            config.etcd.endpoints = endpoints;
+            config.etcd.prefix = prefix;
+        })
+        .await,
+    );
+    assert_eq!(keys(&cluster.nodes[2]).await, first);
+
+    let mut client = cluster.nodes[1].client().await;
+    let identity = client
+        .issue_identity(pb::IssueIdentityRequest {
+            namespace: String::new(),
+            service: "server-order".into(),
+            audience: "server-product".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .identity;
+    let verifier = shop_mesh::auth::identity::Verifier::new(first.into_iter().map(|k| {
+        shop_mesh::auth::identity::PublicKey {
+            id: k.id,
+            key: k.ed25519,
+        }
+    }));
+    verifier
+        .verify(&identity, "public", "server-order", "server-product")
+        .expect("node 1's identity checks with node 0's key");
+}

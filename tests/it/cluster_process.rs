@@ -23,7 +23,7 @@ use shop_mesh::pb::registry::registry_client::RegistryClient;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::{BIN, run_bin, wait_until};
+use crate::{BIN, run_bin, run_bin_with, wait_until};
 
 /// The soak's short timings: a heartbeat a second, unhealthy after 3 s,
 /// removed after 6 s.
@@ -53,6 +53,9 @@ async fn registry_node(etcd: &EtcdCluster, prefix: &str, dir: &Path) -> Process 
     ];
     let mut env: Vec<(&str, &str)> = TIMINGS.to_vec();
     env.push(("SHOP_MESH__REGISTRY__ETCD__PREFIX", prefix));
+    // These are about the cluster; credentials on a cluster are the
+    // cluster credential tests' (and the etcd soak's).
+    env.push(crate::CREDENTIALS_OFF);
     Process::start(Path::new(BIN), "registry", args, &env)
         .await
         .expect("a registry node starts")
@@ -401,25 +404,38 @@ async fn up_runs_three_registry_nodes_over_etcd() {
         summary.contains(&format!("--registry {}", registries.join(","))),
         "{summary}"
     );
+    // Credentials are on, as by default: the shell reads with the token
+    // up made for it, on every node.
+    let export = summary
+        .lines()
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix("export SHOP_MESH__DISCOVERY__TOKEN_FILE=")
+        })
+        .expect("up says where the shell's token is");
+    let reader = [("SHOP_MESH__DISCOVERY__TOKEN_FILE", export)];
     // Every node answers for all of it.
     for node in &registries {
-        let (ok, out, err) = run_bin(&["services", "--registry", node]).await;
+        let (ok, out, err) = run_bin_with(&["services", "--registry", node], &reader).await;
         assert!(ok, "{err}");
         assert_eq!(out.lines().count(), 1 + 3 + 2, "{out}");
         assert!(out.ends_with(&format!("\nanswered by {node}\n")), "{out}");
     }
-    let (ok, out, err) = run_bin(&[
-        "order",
-        "place",
-        "--user",
-        "1001",
-        "--product",
-        "1001",
-        "--count",
-        "10",
-        "--registry",
-        &registries.join(","),
-    ])
+    let (ok, out, err) = run_bin_with(
+        &[
+            "order",
+            "place",
+            "--user",
+            "1001",
+            "--product",
+            "1001",
+            "--count",
+            "10",
+            "--registry",
+            &registries.join(","),
+        ],
+        &reader,
+    )
     .await;
     assert!(ok, "{err}");
     assert!(out.contains("23990.00"), "{out}");

@@ -418,7 +418,7 @@ async fn registry_down_then_back_empty_never_empties_a_caller() {
     let dir = tempfile::tempdir().unwrap();
     let config = shop_mesh::registry::Config {
         data_dir: dir.path().join("first"),
-        ..Default::default()
+        ..crate::without_credentials()
     };
     let registry = TestRegistry::start_on(config).await;
     let addr = registry.addr;
@@ -448,7 +448,7 @@ async fn registry_down_then_back_empty_never_empties_a_caller() {
     let registry = TestRegistry::start_at(
         shop_mesh::registry::Config {
             data_dir: dir.path().join("second"),
-            ..Default::default()
+            ..crate::without_credentials()
         },
         addr,
     )

@@ -17,10 +17,11 @@ use tonic::transport::Channel;
 
 use crate::grpcurl::grpcurl_output;
 
-use crate::{BIN, run_bin};
+use crate::{BIN, run_bin, run_bin_with};
 
-/// A shop service on port 0 under `dir`, registered with `registry`.
-async fn service(role: &'static str, registry: &str, dir: &Path) -> Process {
+/// A shop service on port 0 under `dir`, registered with `registry`
+/// with `token`.
+async fn service(role: &'static str, registry: &str, dir: &Path, token: &str) -> Process {
     let args = [
         role,
         "--registry",
@@ -31,9 +32,31 @@ async fn service(role: &'static str, registry: &str, dir: &Path) -> Process {
     ];
     let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     args.push(dir.join(role).display().to_string());
-    Process::start(Path::new(BIN), role, args, &[])
+    let env = [("SHOP_MESH__DISCOVERY__TOKEN", token)];
+    Process::start(Path::new(BIN), role, args, &env)
         .await
         .unwrap()
+}
+
+/// A token that may register `service`, made as an operator makes one:
+/// `shop-mesh token create` with the registry's first admin token.
+async fn token_for(service: &str, registry: &str, admin_file: &Path) -> String {
+    let admin_file = admin_file.display().to_string();
+    let (ok, out, err) = run_bin(&[
+        "token",
+        "create",
+        "--name",
+        service,
+        "--service",
+        service,
+        "--token-file",
+        &admin_file,
+        "--registry",
+        registry,
+    ])
+    .await;
+    assert!(ok, "{err}");
+    out.trim().to_string()
 }
 
 /// The registered addresses of `service`, healthy or not.
@@ -51,15 +74,29 @@ async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
     let registry_args = ["registry", "--listen", "127.0.0.1:0", "--data-dir"];
     let mut registry_args: Vec<String> = registry_args.iter().map(|a| a.to_string()).collect();
     registry_args.push(dir.path().join("registry").display().to_string());
-    let mut registry_process = Process::start(Path::new(BIN), "registry", registry_args, &[])
-        .await
-        .unwrap();
+    // Credentials on, as by default, with the reads left open (as a
+    // configuration may): every service registers with a token of its
+    // own, and the order service proves itself to the product service.
+    let open_reads = [("SHOP_MESH__REGISTRY__AUTH__OPEN_READS", "true")];
+    let mut registry_process =
+        Process::start(Path::new(BIN), "registry", registry_args, &open_reads)
+            .await
+            .unwrap();
     let registry_addr = registry_process.addr.clone();
     let registry = registry_addr.as_str();
-    let mut user = service("user", registry, dir.path()).await;
-    let mut product_a = service("product", registry, dir.path()).await;
-    let mut product_b = service("product", registry, dir.path()).await;
-    let mut order = service("order", registry, dir.path()).await;
+    let admin = dir.path().join("registry").join("admin.token");
+    let mut user = service(
+        "user",
+        registry,
+        dir.path(),
+        &token_for("server-user", registry, &admin).await,
+    )
+    .await;
+    let product_token = token_for("server-product", registry, &admin).await;
+    let mut product_a = service("product", registry, dir.path(), &product_token).await;
+    let mut product_b = service("product", registry, dir.path(), &product_token).await;
+    let order_token = token_for("server-order", registry, &admin).await;
+    let mut order = service("order", registry, dir.path(), &order_token).await;
     let (user_addr, product_a_addr) = (user.addr.clone(), product_a.addr.clone());
     let (product_b_addr, order_addr) = (product_b.addr.clone(), order.addr.clone());
 
@@ -325,32 +362,58 @@ async fn up_runs_everything_and_ctrl_c_stops_it_cleanly() {
     assert!(summary.contains("shop-mesh order place --user 1001 --product 1001 --count 10"));
     let registry = column("registry").remove(0);
 
-    let (ok, out, err) = run_bin(&[
-        "order",
-        "place",
-        "--user",
-        "1001",
-        "--product",
-        "1001",
-        "--count",
-        "10",
-        "--registry",
-        &registry,
-    ])
+    // The registry checks credentials: without the token up made for the
+    // shell, the commands are refused, saying why.
+    let (ok, _, err) = run_bin(&["product", "get", "1001", "--registry", &registry]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("the registry refused to say: this registry needs a token"),
+        "{err}"
+    );
+    let export = summary
+        .lines()
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix("export SHOP_MESH__DISCOVERY__TOKEN_FILE=")
+        })
+        .expect("up says where the shell's token is");
+    let reader = [("SHOP_MESH__DISCOVERY__TOKEN_FILE", export)];
+
+    let (ok, out, err) = run_bin_with(
+        &[
+            "order",
+            "place",
+            "--user",
+            "1001",
+            "--product",
+            "1001",
+            "--count",
+            "10",
+            "--registry",
+            &registry,
+        ],
+        &reader,
+    )
     .await;
     assert!(ok, "{err}");
     assert!(out.contains("23990.00"), "{out}");
-    let (ok, out, _) =
-        run_bin(&["product", "get", "1001", "--json", "--registry", &registry]).await;
+    let (ok, out, _) = run_bin_with(
+        &["product", "get", "1001", "--json", "--registry", &registry],
+        &reader,
+    )
+    .await;
     assert!(ok);
     assert!(out.contains(r#""stock":90"#), "{out}");
-    let (ok, out, _) = run_bin(&[
-        "instances",
-        "server-product",
-        "--json",
-        "--registry",
-        &registry,
-    ])
+    let (ok, out, _) = run_bin_with(
+        &[
+            "instances",
+            "server-product",
+            "--json",
+            "--registry",
+            &registry,
+        ],
+        &reader,
+    )
     .await;
     assert!(ok);
     assert_eq!(out.lines().count(), 2, "{out}");

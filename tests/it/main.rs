@@ -32,6 +32,18 @@ use shop_mesh::server::Connections;
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 
+/// The environment a registry process that is not about credentials runs
+/// with: them off.
+pub const CREDENTIALS_OFF: (&str, &str) = ("SHOP_MESH__REGISTRY__AUTH__ENABLED", "false");
+
+/// The registry's default configuration with credentials off, for the
+/// tests that are about something else.
+pub fn without_credentials() -> registry::Config {
+    let mut config = registry::Config::default();
+    config.auth.enabled = false;
+    config
+}
+
 /// A registry role serving on 127.0.0.1:0.
 pub struct TestRegistry {
     pub addr: SocketAddr,
@@ -46,11 +58,14 @@ impl TestRegistry {
         Self::start_with(|_| {}).await
     }
 
+    /// Credentials are off unless `adjust` turns them on: they are what
+    /// the credential tests and the shop's test on (`auth.rs`,
+    /// `shop.rs`) are about; the others are about something else.
     pub async fn start_with(adjust: impl FnOnce(&mut registry::Config)) -> TestRegistry {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = registry::Config {
             data_dir: dir.path().to_path_buf(),
-            ..Default::default()
+            ..without_credentials()
         };
         adjust(&mut config);
         let mut started = Self::start_on(config).await;
@@ -254,8 +269,14 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
 /// A command of the binary run to its end: success, stdout, stderr. One
 /// that has not ended within a minute is killed and fails the test.
 pub async fn run_bin(args: &[&str]) -> (bool, String, String) {
+    run_bin_with(args, &[]).await
+}
+
+/// [`run_bin`] with `env` set.
+pub async fn run_bin_with(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let run = tokio::process::Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(60), run)

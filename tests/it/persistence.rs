@@ -39,7 +39,7 @@ fn config(dir: &Path) -> shop_mesh::registry::Config {
         data_dir: dir.into(),
         // Nothing listens on the instances' ports; probes need not run.
         probe_interval: Duration::from_secs(3600),
-        ..Default::default()
+        ..crate::without_credentials()
     }
 }
 
@@ -172,7 +172,10 @@ async fn registry_process(dir: &Path) -> anyhow::Result<Process> {
     let args = ["registry", "--listen", "127.0.0.1:0", "--data-dir"];
     let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     args.push(dir.display().to_string());
-    let no_probes = [("SHOP_MESH__REGISTRY__PROBE_INTERVAL", "1h")];
+    let no_probes = [
+        ("SHOP_MESH__REGISTRY__PROBE_INTERVAL", "1h"),
+        crate::CREDENTIALS_OFF,
+    ];
     Process::start(Path::new(BIN), "registry", args, &no_probes).await
 }
 

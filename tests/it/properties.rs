@@ -122,19 +122,23 @@ fn every_rpc_answers_any_field_with_a_code_a_person_can_act_on() {
         },
     );
     let client = products.clone();
+    let identity = runtime.block_on(shop.order_identity());
     run(
         &runtime,
         (id(), count(), text()),
         move |(product_id, count, request_id)| {
             let mut client = client.clone();
+            let identity = identity.clone();
             Box::new(Box::pin(async move {
                 let deduct = pb::DeductStockRequest {
                     product_id,
                     count,
                     request_id: request_id.clone(),
                 };
+                let deduct = crate::shop::shown(&identity, deduct);
                 check("DeductStock", client.deduct_stock(deduct).await)?;
                 let restore = pb::RestoreStockRequest { request_id };
+                let restore = crate::shop::shown(&identity, restore);
                 check("RestoreStock", client.restore_stock(restore).await)
             }))
         },

@@ -373,7 +373,7 @@ async fn a_persistent_instance_follows_its_health_server_and_survives_a_restart(
     let config = shop_mesh::registry::Config {
         data_dir: dir.path().into(),
         probe_interval: Duration::from_millis(50),
-        ..Default::default()
+        ..crate::without_credentials()
     };
     let registry = TestRegistry::start_on(config.clone()).await;
     let mut client = registry.client().await;
@@ -480,7 +480,7 @@ async fn update_service_never_makes_a_service_and_delete_service_frees_its_room(
             max_services_per_namespace: 2,
             ..Default::default()
         },
-        ..Default::default()
+        ..crate::without_credentials()
     };
     let registry = TestRegistry::start_on(config.clone()).await;
     let mut client = registry.client().await;

@@ -18,7 +18,7 @@ async fn registry(listen: &str, dir: &Path) -> Process {
         .map(|a| a.to_string())
         .chain([dir.display().to_string()])
         .collect();
-    Process::start(Path::new(BIN), "registry", args, &[])
+    Process::start(Path::new(BIN), "registry", args, &[crate::CREDENTIALS_OFF])
         .await
         .unwrap()
 }

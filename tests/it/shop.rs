@@ -259,6 +259,22 @@ impl TestShop {
         ProductServiceClient::new(self.mesh.channel(PRODUCT_SERVICE))
     }
 
+    /// The identity the order service shows the product service's stock
+    /// calls, from this shop's registry.
+    pub async fn order_identity(&self) -> String {
+        let mut registry = self.registry.client().await;
+        registry
+            .issue_identity(shop_mesh::pb::registry::IssueIdentityRequest {
+                namespace: String::new(),
+                service: ORDER_SERVICE.into(),
+                audience: PRODUCT_SERVICE.into(),
+            })
+            .await
+            .expect("an identity of the order service")
+            .into_inner()
+            .identity
+    }
+
     /// Sends the instances of `role` the shutdown SIGTERM would, without
     /// waiting for them to exit.
     pub fn signal(&self, role: ShopRole) {
@@ -280,6 +296,16 @@ impl TestShop {
         }
         self.registry.stop().await;
     }
+}
+
+/// `message` showing `identity`, as the order service sends a stock call.
+pub fn shown<T>(identity: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        shop_mesh::auth::identity::IDENTITY_HEADER,
+        identity.parse().expect("an identity is ASCII"),
+    );
+    request
 }
 
 /// Rows in `E`'s table.

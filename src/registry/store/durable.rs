@@ -12,7 +12,8 @@ impl Registry {
     /// lease reaper and the health probes of persistent instances.
     pub async fn open(config: &Config) -> Result<Registry, persist::Error> {
         let (store, loaded) = persist::Store::open(&config.data_dir)?;
-        let registry = Registry::with_store(config, Some(store), None);
+        let signer = super::identity::load_or_create(&config.data_dir)?;
+        let registry = Registry::with_store(config, Some(store), None, signer);
         {
             let mut state = registry.inner.state.lock();
             for (key, settings) in loaded.services {

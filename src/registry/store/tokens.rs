@@ -155,14 +155,14 @@ impl Registry {
         // a data dir (as `up --registries 3` does) never write over each
         // other's.
         let tmp = dir.join(format!("{ADMIN_TOKEN_FILE}.{}.tmp", token.id()));
-        write_private(&tmp, &token.reveal()).map_err(cannot_write)?;
+        crate::auth::write_private(&tmp, &token.reveal()).map_err(cannot_write)?;
         // In memory the file goes in place first: a crash before the grant
         // is stored leaves a token nobody accepts, and the next start writes
         // another. On a cluster only the node whose grant etcd takes puts
         // its file in place.
         let clustered = self.node().is_some();
         if !clustered {
-            publish(&tmp, &path).map_err(cannot_write)?;
+            crate::auth::publish(&tmp, &path).map_err(cannot_write)?;
         }
         match self
             .store_token_once(token, "admin (first start)", Scope::Admin)
@@ -170,7 +170,7 @@ impl Registry {
         {
             Ok(Some(token)) => {
                 if clustered {
-                    publish(&tmp, &path).map_err(cannot_write)?;
+                    crate::auth::publish(&tmp, &path).map_err(cannot_write)?;
                 }
                 tracing::warn!(
                     file = %path.display(),
@@ -332,31 +332,6 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 /// The key that says, on a cluster, that the first admin token was made.
 const FIRST_ADMIN_KEY: &str = "first-admin-token";
-
-/// Writes `text` to a new file at `path` that only its owner may read
-/// (never to one left behind, nor to what a link points at), durably.
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(path.parent().unwrap_or(path))?;
-    match std::fs::remove_file(path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
-        _ => {}
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    writeln!(file, "{text}")?;
-    file.sync_all()
-}
-
-/// Renames `tmp` over `path`, durably.
-fn publish(tmp: &std::path::Path, path: &std::path::Path) -> std::io::Result<()> {
-    std::fs::rename(tmp, path)?;
-    std::fs::File::open(path.parent().unwrap_or(path))?.sync_all()
-}
 
 /// What a call needed, as a refusal names it.
 fn describe(need: Need<'_>) -> String {

@@ -73,7 +73,8 @@ impl Registry {
     ) -> Result<Registry, crate::etcd::Error> {
         let lease_ttls = (config.unhealthy_timeout, config.delete_timeout);
         let node = Arc::new(Node::connect(&config.etcd, lease_ttls, connections).await?);
-        let registry = Registry::with_store(config, None, Some(node.clone()));
+        let signer = super::identity::from_etcd(&node).await?;
+        let registry = Registry::with_store(config, None, Some(node.clone()), signer);
         let weak = Arc::downgrade(&registry.inner);
         let prefix = node.prefix.clone();
         let apply = move |feed: Feed| {

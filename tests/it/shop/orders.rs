@@ -519,12 +519,16 @@ async fn an_abandoned_order_is_undone_by_the_sweeper(backend: Backend, test: &st
     .exec_without_returning(&orders_db)
     .await
     .unwrap();
+    let identity = shop.order_identity().await;
     shop.products()
-        .deduct_stock(pb::DeductStockRequest {
-            product_id: 1003,
-            count: 7,
-            request_id: "dead-1#0".into(),
-        })
+        .deduct_stock(super::shown(
+            &identity,
+            pb::DeductStockRequest {
+                product_id: 1003,
+                count: 7,
+                request_id: "dead-1#0".into(),
+            },
+        ))
         .await
         .unwrap();
     assert_eq!(stock(&products_db, 1003).await, 93);

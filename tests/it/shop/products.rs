@@ -1,13 +1,15 @@
 //! The product and user services on their own: idempotent stock changes,
 //! paging, and the answers to bad input, on each database.
 
+use std::time::Duration;
+
 use sea_orm::EntityTrait;
 use shop_mesh::pb::shop as pb;
 use shop_mesh::pb::shop::user_service_client::UserServiceClient;
 use shop_mesh::product::store::product;
 use tonic::Code;
 
-use super::{Backend, TestShop, backend_tests};
+use super::{Backend, TestShop, backend_tests, shown};
 
 backend_tests!(
     stock_changes_happen_once,
@@ -34,6 +36,7 @@ async fn stock_changes_happen_once(backend: Backend, test: &str) {
         return;
     };
     let mut products = shop.products();
+    let id = shop.order_identity().await;
     let db = shop.db.connect("product").await;
     let stock = || async {
         product::Entity::find_by_id(1001)
@@ -46,7 +49,7 @@ async fn stock_changes_happen_once(backend: Backend, test: &str) {
 
     for _ in 0..2 {
         let taken = products
-            .deduct_stock(deduct(1001, 5, "d-1"))
+            .deduct_stock(shown(&id, deduct(1001, 5, "d-1")))
             .await
             .unwrap()
             .into_inner();
@@ -55,7 +58,7 @@ async fn stock_changes_happen_once(backend: Backend, test: &str) {
     }
     assert_eq!(stock().await, 95);
     let other = products
-        .deduct_stock(deduct(1001, 6, "d-1"))
+        .deduct_stock(shown(&id, deduct(1001, 6, "d-1")))
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::FailedPrecondition);
@@ -65,7 +68,7 @@ async fn stock_changes_happen_once(backend: Backend, test: &str) {
     );
 
     let undone = products
-        .restore_stock(restore("d-1"))
+        .restore_stock(shown(&id, restore("d-1")))
         .await
         .unwrap()
         .into_inner();
@@ -74,7 +77,7 @@ async fn stock_changes_happen_once(backend: Backend, test: &str) {
         (1001, 5, false)
     );
     let again = products
-        .restore_stock(restore("d-1"))
+        .restore_stock(shown(&id, restore("d-1")))
         .await
         .unwrap()
         .into_inner();
@@ -84,7 +87,7 @@ async fn stock_changes_happen_once(backend: Backend, test: &str) {
     );
     assert_eq!(stock().await, 100);
     let late = products
-        .deduct_stock(deduct(1001, 5, "d-1"))
+        .deduct_stock(shown(&id, deduct(1001, 5, "d-1")))
         .await
         .unwrap()
         .into_inner();
@@ -93,7 +96,7 @@ async fn stock_changes_happen_once(backend: Backend, test: &str) {
 
     // A restore that arrives before its deduction closes the key.
     let closed = products
-        .restore_stock(restore("d-2"))
+        .restore_stock(shown(&id, restore("d-2")))
         .await
         .unwrap()
         .into_inner();
@@ -102,7 +105,7 @@ async fn stock_changes_happen_once(backend: Backend, test: &str) {
         (0, 0, false)
     );
     let late = products
-        .deduct_stock(deduct(1001, 5, "d-2"))
+        .deduct_stock(shown(&id, deduct(1001, 5, "d-2")))
         .await
         .unwrap()
         .into_inner();
@@ -137,7 +140,10 @@ async fn stock_changes_happen_once(backend: Backend, test: &str) {
         ),
     ];
     for (request, code, message) in cases {
-        let status = products.deduct_stock(request.clone()).await.unwrap_err();
+        let status = products
+            .deduct_stock(shown(&id, request.clone()))
+            .await
+            .unwrap_err();
         assert_eq!(
             (status.code(), status.message()),
             (code, message),
@@ -145,7 +151,10 @@ async fn stock_changes_happen_once(backend: Backend, test: &str) {
         );
     }
     assert_eq!(stock().await, 100);
-    let status = products.restore_stock(restore("")).await.unwrap_err();
+    let status = products
+        .restore_stock(shown(&id, restore("")))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     shop.stop().await;
 }
@@ -157,10 +166,11 @@ async fn deduction_keys_that_differ_in_any_byte_are_different(backend: Backend, 
         return;
     };
     let mut products = shop.products();
+    let id = shop.order_identity().await;
     let request_ids = ["Ab", "ab", "AB ", "k🚀", "K😀 "];
     for (taken, request_id) in request_ids.into_iter().enumerate() {
         let answer = products
-            .deduct_stock(deduct(1001, 1, request_id))
+            .deduct_stock(shown(&id, deduct(1001, 1, request_id)))
             .await
             .unwrap_or_else(|status| panic!("request_id {request_id:?}: {status:?}"))
             .into_inner();
@@ -173,7 +183,7 @@ async fn deduction_keys_that_differ_in_any_byte_are_different(backend: Backend, 
     }
     for request_id in request_ids {
         let undone = products
-            .restore_stock(restore(request_id))
+            .restore_stock(shown(&id, restore(request_id)))
             .await
             .unwrap()
             .into_inner();
@@ -284,5 +294,124 @@ async fn catalogue_and_users(backend: Backend, test: &str) {
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
+    shop.stop().await;
+}
+
+/// Stock calls are the product service's ledger: taken from the order
+/// service alone, as its identity from the registry proves it. Anything
+/// else is refused, and no stock moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_calls_are_taken_from_the_order_service_alone() {
+    let shop = TestShop::start(Backend::Sqlite, "stock_calls_identity", 1, 0)
+        .await
+        .expect("SQLite needs no server");
+    let mut products = shop.products();
+    let db = shop.db.connect("product").await;
+    let stock = || async {
+        product::Entity::find_by_id(1001)
+            .one(&db)
+            .await
+            .unwrap()
+            .unwrap()
+            .stock
+    };
+    let order = shop.order_identity().await;
+    products
+        .deduct_stock(shown(&order, deduct(1001, 5, "real-1")))
+        .await
+        .unwrap();
+    assert_eq!(stock().await, 95);
+
+    let registry = shop.registry.client().await;
+    let identity = |service: &str, audience: &str| {
+        let request = shop_mesh::pb::registry::IssueIdentityRequest {
+            namespace: String::new(),
+            service: service.into(),
+            audience: audience.into(),
+        };
+        let mut registry = registry.clone();
+        async move {
+            registry
+                .issue_identity(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .identity
+        }
+    };
+    let user = identity("server-user", "server-product").await;
+    let elsewhere = identity("server-order", "server-user").await;
+    // Signed by a key this shop's registry never had.
+    let stranger = shop_mesh::auth::identity::Signer::generate()
+        .issue(
+            "public",
+            "server-order",
+            "server-product",
+            Duration::from_secs(60),
+        )
+        .0;
+    // The real one with its claims changed to another audience.
+    let (_, signature) = order.split_once('.').unwrap();
+    let (claims, _) = elsewhere.split_once('.').unwrap();
+    let spliced = format!("{claims}.{signature}");
+
+    let refused = [
+        (
+            None,
+            Code::Unauthenticated,
+            "only server-order may call this",
+        ),
+        (
+            Some(user.as_str()),
+            Code::PermissionDenied,
+            "the caller is server-user",
+        ),
+        (
+            Some(elsewhere.as_str()),
+            Code::PermissionDenied,
+            "for server-user, not for server-product",
+        ),
+        (
+            Some(stranger.as_str()),
+            Code::Unauthenticated,
+            "which the registry does not have",
+        ),
+        (
+            Some(spliced.as_str()),
+            Code::Unauthenticated,
+            "signature is not the registry's",
+        ),
+        (
+            Some("smt_0123456789abcdef_00"),
+            Code::Unauthenticated,
+            "malformed",
+        ),
+    ];
+    for (shown_identity, code, says) in refused {
+        let with = |message| match shown_identity {
+            Some(identity) => shown(identity, message),
+            None => tonic::Request::new(message),
+        };
+        let status = products
+            .deduct_stock(with(deduct(1001, 50, "forged-1")))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), code, "{shown_identity:?}: {status:?}");
+        assert!(
+            status.message().contains(says),
+            "{shown_identity:?}: {status:?}"
+        );
+        let with = |message| match shown_identity {
+            Some(identity) => shown(identity, message),
+            None => tonic::Request::new(message),
+        };
+        // Putting back what a real order took is refused just the same.
+        let status = products
+            .restore_stock(with(restore("real-1")))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), code, "{shown_identity:?}: {status:?}");
+        assert_eq!(stock().await, 95, "{shown_identity:?} moved stock");
+    }
     shop.stop().await;
 }
