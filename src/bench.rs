@@ -4,6 +4,9 @@
 //! Without `--registry`, the registry bench starts this same binary as a
 //! child process (`shop-mesh registry` on a free loopback port) so that its
 //! resident memory can be read; with it, it measures the registry given.
+//! Registries started here run with credentials off unless a bench says
+//! otherwise (`bench registry --security`): the other benches measure the
+//! registry's own work.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -14,8 +17,11 @@ use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::discovery::Credential;
 use crate::pb::registry as pb;
-use crate::pb::registry::registry_client::RegistryClient;
+
+/// A registry client as the benches hold one: showing a token, or none.
+type RegistryClient = crate::discovery::RegistryClient;
 
 mod cluster;
 mod discovery;
@@ -84,6 +90,34 @@ pub struct RegistryBench {
     /// measures what storing a registration costs.
     #[arg(long)]
     pub persistent: bool,
+    /// How the registry started here is guarded; several (off,tokens,tls)
+    /// measure each in turn, in one run, side by side.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "off")]
+    pub security: Vec<Security>,
+    /// The token to show a registry given with --registry.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+/// How a bench's registry is guarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Security {
+    /// Credentials off, plaintext.
+    Off,
+    /// Credentials on (every call shows a token; the default), plaintext.
+    Tokens,
+    /// Credentials on, and mutual TLS.
+    Tls,
+}
+
+impl Security {
+    fn name(self) -> &'static str {
+        match self {
+            Security::Off => "credentials off, plaintext",
+            Security::Tokens => "tokens",
+            Security::Tls => "tokens + mutual TLS",
+        }
+    }
 }
 
 impl Bench {
@@ -104,6 +138,15 @@ impl Bench {
 struct BenchRegistry {
     process: crate::harness::Process,
     data_dir: std::path::PathBuf,
+    /// How to reach it: TLS, and the token to show.
+    access: Access,
+}
+
+/// How a bench client reaches a registry.
+#[derive(Clone, Default)]
+struct Access {
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    credential: Credential,
 }
 
 impl Drop for BenchRegistry {
@@ -120,23 +163,68 @@ impl BenchRegistry {
 
     /// [`BenchRegistry::start`] with more flags (`--store etcd ...`).
     async fn start_with(extra: &[String]) -> anyhow::Result<(BenchRegistry, SocketAddr)> {
+        Self::start_guarded(extra, Security::Off).await
+    }
+
+    /// [`BenchRegistry::start_with`], guarded as `security` says: with
+    /// credentials, the bench shows the admin token the registry's first
+    /// start wrote; with TLS, a development CA is made for the run.
+    async fn start_guarded(
+        extra: &[String],
+        security: Security,
+    ) -> anyhow::Result<(BenchRegistry, SocketAddr)> {
         let data_dir = std::env::temp_dir().join(format!(
             "shop-mesh-bench-{}-{:08x}",
             std::process::id(),
             rand::random::<u32>()
         ));
+        let registry_dir = data_dir.join("registry");
         let args = ["registry", "--listen", "127.0.0.1:0", "--data-dir"]
             .into_iter()
             .map(String::from)
-            .chain([data_dir.display().to_string()])
+            .chain([registry_dir.display().to_string()])
             .chain(extra.iter().cloned())
             .collect();
+        let mut env: Vec<(String, String)> = Vec::new();
+        let mut access = Access::default();
+        match security {
+            Security::Off => {
+                env.push(("SHOP_MESH__REGISTRY__AUTH__ENABLED".into(), "false".into()))
+            }
+            Security::Tokens => {}
+            Security::Tls => {
+                let made = crate::cert::make(&data_dir.join("tls"), &[])?;
+                for (key, path) in [("CA", &made.ca), ("CERT", &made.cert), ("KEY", &made.key)] {
+                    env.push((
+                        format!("SHOP_MESH__CONNECTIONS__TLS__{key}"),
+                        path.display().to_string(),
+                    ));
+                }
+                env.push(("SHOP_MESH__CONNECTIONS__TLS__MUTUAL".into(), "true".into()));
+                access.tls = made.settings().client()?;
+            }
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let exe = std::env::current_exe()?;
-        let process = crate::harness::Process::start(&exe, "registry", args, &[])
+        let process = crate::harness::Process::start(&exe, "registry", args, &env)
             .await
             .context("cannot start the registry")?;
         let addr = process.addr.parse().context("the registry's address")?;
-        Ok((BenchRegistry { process, data_dir }, addr))
+        if security != Security::Off {
+            // Written before the registry says it serves.
+            let token =
+                std::fs::read_to_string(registry_dir.join(crate::registry::ADMIN_TOKEN_FILE))
+                    .context("the registry's first admin token")?;
+            access.credential = Credential::bearer(token.trim());
+        }
+        Ok((
+            BenchRegistry {
+                process,
+                data_dir,
+                access,
+            },
+            addr,
+        ))
     }
 
     fn pid(&self) -> Option<u32> {
@@ -153,27 +241,29 @@ impl BenchRegistry {
     }
 }
 
+/// What one registry bench run measured.
+struct Figures {
+    registrations: Rate,
+    queries: Rate,
+    watch: Histogram<u64>,
+    idle_rss: Option<u64>,
+    loaded_rss: Option<u64>,
+    registration_cpu: Option<f64>,
+    query_cpu: Option<f64>,
+}
+
 impl RegistryBench {
-    /// Measures, then prints a Markdown table for BENCHMARKS.md.
+    /// Measures, then prints a Markdown table for BENCHMARKS.md: one
+    /// column, or one for each `--security` asked for, in one run.
     pub async fn run(self) -> anyhow::Result<()> {
         if self.per_service == 0 || self.concurrency == 0 || self.connections == 0 {
             bail!("--per-service, --concurrency and --connections must be at least 1");
         }
-        let (spawned, addr) = match self.registry {
-            Some(addr) => (None, addr),
-            None => {
-                let (spawned, addr) = BenchRegistry::start().await?;
-                (Some(spawned), addr)
-            }
-        };
-        let channels = connect(addr, self.connections).await?;
-        // Idle: started, one client connected, nothing registered.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let idle_rss = spawned.as_ref().and_then(BenchRegistry::rss_bytes);
-
-        println!("shop-mesh registry bench against {addr}");
+        if self.registry.is_some() && self.security.contains(&Security::Tls) {
+            bail!("--security tls starts its own registry: leave out --registry");
+        }
         println!(
-            "  {} {} instances ({} per service), {} calls in flight over {} connections",
+            "shop-mesh registry bench: {} {} instances ({} per service), {} calls in flight over {} connections",
             self.instances,
             if self.persistent {
                 "persistent"
@@ -184,42 +274,91 @@ impl RegistryBench {
             self.concurrency,
             self.connections
         );
+        let mut all = Vec::new();
+        for security in self.security.clone() {
+            all.push((security, self.measure(security).await?));
+        }
+        if let [(_, one)] = all.as_slice() {
+            self.print(one);
+        } else {
+            print_beside(&all);
+        }
+        Ok(())
+    }
+
+    /// One run against a registry guarded as `security` says (or the one
+    /// given).
+    async fn measure(&self, security: Security) -> anyhow::Result<Figures> {
+        let (spawned, addr, access) = match self.registry {
+            Some(addr) => {
+                let mut access = Access::default();
+                if let Some(file) = &self.token_file {
+                    let token = std::fs::read_to_string(file)
+                        .with_context(|| format!("cannot read {}", file.display()))?;
+                    access.credential = Credential::bearer(token.trim());
+                }
+                (None, addr, access)
+            }
+            None => {
+                let (spawned, addr) = BenchRegistry::start_guarded(&[], security).await?;
+                let access = spawned.access.clone();
+                (Some(spawned), addr, access)
+            }
+        };
+        let clients = clients(
+            &connect_with(addr, self.connections, access.tls.clone()).await?,
+            &access.credential,
+        );
+        // Idle: started, one client connected, nothing registered.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle_rss = spawned.as_ref().and_then(BenchRegistry::rss_bytes);
+        println!("  {} against {addr}", security.name());
         let cpu = || spawned.as_ref().and_then(BenchRegistry::cpu_time);
         let cpu_before = cpu();
-        let registrations = self.register_all(&channels).await?;
+        let registrations = self.register_all(&clients).await?;
         let registration_cpu = cpu_per_call(cpu_before, cpu(), self.instances);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let loaded_rss = spawned.as_ref().and_then(BenchRegistry::rss_bytes);
         let cpu_before = cpu();
-        let queries = self.query(&channels).await?;
+        let queries = self.query(&clients).await?;
         let query_cpu = cpu_per_call(cpu_before, cpu(), queries.calls);
-        let watch = self.watch_latency(&channels).await?;
+        let watch = self.watch_latency(&clients).await?;
+        drop(spawned);
+        Ok(Figures {
+            registrations,
+            queries,
+            watch,
+            idle_rss,
+            loaded_rss,
+            registration_cpu,
+            query_cpu,
+        })
+    }
 
-        let mib =
-            |b: Option<u64>| b.map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+    fn print(&self, f: &Figures) {
         println!();
         println!("| measure | result |");
         println!("|---|---|");
-        println!("| registrations/s | {} |", registrations.summary());
+        println!("| registrations/s | {} |", f.registrations.summary());
         println!(
             "| GetService queries/s ({} instances a service) | {} |",
             self.per_service,
-            queries.summary()
+            f.queries.summary()
         );
         println!(
             "| watch delivery, register to event ({} other watches open) | p50 {}, p99 {}, max {} |",
             self.watchers,
-            us(watch.value_at_quantile(0.5)),
-            us(watch.value_at_quantile(0.99)),
-            us(watch.max())
+            us(f.watch.value_at_quantile(0.5)),
+            us(f.watch.value_at_quantile(0.99)),
+            us(f.watch.max())
         );
-        println!("| resident memory, idle | {} |", mib(idle_rss));
+        println!("| resident memory, idle | {} |", mib(f.idle_rss));
         println!(
             "| resident memory, {} instances | {} |",
             self.instances,
-            mib(loaded_rss)
+            mib(f.loaded_rss)
         );
-        if let (Some(reg), Some(query)) = (registration_cpu, query_cpu) {
+        if let (Some(reg), Some(query)) = (f.registration_cpu, f.query_cpu) {
             println!(
                 "| registry CPU per call (so calls/s per core without the bench client) | register {:.1} µs ({:.0}/s), GetService {:.1} µs ({:.0}/s) |",
                 reg,
@@ -228,36 +367,34 @@ impl RegistryBench {
                 1e6 / query
             );
         }
-        if let (Some(idle), Some(loaded)) = (idle_rss, loaded_rss) {
+        if let (Some(idle), Some(loaded)) = (f.idle_rss, f.loaded_rss) {
             println!(
                 "| memory per instance | {:.0} bytes |",
                 loaded.saturating_sub(idle) as f64 / self.instances.max(1) as f64
             );
         }
-        drop(spawned);
-        Ok(())
     }
 
     /// Registers every instance, `concurrency` calls at a time.
-    async fn register_all(&self, channels: &[Channel]) -> anyhow::Result<Rate> {
+    async fn register_all(&self, clients: &[RegistryClient]) -> anyhow::Result<Rate> {
         let instance = if self.persistent {
             persistent_instance
         } else {
             bench_instance
         };
-        self.register_each(channels, instance).await
+        self.register_each(clients, instance).await
     }
 
     /// Registers `instance(i, per_service)` for every `i`, `concurrency`
     /// calls at a time.
     async fn register_each(
         &self,
-        channels: &[Channel],
+        clients: &[RegistryClient],
         instance: impl Fn(usize, usize) -> pb::Instance + Clone + Send + 'static,
     ) -> anyhow::Result<Rate> {
         let per_service = self.per_service;
         timed_calls(self.instances, self.concurrency, |t| {
-            let client = RegistryClient::new(channels[t % channels.len()].clone());
+            let client = clients[t % clients.len()].clone();
             let instance = instance.clone();
             move |i| {
                 let (mut client, request) = (
@@ -274,14 +411,14 @@ impl RegistryBench {
     }
 
     /// GetService on random services for `query_time`.
-    async fn query(&self, channels: &[Channel]) -> anyhow::Result<Rate> {
+    async fn query(&self, clients: &[RegistryClient]) -> anyhow::Result<Rate> {
         let services = self.instances.div_ceil(self.per_service).max(1);
         let done = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
         let until = started + self.query_time;
         let tasks: Vec<_> = (0..self.concurrency)
             .map(|t| {
-                let mut client = RegistryClient::new(channels[t % channels.len()].clone());
+                let mut client = clients[t % clients.len()].clone();
                 let done = done.clone();
                 tokio::spawn(async move {
                     let mut latency = histogram();
@@ -313,11 +450,11 @@ impl RegistryBench {
 
     /// Opens `watchers` streams on other services, then times register →
     /// event on one more watcher, one registration at a time.
-    async fn watch_latency(&self, channels: &[Channel]) -> anyhow::Result<Histogram<u64>> {
+    async fn watch_latency(&self, clients: &[RegistryClient]) -> anyhow::Result<Histogram<u64>> {
         let services = self.instances.div_ceil(self.per_service).max(1);
         let mut background = tokio::task::JoinSet::new();
         for w in 0..self.watchers {
-            let mut client = RegistryClient::new(channels[w % channels.len()].clone());
+            let mut client = clients[w % clients.len()].clone();
             let mut stream = client
                 .watch(pb::WatchRequest {
                     service: format!("bench-{}", w % services),
@@ -327,7 +464,7 @@ impl RegistryBench {
                 .into_inner();
             background.spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
         }
-        let mut client = RegistryClient::new(channels[0].clone());
+        let mut client = clients[0].clone();
         let mut target = client
             .watch(pb::WatchRequest {
                 service: "bench-watch".into(),
@@ -468,10 +605,91 @@ fn persistent_instance(i: usize, per_service: usize) -> pb::Instance {
     }
 }
 
+/// Registry clients over `channels`, showing `credential`.
+fn clients(channels: &[Channel], credential: &Credential) -> Vec<RegistryClient> {
+    channels
+        .iter()
+        .map(|channel| {
+            crate::pb::registry::registry_client::RegistryClient::with_interceptor(
+                channel.clone(),
+                credential.clone(),
+            )
+        })
+        .collect()
+}
+
+/// Resident memory as a table cell.
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+}
+
+/// The figures of each `--security` side by side, with each one's share
+/// of the first's.
+fn print_beside(all: &[(Security, Figures)]) {
+    let (_, base) = &all[0];
+    let names: Vec<&str> = all.iter().map(|(s, _)| s.name()).collect();
+    println!();
+    println!("| measure | {} |", names.join(" | "));
+    println!("|---|{}", "---|".repeat(all.len()));
+    let row = |label: &str, cell: &dyn Fn(&Figures) -> String| {
+        let cells: Vec<String> = all.iter().map(|(_, f)| cell(f)).collect();
+        println!("| {label} | {} |", cells.join(" | "));
+    };
+    let share = |value: f64, of: f64| {
+        if of > 0.0 {
+            format!(" ({:.0} %)", value / of * 100.0)
+        } else {
+            String::new()
+        }
+    };
+    row("registrations/s", &|f| {
+        format!(
+            "{}{}",
+            f.registrations.summary(),
+            share(f.registrations.rate, base.registrations.rate)
+        )
+    });
+    row("GetService queries/s", &|f| {
+        format!(
+            "{}{}",
+            f.queries.summary(),
+            share(f.queries.rate, base.queries.rate)
+        )
+    });
+    row("watch delivery p50 / p99", &|f| {
+        format!(
+            "{} / {}",
+            us(f.watch.value_at_quantile(0.5)),
+            us(f.watch.value_at_quantile(0.99))
+        )
+    });
+    row(
+        "registry CPU per registration / GetService",
+        &|f| match (f.registration_cpu, f.query_cpu) {
+            (Some(r), Some(q)) => format!("{r:.1} µs / {q:.1} µs"),
+            _ => "n/a".into(),
+        },
+    );
+    row("resident memory, loaded", &|f| mib(f.loaded_rss));
+}
+
 async fn connect(addr: SocketAddr, connections: usize) -> anyhow::Result<Vec<Channel>> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+    connect_with(addr, connections, None).await
+}
+
+/// [`connect`] over TLS when `tls` is given.
+async fn connect_with(
+    addr: SocketAddr,
+    connections: usize,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+) -> anyhow::Result<Vec<Channel>> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut channels = Vec::with_capacity(connections);
     while channels.len() < connections {

@@ -29,6 +29,21 @@ pub struct Cli {
     /// Log as JSON lines [config: log.format].
     #[arg(long, global = true)]
     pub log_json: bool,
+    /// TLS on every port: this process's PEM certificate chain
+    /// [config: connections.tls.cert].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert [config: connections.tls.key].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The PEM CA that peers' certificates are checked against; set, calls
+    /// go over TLS [config: connections.tls.ca].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS: servers take only clients with a certificate the CA
+    /// signed, and clients show theirs [config: connections.tls.mutual].
+    #[arg(long, global = true)]
+    pub tls_mutual: bool,
     /// What this process runs.
     #[command(subcommand)]
     pub role: Role,
@@ -74,6 +89,8 @@ pub enum Role {
     /// Makes, lists and revokes the registry's tokens (with an admin one).
     #[command(subcommand)]
     Token(crate::token::Command),
+    /// Makes a development CA and a certificate it signed, for TLS.
+    Cert(crate::cert::Args),
     /// Runs the shop as processes under load and faults, and checks that
     /// nothing was oversold, lost or doubled.
     Soak(crate::soak::Args),
@@ -164,7 +181,8 @@ impl Role {
             | Role::Cluster(_)
             | Role::Instances { .. }
             | Role::Watch { .. }
-            | Role::Token(_) => true,
+            | Role::Token(_)
+            | Role::Cert(_) => true,
             Role::Registry(_) | Role::Bench(_) => false,
         }
     }
@@ -183,6 +201,17 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     if cli.log_json {
         config.log.format = LogFormat::Json;
     }
+    let tls = &mut config.connections.tls;
+    for (flag, setting) in [
+        (&cli.tls_cert, &mut tls.cert),
+        (&cli.tls_key, &mut tls.key),
+        (&cli.tls_ca, &mut tls.ca),
+    ] {
+        if let Some(path) = flag {
+            *setting = path.clone();
+        }
+    }
+    tls.mutual |= cli.tls_mutual;
     cli.role.apply(&mut config);
     if cli.print_config {
         print!("{}", config.to_toml());
@@ -243,6 +272,7 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         }),
         Role::Bench(bench) => bench.run().await.map(|()| ExitCode::SUCCESS),
+        Role::Cert(args) => args.run().map(|()| ExitCode::SUCCESS),
         Role::Services(scope) => {
             crate::inspect::services(&config.discovery, &config.connections, scope.json)
                 .await

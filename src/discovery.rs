@@ -182,8 +182,11 @@ impl Config {
 
     /// This section's call settings for a [`BalancedChannel`], with the shared
     /// `[connections]` settings.
-    pub fn balance(&self, connections: &Connections) -> BalanceConfig {
-        BalanceConfig {
+    pub fn balance(
+        &self,
+        connections: &Connections,
+    ) -> Result<BalanceConfig, crate::server::TlsError> {
+        Ok(BalanceConfig {
             call_timeout: self.call_timeout,
             connect_timeout: self.connect_timeout,
             connections: connections.clone(),
@@ -194,7 +197,8 @@ impl Config {
                 max: self.ejection_max,
             },
             retry_percent: self.retry_percent,
-        }
+            tls: connections.tls.client()?,
+        })
     }
 }
 
@@ -207,7 +211,8 @@ pub struct Mesh {
 
 struct MeshInner {
     config: Config,
-    connections: Connections,
+    /// How every channel calls.
+    balance: BalanceConfig,
     connector: Connector,
     channels: Mutex<HashMap<String, BalancedChannel>>,
     /// Stops every resolver when the mesh goes.
@@ -223,7 +228,7 @@ impl Mesh {
         Ok(Self {
             inner: Arc::new(MeshInner {
                 config: config.clone(),
-                connections: connections.clone(),
+                balance: config.balance(connections)?,
                 connector: config.connector(connections)?,
                 channels: Mutex::new(HashMap::new()),
                 stop: stop.clone(),
@@ -250,8 +255,7 @@ impl Mesh {
             config.stale_grace,
             self.inner.stop.child_token(),
         );
-        let channel =
-            BalancedChannel::new(service, changes, config.balance(&self.inner.connections));
+        let channel = BalancedChannel::new(service, changes, self.inner.balance.clone());
         channels.insert(service.into(), channel.clone());
         channel
     }

@@ -46,6 +46,7 @@
 
 pub mod auth;
 pub mod bench;
+pub mod cert;
 pub mod cli;
 pub mod client;
 pub mod codec;

@@ -287,7 +287,7 @@ pub async fn run(
             .listening_on(listener.local_addr()?),
     )
     .max_decoding_message_size(config.limits.max_message_size);
-    let mut server = crate::server::Server::new(shutdown.clone(), connections).await;
+    let mut server = crate::server::Server::new(shutdown.clone(), connections).await?;
     server.limit_message_size(config.limits.max_message_size);
     let routes = server
         .routes(&[<RegistryServer<RegistryService> as tonic::server::NamedService>::NAME])

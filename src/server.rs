@@ -11,6 +11,7 @@ mod connections;
 mod decode;
 mod file_limit;
 mod health;
+mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,6 +26,7 @@ use crate::shutdown::Shutdown;
 pub use accept::Connection;
 pub use connections::Connections;
 pub use file_limit::raise_file_limit;
+pub use tls::{Tls, TlsError};
 
 use crate::pb::health::health_server::HealthServer;
 
@@ -40,24 +42,30 @@ pub struct Server {
     shutdown: Shutdown,
     connections: Connections,
     max_message_size: usize,
+    /// The handshake of a TLS port; None: plaintext.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Server {
     /// A server whose health reads NOT_SERVING until [`Server::serve`],
-    /// holding connections as `connections` say.
-    pub async fn new(shutdown: Shutdown, connections: &Connections) -> Self {
+    /// holding connections as `connections` say (over TLS when they say
+    /// so: its files are read now, so a bad one stops the role before it
+    /// registers anywhere).
+    pub async fn new(shutdown: Shutdown, connections: &Connections) -> Result<Self, TlsError> {
+        let tls = connections.tls.acceptor()?;
         let health = HealthReporter::new();
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
         let health_service = HealthServer::new(health::Health::new(health.clone()));
-        Self {
+        Ok(Self {
             health,
             health_service,
             shutdown,
             connections: connections.clone(),
             max_message_size: MAX_MESSAGE_SIZE,
-        }
+            tls,
+        })
     }
 
     /// The settings its connections are held to, for the clients it
@@ -145,7 +153,10 @@ impl Server {
                 decode::frames(request, limit)
             }))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(accept::incoming(listener, &self.connections), stop);
+            .serve_with_incoming_shutdown(
+                accept::incoming(listener, &self.connections, self.tls.clone()),
+                stop,
+            );
         tokio::pin!(server);
         tokio::select! {
             result = &mut server => return result.map_err(Into::into),

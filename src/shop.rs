@@ -228,7 +228,7 @@ pub async fn serve(
     add: impl FnOnce(tonic::service::Routes) -> tonic::service::Routes,
     shutdown: crate::shutdown::Shutdown,
 ) -> anyhow::Result<()> {
-    let server = crate::server::Server::new(shutdown.clone(), connections).await;
+    let server = crate::server::Server::new(shutdown.clone(), connections).await?;
     let routes = add(server.routes(&[grpc_service]));
     crate::discovery::serve(&server, routes, listener, announce, discovery, shutdown).await
 }

@@ -107,6 +107,10 @@ pub struct Args {
     /// nodes over a 3-member etcd cluster the suite starts (needs etcd).
     #[arg(long, value_enum, default_value = "memory")]
     pub store: StoreKind,
+    /// Every process, the load's clients included, on mutual TLS with a
+    /// development CA made for the run (credentials are always on).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// How a scenario runs: the load, the database and the registry's store.
@@ -120,6 +124,8 @@ pub struct Plan<'a> {
     pub database_url: Option<&'a str>,
     /// Where the registry keeps its state.
     pub store: StoreKind,
+    /// Mutual TLS on every port.
+    pub tls: bool,
 }
 
 /// One scenario's run.
@@ -225,11 +231,12 @@ async fn run_in(
         duration,
         database_url,
         store,
+        tls,
     } = plan;
     if scenario == Scenario::KillEtcdLeader && store != StoreKind::Etcd {
         bail!("the kill-etcd-leader scenario needs --store etcd");
     }
-    let mut deployment = Deployment::start(bin, dir, database_url, store).await?;
+    let mut deployment = Deployment::start(bin, dir, database_url, store, tls).await?;
     let products_db = db::connect(&deployment.url("product"), 2).await?;
     let orders_db = db::connect(&deployment.url("order"), 2).await?;
     product::Entity::update_many()
@@ -241,7 +248,7 @@ async fn run_in(
 
     let mut discovery = deployment.discovery();
     discovery.call_timeout = Duration::from_secs(5);
-    let mesh = Mesh::new(&discovery, &Default::default())?;
+    let mesh = Mesh::new(&discovery, &deployment.connections)?;
     for (service, count) in [(USER_SERVICE, 1), (PRODUCT_SERVICE, 2), (ORDER_SERVICE, 2)] {
         let channel = mesh.channel(service);
         let ready = channel.wait_for(|endpoints| endpoints.len() == count);
@@ -254,10 +261,13 @@ async fn run_in(
     // fault that kills no service must remove no instance.
     let removals = match store {
         StoreKind::Etcd => Some(
-            count_removals(crate::discovery::Config {
-                registry: deployment.registries[2].addr.clone(),
-                ..deployment.discovery()
-            })
+            count_removals(
+                crate::discovery::Config {
+                    registry: deployment.registries[2].addr.clone(),
+                    ..deployment.discovery()
+                },
+                &deployment.connections,
+            )
             .await?,
         ),
         StoreKind::Memory => None,
@@ -435,13 +445,18 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         args.scenario.clone()
     };
     println!(
-        "shop-mesh soak: {} clients, {:?} a scenario, on {}, the registry {}",
+        "shop-mesh soak: {} clients, {:?} a scenario, on {}, the registry {}, credentials on{}",
         args.clients,
         args.duration,
         server.map_or("SQLite".to_string(), db::redact),
         match args.store {
             StoreKind::Memory => "in memory",
             StoreKind::Etcd => "as 3 nodes on a 3-member etcd cluster",
+        },
+        if args.tls {
+            ", mutual TLS on every port"
+        } else {
+            ""
         }
     );
     println!();
@@ -457,6 +472,7 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
             duration: args.duration,
             database_url: database.as_ref().map(|(url, _)| url.as_str()),
             store: args.store,
+            tls: args.tls,
         };
         let report = run_scenario(&bin, scenario, plan).await;
         if let (Some(url), Some((_, name))) = (server, &database)
@@ -473,9 +489,12 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
 
 /// Watches every service of the default group through the registry at
 /// `addr` and counts the instances it sees removed.
-async fn count_removals(node: crate::discovery::Config) -> anyhow::Result<Arc<AtomicUsize>> {
+async fn count_removals(
+    node: crate::discovery::Config,
+    connections: &crate::server::Connections,
+) -> anyhow::Result<Arc<AtomicUsize>> {
     use crate::pb::registry as pb;
-    let (mut client, _) = crate::inspect::client(&node, &Default::default()).await?;
+    let (mut client, _) = crate::inspect::client(&node, connections).await?;
     let mut events = client
         .watch(pb::WatchRequest::default())
         .await

@@ -55,6 +55,11 @@ pub struct Args {
     /// readable; RUST_LOG wins over both).
     #[arg(long)]
     pub verbose: bool,
+    /// Mutual TLS on every port, with a development CA and certificate
+    /// made under <data-dir>/tls on the first run (as `shop-mesh cert`
+    /// makes them) and reused after.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 impl Args {
@@ -342,6 +347,18 @@ impl Stack {
 /// Runs everything until `shutdown`; prints what runs where once all of
 /// it is registered.
 pub async fn run(config: &Config, args: &Args, shutdown: Shutdown) -> anyhow::Result<()> {
+    let mut config = config.clone();
+    if args.tls {
+        let dir = args.data_dir.join("tls");
+        let made = crate::cert::Made::in_dir(&dir);
+        let made = if made.exist() {
+            made
+        } else {
+            crate::cert::make(&dir, &[args.host.to_string()])?
+        };
+        config.connections.tls = made.settings();
+    }
+    let config = &config;
     let mut stack =
         Stack::start_cluster(config, args.registries, args.replicas, shutdown.clone()).await?;
     if shutdown.is_cancelled() {
@@ -351,7 +368,12 @@ pub async fn run(config: &Config, args: &Args, shutdown: Shutdown) -> anyhow::Re
     write!(
         out,
         "{}",
-        summary(&stack.running, &args.data_dir, stack.reader_file.as_deref())
+        summary(
+            &stack.running,
+            &args.data_dir,
+            stack.reader_file.as_deref(),
+            &config.connections.tls
+        )
     )?;
     out.flush()?;
     drop(out);
@@ -386,6 +408,7 @@ fn summary(
     running: &[Running],
     data_dir: &std::path::Path,
     reader_file: Option<&std::path::Path>,
+    tls: &crate::server::Tls,
 ) -> String {
     let rows: Vec<Vec<String>> = running
         .iter()
@@ -422,27 +445,46 @@ fn summary(
         (1, true) => "a registry node on etcd".to_string(),
         (n, _) => format!("{n} registry nodes on etcd"),
     };
+    let (exports, grpcurl) = if tls.serves() {
+        (
+            format!(
+                "\x20 export SHOP_MESH__CONNECTIONS__TLS__CA={} SHOP_MESH__CONNECTIONS__TLS__CERT={} \
+                 SHOP_MESH__CONNECTIONS__TLS__KEY={} SHOP_MESH__CONNECTIONS__TLS__MUTUAL=true\n",
+                tls.ca.display(),
+                tls.cert.display(),
+                tls.key.display()
+            ),
+            format!(
+                "-cacert {} -cert {} -key {}",
+                tls.ca.display(),
+                tls.cert.display(),
+                tls.key.display()
+            ),
+        )
+    } else {
+        (String::new(), "-plaintext".to_string())
+    };
     let credentials = match reader_file {
         Some(file) => format!(
             "The registry checks credentials: each service was given a token that may register \
              it alone, and the shell a read-only one. The admin token, which makes more \
              (shop-mesh token create --token-file ...), is in {}.\n\n\
-             Try (the first line lets this shell read the registry):\n\
-             \x20 export SHOP_MESH__DISCOVERY__TOKEN_FILE={}\n",
+             Try (the exports let this shell read the registry):\n\
+             \x20 export SHOP_MESH__DISCOVERY__TOKEN_FILE={}\n{exports}",
             data_dir
                 .join("registry")
                 .join(crate::registry::ADMIN_TOKEN_FILE)
                 .display(),
             file.display()
         ),
-        None => "Try:\n".to_string(),
+        None => format!("Try:\n{exports}"),
     };
     format!(
         "shop-mesh is up: {nodes} and {} service instances, on SQLite under {}\n\n{}\n\
          {credentials}\
          \x20 shop-mesh order place --user 1001 --product 1001 --count 10{registry_flag}\n\
          \x20 shop-mesh product get 1001{registry_flag}\n\
-         \x20 grpcurl -plaintext -d '{{\"user_id\":1001}}' {order} shopmesh.shop.v1.OrderService/ListOrders\n\n\
+         \x20 grpcurl {grpcurl} -d '{{\"user_id\":1001}}' {order} shopmesh.shop.v1.OrderService/ListOrders\n\n\
          Ctrl-C stops everything.\n",
         running.len() - registries.len(),
         data_dir.display(),

@@ -74,6 +74,8 @@ impl ClusterBench {
             watchers: self.watchers,
             samples: self.samples,
             persistent: false,
+            security: vec![super::Security::Off],
+            token_file: None,
         };
         let memory = measure(&bench, &[]).await?;
         let cluster = cluster_flags(&endpoints, "/bench");
@@ -209,7 +211,10 @@ fn cluster_flags(endpoints: &[String], prefix: &str) -> Vec<String> {
 /// `flags`.
 async fn measure(bench: &RegistryBench, flags: &[String]) -> anyhow::Result<Measured> {
     let (registry, addr) = BenchRegistry::start_with(flags).await?;
-    let channels = connect(addr, bench.connections).await?;
+    let channels = super::clients(
+        &connect(addr, bench.connections).await?,
+        &Default::default(),
+    );
     let registrations = bench.register_all(&channels).await?;
     let queries = bench.query(&channels).await?;
     let watch = bench.watch_latency(&channels).await?;

@@ -68,8 +68,10 @@ impl WatchersBench {
             watchers: 0,
             samples: 0,
             persistent: false,
+            security: vec![super::Security::Off],
+            token_file: None,
         };
-        let channels = connect(addr, load.connections).await?;
+        let channels = super::clients(&connect(addr, load.connections).await?, &Default::default());
         load.register_all(&channels).await?;
 
         // Each watcher on a connection of its own, as separate clients

@@ -48,7 +48,7 @@ pub fn retry_safe<T>(mut request: tonic::Request<T>) -> tonic::Request<T> {
 }
 
 /// How a balanced channel calls.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct BalanceConfig {
     /// The deadline of a call that sets none.
     pub call_timeout: Duration,
@@ -63,6 +63,9 @@ pub struct BalanceConfig {
     pub ejection: EjectionPolicy,
     /// Retries allowed, as a share of calls (0.2: at most 20 % extra load).
     pub retry_percent: f32,
+    /// How instances are called over TLS, read from `connections.tls`
+    /// once; None: plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 type Endpoints = Option<Arc<Vec<Arc<Endpoint>>>>;
@@ -185,12 +188,21 @@ fn apply(table: &mut HashMap<SocketAddr, Arc<Endpoint>>, change: Change, config:
 }
 
 fn connect(addr: SocketAddr, config: &BalanceConfig) -> Channel {
-    config
+    let endpoint = config
         .connections
-        .endpoint(format!("http://{addr}"), config.connect_timeout)
-        .expect("a socket address is a valid URI")
-        .timeout(config.call_timeout)
-        .connect_lazy()
+        .endpoint(
+            format!("{}://{addr}", config.connections.tls.scheme()),
+            config.connect_timeout,
+        )
+        .expect("a socket address is a valid URI");
+    let endpoint = match &config.tls {
+        // Only a URI without a host is refused, and a socket address has one.
+        Some(tls) => endpoint
+            .tls_config(tls.clone())
+            .expect("a socket address names a host"),
+        None => endpoint,
+    };
+    endpoint.timeout(config.call_timeout).connect_lazy()
 }
 
 impl Service<http::Request<Body>> for BalancedChannel {

@@ -65,6 +65,8 @@ pub enum Error {
     Empty,
     #[error("registry address {0:?} is not host:port: {1}")]
     BadAddress(String, String),
+    #[error(transparent)]
+    Tls(#[from] crate::server::TlsError),
 }
 
 impl Connector {
@@ -78,6 +80,7 @@ impl Connector {
         connect_timeout: Duration,
         connections: &Connections,
     ) -> Result<Self, Error> {
+        let tls = connections.tls.client()?;
         let endpoints = addrs
             .split(',')
             .map(str::trim)
@@ -86,10 +89,14 @@ impl Connector {
                 let uri = if addr.contains("://") {
                     addr.to_string()
                 } else {
-                    format!("http://{addr}")
+                    format!("{}://{addr}", connections.tls.scheme())
                 };
                 connections
                     .endpoint(uri, connect_timeout)
+                    .and_then(|endpoint| match &tls {
+                        Some(tls) => endpoint.tls_config(tls.clone()),
+                        None => Ok(endpoint),
+                    })
                     .map(|endpoint| (addr.to_string(), endpoint))
                     .map_err(|err| Error::BadAddress(addr.into(), err.to_string()))
             })

@@ -44,7 +44,9 @@ impl Isolated {
             async move {
                 let served = async {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
-                    let server = Server::new(shutdown.clone(), &Connections::default()).await;
+                    let server = Server::new(shutdown.clone(), &Connections::default())
+                        .await
+                        .expect("plaintext needs no files");
                     let routes = add(addr, server.routes(&[]));
                     discovery::serve(&server, routes, listener, announce, &config, shutdown).await
                 };

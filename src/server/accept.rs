@@ -1,7 +1,9 @@
 //! The connections a port accepts: a bounded number open at once, each
 //! closed unless it speaks within a first-byte timeout, and, when accepting
 //! fails (the process is out of file descriptors), a pause that grows and a
-//! warning now and then instead of a tight loop of failing accepts.
+//! warning now and then instead of a tight loop of failing accepts. On a
+//! TLS port the handshake happens here too, within the same timeout, so a
+//! plaintext client is dropped before tonic sees it.
 
 use std::convert::Infallible;
 use std::io;
@@ -16,6 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
@@ -30,15 +34,21 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 pub fn incoming(
     listener: TcpListener,
     settings: &Connections,
+    tls: Option<TlsAcceptor>,
 ) -> ReceiverStream<Result<Connection, Infallible>> {
     let (ready, stream) = mpsc::channel(64);
-    tokio::spawn(accept_loop(listener, settings.clone(), ready));
+    tokio::spawn(accept_loop(listener, settings.clone(), tls, ready));
     ReceiverStream::new(stream)
 }
 
 type Ready = mpsc::Sender<Result<Connection, Infallible>>;
 
-async fn accept_loop(listener: TcpListener, settings: Connections, ready: Ready) {
+async fn accept_loop(
+    listener: TcpListener,
+    settings: Connections,
+    tls: Option<TlsAcceptor>,
+    ready: Ready,
+) {
     let open = Arc::new(Semaphore::new(settings.max_per_port));
     let mut full = Reporter::default();
     let mut failing = Failing::default();
@@ -70,7 +80,7 @@ async fn accept_loop(listener: TcpListener, settings: Connections, ready: Ready)
                     stream,
                     peer,
                     permit,
-                    settings.first_byte_timeout,
+                    (settings.first_byte_timeout, tls.clone()),
                     ready.clone(),
                 ));
             }
@@ -98,39 +108,63 @@ fn is_peer_error(err: &io::Error) -> bool {
     )
 }
 
-/// Hands the connection to tonic once it has something to read, or drops
-/// it (closing it, and freeing its place under the cap) when it stays
-/// silent past `timeout`. Until then tonic has spent nothing on it.
+/// Hands the connection to tonic once it has something to read (on a TLS
+/// port: once its handshake is done), or drops it (closing it, and
+/// freeing its place under the cap) when it stays silent, or has not
+/// finished its handshake, past `timeout`. Until then tonic has spent
+/// nothing on it.
 async fn await_first_byte(
     stream: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
-    timeout: Duration,
+    (timeout, tls): (Duration, Option<TlsAcceptor>),
     ready: Ready,
 ) {
-    let mut byte = [0u8; 1];
-    let spoke = tokio::select! {
-        spoke = tokio::time::timeout(timeout, stream.peek(&mut byte)) => spoke,
+    let opened = async {
+        let mut byte = [0u8; 1];
+        match stream.peek(&mut byte).await {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(err) => return Err(err),
+        }
+        let info = stream.connect_info();
+        let stream = match tls {
+            None => Stream::Plain(stream),
+            Some(tls) => Stream::Tls(Box::new(tls.accept(stream).await?)),
+        };
+        Ok(Some(Connection {
+            stream,
+            info,
+            _permit: permit,
+        }))
+    };
+    let opened = tokio::select! {
+        opened = tokio::time::timeout(timeout, opened) => opened,
         _ = ready.closed() => return,
     };
-    match spoke {
-        Ok(Ok(read)) if read > 0 => {
-            let connection = Connection {
-                stream,
-                _permit: permit,
-            };
+    match opened {
+        Ok(Ok(Some(connection))) => {
             let _ = ready.send(Ok(connection)).await;
         }
-        Ok(Ok(_)) => {}
-        Ok(Err(err)) => tracing::debug!(%peer, %err, "a connection failed before it spoke"),
-        Err(_) => tracing::debug!(%peer, ?timeout, "closed a connection that sent nothing"),
+        Ok(Ok(None)) => {}
+        // A plaintext client on a TLS port ends here, its bytes not a
+        // handshake.
+        Ok(Err(err)) => tracing::debug!(%peer, %err, "a connection failed before it was served"),
+        Err(_) => tracing::debug!(%peer, ?timeout, "closed a connection that did not open in time"),
     }
 }
 
-/// An accepted TCP connection holding its place under the port's cap for
-/// as long as it is open.
+/// What an accepted connection carries.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// An accepted connection holding its place under the port's cap for as
+/// long as it is open.
 pub struct Connection {
-    stream: TcpStream,
+    stream: Stream,
+    info: TcpConnectInfo,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -138,8 +172,18 @@ impl Connected for Connection {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+        self.info.clone()
     }
+}
+
+/// Runs `$call` on whichever stream the connection carries.
+macro_rules! on_stream {
+    ($self:ident, $stream:ident => $call:expr) => {
+        match &mut $self.stream {
+            Stream::Plain($stream) => $call,
+            Stream::Tls($stream) => $call,
+        }
+    };
 }
 
 impl AsyncRead for Connection {
@@ -148,7 +192,7 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        on_stream!(self, s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
@@ -158,7 +202,7 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        on_stream!(self, s => Pin::new(s).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -166,19 +210,22 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        on_stream!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.stream {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        on_stream!(self, s => Pin::new(s).poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        on_stream!(self, s => Pin::new(s).poll_shutdown(cx))
     }
 }
 

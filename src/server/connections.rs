@@ -34,6 +34,9 @@ pub struct Connections {
     pub tcp_keepalive: Duration,
     /// Nagle off: a small answer must not wait for the peer's ACK.
     pub tcp_nodelay: bool,
+    /// The `[connections.tls]` section: TLS on every port, and on every
+    /// call to one.
+    pub tls: super::Tls,
 }
 
 impl Default for Connections {
@@ -45,6 +48,7 @@ impl Default for Connections {
             http2_keepalive_timeout: Duration::from_secs(5),
             tcp_keepalive: Duration::from_secs(10),
             tcp_nodelay: true,
+            tls: super::Tls::default(),
         }
     }
 }

@@ -42,6 +42,9 @@ pub struct Deployment {
     pub orders: Vec<Process>,
     /// The read-only token's file, for the load and the checks.
     pub reader: PathBuf,
+    /// How the load and the checks connect: with the run's certificate
+    /// under mutual TLS, when the deployment runs on it.
+    pub connections: crate::server::Connections,
 }
 
 impl Deployment {
@@ -54,9 +57,29 @@ impl Deployment {
         dir: &Path,
         database_url: Option<&str>,
         store: StoreKind,
+        tls: bool,
     ) -> anyhow::Result<Deployment> {
+        let mut connections = crate::server::Connections::default();
+        let mut env: Vec<(String, String)> = ENV
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
+        if tls {
+            let made = crate::cert::make(&dir.join("tls"), &[])?;
+            connections.tls = made.settings();
+            for (key, path) in [("CA", &made.ca), ("CERT", &made.cert), ("KEY", &made.key)] {
+                env.push((
+                    format!("SHOP_MESH__CONNECTIONS__TLS__{key}"),
+                    path.display().to_string(),
+                ));
+            }
+            env.push(("SHOP_MESH__CONNECTIONS__TLS__MUTUAL".into(), "true".into()));
+        }
+        let env_refs: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let env_refs = env_refs.as_slice();
         let (etcd, registries) = match store {
-            StoreKind::Memory => (None, vec![registry(bin, dir, 0, &[]).await?]),
+            StoreKind::Memory => (None, vec![registry(bin, dir, 0, &[], env_refs).await?]),
             StoreKind::Etcd => {
                 let etcd = EtcdCluster::start(3).await?.context(
                     "the etcd store's scenarios need etcd (apt-get install etcd-server)",
@@ -69,7 +92,7 @@ impl Deployment {
                 ];
                 let mut nodes = Vec::new();
                 for node in 0..3 {
-                    nodes.push(registry(bin, dir, node, &cluster).await?);
+                    nodes.push(registry(bin, dir, node, &cluster, env_refs).await?);
                 }
                 (Some(etcd), nodes)
             }
@@ -93,7 +116,7 @@ impl Deployment {
         ];
         let handed = crate::up::credentials::hand_out(
             &discovery,
-            &Default::default(),
+            &connections,
             &dir.join("registry-0"),
             &services,
             dir,
@@ -104,10 +127,7 @@ impl Deployment {
             let token = dir
                 .join(role)
                 .join(crate::up::credentials::SERVICE_TOKEN_FILE);
-            let mut env: Vec<(String, String)> = ENV
-                .iter()
-                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-                .collect();
+            let mut env = env.clone();
             env.push((
                 "SHOP_MESH__DISCOVERY__TOKEN_FILE".into(),
                 token.display().to_string(),
@@ -159,6 +179,7 @@ impl Deployment {
             products,
             orders,
             reader: discovery.token_file,
+            connections,
         })
     }
 
@@ -213,6 +234,7 @@ async fn registry(
     dir: &Path,
     node: usize,
     extra: &[String],
+    env: &[(&str, &str)],
 ) -> anyhow::Result<Process> {
     let mut args = vec![
         "registry".into(),
@@ -222,5 +244,5 @@ async fn registry(
         dir.join(format!("registry-{node}")).display().to_string(),
     ];
     args.extend(extra.iter().cloned());
-    Process::start(bin, "registry", args, ENV).await
+    Process::start(bin, "registry", args, env).await
 }

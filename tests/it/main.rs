@@ -20,6 +20,7 @@ mod registry_core;
 mod registry_process;
 mod shop;
 mod soak;
+mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -45,15 +45,18 @@ fn holds(report: &Report) {
 }
 
 async fn scenario(scenario: Scenario, database_url: Option<&str>) {
-    run(scenario, database_url, StoreKind::Memory).await;
+    run(scenario, database_url, StoreKind::Memory, false).await;
 }
 
-async fn run(scenario: Scenario, database_url: Option<&str>, store: StoreKind) {
+/// Credentials are on in every scenario (as by default); `tls`: mutual
+/// TLS on every port too.
+async fn run(scenario: Scenario, database_url: Option<&str>, store: StoreKind, tls: bool) {
     let plan = Plan {
         clients: CLIENTS,
         duration: DURATION,
         database_url,
         store,
+        tls,
     };
     let report = run_scenario(Path::new(BIN), scenario, plan)
         .await
@@ -80,14 +83,14 @@ fn etcd_here() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_a_registry_node_of_a_cluster() {
     if etcd_here() {
-        run(Scenario::KillRegistry, None, StoreKind::Etcd).await;
+        run(Scenario::KillRegistry, None, StoreKind::Etcd, false).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_the_etcd_leader_under_a_cluster() {
     if etcd_here() {
-        run(Scenario::KillEtcdLeader, None, StoreKind::Etcd).await;
+        run(Scenario::KillEtcdLeader, None, StoreKind::Etcd, false).await;
     }
 }
 
@@ -96,9 +99,10 @@ async fn baseline() {
     scenario(Scenario::Baseline, None).await;
 }
 
+/// Over mutual TLS: every process, and the load's clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_a_product() {
-    scenario(Scenario::KillProduct, None).await;
+async fn kill_a_product_over_mutual_tls() {
+    run(Scenario::KillProduct, None, StoreKind::Memory, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

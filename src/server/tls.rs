@@ -1,0 +1,168 @@
+//! TLS, on every port of the mesh (the `[connections.tls]` settings):
+//! servers present `cert` and, under mutual TLS, take only clients whose
+//! certificates `ca` signed; clients check servers against `ca` and,
+//! under mutual TLS, present `cert` themselves. rustls on ring, TLS 1.2
+//! and 1.3, ALPN h2 (what grpcurl and every gRPC client ask for).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+/// The `[connections.tls]` settings; all empty: plaintext.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// The PEM certificate chain this process serves with (and, under
+    /// mutual TLS, shows as a client). Set, the ports speak TLS only.
+    pub cert: PathBuf,
+    /// The PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA certificates the peers' certificates are checked against.
+    /// Set, this process calls others over TLS.
+    pub ca: PathBuf,
+    /// Servers take only clients with a certificate `ca` signed, and
+    /// clients show `cert`.
+    pub mutual: bool,
+    /// The name servers' certificates are checked for, instead of the
+    /// address dialled (when every instance shares one certificate).
+    pub server_name: String,
+}
+
+/// TLS settings that cannot be used; the message names the file or the
+/// setting at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS: {0}")]
+pub struct TlsError(String);
+
+impl Tls {
+    /// Whether this process serves over TLS.
+    pub fn serves(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
+    }
+
+    /// Whether this process calls over TLS.
+    pub fn calls(&self) -> bool {
+        !self.ca.as_os_str().is_empty()
+    }
+
+    /// The scheme of a URI this process dials.
+    pub fn scheme(&self) -> &'static str {
+        if self.calls() { "https" } else { "http" }
+    }
+
+    /// What accepts TLS on a server's connections, or None for plaintext.
+    pub fn acceptor(&self) -> Result<Option<TlsAcceptor>, TlsError> {
+        if !self.serves() {
+            if self.mutual {
+                return Err(TlsError(
+                    "mutual TLS needs this process's certificate: set cert and key".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|err| TlsError(err.to_string()))?;
+        let builder = if self.mutual {
+            let roots = Arc::new(self.roots()?);
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
+                .build()
+                .map_err(|err| TlsError(format!("ca {}: {err}", self.ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
+            .with_single_cert(self.chain()?, self.private_key()?)
+            .map_err(|err| {
+                TlsError(format!(
+                    "cert {} and key {} do not go together: {err}",
+                    self.cert.display(),
+                    self.key.display()
+                ))
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Some(TlsAcceptor::from(Arc::new(config))))
+    }
+
+    /// How a client of the mesh checks servers (and shows itself), or None
+    /// for plaintext.
+    pub fn client(&self) -> Result<Option<ClientTlsConfig>, TlsError> {
+        if !self.calls() {
+            return Ok(None);
+        }
+        // Checked here, so a bad file is named at start-up rather than at
+        // the first call.
+        self.roots()?;
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca", &self.ca)?));
+        if self.mutual {
+            self.chain()?;
+            self.private_key()?;
+            config = config.identity(Identity::from_pem(
+                read("cert", &self.cert)?,
+                read("key", &self.key)?,
+            ));
+        }
+        if !self.server_name.is_empty() {
+            config = config.domain_name(self.server_name.clone());
+        }
+        Ok(Some(config))
+    }
+
+    fn roots(&self) -> Result<RootCertStore, TlsError> {
+        if !self.calls() {
+            return Err(TlsError(
+                "mutual TLS needs the CA that signs the clients' certificates: set ca".into(),
+            ));
+        }
+        let mut roots = RootCertStore::empty();
+        for cert in certificates("ca", &self.ca)? {
+            roots
+                .add(cert)
+                .map_err(|err| TlsError(format!("ca {}: {err}", self.ca.display())))?;
+        }
+        Ok(roots)
+    }
+
+    fn chain(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        certificates("cert", &self.cert)
+    }
+
+    fn private_key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        if self.key.as_os_str().is_empty() {
+            return Err(TlsError("cert is set but key is not".into()));
+        }
+        PrivateKeyDer::from_pem_file(&self.key).map_err(|err| {
+            TlsError(format!(
+                "key {}: no PEM private key: {err}",
+                self.key.display()
+            ))
+        })
+    }
+}
+
+/// The PEM certificates in `path`: at least one.
+fn certificates(setting: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bad = |err: String| TlsError(format!("{setting} {}: {err}", path.display()));
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|err| bad(err.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| bad(err.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("holds no PEM certificate".into()));
+    }
+    Ok(certs)
+}
+
+fn read(setting: &str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|err| TlsError(format!("{setting} {}: {err}", path.display())))
+}
