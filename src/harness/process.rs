@@ -74,8 +74,10 @@ impl Process {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let readers = vec![
+            // A line that is not JSON (a panic, a library's own print) is
+            // kept as a string, so nothing the process says is lost.
             collect(child.stderr.take().expect("piped"), log.clone(), |line| {
-                serde_json::from_str(&line).ok()
+                Some(serde_json::from_str(&line).unwrap_or(serde_json::Value::String(line)))
             }),
             collect(child.stdout.take().expect("piped"), stdout.clone(), Some),
         ];
@@ -104,6 +106,18 @@ impl Process {
         };
         self.until(&format!("log {message:?}"), |p| found(&p.log.lock()))
             .await
+    }
+
+    /// Everything it has said so far, log and standard output, as text.
+    pub fn said(&self) -> String {
+        let mut all: Vec<String> = self
+            .log
+            .lock()
+            .iter()
+            .map(|line| line.to_string())
+            .collect();
+        all.extend(self.stdout.lock().iter().cloned());
+        all.join("\n")
     }
 
     /// How many log lines so far say `message`.

@@ -422,3 +422,135 @@ async fn up_runs_everything_and_ctrl_c_stops_it_cleanly() {
     let deregistered = up.count_logged("deregistered");
     assert_eq!(deregistered, 5, "every instance left the registry");
 }
+
+/// No secret reaches a log: `up` over mutual TLS at debug level, an order
+/// placed (so identities are made and shown), tokens made and a forged one
+/// refused; then every token, the identity key, the TLS keys and any
+/// identity are looked for in everything the processes said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_log_of_a_full_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["up", "--tls", "--verbose", "--data-dir"];
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.push(data.display().to_string());
+    let env = [
+        ("RUST_LOG", "debug"),
+        ("SHOP_MESH__REGISTRY__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__USER__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__PRODUCT__LISTEN", "127.0.0.1:0"),
+        ("SHOP_MESH__ORDER__LISTEN", "127.0.0.1:0"),
+    ];
+    let mut up = Process::start(Path::new(BIN), "up", args, &env)
+        .await
+        .unwrap();
+    let summary = up
+        .printed(|line| line.starts_with("Ctrl-C"))
+        .await
+        .expect("up prints its summary")
+        .join("\n");
+    let registry = summary
+        .lines()
+        .find(|line| line.starts_with("registry "))
+        .and_then(|line| line.split_whitespace().nth(2))
+        .expect("the registry's address")
+        .to_string();
+    let tls = data.join("tls");
+    let file = |path: std::path::PathBuf| path.display().to_string();
+    let (ca, cert, key) = (
+        file(tls.join("ca.pem")),
+        file(tls.join("node.pem")),
+        file(tls.join("node.key")),
+    );
+    let reader = file(data.join("cli.token"));
+    let shell = [
+        ("RUST_LOG", "debug"),
+        ("SHOP_MESH__DISCOVERY__TOKEN_FILE", reader.as_str()),
+        ("SHOP_MESH__CONNECTIONS__TLS__CA", ca.as_str()),
+        ("SHOP_MESH__CONNECTIONS__TLS__CERT", cert.as_str()),
+        ("SHOP_MESH__CONNECTIONS__TLS__KEY", key.as_str()),
+        ("SHOP_MESH__CONNECTIONS__TLS__MUTUAL", "true"),
+    ];
+    let mut said = Vec::new();
+    let place = [
+        "order",
+        "place",
+        "--user",
+        "1001",
+        "--product",
+        "1001",
+        "--count",
+        "2",
+        "--registry",
+        &registry,
+    ];
+    let (ok, out, err) = run_bin_with(&place, &shell).await;
+    assert!(ok, "{err}");
+    said.extend([out, err]);
+    let admin = file(data.join("registry").join("admin.token"));
+    let create = [
+        "token",
+        "create",
+        "--name",
+        "ops",
+        "--read",
+        "public",
+        "--token-file",
+        &admin,
+        "--registry",
+        &registry,
+    ];
+    let (ok, made, err) = run_bin_with(&create, &shell).await;
+    assert!(ok, "{err}");
+    // The token is printed once, by design, on the command's own stdout.
+    said.push(err);
+    let forged = format!("smt_{:016x}_{}", 7u64, "ab".repeat(32));
+    let mut forging = shell.to_vec();
+    forging[1] = ("SHOP_MESH__DISCOVERY__TOKEN", forged.as_str());
+    let (ok, out, err) = run_bin_with(&["services", "--registry", &registry], &forging).await;
+    assert!(!ok, "a forged token was taken: {out}");
+    assert!(err.contains("unknown or revoked"), "{err}");
+    said.extend([out, err]);
+    assert_eq!(up.stop_with(Signal::SIGINT).await.unwrap(), Some(0));
+    said.push(up.said());
+    let said = said.join("\n");
+
+    let read = |path: std::path::PathBuf| std::fs::read_to_string(path).unwrap();
+    let mut secrets: Vec<(String, String)> = vec![("made".into(), made), ("forged".into(), forged)];
+    for path in [
+        data.join("registry").join("admin.token"),
+        data.join("cli.token"),
+        data.join("user").join("registry.token"),
+        data.join("product").join("registry.token"),
+        data.join("order").join("registry.token"),
+    ] {
+        secrets.push((path.display().to_string(), read(path)));
+    }
+    // What was looked through is the run: the log names the admin token
+    // it made, by its id, and the order placed.
+    let admin_id = secrets[2].1.trim().split('_').nth(1).unwrap().to_string();
+    assert!(said.contains(&admin_id), "the log names the admin token's id");
+    assert!(said.lines().count() > 100, "a debug log of the run");
+    for (name, token) in &secrets {
+        // The part after the id: the secret itself.
+        let secret = token.trim().rsplit('_').next().unwrap();
+        assert_eq!(secret.len(), 64, "{name}");
+        assert!(!said.contains(secret), "the secret of {name} is in a log");
+    }
+    for path in [
+        data.join("registry").join("identity.key"),
+        tls.join("node.key"),
+        tls.join("ca.key"),
+    ] {
+        let key = read(path.clone());
+        let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(!body.is_empty());
+        for line in key
+            .lines()
+            .filter(|l| l.len() > 20 && !l.starts_with("-----"))
+        {
+            assert!(!said.contains(line), "{} is in a log", path.display());
+        }
+    }
+    assert!(!said.contains("smi_"), "an identity is in a log");
+}
