@@ -129,6 +129,9 @@ impl Default for EtcdConfig {
     }
 }
 
+/// The shortest `registry.auth.identity_ttl` taken.
+pub const MIN_IDENTITY_TTL: Duration = Duration::from_secs(10);
+
 /// The `[registry.auth]` section: whether callers must show a token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -273,6 +276,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    // Renewed halfway, an identity must outlive a call or two.
+    anyhow::ensure!(
+        config.auth.identity_ttl >= MIN_IDENTITY_TTL,
+        "registry.auth.identity_ttl is {:?}; it must be at least {MIN_IDENTITY_TTL:?}",
+        config.auth.identity_ttl
+    );
     let (registry, _lock) = match config.store {
         StoreKind::Memory => {
             // Held until the registry stops: one registry to a data dir.

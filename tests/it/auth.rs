@@ -524,3 +524,21 @@ async fn an_identity_is_issued_only_to_a_token_that_may_register_its_service() {
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     registry.stop().await;
 }
+
+/// An identity lifetime too short to outlive its renewal is refused at
+/// start-up, naming the setting.
+#[tokio::test]
+async fn a_too_short_identity_lifetime_stops_the_registry_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let (ok, _, err) = crate::run_bin_with(
+        &["registry", "--listen", "127.0.0.1:0", "--data-dir", &data],
+        &[("SHOP_MESH__REGISTRY__AUTH__IDENTITY_TTL", "1s")],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("registry.auth.identity_ttl is 1s; it must be at least 10s"),
+        "{err}"
+    );
+}
