@@ -201,7 +201,10 @@ impl BenchRegistry {
                     ));
                 }
                 env.push(("SHOP_MESH__CONNECTIONS__TLS__MUTUAL".into(), "true".into()));
-                access.tls = made.settings().client()?;
+                access.tls = made
+                    .settings()
+                    .client()?
+                    .map(|tls| tls.for_host("127.0.0.1"));
             }
         }
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -259,8 +262,14 @@ impl RegistryBench {
         if self.per_service == 0 || self.concurrency == 0 || self.connections == 0 {
             bail!("--per-service, --concurrency and --connections must be at least 1");
         }
-        if self.registry.is_some() && self.security.contains(&Security::Tls) {
-            bail!("--security tls starts its own registry: leave out --registry");
+        if self.security.is_empty() {
+            bail!("--security needs one of off, tokens, tls");
+        }
+        if self.registry.is_some() && (self.security.len() > 1 || self.security[0] == Security::Tls)
+        {
+            bail!(
+                "--registry measures the registry given as it is: leave out --security (tls, and several side by side, start their own)"
+            );
         }
         println!(
             "shop-mesh registry bench: {} {} instances ({} per service), {} calls in flight over {} connections",

@@ -109,8 +109,15 @@ pub fn make(dir: &Path, extra: &[String]) -> anyhow::Result<Made> {
     );
     std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
     let today = chrono::Utc::now().date_naive();
-    let years = |n: i32| rcgen::date_time_ymd(today.year() + n, today.month() as u8, 1);
-    let since = rcgen::date_time_ymd(today.year(), today.month() as u8, 1);
+    // From yesterday (a peer's clock a little behind still takes it), for
+    // whole years; the 28th at the latest, so every year has the day.
+    let day = today.day().min(28) as u8;
+    let years = |n: i32| rcgen::date_time_ymd(today.year() + n, today.month() as u8, day);
+    let since = rcgen::date_time_ymd(
+        today.year(),
+        today.month() as u8,
+        day.saturating_sub(1).max(1),
+    );
 
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.distinguished_name

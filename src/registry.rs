@@ -286,7 +286,8 @@ pub async fn run(
         StoreKind::Memory => {
             // Held until the registry stops: one registry to a data dir.
             let lock = persist::DirLock::acquire(&config.data_dir, listener.local_addr()?).await?;
-            (Registry::open(config).await?, Some(lock))
+            let probe_tls = connections.tls.client()?;
+            (Registry::open_probing(config, probe_tls).await?, Some(lock))
         }
         StoreKind::Etcd => (Registry::join(config, connections).await?, None),
     };

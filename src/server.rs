@@ -26,7 +26,7 @@ use crate::shutdown::Shutdown;
 pub use accept::Connection;
 pub use connections::Connections;
 pub use file_limit::raise_file_limit;
-pub use tls::{Tls, TlsError};
+pub use tls::{Dialer, Tls, TlsError};
 
 use crate::pb::health::health_server::HealthServer;
 

@@ -353,6 +353,11 @@ pub async fn run(config: &Config, args: &Args, shutdown: Shutdown) -> anyhow::Re
         let made = crate::cert::Made::in_dir(&dir);
         let made = if made.exist() {
             made
+        } else if made.ca.exists() {
+            anyhow::bail!(
+                "{} holds a CA but not all of its files (an earlier run stopped while making them); delete the directory and run up --tls again",
+                dir.display()
+            );
         } else {
             crate::cert::make(&dir, &[args.host.to_string()])?
         };

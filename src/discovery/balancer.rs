@@ -65,7 +65,7 @@ pub struct BalanceConfig {
     pub retry_percent: f32,
     /// How instances are called over TLS, read from `connections.tls`
     /// once; None: plaintext.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    pub tls: Option<crate::server::Dialer>,
 }
 
 type Endpoints = Option<Arc<Vec<Arc<Endpoint>>>>;
@@ -159,12 +159,10 @@ fn apply(table: &mut HashMap<SocketAddr, Arc<Endpoint>>, change: Change, config:
     {
         Some(existing) => existing.set_weight(info.weight),
         None => {
-            let endpoint = Arc::new(Endpoint::new(
-                info.addr,
-                info.weight,
-                connect(info.addr, config),
-            ));
-            table.insert(info.addr, endpoint);
+            if let Some(channel) = connect(info.addr, config) {
+                let endpoint = Arc::new(Endpoint::new(info.addr, info.weight, channel));
+                table.insert(info.addr, endpoint);
+            }
         }
     };
     match change {
@@ -187,22 +185,26 @@ fn apply(table: &mut HashMap<SocketAddr, Arc<Endpoint>>, change: Change, config:
     }
 }
 
-fn connect(addr: SocketAddr, config: &BalanceConfig) -> Channel {
+/// A channel to `addr`; None (logged) when the endpoint cannot be made,
+/// so one odd instance never stops the others being followed.
+fn connect(addr: SocketAddr, config: &BalanceConfig) -> Option<Channel> {
     let endpoint = config
         .connections
         .endpoint(
             format!("{}://{addr}", config.connections.tls.scheme()),
             config.connect_timeout,
         )
-        .expect("a socket address is a valid URI");
-    let endpoint = match &config.tls {
-        // Only a URI without a host is refused, and a socket address has one.
-        Some(tls) => endpoint
-            .tls_config(tls.clone())
-            .expect("a socket address names a host"),
-        None => endpoint,
-    };
-    endpoint.timeout(config.call_timeout).connect_lazy()
+        .and_then(|endpoint| match &config.tls {
+            Some(tls) => endpoint.tls_config(tls.for_host(&addr.ip().to_string())),
+            None => Ok(endpoint),
+        });
+    match endpoint {
+        Ok(endpoint) => Some(endpoint.timeout(config.call_timeout).connect_lazy()),
+        Err(err) => {
+            tracing::error!(%addr, %err, "cannot call this instance; leaving it out");
+            None
+        }
+    }
 }
 
 impl Service<http::Request<Body>> for BalancedChannel {

@@ -86,19 +86,31 @@ impl Connector {
             .map(str::trim)
             .filter(|a| !a.is_empty())
             .map(|addr| {
-                let uri = if addr.contains("://") {
-                    addr.to_string()
-                } else {
-                    format!("{}://{addr}", connections.tls.scheme())
+                let bad = |reason: String| Error::BadAddress(addr.into(), reason);
+                let uri = match addr.split_once("://") {
+                    // A token must never go in the clear to a registry
+                    // that the TLS settings say to reach over TLS.
+                    Some(("http", _)) if tls.is_some() => {
+                        return Err(bad(
+                            "TLS is on (connections.tls.ca): give https:// or no scheme".into(),
+                        ));
+                    }
+                    Some(_) => addr.to_string(),
+                    None => format!("{}://{addr}", connections.tls.scheme()),
                 };
-                connections
+                let endpoint = connections
                     .endpoint(uri, connect_timeout)
-                    .and_then(|endpoint| match &tls {
-                        Some(tls) => endpoint.tls_config(tls.clone()),
-                        None => Ok(endpoint),
-                    })
-                    .map(|endpoint| (addr.to_string(), endpoint))
-                    .map_err(|err| Error::BadAddress(addr.into(), err.to_string()))
+                    .map_err(|err| bad(err.to_string()))?;
+                let endpoint = match &tls {
+                    Some(tls) => {
+                        let host = endpoint.uri().host().unwrap_or_default().to_string();
+                        endpoint
+                            .tls_config(tls.for_host(&host))
+                            .map_err(|err| bad(err.to_string()))?
+                    }
+                    None => endpoint,
+                };
+                Ok((addr.to_string(), endpoint))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if endpoints.is_empty() {

@@ -28,17 +28,38 @@ pub struct Identities {
     namespace: String,
     service: String,
     timeout: Duration,
-    /// By audience: the identity, when it was fetched and when it expires
-    /// (ms since the epoch).
-    held: Mutex<HashMap<String, Held>>,
+    /// By audience: the identity held, read by every call.
+    held: parking_lot::Mutex<HashMap<String, Held>>,
+    /// One fetch at a time; calls that find an identity still good use it
+    /// rather than wait for a renewal.
+    fetching: Mutex<()>,
 }
 
 #[derive(Clone)]
 struct Held {
     value: MetadataValue<Ascii>,
-    fetched_ms: u64,
-    expires_ms: u64,
+    /// When it was fetched and when it expires, on this host's clock
+    /// (the registry's expiry, moved by how far the clocks disagree).
+    fetched: Instant,
+    expires: Instant,
+    /// No renewal is tried before this, after one failed.
+    retry_after: Option<Instant>,
 }
+
+impl Held {
+    fn good(&self, now: Instant) -> bool {
+        now < self.expires
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        now >= self.fetched + (self.expires - self.fetched) / 2
+            && self.retry_after.is_none_or(|at| now >= at)
+    }
+}
+
+/// How long a failed renewal waits before the next, while the identity
+/// held is still good.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
 
 impl Identities {
     /// Identities of `service` of `namespace`, fetched through `connector`
@@ -49,7 +70,8 @@ impl Identities {
             namespace: namespace.into(),
             service: service.into(),
             timeout,
-            held: Mutex::new(HashMap::new()),
+            held: parking_lot::Mutex::new(HashMap::new()),
+            fetching: Mutex::new(()),
         }
     }
 
@@ -60,31 +82,60 @@ impl Identities {
         Ok(())
     }
 
+    /// Drops the identity held for `audience` (its audience refused it),
+    /// so the next call fetches a new one.
+    pub fn forget(&self, audience: &str) {
+        self.held.lock().remove(audience);
+    }
+
     /// The identity for `audience`: the one held while it is in the first
-    /// half of its life, else a new one (or, when the registry cannot make
-    /// one now, the one held until it expires).
+    /// half of its life; past that, a renewal by one call while the others
+    /// go on with the one held, until it expires.
     async fn for_audience(&self, audience: &str) -> Result<MetadataValue<Ascii>, Error> {
-        let mut held = self.held.lock().await;
-        let now = now_ms();
-        let current = held.get(audience).filter(|h| h.expires_ms > now).cloned();
-        if let Some(h) = &current
-            && now < h.fetched_ms + (h.expires_ms - h.fetched_ms) / 2
+        let held = self.held.lock().get(audience).cloned();
+        let now = Instant::now();
+        if let Some(h) = &held
+            && h.good(now)
+        {
+            if !h.due(now) {
+                return Ok(h.value.clone());
+            }
+            // Someone is renewing it: this call does not wait.
+            let Ok(_fetching) = self.fetching.try_lock() else {
+                return Ok(h.value.clone());
+            };
+            return Ok(self.renew(audience, h.clone()).await);
+        }
+        let _fetching = self.fetching.lock().await;
+        // Fetched by another call meanwhile?
+        if let Some(h) = self.held.lock().get(audience)
+            && h.good(Instant::now())
         {
             return Ok(h.value.clone());
         }
+        let fresh = self.fetch(audience).await?;
+        let value = fresh.value.clone();
+        self.held.lock().insert(audience.into(), fresh);
+        Ok(value)
+    }
+
+    /// A renewal of `held`, which is still good: on failure it is kept
+    /// (and no renewal tried for a while).
+    async fn renew(&self, audience: &str, held: Held) -> MetadataValue<Ascii> {
         match self.fetch(audience).await {
             Ok(fresh) => {
                 let value = fresh.value.clone();
-                held.insert(audience.into(), fresh);
-                Ok(value)
+                self.held.lock().insert(audience.into(), fresh);
+                value
             }
-            Err(err) => match current {
-                Some(h) => {
-                    tracing::warn!(%audience, %err, "cannot renew this service's identity; using the one held until it expires");
-                    Ok(h.value)
-                }
-                None => Err(err),
-            },
+            Err(err) => {
+                tracing::warn!(%audience, %err, "cannot renew this service's identity; using the one held until it expires");
+                let mut held = held;
+                held.retry_after = Some(Instant::now() + RENEW_RETRY);
+                let value = held.value.clone();
+                self.held.lock().insert(audience.into(), held);
+                value
+            }
         }
     }
 
@@ -94,24 +145,33 @@ impl Identities {
             service: self.service.clone(),
             audience: audience.into(),
         };
-        let fetched_ms = now_ms();
+        let (fetched, fetched_ms) = (Instant::now(), now_ms());
         let answer = within(self.timeout, &self.connector, |mut client| async move {
             client.issue_identity(request).await
         })
         .await
-        .map_err(|err| {
-            Error::Unavailable(format!(
+        .map_err(|err| match err {
+            // Refused: the token does not make this service this service.
+            Called::Refused(code, message) => Error::FailedPrecondition(format!(
+                "the registry refuses {} an identity for {audience} ({code:?}: {message}); give it a token that may register {}",
+                self.service, self.service
+            )),
+            Called::Failed(err) => Error::Unavailable(format!(
                 "cannot get an identity of {} for {audience} from the registry: {err}",
                 self.service
-            ))
+            )),
         })?;
-        let value = answer.identity.parse().map_err(|_| {
+        let mut value: MetadataValue<Ascii> = answer.identity.parse().map_err(|_| {
             Error::Unavailable("the registry answered an identity that is not ASCII".into())
         })?;
+        // Kept out of debug output and of HPACK's shared table, as tokens are.
+        value.set_sensitive(true);
+        let life = Duration::from_millis(answer.expires_ms.saturating_sub(fetched_ms));
         Ok(Held {
             value,
-            fetched_ms,
-            expires_ms: answer.expires_ms,
+            fetched,
+            expires: fetched + life,
+            retry_after: None,
         })
     }
 }
@@ -184,6 +244,9 @@ impl Callers {
         if fetched.is_some_and(|at| at.elapsed() < KEYS_REFRESH_MIN) {
             return Ok(());
         }
+        // Stamped before the call, so a failing registry is asked no more
+        // often than a working one, however many forged key ids arrive.
+        *fetched = Some(Instant::now());
         let answer = within(self.timeout, &self.connector, |mut client| async move {
             client
                 .get_identity_keys(pb::GetIdentityKeysRequest {})
@@ -195,7 +258,6 @@ impl Callers {
                 "cannot check the caller's identity: the registry's keys are out of reach: {err}"
             ))
         })?;
-        *fetched = Some(Instant::now());
         *self.verifier.write().await = Verifier::new(answer.keys.into_iter().map(|k| PublicKey {
             id: k.id,
             key: k.ed25519,
@@ -204,22 +266,44 @@ impl Callers {
     }
 }
 
+/// Why a call to the registry got no answer.
+enum Called {
+    /// The registry refused the caller's credential.
+    Refused(tonic::Code, String),
+    /// It could not be reached, or failed otherwise.
+    Failed(String),
+}
+
+impl std::fmt::Display for Called {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Called::Refused(code, message) => write!(f, "{code:?}: {message}"),
+            Called::Failed(err) => f.write_str(err),
+        }
+    }
+}
+
 /// One call to the registry, connection included, within `timeout`.
-async fn within<T, F, Fut>(timeout: Duration, connector: &Connector, call: F) -> Result<T, String>
+async fn within<T, F, Fut>(timeout: Duration, connector: &Connector, call: F) -> Result<T, Called>
 where
     F: FnOnce(super::RegistryClient) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let attempt = async {
         let Some(client) = connector.connect(&Shutdown::new()).await else {
-            return Err("the registry is out of reach".to_string());
+            return Err(Called::Failed("the registry is out of reach".to_string()));
         };
         call(client)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+            .map_err(|status| match status.code() {
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                    Called::Refused(status.code(), status.message().to_owned())
+                }
+                code => Called::Failed(format!("{code:?}: {}", status.message())),
+            })
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+        .unwrap_or_else(|_| Err(Called::Failed(format!("no answer within {timeout:?}"))))
 }

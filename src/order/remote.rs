@@ -66,6 +66,16 @@ impl RemoteProducts {
         }
     }
 
+    /// A stock call's failure; when the product service did not take the
+    /// identity (a new signing key, an expiry the clocks disagree on), the
+    /// next call fetches another.
+    fn refused(&self, status: Status) -> Error {
+        if status.code() == Code::Unauthenticated {
+            self.identities.forget(PRODUCT_SERVICE);
+        }
+        dependency(PRODUCT_SERVICE, status)
+    }
+
     /// `message` as a stock call, showing the order service's identity.
     async fn stock_call<T>(&self, message: T) -> Result<tonic::Request<T>, Error> {
         let mut request = tonic::Request::new(message);
@@ -99,7 +109,7 @@ impl Products for RemoteProducts {
             .clone()
             .deduct_stock(self.stock_call(deduct).await?)
             .await
-            .map_err(|status| dependency(PRODUCT_SERVICE, status))?
+            .map_err(|status| self.refused(status))?
             .into_inner();
         if deducted.outcome() != pb::DeductOutcome::Deducted {
             return Ok(Deduction::Cancelled);
@@ -121,7 +131,7 @@ impl Products for RemoteProducts {
             .clone()
             .restore_stock(self.stock_call(restore).await?)
             .await
-            .map_err(|status| dependency(PRODUCT_SERVICE, status))?;
+            .map_err(|status| self.refused(status))?;
         Ok(())
     }
 }

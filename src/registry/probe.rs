@@ -23,6 +23,7 @@ pub(super) async fn run(
     instance: Arc<Instance>,
     interval: Duration,
     timeout: Duration,
+    tls: Option<crate::server::Dialer>,
     closed: CancellationToken,
 ) {
     let (key, addr) = (instance.service.as_ref().clone(), instance.addr.clone());
@@ -31,11 +32,16 @@ pub(super) async fn run(
         .get(HEALTH_SERVICE_KEY)
         .cloned()
         .unwrap_or_default();
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let uri = match addr.ip {
-        std::net::IpAddr::V4(ip) => format!("http://{ip}:{}", addr.port),
-        std::net::IpAddr::V6(ip) => format!("http://[{ip}]:{}", addr.port),
+        std::net::IpAddr::V4(ip) => format!("{scheme}://{ip}:{}", addr.port),
+        std::net::IpAddr::V6(ip) => format!("{scheme}://[{ip}]:{}", addr.port),
     };
-    let channel = match Endpoint::from_shared(uri) {
+    let endpoint = Endpoint::from_shared(uri).and_then(|endpoint| match tls {
+        Some(tls) => endpoint.tls_config(tls.for_host(&addr.ip.to_string())),
+        None => Ok(endpoint),
+    });
+    let channel = match endpoint {
         Ok(endpoint) => endpoint
             .connect_timeout(timeout)
             .timeout(timeout)

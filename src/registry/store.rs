@@ -85,6 +85,9 @@ struct Inner {
     closed: CancellationToken,
     /// What service identities are signed with.
     signer: Signer,
+    /// How persistent instances are probed over TLS, when the mesh runs
+    /// on it.
+    probe_tls: Option<crate::server::Dialer>,
 }
 
 /// Counts for tests, metrics and the benchmark.
@@ -141,14 +144,14 @@ impl Registry {
     /// A registry that keeps nothing on disk: persistent instances last as
     /// long as the process. For tests and benchmarks.
     pub fn in_memory(config: &Config) -> Registry {
-        Registry::with_store(config, None, None, Signer::generate())
+        Registry::with_store(config, None, None, (Signer::generate(), None))
     }
 
     fn with_store(
         config: &Config,
         store: Option<persist::Store>,
         node: Option<Arc<cluster::Node>>,
-        signer: Signer,
+        (signer, probe_tls): (Signer, Option<crate::server::Dialer>),
     ) -> Registry {
         let inner = Arc::new(Inner {
             config: config.clone(),
@@ -179,6 +182,7 @@ impl Registry {
             election: OnceLock::new(),
             closed: CancellationToken::new(),
             signer,
+            probe_tls,
         });
         tokio::spawn(reap(
             Arc::downgrade(&inner),

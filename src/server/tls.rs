@@ -65,6 +65,11 @@ impl Tls {
                     "mutual TLS needs this process's certificate: set cert and key".into(),
                 ));
             }
+            if self.calls() {
+                return Err(TlsError(
+                    "ca is set but cert is not: this role would call over TLS and serve plaintext; set cert and key".into(),
+                ));
+            }
             return Ok(None);
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -95,8 +100,13 @@ impl Tls {
 
     /// How a client of the mesh checks servers (and shows itself), or None
     /// for plaintext.
-    pub fn client(&self) -> Result<Option<ClientTlsConfig>, TlsError> {
+    pub fn client(&self) -> Result<Option<Dialer>, TlsError> {
         if !self.calls() {
+            if self.mutual {
+                return Err(TlsError(
+                    "mutual TLS needs the CA that signs the servers' certificates: set ca".into(),
+                ));
+            }
             return Ok(None);
         }
         // Checked here, so a bad file is named at start-up rather than at
@@ -112,10 +122,14 @@ impl Tls {
                 read("key", &self.key)?,
             ));
         }
-        if !self.server_name.is_empty() {
+        let named = !self.server_name.is_empty();
+        if named {
             config = config.domain_name(self.server_name.clone());
         }
-        Ok(Some(config))
+        // A handshake with a peer that accepted the connection but says
+        // nothing (a hung process) must not hold a caller forever.
+        config = config.timeout(HANDSHAKE_TIMEOUT);
+        Ok(Some(Dialer { config, named }))
     }
 
     fn roots(&self) -> Result<RootCertStore, TlsError> {
@@ -147,6 +161,32 @@ impl Tls {
                 self.key.display()
             ))
         })
+    }
+}
+
+/// The longest a client's TLS handshake may take.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A client's TLS settings, read once, for each peer it dials.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    config: ClientTlsConfig,
+    /// Whether `server_name` names every peer.
+    named: bool,
+}
+
+impl Dialer {
+    /// The settings for a peer dialled at `host` (a name, an IPv4 address,
+    /// or an IPv6 one with or without brackets): its certificate is checked
+    /// for that host, unless `server_name` was set. (tonic would take the
+    /// URI's host, which for IPv6 keeps its brackets, a name rustls cannot
+    /// read.)
+    pub fn for_host(&self, host: &str) -> ClientTlsConfig {
+        if self.named {
+            return self.config.clone();
+        }
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.config.clone().domain_name(host)
     }
 }
 

@@ -64,7 +64,18 @@ pub async fn open<M: MigratorTrait>(
             )
         })?;
     }
-    let db = connect(&url, config.max_connections)
+    // Instances sharing a new SQLite file that start together race to
+    // turn it to WAL, which SQLite answers "database is locked" without
+    // waiting: the loser tries again, as the migrations' loser does.
+    let pauses = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(20))
+        .with_max_delay(Duration::from_millis(500))
+        .with_jitter()
+        .with_max_times(10);
+    let db = (|| connect(&url, config.max_connections))
+        .retry(pauses)
+        .sleep(tokio::time::sleep)
+        .when(|err| err.to_string().contains("database is locked"))
         .await
         .map_err(|err| anyhow::anyhow!("cannot open the database {}: {err}", redact(&url)))?;
     migrate::<M>(&db)

@@ -6,7 +6,7 @@
 //! dir gives the services the tokens it gave them before, as long as the
 //! registry still accepts them.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -58,6 +58,12 @@ pub async fn hand_out(
     })?
     .ok();
     let admin_file = registry_dir.join(ADMIN_TOKEN_FILE);
+    // Nodes of a cluster that start together serve before the one whose
+    // token etcd took has put its file in place: wait for it a while.
+    let deadline = tokio::time::Instant::now() + super::START_TIMEOUT;
+    while !admin_file.exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let admin = std::fs::read_to_string(&admin_file).with_context(|| {
         format!(
             "the registry checks credentials, and up hands the services theirs with its first admin token, but {} cannot be read; \
@@ -70,7 +76,7 @@ pub async fn hand_out(
     as_admin.token = admin;
     as_admin.token_file = PathBuf::new();
     let (mut client, _) = crate::inspect::client(&as_admin, connections).await?;
-    let accepted: HashSet<String> = client
+    let accepted: HashMap<String, Option<pb::TokenScope>> = client
         .list_tokens(pb::ListTokensRequest {})
         .await
         .map_err(|err| {
@@ -82,7 +88,7 @@ pub async fn hand_out(
         .into_inner()
         .tokens
         .into_iter()
-        .map(|t| t.id)
+        .map(|t| (t.id, t.scope))
         .collect();
     let mut handed = Vec::new();
     for (service, dir) in services {
@@ -114,20 +120,34 @@ pub async fn hand_out(
     })
 }
 
-/// The token kept in `file` if the registry still accepts it, else a new
-/// one of `scope`, kept there.
+/// The token kept in `file` if the registry still accepts it for
+/// `scope`, else a new one of `scope`, kept there (the one it replaces,
+/// if the registry still has it, revoked).
 async fn kept_or_made(
     client: &mut RegistryClient,
-    accepted: &HashSet<String>,
+    accepted: &HashMap<String, Option<pb::TokenScope>>,
     file: &Path,
     name: &str,
     scope: pb::TokenScope,
 ) -> anyhow::Result<Secret> {
-    if let Ok(text) = std::fs::read_to_string(file)
-        && let Ok(token) = text.trim().parse::<Token>()
-        && accepted.contains(&token.id().to_string())
-    {
-        return Ok(Secret::from(token.reveal()));
+    let kept = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| text.trim().parse::<Token>().ok());
+    if let Some(token) = &kept {
+        let id = token.id().to_string();
+        match accepted.get(&id) {
+            Some(Some(granted)) if *granted == scope => return Ok(Secret::from(token.reveal())),
+            // Made for another namespace: replaced, and no longer good.
+            Some(_) => {
+                client
+                    .revoke_token(pb::RevokeTokenRequest { id })
+                    .await
+                    .map_err(|err| {
+                        status(err).context(format!("cannot revoke the old token for {name}"))
+                    })?;
+            }
+            None => {}
+        }
     }
     let made = client
         .create_token(pb::CreateTokenRequest {

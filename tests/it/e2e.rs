@@ -529,7 +529,10 @@ async fn no_secret_reaches_a_log_of_a_full_run() {
     // What was looked through is the run: the log names the admin token
     // it made, by its id, and the order placed.
     let admin_id = secrets[2].1.trim().split('_').nth(1).unwrap().to_string();
-    assert!(said.contains(&admin_id), "the log names the admin token's id");
+    assert!(
+        said.contains(&admin_id),
+        "the log names the admin token's id"
+    );
     assert!(said.lines().count() > 100, "a debug log of the run");
     for (name, token) in &secrets {
         // The part after the id: the secret itself.

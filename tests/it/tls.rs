@@ -24,6 +24,13 @@ use crate::grpcurl::grpcurl_output;
 /// A registry serving mutual TLS with `made`, credentials off (they are
 /// not what this is about).
 async fn tls_registry(made: &Made) -> (Spawned, tempfile::TempDir) {
+    tls_registry_on(made, "127.0.0.1:0")
+        .await
+        .expect("loopback")
+}
+
+/// [`tls_registry`] on `bind`; None when it cannot be bound there.
+async fn tls_registry_on(made: &Made, bind: &str) -> Option<(Spawned, tempfile::TempDir)> {
     let dir = tempfile::tempdir().unwrap();
     let config = shop_mesh::registry::Config {
         data_dir: dir.path().into(),
@@ -33,9 +40,9 @@ async fn tls_registry(made: &Made) -> (Spawned, tempfile::TempDir) {
         tls: made.settings(),
         ..Default::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(bind).await.ok()?;
     let role = Spawned::registry(&config, &connections, listener).unwrap();
-    (role, dir)
+    Some((role, dir))
 }
 
 /// Whether a health check over `endpoint` is answered SERVING, or why not.
@@ -251,4 +258,105 @@ async fn the_shop_places_orders_over_mutual_tls_with_credentials_on() {
     .expect("a plaintext caller is answered, not left hanging");
     assert!(refused.is_err(), "a plaintext caller was served");
     stack.stop(Ok(())).await.unwrap();
+}
+
+/// Over IPv6 the certificate is checked for the address itself (a URI's
+/// host keeps its brackets, which no certificate names): the registry is
+/// reached at [::1], and a balanced channel calls an instance registered
+/// at ::1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_peers_are_reached_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let made = cert::make(certs.path(), &[]).unwrap();
+    let Some((registry, _data)) = tls_registry_on(&made, "[::1]:0").await else {
+        crate::skipped("ipv6_peers_are_reached_over_tls: this host has no IPv6 loopback");
+        return;
+    };
+    let connections = Connections {
+        tls: made.settings(),
+        ..Default::default()
+    };
+    let discovery = shop_mesh::discovery::Config {
+        registry: format!("[::1]:{}", registry.addr.port()),
+        ..Default::default()
+    };
+    let connector = discovery.connector(&connections).unwrap();
+    let mut client =
+        tokio::time::timeout(Duration::from_secs(10), connector.connect(&Shutdown::new()))
+            .await
+            .expect("the registry at [::1] is reached")
+            .unwrap();
+    // The registry itself, registered as an instance at ::1.
+    client
+        .register(shop_mesh::pb::registry::RegisterRequest {
+            instance: Some(shop_mesh::pb::registry::Instance {
+                service: "itself".into(),
+                ip: "::1".into(),
+                port: registry.addr.port().into(),
+                ..Default::default()
+            }),
+            lease_id: 0,
+        })
+        .await
+        .expect("registered over TLS");
+    let mesh = Mesh::new(&discovery, &connections).unwrap();
+    let mut health = HealthClient::new(mesh.channel("itself"));
+    let answer = health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("a balanced channel calls [::1] over TLS");
+    assert_eq!(answer.into_inner().status, 1, "SERVING");
+    registry.stop().await.unwrap();
+}
+
+/// On a mesh on mutual TLS, the registry probes persistent instances over
+/// it too: one served over TLS is found healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_instances_are_probed_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let made = cert::make(certs.path(), &[]).unwrap();
+    let (registry, _data) = tls_registry(&made).await;
+    let connections = Connections {
+        tls: made.settings(),
+        ..Default::default()
+    };
+    let discovery = shop_mesh::discovery::Config {
+        registry: registry.addr.to_string(),
+        ..Default::default()
+    };
+    let connector = discovery.connector(&connections).unwrap();
+    let mut client = connector.connect(&Shutdown::new()).await.unwrap();
+    // The registry itself serves gRPC health over mutual TLS.
+    client
+        .register(shop_mesh::pb::registry::RegisterRequest {
+            instance: Some(shop_mesh::pb::registry::Instance {
+                service: "probed".into(),
+                ip: "127.0.0.1".into(),
+                port: registry.addr.port().into(),
+                ephemeral: Some(false),
+                ..Default::default()
+            }),
+            lease_id: 0,
+        })
+        .await
+        .expect("registered");
+    crate::wait_until(
+        "the probe over TLS to find it healthy",
+        Duration::from_secs(20),
+        || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .get_service(shop_mesh::pb::registry::GetServiceRequest {
+                        service: "probed".into(),
+                        healthy_only: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok_and(|answer| answer.into_inner().instances.len() == 1)
+            }
+        },
+    )
+    .await;
+    registry.stop().await.unwrap();
 }

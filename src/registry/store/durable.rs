@@ -11,9 +11,18 @@ impl Registry {
     /// Opens the registry: loads what `config.data_dir` holds, starts the
     /// lease reaper and the health probes of persistent instances.
     pub async fn open(config: &Config) -> Result<Registry, persist::Error> {
+        Registry::open_probing(config, None).await
+    }
+
+    /// [`Registry::open`], probing persistent instances over TLS with
+    /// `probe_tls` when it is given.
+    pub async fn open_probing(
+        config: &Config,
+        probe_tls: Option<crate::server::Dialer>,
+    ) -> Result<Registry, persist::Error> {
         let (store, loaded) = persist::Store::open(&config.data_dir)?;
         let signer = super::identity::load_or_create(&config.data_dir)?;
-        let registry = Registry::with_store(config, Some(store), None, signer);
+        let registry = Registry::with_store(config, Some(store), None, (signer, probe_tls));
         {
             let mut state = registry.inner.state.lock();
             for (key, settings) in loaded.services {

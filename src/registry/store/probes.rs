@@ -150,6 +150,7 @@ impl Registry {
             instance.clone(),
             self.inner.config.probe_interval,
             self.inner.config.probe_timeout,
+            self.inner.probe_tls.clone(),
             self.inner.closed.clone(),
         ));
         probes.insert(id, task.abort_handle());

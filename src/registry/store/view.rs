@@ -74,7 +74,9 @@ impl Registry {
         let lease_ttls = (config.unhealthy_timeout, config.delete_timeout);
         let node = Arc::new(Node::connect(&config.etcd, lease_ttls, connections).await?);
         let signer = super::identity::from_etcd(&node).await?;
-        let registry = Registry::with_store(config, None, Some(node.clone()), signer);
+        // Checked when the role started: a bad file never gets here.
+        let probe_tls = connections.tls.client().ok().flatten();
+        let registry = Registry::with_store(config, None, Some(node.clone()), (signer, probe_tls));
         let weak = Arc::downgrade(&registry.inner);
         let prefix = node.prefix.clone();
         let apply = move |feed: Feed| {
