@@ -5,6 +5,7 @@
 
 pub mod cluster;
 mod grpc;
+mod http;
 pub mod model;
 mod persist;
 mod probe;
@@ -292,16 +293,19 @@ pub async fn run(
         StoreKind::Etcd => (Registry::join(config, connections).await?, None),
     };
     registry.ensure_admin_token(&config.data_dir).await?;
-    let service = RegistryServer::new(
-        RegistryService::new(registry.clone(), shutdown.clone())
-            .listening_on(listener.local_addr()?),
-    )
-    .max_decoding_message_size(config.limits.max_message_size);
+    let face = RegistryService::new(registry.clone(), shutdown.clone())
+        .listening_on(listener.local_addr()?);
+    let api = http::routes(face.clone());
+    let service =
+        RegistryServer::new(face).max_decoding_message_size(config.limits.max_message_size);
     let mut server = crate::server::Server::new(shutdown.clone(), connections).await?;
     server.limit_message_size(config.limits.max_message_size);
+    // The JSON API shares the port, over HTTP/1.1 as well as HTTP/2.
+    server.serve_http1();
     let routes = server
         .routes(&[<RegistryServer<RegistryService> as tonic::server::NamedService>::NAME])
         .add_service(service);
+    let routes = tonic::service::Routes::from(routes.into_axum_router().merge(api));
     server
         .health()
         .set_serving::<RegistryServer<RegistryService>>()

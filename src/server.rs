@@ -44,6 +44,8 @@ pub struct Server {
     max_message_size: usize,
     /// The handshake of a TLS port; None: plaintext.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Whether HTTP/1.1 is served beside HTTP/2 (for a JSON API).
+    http1: bool,
 }
 
 impl Server {
@@ -65,6 +67,7 @@ impl Server {
             connections: connections.clone(),
             max_message_size: MAX_MESSAGE_SIZE,
             tls,
+            http1: false,
         })
     }
 
@@ -80,6 +83,12 @@ impl Server {
     /// limit (`max_decoding_message_size`), which tonic then never reaches.
     pub fn limit_message_size(&mut self, bytes: usize) {
         self.max_message_size = bytes;
+    }
+
+    /// Serves HTTP/1.1 beside HTTP/2, for routes that browsers and curl
+    /// call; gRPC needs HTTP/2 either way.
+    pub fn serve_http1(&mut self) {
+        self.http1 = true;
     }
 
     /// The health status callers and the registry's probes see, for a role
@@ -149,6 +158,7 @@ impl Server {
         let server = self
             .connections
             .server()
+            .accept_http1(self.http1)
             .layer(tower::util::MapRequestLayer::new(move |request| {
                 decode::frames(request, limit)
             }))

@@ -19,7 +19,9 @@ use crate::pb::registry as pb;
 use crate::shutdown::Shutdown;
 
 /// The registry's gRPC face: converts requests to the domain, calls
-/// [`Registry`], and converts the answers back.
+/// [`Registry`], and converts the answers back. Cheap to clone: the JSON
+/// API (`http.rs`) serves through a clone of it.
+#[derive(Clone)]
 pub struct RegistryService {
     registry: Registry,
     shutdown: Shutdown,

@@ -32,6 +32,16 @@ const HEADER: usize = 5;
 /// `request` with its body read through [`Frames`], refusing a message
 /// over `limit` bytes.
 pub fn frames(request: http::Request<Body>, limit: usize) -> http::Request<Body> {
+    // A port that also serves plain HTTP (the registry's JSON API) reads
+    // those bodies as they are.
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|t| t.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/grpc"));
+    if !grpc {
+        return request;
+    }
     // tonic refuses an encoding the server does not accept before it reads
     // the body; with one it accepts, it decompresses.
     let encoded = request

@@ -12,6 +12,7 @@ mod discovery;
 mod e2e;
 mod etcd;
 mod grpcurl;
+mod http_api;
 mod inspect;
 mod persistence;
 mod properties;

@@ -1,0 +1,256 @@
+//! The registry's JSON API, over plain HTTP/1.1 on the gRPC port, called
+//! as curl would call it: the same checks, credentials and messages as the
+//! gRPC API, each refusal with its HTTP status and nothing changed.
+
+use std::net::SocketAddr;
+
+use serde_json::{Value, json};
+use shop_mesh::pb::registry as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+use crate::{TestRegistry, admin_token, instance, showing};
+
+/// One HTTP/1.1 request, the connection closed after it: the status and
+/// the body, read as JSON.
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    if !body.is_empty() {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        unchunk(body)
+    } else {
+        body.to_string()
+    };
+    let json = serde_json::from_str(&body).unwrap_or_else(|err| panic!("{err}: {body:?}"));
+    (status, json)
+}
+
+/// A chunked body, whole.
+fn unchunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("a chunk size");
+        let size = usize::from_str_radix(size.trim(), 16).expect("hex");
+        if size == 0 {
+            return body;
+        }
+        body.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_api_answers_and_refuses_as_the_grpc_api_does() {
+    let registry = TestRegistry::start_with(|config| config.auth.enabled = true).await;
+    let admin = admin_token(&[&registry.config.data_dir]).await;
+    let addr = registry.addr;
+    let mut grpc = registry.client().await;
+    let reader = grpc
+        .create_token(showing(
+            pb::CreateTokenRequest {
+                name: "reader".into(),
+                scope: Some(pb::TokenScope {
+                    read_namespace: "public".into(),
+                    ..Default::default()
+                }),
+            },
+            Some(&admin),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    grpc.register(showing(
+        pb::RegisterRequest {
+            instance: Some(pb::Instance {
+                ephemeral: Some(false),
+                ..instance("db", 5432)
+            }),
+            lease_id: 0,
+        },
+        Some(&admin),
+    ))
+    .await
+    .unwrap();
+    let admin_token = admin.as_str();
+    let admin = Some(admin_token);
+
+    // Reads.
+    let (status, body) = call(addr, "GET", "/api/v1/services", None, None).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["code"], "UNAUTHENTICATED", "{body}");
+    let (status, body) = call(addr, "GET", "/api/v1/services", Some(&reader), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["total"], 1);
+    assert_eq!(body["services"][0]["name"], "db");
+    assert_eq!(body["services"][0]["instance_count"], 1);
+    let (status, body) = call(addr, "GET", "/api/v1/services/db", Some(&reader), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["instances"][0]["port"], 5432);
+    assert_eq!(body["instances"][0]["ephemeral"], false);
+
+    // The same refusal, word for word, as the gRPC API gives.
+    let grpc_says = grpc
+        .get_service(showing(
+            pb::GetServiceRequest {
+                service: "nope".into(),
+                ..Default::default()
+            },
+            Some(&reader),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(grpc_says.code(), Code::NotFound);
+    let (status, body) = call(addr, "GET", "/api/v1/services/nope", Some(&reader), None).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        body,
+        json!({"code": "NOT_FOUND", "message": grpc_says.message()})
+    );
+
+    // A write: refused without the scope, or with a bad value or body, and
+    // nothing changes; then taken.
+    let threshold = || async {
+        call(addr, "GET", "/api/v1/services/db", Some(&reader), None)
+            .await
+            .1["protect_threshold"]
+            .clone()
+    };
+    let refusals = [
+        (
+            reader.as_str(),
+            r#"{"protect_threshold": 0.5}"#,
+            403,
+            "PERMISSION_DENIED",
+            "token",
+        ),
+        (
+            admin_token,
+            r#"{"protect_threshold": 2}"#,
+            400,
+            "INVALID_ARGUMENT",
+            "protect_threshold",
+        ),
+        (
+            admin_token,
+            r#"{"protect_threshold": "high"}"#,
+            400,
+            "INVALID_ARGUMENT",
+            "body",
+        ),
+        (
+            admin_token,
+            r#"{"threshold": 0.5}"#,
+            400,
+            "INVALID_ARGUMENT",
+            "body",
+        ),
+        (admin_token, "not json", 400, "INVALID_ARGUMENT", "body"),
+    ];
+    for (token, sent, want, code, says) in refusals {
+        let (status, body) = call(
+            addr,
+            "PATCH",
+            "/api/v1/services/db",
+            Some(token),
+            Some(sent),
+        )
+        .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (want, Some(code)),
+            "{sent}: {body}"
+        );
+        assert!(
+            body["message"].as_str().unwrap().contains(says),
+            "{sent}: {body}"
+        );
+        assert_eq!(threshold().await, 0.0, "{sent} changed the service");
+    }
+    let (status, body) = call(
+        addr,
+        "PATCH",
+        "/api/v1/services/db",
+        admin,
+        Some(r#"{"protect_threshold": 0.5}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(threshold().await, 0.5);
+
+    // Deregistration, as the gRPC API's.
+    let (status, body) = call(
+        addr,
+        "DELETE",
+        "/api/v1/services/db/instances/127.0.0.1/http",
+        admin,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("INVALID_ARGUMENT"))
+    );
+    let (status, _) = call(
+        addr,
+        "DELETE",
+        "/api/v1/services/db/instances/127.0.0.1/5432",
+        Some(&reader),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, body) = call(
+        addr,
+        "DELETE",
+        "/api/v1/services/db/instances/127.0.0.1/5432",
+        admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = call(
+        addr,
+        "DELETE",
+        "/api/v1/services/db/instances/127.0.0.1/5432",
+        admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // A path that names no call, in JSON too; gRPC goes on beside it.
+    let (status, body) = call(addr, "GET", "/api/v1/nothing", admin, None).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("NOT_FOUND")));
+    grpc.list_services(showing(pb::ListServicesRequest::default(), admin))
+        .await
+        .expect("gRPC on the same port");
+    registry.stop().await;
+}
