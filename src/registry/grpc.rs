@@ -39,6 +39,12 @@ impl RegistryService {
         }
     }
 
+    /// The registry served, for the JSON API's calls that have no gRPC
+    /// twin (they check credentials themselves, as these handlers do).
+    pub(super) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Names `addr` as this node's address in GetCluster answers.
     pub fn listening_on(mut self, addr: std::net::SocketAddr) -> Self {
         self.addr = Some(addr);
@@ -406,7 +412,7 @@ impl pb::registry_server::Registry for RegistryService {
 /// The token a call shows in its `authorization` metadata (`Bearer
 /// smt_...`), if any; checked, and never logged, by
 /// [`Registry::authorize`].
-fn presented<T>(request: &Request<T>) -> Option<String> {
+pub(super) fn presented<T>(request: &Request<T>) -> Option<String> {
     let value = request.metadata().get("authorization")?.to_str().ok()?;
     let token = value
         .strip_prefix("Bearer ")

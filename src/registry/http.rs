@@ -10,7 +10,12 @@
 //! GET    /api/v1/services/{service}?namespace=&group=&healthy_only=&cluster=
 //! PATCH  /api/v1/services/{service}?namespace=&group=      {"protect_threshold": 0.5, "metadata": {..}}
 //! DELETE /api/v1/services/{service}/instances/{ip}/{port}?namespace=&group=&cluster=
+//! GET    /api/v1/changes?namespace=&group=&service=&limit=
 //! ```
+//!
+//! The change feed has no gRPC twin (Watch streams what follows; this reads
+//! what the history holds): it checks the credential and its fields the
+//! way the handlers do, with the same rules.
 
 use std::collections::HashMap;
 
@@ -40,6 +45,7 @@ pub fn routes(service: RegistryService) -> axum::Router {
             "/api/v1/services/{service}/instances/{ip}/{port}",
             delete(deregister),
         )
+        .route("/api/v1/changes", get(changes))
         .route("/api/v1/{*rest}", any(no_such_call))
         .with_state(service)
 }
@@ -311,4 +317,76 @@ async fn deregister(
         .await?
         .into_inner();
     Ok(Json(json!({"revision": answer.revision})))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangesQuery {
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    group: String,
+    /// One service; every service of the group when absent.
+    #[serde(default)]
+    service: Option<String>,
+    /// Changes to answer at most; 100 when absent.
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// The registry's recent changes, oldest first, with their revisions.
+async fn changes(
+    State(service): State<RegistryService>,
+    headers: HeaderMap,
+    query: Result<Query<ChangesQuery>, QueryRejection>,
+) -> Result<Json<Value>, Refused> {
+    use crate::registry::Selector;
+    use crate::registry::model::{ChangeKind, GroupKey, ServiceKey};
+    let Query(q) = query.map_err(|err| invalid("query", err.body_text()))?;
+    let registry = service.registry();
+    let max = registry.config().limits.max_page_size;
+    let limit = match q.limit {
+        None => max.min(100),
+        Some(n) if n == 0 || n > max => {
+            return Err(invalid("limit", format!("{n} is not within 1 to {max}")));
+        }
+        Some(n) => n,
+    };
+    let selector = match &q.service {
+        Some(name) => Selector::Service(
+            ServiceKey::parse(&q.namespace, &q.group, name).map_err(tonic::Status::from)?,
+        ),
+        None => {
+            Selector::Group(GroupKey::parse(&q.namespace, &q.group).map_err(tonic::Status::from)?)
+        }
+    };
+    let namespace = match &selector {
+        Selector::Service(key) => key.namespace.clone(),
+        Selector::Group(group) => group.namespace.clone(),
+    };
+    let token = super::grpc::presented(&request(&headers, ()));
+    registry
+        .authorize(
+            token.as_deref(),
+            crate::auth::Need::Read {
+                namespace: &namespace,
+            },
+        )
+        .map_err(tonic::Status::from)?;
+    let (events, revision) = registry.recent_changes(&selector, limit);
+    let changes: Vec<Value> = events
+        .iter()
+        .map(|event| {
+            json!({
+                "revision": event.revision,
+                "kind": match event.kind {
+                    ChangeKind::Put => "PUT",
+                    ChangeKind::Removed => "REMOVED",
+                },
+                "service": event.instance.service.name.to_string(),
+                "instance": instance_json(&super::grpc::to_pb(&event.instance)),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"revision": revision, "changes": changes})))
 }

@@ -254,3 +254,113 @@ async fn the_json_api_answers_and_refuses_as_the_grpc_api_does() {
         .expect("gRPC on the same port");
     registry.stop().await;
 }
+
+/// The change feed: the registry's recent changes with their revisions,
+/// for one service or a whole group, read with a token that may read the
+/// namespace; bad fields refused as the gRPC API refuses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_feed_lists_recent_changes_with_their_revisions() {
+    let registry = TestRegistry::start_with(|config| config.auth.enabled = true).await;
+    let admin = admin_token(&[&registry.config.data_dir]).await;
+    let addr = registry.addr;
+    let mut grpc = registry.client().await;
+    let mut revisions = Vec::new();
+    for (service, port) in [("a", 1001), ("b", 1002), ("a", 1003)] {
+        let answer = grpc
+            .register(showing(
+                pb::RegisterRequest {
+                    instance: Some(pb::Instance {
+                        ephemeral: Some(false),
+                        ..instance(service, port)
+                    }),
+                    lease_id: 0,
+                },
+                Some(&admin),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        revisions.push(answer.revision);
+    }
+    let gone = grpc
+        .deregister(showing(
+            pb::DeregisterRequest {
+                service: "a".into(),
+                ip: "127.0.0.1".into(),
+                port: 1001,
+                ..Default::default()
+            },
+            Some(&admin),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    let admin = Some(admin.as_str());
+
+    let (status, body) = call(addr, "GET", "/api/v1/changes?service=a", admin, None).await;
+    assert_eq!(status, 200, "{body}");
+    let seen: Vec<(u64, String, u64)> = body["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["revision"].as_u64().unwrap(),
+                c["kind"].as_str().unwrap().to_string(),
+                c["instance"]["port"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // Probes may add changes of their own (health); the registrations and
+    // the removal are there, in order.
+    let mine: Vec<_> = seen
+        .iter()
+        .filter(|(r, _, _)| [revisions[0], revisions[2], gone].contains(r))
+        .cloned()
+        .collect();
+    assert_eq!(
+        mine,
+        [
+            (revisions[0], "PUT".to_string(), 1001),
+            (revisions[2], "PUT".to_string(), 1003),
+            (gone, "REMOVED".to_string(), 1001),
+        ],
+        "{body}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "oldest first: {body}"
+    );
+    assert!(body["revision"].as_u64().unwrap() >= gone);
+
+    let (status, body) = call(addr, "GET", "/api/v1/changes?limit=2", admin, None).await;
+    assert_eq!(status, 200, "{body}");
+    let all = body["changes"].as_array().unwrap();
+    assert_eq!(all.len(), 2, "{body}");
+    assert_eq!(
+        all[1]["revision"].as_u64().unwrap(),
+        body["revision"].as_u64().unwrap()
+    );
+
+    for (path, status, code) in [
+        ("/api/v1/changes", 401, "UNAUTHENTICATED"),
+        ("/api/v1/changes?limit=0", 400, "INVALID_ARGUMENT"),
+        ("/api/v1/changes?limit=100000", 400, "INVALID_ARGUMENT"),
+        (
+            "/api/v1/changes?service=bad%20name",
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        ("/api/v1/changes?colour=red", 400, "INVALID_ARGUMENT"),
+    ] {
+        let token = if status == 401 { None } else { admin };
+        let (got, body) = call(addr, "GET", path, token, None).await;
+        assert_eq!(
+            (got, body["code"].as_str()),
+            (status, Some(code)),
+            "{path}: {body}"
+        );
+    }
+    registry.stop().await;
+}

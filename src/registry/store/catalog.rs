@@ -242,6 +242,17 @@ impl Registry {
         }
     }
 
+    /// The last `limit` changes `selector` sees, oldest first (as far back
+    /// as the history goes), and the current revision.
+    pub fn recent_changes(
+        &self,
+        selector: &crate::registry::Selector,
+        limit: usize,
+    ) -> (Vec<crate::registry::model::Event>, u64) {
+        let state = self.inner.state.lock();
+        (state.recent(selector, limit), state.revision)
+    }
+
     /// One service's instances, sorted by cluster, ip and port.
     pub fn get_service(
         &self,

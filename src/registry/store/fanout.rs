@@ -169,6 +169,21 @@ impl State {
         (chunk, more)
     }
 
+    /// The last `limit` changes the selector sees that the history still
+    /// holds, oldest first.
+    pub(in crate::registry) fn recent(&self, selector: &Selector, limit: usize) -> Vec<Event> {
+        let mut recent: Vec<Event> = self
+            .history
+            .iter()
+            .rev()
+            .filter(|e| selector.matches(&e.instance.service))
+            .take(limit)
+            .cloned()
+            .collect();
+        recent.reverse();
+        recent
+    }
+
     /// The events after `from - 1` that the selector sees, or `None` when
     /// the history no longer reaches back that far (or `from` is ahead).
     pub(in crate::registry) fn replay(&self, selector: &Selector, from: u64) -> Option<Vec<Event>> {
