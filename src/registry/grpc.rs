@@ -171,6 +171,26 @@ impl pb::registry_server::Registry for RegistryService {
         Ok(Response::new(pb::UpdateServiceResponse {}))
     }
 
+    async fn update_instance(
+        &self,
+        request: Request<pb::UpdateInstanceRequest>,
+    ) -> Result<Response<pb::UpdateInstanceResponse>, Status> {
+        let token = presented(&request);
+        let r = request.into_inner();
+        let key = ServiceKey::parse(&r.namespace, &r.group, &r.service)?;
+        let addr = InstanceAddr::parse(&r.cluster, &r.ip, r.port)?;
+        let change = model::InstanceChange {
+            weight: r.weight.map(|w| model::parse_weight(Some(w))).transpose()?,
+            enabled: r.enabled,
+        };
+        if change.weight.is_none() && change.enabled.is_none() {
+            return Err(Error::invalid("weight", "set weight or enabled (or both)").into());
+        }
+        self.registry.authorize(token.as_deref(), write(&key))?;
+        let revision = self.registry.update_instance(&key, &addr, change).await?;
+        Ok(Response::new(pb::UpdateInstanceResponse { revision }))
+    }
+
     async fn delete_service(
         &self,
         request: Request<pb::DeleteServiceRequest>,

@@ -9,6 +9,7 @@
 //! GET    /api/v1/services?namespace=&group=&page=&page_size=
 //! GET    /api/v1/services/{service}?namespace=&group=&healthy_only=&cluster=
 //! PATCH  /api/v1/services/{service}?namespace=&group=      {"protect_threshold": 0.5, "metadata": {..}}
+//! PATCH  /api/v1/services/{service}/instances/{ip}/{port}?namespace=&group=&cluster=   {"weight": 2, "enabled": false}
 //! DELETE /api/v1/services/{service}/instances/{ip}/{port}?namespace=&group=&cluster=
 //! GET    /api/v1/changes?namespace=&group=&service=&limit=
 //! ```
@@ -43,7 +44,7 @@ pub fn routes(service: RegistryService) -> axum::Router {
         )
         .route(
             "/api/v1/services/{service}/instances/{ip}/{port}",
-            delete(deregister),
+            delete(deregister).patch(update_instance),
         )
         .route("/api/v1/changes", get(changes))
         .route("/api/v1/{*rest}", any(no_such_call))
@@ -289,6 +290,47 @@ struct InstanceQuery {
     group: String,
     #[serde(default)]
     cluster: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceSettings {
+    #[serde(default)]
+    weight: Option<f64>,
+    #[serde(default)]
+    enabled: Option<bool>,
+}
+
+async fn update_instance(
+    State(service): State<RegistryService>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+    headers: HeaderMap,
+    query: Result<Query<InstanceQuery>, QueryRejection>,
+    body: Result<Json<InstanceSettings>, JsonRejection>,
+) -> Result<Json<Value>, Refused> {
+    let Path((name, ip, port)) = path.map_err(|err| invalid("path", err.body_text()))?;
+    let Query(q) = query.map_err(|err| invalid("query", err.body_text()))?;
+    let Json(settings) = body.map_err(|err| invalid("body", err.body_text()))?;
+    let port: u32 = port
+        .parse()
+        .map_err(|_| invalid("port", format!("{port:?} is not a port number")))?;
+    let answer = service
+        .update_instance(request(
+            &headers,
+            pb::UpdateInstanceRequest {
+                namespace: q.namespace,
+                group: q.group,
+                service: name,
+                cluster: q.cluster,
+                ip,
+                port,
+                weight: settings.weight,
+                enabled: settings.enabled,
+            },
+        ))
+        .await?
+        .into_inner();
+    Ok(Json(json!({"revision": answer.revision})))
 }
 
 async fn deregister(

@@ -217,6 +217,29 @@ pub fn parse_weight(weight: Option<f64>) -> Result<f64, Error> {
     }
 }
 
+/// What UpdateInstance changes of an instance: each value set, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct InstanceChange {
+    /// Its new weight.
+    pub weight: Option<f64>,
+    /// Whether it takes traffic.
+    pub enabled: Option<bool>,
+}
+
+impl InstanceChange {
+    /// `instance` with this change made.
+    pub fn apply(&self, instance: &Instance) -> Instance {
+        let mut changed = instance.clone();
+        if let Some(weight) = self.weight {
+            changed.weight = weight;
+        }
+        if let Some(enabled) = self.enabled {
+            changed.enabled = enabled;
+        }
+        changed
+    }
+}
+
 /// Instance or service metadata, within the limits above.
 pub type Metadata = BTreeMap<String, String>;
 

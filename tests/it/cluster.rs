@@ -641,3 +641,66 @@ async fn every_node_signs_and_hands_out_the_same_identity_key() {
         .verify(&identity, "public", "server-order", "server-product")
         .expect("node 1's identity checks with node 0's key");
 }
+
+/// An instance updated in place through another node than the one it
+/// registered through: every node sees the change, and the instance still
+/// hangs on the etcd lease it hung on (so its lease keeps it, as before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_updated_through_another_node_keeps_its_etcd_lease() {
+    let Some(cluster) = nodes(2, SHORT).await else {
+        return;
+    };
+    let mut on_a = cluster.nodes[0].client().await;
+    let mut on_b = cluster.nodes[1].client().await;
+    let lease = register(&mut on_a, instance("svc", 80)).await.lease_id;
+    let (beats, mut answers) = keep_alive(&mut on_a, lease).await;
+    answers.next().await.expect("an answer").expect("renewed");
+    let beating = keep_beating(beats, answers, lease);
+    let etcd = Etcd::connect(&cluster.etcd.endpoints(), PATIENCE).expect("etcd client");
+    let before = leases_under(&etcd, &cluster.prefix, "i").await;
+    assert!(
+        before[0].is_some(),
+        "an ephemeral instance hangs on a lease"
+    );
+
+    let revision = on_b
+        .update_instance(pb::UpdateInstanceRequest {
+            service: "svc".into(),
+            ip: "127.0.0.1".into(),
+            port: 80,
+            weight: Some(0.5),
+            enabled: Some(false),
+            ..Default::default()
+        })
+        .await
+        .expect("updated through B")
+        .into_inner()
+        .revision;
+    for client in [&mut on_a, &mut on_b] {
+        wait_until("the change on every node", PATIENCE, || {
+            let mut client = client.clone();
+            async move {
+                let found = instances(&mut client, "svc", false).await;
+                found.len() == 1
+                    && found[0].weight == Some(0.5)
+                    && found[0].enabled == Some(false)
+                    && found[0].healthy
+            }
+        })
+        .await;
+    }
+    assert!(revision > 0);
+    assert_eq!(leases_under(&etcd, &cluster.prefix, "i").await, before);
+    let status = on_b
+        .update_instance(pb::UpdateInstanceRequest {
+            service: "svc".into(),
+            ip: "127.0.0.1".into(),
+            port: 81,
+            enabled: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    beating.abort();
+}

@@ -629,3 +629,76 @@ async fn registry_addresses_are_tried_in_turn() {
         .expect("an empty list is refused");
     assert_eq!(err.to_string(), "no registry address given");
 }
+
+/// An instance an operator takes out of traffic (UpdateInstance, what the
+/// console's "offline" does) leaves every caller's balanced channel and
+/// gets no new calls, keeps its lease, and comes back when enabled again;
+/// a weight change moves its share in the callers' tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_taken_offline_gets_no_calls_and_keeps_its_lease() {
+    let registry = TestRegistry::start().await;
+    let a = Instance::start(registry.addr, 1.0, Duration::ZERO);
+    let b = Instance::start(registry.addr, 1.0, Duration::ZERO);
+    let mesh = Mesh::new(&discovery_config(registry.addr), &Connections::default()).unwrap();
+    let channel = mesh.channel("probe");
+    wait_for_endpoints(&channel, 2).await;
+    let mut client = registry.client().await;
+    let update =
+        |port: u16, weight: Option<f64>, enabled: Option<bool>| pb::UpdateInstanceRequest {
+            service: "probe".into(),
+            ip: "127.0.0.1".into(),
+            port: port.into(),
+            weight,
+            enabled,
+            ..Default::default()
+        };
+
+    client
+        .update_instance(update(b.port, None, Some(false)))
+        .await
+        .expect("taken offline");
+    wait_for_endpoints(&channel, 1).await;
+    let calls_before = b.calls.load(Ordering::SeqCst);
+    let (per_port, failed) = load(&channel, 200, 8).await;
+    assert_eq!(failed, 0);
+    assert_eq!(per_port.get(&b.port), None, "{per_port:?}");
+    assert_eq!(b.calls.load(Ordering::SeqCst), calls_before);
+    // Still registered, listed as disabled, its lease alive.
+    let listed = crate::instances(&mut client, "probe", false).await;
+    let offline = listed.iter().find(|i| i.port == u32::from(b.port)).unwrap();
+    assert_eq!((offline.enabled, offline.healthy), (Some(false), true));
+
+    client
+        .update_instance(update(b.port, Some(3.0), Some(true)))
+        .await
+        .expect("back online, with weight 3");
+    wait_for_endpoints(&channel, 2).await;
+    wait_until(
+        "the weight to reach the caller",
+        Duration::from_secs(10),
+        || {
+            let weights = channel.endpoints();
+            let port = b.port;
+            async move {
+                weights
+                    .iter()
+                    .any(|(addr, w)| addr.port() == port && *w == 3.0)
+            }
+        },
+    )
+    .await;
+
+    for (request, code) in [
+        (update(1, Some(1.0), None), tonic::Code::NotFound),
+        (
+            update(b.port, Some(-1.0), None),
+            tonic::Code::InvalidArgument,
+        ),
+        (update(b.port, None, None), tonic::Code::InvalidArgument),
+    ] {
+        let status = client.update_instance(request).await.unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+    }
+    drop(a);
+    registry.stop().await;
+}

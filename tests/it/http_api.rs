@@ -205,6 +205,44 @@ async fn the_json_api_answers_and_refuses_as_the_grpc_api_does() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(threshold().await, 0.5);
 
+    // An instance changed in place: out of traffic, then a weight.
+    let path = "/api/v1/services/db/instances/127.0.0.1/5432";
+    for (sent, want) in [
+        (r#"{"weight": -1}"#, 400),
+        (r#"{}"#, 400),
+        (r#"{"enabled": "no"}"#, 400),
+    ] {
+        let (status, body) = call(addr, "PATCH", path, admin, Some(sent)).await;
+        assert_eq!(status, want, "{sent}: {body}");
+    }
+    let (status, _) = call(
+        addr,
+        "PATCH",
+        path,
+        Some(&reader),
+        Some(r#"{"enabled": false}"#),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, body) = call(
+        addr,
+        "PATCH",
+        path,
+        admin,
+        Some(r#"{"enabled": false, "weight": 2}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = call(addr, "GET", "/api/v1/services/db", Some(&reader), None).await;
+    assert_eq!(
+        (
+            body["instances"][0]["enabled"].clone(),
+            body["instances"][0]["weight"].clone()
+        ),
+        (json!(false), json!(2.0)),
+        "{body}"
+    );
+
     // Deregistration, as the gRPC API's.
     let (status, body) = call(
         addr,

@@ -123,12 +123,9 @@ impl Registry {
         }
         let (removed, revision) = {
             let mut state = self.inner.state.lock();
-            let removed = state.remove(key, addr).ok_or_else(|| {
-                Error::NotFound(format!(
-                    "no instance {}:{} in cluster {} of service {key}",
-                    addr.ip, addr.port, addr.cluster
-                ))
-            })?;
+            let removed = state
+                .remove(key, addr)
+                .ok_or_else(|| unknown_instance(key, addr))?;
             if let Some(lease) = state.leases.get_mut(&removed.lease) {
                 lease.forget(key, addr);
             }
@@ -147,6 +144,42 @@ impl Registry {
                 // The instance is gone from memory but maybe not from disk:
                 // it would come back after a restart. Say so.
                 tracing::error!(%err, "deregistered instance may reappear after a restart");
+                return Err(err);
+            }
+        }
+        Ok(revision)
+    }
+
+    /// Changes an instance's weight or enabled flag in place, keeping its
+    /// lease; answers the revision of the change.
+    pub async fn update_instance(
+        &self,
+        key: &ServiceKey,
+        addr: &InstanceAddr,
+        change: crate::registry::model::InstanceChange,
+    ) -> Result<u64, Error> {
+        if let Some(node) = self.node() {
+            return self
+                .update_instance_replicated(node, key, addr, change)
+                .await;
+        }
+        let (changed, previous, revision) = {
+            let mut state = self.inner.state.lock();
+            let previous = state
+                .services
+                .get(key)
+                .and_then(|service| service.get(addr))
+                .cloned()
+                .ok_or_else(|| unknown_instance(key, addr))?;
+            let changed = Arc::new(change.apply(&previous));
+            state.put(changed.clone());
+            (changed, previous, state.revision)
+        };
+        if !changed.ephemeral {
+            let stored = persist::Subject::Instance(&changed.service, &changed.addr);
+            if let Err(err) = self.persist(stored).await {
+                // Undo, so memory never claims what the disk does not hold.
+                self.inner.state.lock().put(previous);
                 return Err(err);
             }
         }
@@ -516,6 +549,14 @@ impl State {
             .range(start..)
             .take_while(move |(key, _)| key.in_group(group))
     }
+}
+
+/// The refusal of a call naming an instance that is not registered.
+pub(super) fn unknown_instance(key: &ServiceKey, addr: &InstanceAddr) -> Error {
+    Error::NotFound(format!(
+        "no instance {}:{} in cluster {} of service {key}",
+        addr.ip, addr.port, addr.cluster
+    ))
 }
 
 pub(super) fn unknown_service(key: &ServiceKey) -> Error {

@@ -191,6 +191,54 @@ impl Registry {
         )))
     }
 
+    /// [`Registry::update_instance`] on a cluster node: the instance's
+    /// record as etcd has it, changed and put back on the etcd lease it
+    /// hangs on, fenced on its not having changed meanwhile.
+    pub(super) async fn update_instance_replicated(
+        &self,
+        node: &Node,
+        key: &ServiceKey,
+        addr: &InstanceAddr,
+        change: crate::registry::model::InstanceChange,
+    ) -> Result<u64, Error> {
+        let instance_key = node.key(&Key::Instance(key.clone(), addr.clone()));
+        for _ in 0..HOLD_ROUNDS {
+            let kv = node
+                .etcd
+                .get(&instance_key)
+                .await
+                .map_err(|err| node.failed(err))?
+                .ok_or_else(|| super::catalog::unknown_instance(key, addr))?;
+            let record: Instance = serde_json::from_slice(&kv.value).map_err(|err| {
+                tracing::error!(key = %instance_key, %err, "an instance record in etcd does not read");
+                Error::Unavailable(format!(
+                    "the record of instance {}:{} in etcd does not read; see the registry's log",
+                    addr.ip, addr.port
+                ))
+            })?;
+            // Read from etcd, so it serialises back.
+            let value = serde_json::to_vec(&change.apply(&record)).expect("an instance serialises");
+            let committed = node
+                .commit(
+                    Txn::new()
+                        .when([Compare::mod_revision(
+                            &instance_key,
+                            Cmp::Equal,
+                            kv.mod_revision,
+                        )])
+                        .and_then([Op::put(&instance_key, value, kv.lease)]),
+                )
+                .await?;
+            if committed.succeeded {
+                return Ok(super::view::revision_of(committed.revision));
+            }
+        }
+        Err(Error::Aborted(format!(
+            "instance {}:{} kept changing while it was updated; try again",
+            addr.ip, addr.port
+        )))
+    }
+
     /// [`Registry::deregister`] on a cluster node.
     pub(super) async fn deregister_replicated(
         &self,
@@ -205,10 +253,7 @@ impl Registry {
         let deleted =
             matches!(committed.results.first(), Some(etcd::OpResult::Delete(n)) if *n > 0);
         if !deleted {
-            return Err(Error::NotFound(format!(
-                "no instance {}:{} in cluster {} of service {key}",
-                addr.ip, addr.port, addr.cluster
-            )));
+            return Err(super::catalog::unknown_instance(key, addr));
         }
         Ok(super::view::revision_of(committed.revision))
     }
