@@ -301,6 +301,38 @@ struct InstanceSettings {
     enabled: Option<bool>,
 }
 
+/// The instance a path and query name: its service's namespace, group
+/// and name, and its cluster, ip and port.
+struct InstanceAt {
+    namespace: String,
+    group: String,
+    service: String,
+    cluster: String,
+    ip: String,
+    port: u32,
+}
+
+impl InstanceAt {
+    fn read(
+        path: Result<Path<(String, String, String)>, PathRejection>,
+        query: Result<Query<InstanceQuery>, QueryRejection>,
+    ) -> Result<InstanceAt, Refused> {
+        let Path((service, ip, port)) = path.map_err(|err| invalid("path", err.body_text()))?;
+        let Query(q) = query.map_err(|err| invalid("query", err.body_text()))?;
+        let port = port
+            .parse()
+            .map_err(|_| invalid("port", format!("{port:?} is not a port number")))?;
+        Ok(InstanceAt {
+            namespace: q.namespace,
+            group: q.group,
+            service,
+            cluster: q.cluster,
+            ip,
+            port,
+        })
+    }
+}
+
 async fn update_instance(
     State(service): State<RegistryService>,
     path: Result<Path<(String, String, String)>, PathRejection>,
@@ -308,22 +340,18 @@ async fn update_instance(
     query: Result<Query<InstanceQuery>, QueryRejection>,
     body: Result<Json<InstanceSettings>, JsonRejection>,
 ) -> Result<Json<Value>, Refused> {
-    let Path((name, ip, port)) = path.map_err(|err| invalid("path", err.body_text()))?;
-    let Query(q) = query.map_err(|err| invalid("query", err.body_text()))?;
+    let at = InstanceAt::read(path, query)?;
     let Json(settings) = body.map_err(|err| invalid("body", err.body_text()))?;
-    let port: u32 = port
-        .parse()
-        .map_err(|_| invalid("port", format!("{port:?} is not a port number")))?;
     let answer = service
         .update_instance(request(
             &headers,
             pb::UpdateInstanceRequest {
-                namespace: q.namespace,
-                group: q.group,
-                service: name,
-                cluster: q.cluster,
-                ip,
-                port,
+                namespace: at.namespace,
+                group: at.group,
+                service: at.service,
+                cluster: at.cluster,
+                ip: at.ip,
+                port: at.port,
                 weight: settings.weight,
                 enabled: settings.enabled,
             },
@@ -339,21 +367,17 @@ async fn deregister(
     headers: HeaderMap,
     query: Result<Query<InstanceQuery>, QueryRejection>,
 ) -> Result<Json<Value>, Refused> {
-    let Path((name, ip, port)) = path.map_err(|err| invalid("path", err.body_text()))?;
-    let Query(q) = query.map_err(|err| invalid("query", err.body_text()))?;
-    let port: u32 = port
-        .parse()
-        .map_err(|_| invalid("port", format!("{port:?} is not a port number")))?;
+    let at = InstanceAt::read(path, query)?;
     let answer = service
         .deregister(request(
             &headers,
             pb::DeregisterRequest {
-                namespace: q.namespace,
-                group: q.group,
-                service: name,
-                cluster: q.cluster,
-                ip,
-                port,
+                namespace: at.namespace,
+                group: at.group,
+                service: at.service,
+                cluster: at.cluster,
+                ip: at.ip,
+                port: at.port,
             },
         ))
         .await?

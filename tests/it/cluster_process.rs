@@ -371,21 +371,8 @@ async fn up_runs_three_registry_nodes_over_etcd() {
         "--data-dir".into(),
         dir.path().join("data").display().to_string(),
     ];
-    let env = [
-        ("SHOP_MESH__REGISTRY__LISTEN", "127.0.0.1:0"),
-        ("SHOP_MESH__USER__LISTEN", "127.0.0.1:0"),
-        ("SHOP_MESH__PRODUCT__LISTEN", "127.0.0.1:0"),
-        ("SHOP_MESH__ORDER__LISTEN", "127.0.0.1:0"),
-        ("SHOP_MESH__REGISTRY__ETCD__PREFIX", prefix.as_str()),
-    ];
-    let mut up = Process::start(Path::new(BIN), "up", args, &env)
-        .await
-        .unwrap();
-    let summary = up
-        .printed(|line| line.starts_with("Ctrl-C"))
-        .await
-        .expect("up prints its summary")
-        .join("\n");
+    let env = [("SHOP_MESH__REGISTRY__ETCD__PREFIX", prefix.as_str())];
+    let (mut up, summary) = crate::start_up(args, &env).await;
     assert!(
         summary.starts_with("shop-mesh is up: 3 registry nodes on etcd and 3 service instances"),
         "{summary}"
@@ -406,14 +393,10 @@ async fn up_runs_three_registry_nodes_over_etcd() {
     );
     // Credentials are on, as by default: the shell reads with the token
     // up made for it, on every node.
-    let export = summary
-        .lines()
-        .find_map(|line| {
-            line.trim()
-                .strip_prefix("export SHOP_MESH__DISCOVERY__TOKEN_FILE=")
-        })
-        .expect("up says where the shell's token is");
-    let reader = [("SHOP_MESH__DISCOVERY__TOKEN_FILE", export)];
+    let reader = [(
+        "SHOP_MESH__DISCOVERY__TOKEN_FILE",
+        crate::shell_token(&summary),
+    )];
     // Every node answers for all of it.
     for node in &registries {
         let (ok, out, err) = run_bin_with(&["services", "--registry", node], &reader).await;
@@ -421,22 +404,8 @@ async fn up_runs_three_registry_nodes_over_etcd() {
         assert_eq!(out.lines().count(), 1 + 3 + 2, "{out}");
         assert!(out.ends_with(&format!("\nanswered by {node}\n")), "{out}");
     }
-    let (ok, out, err) = run_bin_with(
-        &[
-            "order",
-            "place",
-            "--user",
-            "1001",
-            "--product",
-            "1001",
-            "--count",
-            "10",
-            "--registry",
-            &registries.join(","),
-        ],
-        &reader,
-    )
-    .await;
+    let all = registries.join(",");
+    let (ok, out, err) = run_bin_with(&crate::place_order("10", &all), &reader).await;
     assert!(ok, "{err}");
     assert!(out.contains("23990.00"), "{out}");
 

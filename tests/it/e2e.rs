@@ -334,20 +334,7 @@ async fn up_runs_everything_and_ctrl_c_stops_it_cleanly() {
     let args = ["up", "--replicas", "2", "--data-dir"];
     let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     args.push(dir.path().join("data").display().to_string());
-    let port_0 = [
-        ("SHOP_MESH__REGISTRY__LISTEN", "127.0.0.1:0"),
-        ("SHOP_MESH__USER__LISTEN", "127.0.0.1:0"),
-        ("SHOP_MESH__PRODUCT__LISTEN", "127.0.0.1:0"),
-        ("SHOP_MESH__ORDER__LISTEN", "127.0.0.1:0"),
-    ];
-    let mut up = Process::start(Path::new(BIN), "up", args, &port_0)
-        .await
-        .unwrap();
-    let summary = up
-        .printed(|line| line.starts_with("Ctrl-C"))
-        .await
-        .expect("up prints its summary");
-    let summary = summary.join("\n");
+    let (mut up, summary) = crate::start_up(args, &[]).await;
     let column = |role: &str| -> Vec<String> {
         summary
             .lines()
@@ -370,31 +357,12 @@ async fn up_runs_everything_and_ctrl_c_stops_it_cleanly() {
         err.contains("the registry refused to say: this registry needs a token"),
         "{err}"
     );
-    let export = summary
-        .lines()
-        .find_map(|line| {
-            line.trim()
-                .strip_prefix("export SHOP_MESH__DISCOVERY__TOKEN_FILE=")
-        })
-        .expect("up says where the shell's token is");
-    let reader = [("SHOP_MESH__DISCOVERY__TOKEN_FILE", export)];
+    let reader = [(
+        "SHOP_MESH__DISCOVERY__TOKEN_FILE",
+        crate::shell_token(&summary),
+    )];
 
-    let (ok, out, err) = run_bin_with(
-        &[
-            "order",
-            "place",
-            "--user",
-            "1001",
-            "--product",
-            "1001",
-            "--count",
-            "10",
-            "--registry",
-            &registry,
-        ],
-        &reader,
-    )
-    .await;
+    let (ok, out, err) = run_bin_with(&crate::place_order("10", &registry), &reader).await;
     assert!(ok, "{err}");
     assert!(out.contains("23990.00"), "{out}");
     let (ok, out, _) = run_bin_with(
@@ -434,21 +402,7 @@ async fn no_secret_reaches_a_log_of_a_full_run() {
     let args = ["up", "--tls", "--verbose", "--data-dir"];
     let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     args.push(data.display().to_string());
-    let env = [
-        ("RUST_LOG", "debug"),
-        ("SHOP_MESH__REGISTRY__LISTEN", "127.0.0.1:0"),
-        ("SHOP_MESH__USER__LISTEN", "127.0.0.1:0"),
-        ("SHOP_MESH__PRODUCT__LISTEN", "127.0.0.1:0"),
-        ("SHOP_MESH__ORDER__LISTEN", "127.0.0.1:0"),
-    ];
-    let mut up = Process::start(Path::new(BIN), "up", args, &env)
-        .await
-        .unwrap();
-    let summary = up
-        .printed(|line| line.starts_with("Ctrl-C"))
-        .await
-        .expect("up prints its summary")
-        .join("\n");
+    let (mut up, summary) = crate::start_up(args, &[("RUST_LOG", "debug")]).await;
     let registry = summary
         .lines()
         .find(|line| line.starts_with("registry "))
@@ -472,18 +426,7 @@ async fn no_secret_reaches_a_log_of_a_full_run() {
         ("SHOP_MESH__CONNECTIONS__TLS__MUTUAL", "true"),
     ];
     let mut said = Vec::new();
-    let place = [
-        "order",
-        "place",
-        "--user",
-        "1001",
-        "--product",
-        "1001",
-        "--count",
-        "2",
-        "--registry",
-        &registry,
-    ];
+    let place = crate::place_order("2", &registry);
     let (ok, out, err) = run_bin_with(&place, &shell).await;
     assert!(ok, "{err}");
     said.extend([out, err]);

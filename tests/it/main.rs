@@ -26,6 +26,7 @@ mod tls;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use shop_mesh::harness::Process;
 use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
 use shop_mesh::registry;
@@ -272,6 +273,58 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_shop-mesh");
 /// that has not ended within a minute is killed and fails the test.
 pub async fn run_bin(args: &[&str]) -> (bool, String, String) {
     run_bin_with(args, &[]).await
+}
+
+/// Every role of a `shop-mesh up` a test starts on port 0.
+pub const UP_ON_PORT_0: [(&str, &str); 4] = [
+    ("SHOP_MESH__REGISTRY__LISTEN", "127.0.0.1:0"),
+    ("SHOP_MESH__USER__LISTEN", "127.0.0.1:0"),
+    ("SHOP_MESH__PRODUCT__LISTEN", "127.0.0.1:0"),
+    ("SHOP_MESH__ORDER__LISTEN", "127.0.0.1:0"),
+];
+
+/// `shop-mesh up` with `args` and `env` (every role on port 0), and the
+/// summary it prints once everything is up.
+pub async fn start_up(args: Vec<String>, env: &[(&str, &str)]) -> (Process, String) {
+    let mut env: Vec<(&str, &str)> = env.to_vec();
+    env.extend(UP_ON_PORT_0);
+    let mut up = Process::start(std::path::Path::new(BIN), "up", args, &env)
+        .await
+        .unwrap();
+    let summary = up
+        .printed(|line| line.starts_with("Ctrl-C"))
+        .await
+        .expect("up prints its summary")
+        .join("\n");
+    (up, summary)
+}
+
+/// The token file `up`'s summary tells the shell to read.
+pub fn shell_token(summary: &str) -> &str {
+    summary
+        .lines()
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix("export SHOP_MESH__DISCOVERY__TOKEN_FILE=")
+        })
+        .expect("up says where the shell's token is")
+}
+
+/// `shop-mesh order place` of `count` of product 1001 for user 1001,
+/// through `registry`.
+pub fn place_order<'a>(count: &'a str, registry: &'a str) -> [&'a str; 10] {
+    [
+        "order",
+        "place",
+        "--user",
+        "1001",
+        "--product",
+        "1001",
+        "--count",
+        count,
+        "--registry",
+        registry,
+    ]
 }
 
 /// [`run_bin`] with `env` set.

@@ -297,6 +297,14 @@ async fn catalogue_and_users(backend: Backend, test: &str) {
     shop.stop().await;
 }
 
+/// `message` showing `identity`, or nothing.
+fn maybe_shown<T>(identity: Option<&str>, message: T) -> tonic::Request<T> {
+    match identity {
+        Some(identity) => shown(identity, message),
+        None => tonic::Request::new(message),
+    }
+}
+
 /// Stock calls are the product service's ledger: taken from the order
 /// service alone, as its identity from the registry proves it. Anything
 /// else is refused, and no stock moves.
@@ -388,12 +396,8 @@ async fn stock_calls_are_taken_from_the_order_service_alone() {
         ),
     ];
     for (shown_identity, code, says) in refused {
-        let with = |message| match shown_identity {
-            Some(identity) => shown(identity, message),
-            None => tonic::Request::new(message),
-        };
         let status = products
-            .deduct_stock(with(deduct(1001, 50, "forged-1")))
+            .deduct_stock(maybe_shown(shown_identity, deduct(1001, 50, "forged-1")))
             .await
             .unwrap_err();
         assert_eq!(status.code(), code, "{shown_identity:?}: {status:?}");
@@ -401,13 +405,9 @@ async fn stock_calls_are_taken_from_the_order_service_alone() {
             status.message().contains(says),
             "{shown_identity:?}: {status:?}"
         );
-        let with = |message| match shown_identity {
-            Some(identity) => shown(identity, message),
-            None => tonic::Request::new(message),
-        };
         // Putting back what a real order took is refused just the same.
         let status = products
-            .restore_stock(with(restore("real-1")))
+            .restore_stock(maybe_shown(shown_identity, restore("real-1")))
             .await
             .unwrap_err();
         assert_eq!(status.code(), code, "{shown_identity:?}: {status:?}");
