@@ -193,18 +193,9 @@ impl BenchRegistry {
             }
             Security::Tokens => {}
             Security::Tls => {
-                let made = crate::cert::make(&data_dir.join("tls"), &[])?;
-                for (key, path) in [("CA", &made.ca), ("CERT", &made.cert), ("KEY", &made.key)] {
-                    env.push((
-                        format!("SHOP_MESH__CONNECTIONS__TLS__{key}"),
-                        path.display().to_string(),
-                    ));
-                }
-                env.push(("SHOP_MESH__CONNECTIONS__TLS__MUTUAL".into(), "true".into()));
-                access.tls = made
-                    .settings()
-                    .client()?
-                    .map(|tls| tls.for_host("127.0.0.1"));
+                let tls = crate::cert::make(&data_dir.join("tls"), &[])?.settings();
+                env.extend(tls.env());
+                access.tls = tls.client()?.map(|tls| tls.for_host("127.0.0.1"));
             }
         }
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

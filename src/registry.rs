@@ -283,14 +283,15 @@ pub async fn run(
         "registry.auth.identity_ttl is {:?}; it must be at least {MIN_IDENTITY_TTL:?}",
         config.auth.identity_ttl
     );
+    // How persistent instances are probed: over TLS when the mesh is.
+    let probe_tls = connections.tls.client()?;
     let (registry, _lock) = match config.store {
         StoreKind::Memory => {
             // Held until the registry stops: one registry to a data dir.
             let lock = persist::DirLock::acquire(&config.data_dir, listener.local_addr()?).await?;
-            let probe_tls = connections.tls.client()?;
             (Registry::open_probing(config, probe_tls).await?, Some(lock))
         }
-        StoreKind::Etcd => (Registry::join(config, connections).await?, None),
+        StoreKind::Etcd => (Registry::join(config, connections, probe_tls).await?, None),
     };
     registry.ensure_admin_token(&config.data_dir).await?;
     let face = RegistryService::new(registry.clone(), shutdown.clone())

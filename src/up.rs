@@ -453,11 +453,12 @@ fn summary(
     let (exports, grpcurl) = if tls.serves() {
         (
             format!(
-                "\x20 export SHOP_MESH__CONNECTIONS__TLS__CA={} SHOP_MESH__CONNECTIONS__TLS__CERT={} \
-                 SHOP_MESH__CONNECTIONS__TLS__KEY={} SHOP_MESH__CONNECTIONS__TLS__MUTUAL=true\n",
-                tls.ca.display(),
-                tls.cert.display(),
-                tls.key.display()
+                "\x20 export {}\n",
+                tls.env()
+                    .iter()
+                    .map(|(key, value)| format!("{key}={value}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ),
             format!(
                 "-cacert {} -cert {} -key {}",

@@ -57,6 +57,33 @@ impl Tls {
         if self.calls() { "https" } else { "http" }
     }
 
+    /// The environment that gives a process of this binary these settings
+    /// (its `SHOP_MESH__CONNECTIONS__TLS__*` variables), for the processes
+    /// a harness starts and the shell `up` prints them for.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> =
+            [("CERT", &self.cert), ("KEY", &self.key), ("CA", &self.ca)]
+                .into_iter()
+                .filter(|(_, path)| !path.as_os_str().is_empty())
+                .map(|(key, path)| {
+                    (
+                        format!("SHOP_MESH__CONNECTIONS__TLS__{key}"),
+                        path.display().to_string(),
+                    )
+                })
+                .collect();
+        if self.mutual {
+            env.push(("SHOP_MESH__CONNECTIONS__TLS__MUTUAL".into(), "true".into()));
+        }
+        if !self.server_name.is_empty() {
+            env.push((
+                "SHOP_MESH__CONNECTIONS__TLS__SERVER_NAME".into(),
+                self.server_name.clone(),
+            ));
+        }
+        env
+    }
+
     /// What accepts TLS on a server's connections, or None for plaintext.
     pub fn acceptor(&self) -> Result<Option<TlsAcceptor>, TlsError> {
         if !self.serves() {
@@ -77,7 +104,7 @@ impl Tls {
             .with_safe_default_protocol_versions()
             .map_err(|err| TlsError(err.to_string()))?;
         let builder = if self.mutual {
-            let roots = Arc::new(self.roots()?);
+            let roots = Arc::new(self.roots()?.1);
             let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
                 .build()
                 .map_err(|err| TlsError(format!("ca {}: {err}", self.ca.display())))?;
@@ -86,7 +113,7 @@ impl Tls {
             builder.with_no_client_auth()
         };
         let mut config = builder
-            .with_single_cert(self.chain()?, self.private_key()?)
+            .with_single_cert(self.chain()?.1, self.private_key()?.1)
             .map_err(|err| {
                 TlsError(format!(
                     "cert {} and key {} do not go together: {err}",
@@ -109,18 +136,13 @@ impl Tls {
             }
             return Ok(None);
         }
-        // Checked here, so a bad file is named at start-up rather than at
-        // the first call.
-        self.roots()?;
-        let mut config =
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca", &self.ca)?));
+        // Read and checked here, once, so a bad file is named at start-up
+        // rather than at the first call.
+        let (ca, _) = self.roots()?;
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
         if self.mutual {
-            self.chain()?;
-            self.private_key()?;
-            config = config.identity(Identity::from_pem(
-                read("cert", &self.cert)?,
-                read("key", &self.key)?,
-            ));
+            let ((cert, _), (key, _)) = (self.chain()?, self.private_key()?);
+            config = config.identity(Identity::from_pem(cert, key));
         }
         let named = !self.server_name.is_empty();
         if named {
@@ -132,35 +154,41 @@ impl Tls {
         Ok(Some(Dialer { config, named }))
     }
 
-    fn roots(&self) -> Result<RootCertStore, TlsError> {
+    /// The CA file, and the roots it holds.
+    fn roots(&self) -> Result<(Vec<u8>, RootCertStore), TlsError> {
         if !self.calls() {
             return Err(TlsError(
                 "mutual TLS needs the CA that signs the clients' certificates: set ca".into(),
             ));
         }
+        let (pem, certs) = certificates("ca", &self.ca)?;
         let mut roots = RootCertStore::empty();
-        for cert in certificates("ca", &self.ca)? {
+        for cert in certs {
             roots
                 .add(cert)
                 .map_err(|err| TlsError(format!("ca {}: {err}", self.ca.display())))?;
         }
-        Ok(roots)
+        Ok((pem, roots))
     }
 
-    fn chain(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    /// The certificate file, and the chain it holds.
+    fn chain(&self) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), TlsError> {
         certificates("cert", &self.cert)
     }
 
-    fn private_key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+    /// The key file, and the key it holds.
+    fn private_key(&self) -> Result<(Vec<u8>, PrivateKeyDer<'static>), TlsError> {
         if self.key.as_os_str().is_empty() {
             return Err(TlsError("cert is set but key is not".into()));
         }
-        PrivateKeyDer::from_pem_file(&self.key).map_err(|err| {
+        let pem = read("key", &self.key)?;
+        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|err| {
             TlsError(format!(
                 "key {}: no PEM private key: {err}",
                 self.key.display()
             ))
-        })
+        })?;
+        Ok((pem, key))
     }
 }
 
@@ -190,17 +218,20 @@ impl Dialer {
     }
 }
 
-/// The PEM certificates in `path`: at least one.
-fn certificates(setting: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The file at `path`, and the PEM certificates in it: at least one.
+fn certificates(
+    setting: &str,
+    path: &Path,
+) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), TlsError> {
     let bad = |err: String| TlsError(format!("{setting} {}: {err}", path.display()));
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|err| bad(err.to_string()))?
+    let pem = read(setting, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| bad(err.to_string()))?;
     if certs.is_empty() {
         return Err(bad("holds no PEM certificate".into()));
     }
-    Ok(certs)
+    Ok((pem, certs))
 }
 
 fn read(setting: &str, path: &Path) -> Result<Vec<u8>, TlsError> {

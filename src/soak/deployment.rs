@@ -67,13 +67,7 @@ impl Deployment {
         if tls {
             let made = crate::cert::make(&dir.join("tls"), &[])?;
             connections.tls = made.settings();
-            for (key, path) in [("CA", &made.ca), ("CERT", &made.cert), ("KEY", &made.key)] {
-                env.push((
-                    format!("SHOP_MESH__CONNECTIONS__TLS__{key}"),
-                    path.display().to_string(),
-                ));
-            }
-            env.push(("SHOP_MESH__CONNECTIONS__TLS__MUTUAL".into(), "true".into()));
+            env.extend(connections.tls.env());
         }
         let env_refs: Vec<(&str, &str)> =
             env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

@@ -66,16 +66,16 @@ impl Registry {
     /// whole state into this node's view and follows etcd's changes from
     /// there. Answers once the view holds the state, so a node never
     /// serves an empty registry while it loads. From then on the node
-    /// also campaigns to be the one that probes persistent instances.
+    /// also campaigns to be the one that probes persistent instances
+    /// (over TLS with `probe_tls` when it is given).
     pub async fn join(
         config: &Config,
         connections: &Connections,
+        probe_tls: Option<crate::server::Dialer>,
     ) -> Result<Registry, crate::etcd::Error> {
         let lease_ttls = (config.unhealthy_timeout, config.delete_timeout);
         let node = Arc::new(Node::connect(&config.etcd, lease_ttls, connections).await?);
         let signer = super::identity::from_etcd(&node).await?;
-        // Checked when the role started: a bad file never gets here.
-        let probe_tls = connections.tls.client().ok().flatten();
         let registry = Registry::with_store(config, None, Some(node.clone()), (signer, probe_tls));
         let weak = Arc::downgrade(&registry.inner);
         let prefix = node.prefix.clone();
