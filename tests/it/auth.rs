@@ -12,7 +12,7 @@ use shop_mesh::server::Connections;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::{TestRegistry, admin_token, instance, run_bin, showing, wait_until};
+use crate::{TestRegistry, admin_token, instance, register_as, run_bin, showing, wait_until};
 
 /// A registry that checks credentials, and the admin token its first
 /// start wrote to its data dir.
@@ -20,23 +20,6 @@ async fn guarded() -> (TestRegistry, String) {
     let registry = TestRegistry::start_with(|config| config.auth.enabled = true).await;
     let admin = admin_token(&[&registry.config.data_dir]).await;
     (registry, admin)
-}
-
-/// Registers `instance` on `lease` (0: a new one) showing `token`.
-async fn register_as(
-    client: &mut RegistryClient<Channel>,
-    instance: pb::Instance,
-    lease: u64,
-    token: Option<&str>,
-) -> Result<pb::RegisterResponse, tonic::Status> {
-    let request = pb::RegisterRequest {
-        instance: Some(instance),
-        lease_id: lease,
-    };
-    client
-        .register(showing(request, token))
-        .await
-        .map(tonic::Response::into_inner)
 }
 
 /// Makes a token writing `services` of the default namespace.

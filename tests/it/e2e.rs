@@ -120,37 +120,13 @@ async fn the_seeds_walkthrough_then_a_killed_product_then_a_clean_stop() {
     }
 
     // The seed's walkthrough, through the client commands.
-    let (ok, _, err) = run_bin(&[
-        "order",
-        "place",
-        "--user",
-        "1001",
-        "--product",
-        "1001",
-        "--count",
-        "1001",
-        "--registry",
-        registry,
-    ])
-    .await;
+    let (ok, _, err) = run_bin(&crate::place_order("1001", registry)).await;
     assert!(!ok);
     assert!(
         err.contains("FailedPrecondition: product 1001 has 100 in stock, 1001 requested"),
         "{err}"
     );
-    let (ok, out, err) = run_bin(&[
-        "order",
-        "place",
-        "--user",
-        "1001",
-        "--product",
-        "1001",
-        "--count",
-        "10",
-        "--registry",
-        registry,
-    ])
-    .await;
+    let (ok, out, err) = run_bin(&crate::place_order("10", registry)).await;
     assert!(ok, "{err}");
     let line = out.lines().nth(1).expect("an order line");
     assert!(
@@ -411,20 +387,14 @@ async fn no_secret_reaches_a_log_of_a_full_run() {
         .to_string();
     let tls = data.join("tls");
     let file = |path: std::path::PathBuf| path.display().to_string();
-    let (ca, cert, key) = (
-        file(tls.join("ca.pem")),
-        file(tls.join("node.pem")),
-        file(tls.join("node.key")),
-    );
     let reader = file(data.join("cli.token"));
-    let shell = [
+    // The shell as up's summary sets it: the read token, and mutual TLS.
+    let tls_env = shop_mesh::cert::Made::in_dir(&tls).settings().env();
+    let mut shell = vec![
         ("RUST_LOG", "debug"),
         ("SHOP_MESH__DISCOVERY__TOKEN_FILE", reader.as_str()),
-        ("SHOP_MESH__CONNECTIONS__TLS__CA", ca.as_str()),
-        ("SHOP_MESH__CONNECTIONS__TLS__CERT", cert.as_str()),
-        ("SHOP_MESH__CONNECTIONS__TLS__KEY", key.as_str()),
-        ("SHOP_MESH__CONNECTIONS__TLS__MUTUAL", "true"),
     ];
+    shell.extend(tls_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut said = Vec::new();
     let place = crate::place_order("2", &registry);
     let (ok, out, err) = run_bin_with(&place, &shell).await;
@@ -448,7 +418,7 @@ async fn no_secret_reaches_a_log_of_a_full_run() {
     // The token is printed once, by design, on the command's own stdout.
     said.push(err);
     let forged = format!("smt_{:016x}_{}", 7u64, "ab".repeat(32));
-    let mut forging = shell.to_vec();
+    let mut forging = shell.clone();
     forging[1] = ("SHOP_MESH__DISCOVERY__TOKEN", forged.as_str());
     let (ok, out, err) = run_bin_with(&["services", "--registry", &registry], &forging).await;
     assert!(!ok, "a forged token was taken: {out}");

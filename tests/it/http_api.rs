@@ -9,7 +9,7 @@ use shop_mesh::pb::registry as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
-use crate::{TestRegistry, admin_token, instance, showing};
+use crate::{TestRegistry, admin_token, instance, register_as, showing};
 
 /// One HTTP/1.1 request, the connection closed after it: the status and
 /// the body, read as JSON.
@@ -52,6 +52,14 @@ async fn call(
     (status, json)
 }
 
+/// A persistent instance (nothing keeps a lease of it alive, nor need to).
+fn persistent(service: &str, port: u32) -> pb::Instance {
+    pb::Instance {
+        ephemeral: Some(false),
+        ..instance(service, port)
+    }
+}
+
 /// A chunked body, whole.
 fn unchunk(mut rest: &str) -> String {
     let mut body = String::new();
@@ -87,18 +95,9 @@ async fn the_json_api_answers_and_refuses_as_the_grpc_api_does() {
         .unwrap()
         .into_inner()
         .token;
-    grpc.register(showing(
-        pb::RegisterRequest {
-            instance: Some(pb::Instance {
-                ephemeral: Some(false),
-                ..instance("db", 5432)
-            }),
-            lease_id: 0,
-        },
-        Some(&admin),
-    ))
-    .await
-    .unwrap();
+    register_as(&mut grpc, persistent("db", 5432), 0, Some(&admin))
+        .await
+        .unwrap();
     let admin_token = admin.as_str();
     let admin = Some(admin_token);
 
@@ -304,20 +303,9 @@ async fn the_change_feed_lists_recent_changes_with_their_revisions() {
     let mut grpc = registry.client().await;
     let mut revisions = Vec::new();
     for (service, port) in [("a", 1001), ("b", 1002), ("a", 1003)] {
-        let answer = grpc
-            .register(showing(
-                pb::RegisterRequest {
-                    instance: Some(pb::Instance {
-                        ephemeral: Some(false),
-                        ..instance(service, port)
-                    }),
-                    lease_id: 0,
-                },
-                Some(&admin),
-            ))
+        let answer = register_as(&mut grpc, persistent(service, port), 0, Some(&admin))
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         revisions.push(answer.revision);
     }
     let gone = grpc

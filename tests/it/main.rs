@@ -222,6 +222,23 @@ pub fn showing<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
     request
 }
 
+/// Registers `instance` on `lease` (0: a new one) showing `token`.
+pub async fn register_as(
+    client: &mut RegistryClient<Channel>,
+    instance: pb::Instance,
+    lease: u64,
+    token: Option<&str>,
+) -> Result<pb::RegisterResponse, tonic::Status> {
+    let request = pb::RegisterRequest {
+        instance: Some(instance),
+        lease_id: lease,
+    };
+    client
+        .register(showing(request, token))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// The first admin token, once a registry with auth on has written it to
 /// one of `data_dirs` (on a cluster, the node that made it).
 pub async fn admin_token(data_dirs: &[&std::path::Path]) -> String {
