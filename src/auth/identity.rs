@@ -148,6 +148,19 @@ pub enum Refusal {
     Invalid(Error),
 }
 
+impl Refusal {
+    /// The refusal as its caller is answered: a key still unknown once
+    /// the registry's keys were fetched is one the registry does not have.
+    pub fn into_error(self) -> Error {
+        match self {
+            Refusal::Invalid(err) => err,
+            Refusal::UnknownKey(kid) => Error::Unauthenticated(format!(
+                "the identity is signed with key {kid}, which the registry does not have"
+            )),
+        }
+    }
+}
+
 impl Verifier {
     /// A verifier that trusts `keys`.
     pub fn new(keys: impl IntoIterator<Item = PublicKey>) -> Verifier {

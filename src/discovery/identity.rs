@@ -213,30 +213,19 @@ impl Callers {
             )));
         };
         let text = shown.to_str().unwrap_or_default();
-        let verified = self
-            .verifier
-            .read()
-            .await
-            .verify(text, &self.namespace, caller, &self.me);
-        match verified {
-            Ok(_) => Ok(()),
-            Err(Refusal::Invalid(err)) => Err(err),
-            Err(Refusal::UnknownKey(kid)) => {
-                self.refresh_keys().await?;
-                match self
-                    .verifier
-                    .read()
-                    .await
-                    .verify(text, &self.namespace, caller, &self.me)
-                {
-                    Ok(_) => Ok(()),
-                    Err(Refusal::Invalid(err)) => Err(err),
-                    Err(Refusal::UnknownKey(_)) => Err(Error::Unauthenticated(format!(
-                        "the identity is signed with key {kid}, which the registry does not have"
-                    ))),
-                }
-            }
+        let verify = |verifier: &Verifier| {
+            verifier
+                .verify(text, &self.namespace, caller, &self.me)
+                .map(drop)
+        };
+        // Bound first, so the read lock is let go before a refresh writes.
+        let first = verify(&*self.verifier.read().await);
+        match first {
+            Err(Refusal::UnknownKey(_)) => self.refresh_keys().await?,
+            checked => return checked.map_err(Refusal::into_error),
         }
+        let second = verify(&*self.verifier.read().await);
+        second.map_err(Refusal::into_error)
     }
 
     async fn refresh_keys(&self) -> Result<(), Error> {
