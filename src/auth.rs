@@ -13,6 +13,7 @@
 //! names match its patterns (`server-product`, or a prefix: `server-*`).
 
 pub mod identity;
+pub mod session;
 
 use std::fmt;
 use std::str::FromStr;

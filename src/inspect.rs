@@ -100,6 +100,7 @@ pub async fn services(
                 group: config.group.clone(),
                 page,
                 page_size: 1000,
+                search: String::new(),
             })
             .await
             .map_err(status)?

@@ -4,6 +4,7 @@
 //! watch that pushes every change at once.
 
 pub mod cluster;
+pub mod console;
 mod grpc;
 mod http;
 pub mod model;
@@ -24,8 +25,10 @@ pub use cluster::{ClusterInfo, EtcdInfo, EtcdMember};
 pub use grpc::RegistryService;
 pub use persist::Error as DataDirError;
 pub use probe::HEALTH_SERVICE_KEY;
-pub use store::{ADMIN_TOKEN_FILE, IDENTITY_KEY_FILE, KeepAlive, Registry, Stats};
-pub use watch::{SNAPSHOT_CHUNK, Selector, WatchItem, WatchStream};
+pub use store::{
+    ADMIN_TOKEN_FILE, IDENTITY_KEY_FILE, KeepAlive, Liveness, Registry, Stats, WatcherView,
+};
+pub use watch::{SNAPSHOT_CHUNK, Selector, WatchItem, WatchStream, Watcher};
 
 use crate::pb::registry::registry_server::RegistryServer;
 use crate::shutdown::Shutdown;
@@ -161,6 +164,43 @@ impl Default for AuthConfig {
     }
 }
 
+/// The `[registry.console]` section: the console in a browser, on the
+/// registry's port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Serves the console (its pages and its login); the JSON API is
+    /// served either way.
+    pub enabled: bool,
+    /// The console user's password. Unset: the one whose hash is in the
+    /// data dir, made at the first start (see [`console`]).
+    pub password: crate::auth::Secret,
+    /// A session unused this long lapses.
+    #[serde(with = "humantime_serde")]
+    pub session_idle: Duration,
+    /// A session lapses this long after its login, however much it is used.
+    #[serde(with = "humantime_serde")]
+    pub session_max: Duration,
+    /// Sessions open at once; logging in past it ends the least recently
+    /// used.
+    pub max_sessions: usize,
+    /// Login attempts one client address may make a minute.
+    pub login_attempts_per_minute: u32,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            password: crate::auth::Secret::default(),
+            session_idle: Duration::from_secs(30 * 60),
+            session_max: Duration::from_secs(12 * 3600),
+            max_sessions: 1000,
+            login_attempts_per_minute: 5,
+        }
+    }
+}
+
 /// The `[registry]` configuration section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -208,6 +248,8 @@ pub struct Config {
     pub etcd: EtcdConfig,
     /// The `[registry.auth]` section.
     pub auth: AuthConfig,
+    /// The `[registry.console]` section.
+    pub console: ConsoleConfig,
 }
 
 impl Default for Config {
@@ -228,6 +270,7 @@ impl Default for Config {
             store: StoreKind::default(),
             etcd: EtcdConfig::default(),
             auth: AuthConfig::default(),
+            console: ConsoleConfig::default(),
         }
     }
 }
@@ -297,6 +340,17 @@ pub async fn run(
     let face = RegistryService::new(registry.clone(), shutdown.clone())
         .listening_on(listener.local_addr()?);
     let api = http::routes(face.clone());
+    let api = if config.console.enabled {
+        let console =
+            console::Console::open(config, registry.clone(), connections.tls.serves()).await?;
+        api.route_layer(axum::middleware::from_fn_with_state(
+            console.clone(),
+            console::Console::guard,
+        ))
+        .merge(console.routes())
+    } else {
+        api
+    };
     let service =
         RegistryServer::new(face).max_decoding_message_size(config.limits.max_message_size);
     let mut server = crate::server::Server::new(shutdown.clone(), connections).await?;

@@ -12,7 +12,7 @@ use super::model::{
     self, ChangeKind, GroupKey, Instance, InstanceAddr, InstanceSpec, ServiceKey, ServiceSettings,
     TimingOverrides,
 };
-use super::watch::{Selector, WatchItem};
+use super::watch::{Selector, WatchItem, Watcher};
 use super::{Error, Registry, StoreKind};
 use crate::auth::{Need, Scope, TokenId};
 use crate::pb::registry as pb;
@@ -99,6 +99,16 @@ impl pb::registry_server::Registry for RegistryService {
         let group = GroupKey::parse(&r.namespace, &r.group)?;
         self.registry
             .authorize(token.as_deref(), read(&group.namespace))?;
+        if r.search.len() > model::MAX_NAME_LEN || r.search.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "search",
+                format!(
+                    "at most {} bytes, no control characters",
+                    model::MAX_NAME_LEN
+                ),
+            )
+            .into());
+        }
         let max = self.registry.config().limits.max_page_size;
         let page_size = match r.page_size as usize {
             0 => max.min(100),
@@ -111,9 +121,9 @@ impl pb::registry_server::Registry for RegistryService {
             }
             n => n,
         };
-        let page = self
-            .registry
-            .list_services(&group, (r.page as usize).max(1), page_size);
+        let page =
+            self.registry
+                .list_services(&group, &r.search, (r.page as usize).max(1), page_size);
         Ok(Response::new(pb::ListServicesResponse {
             services: page
                 .services
@@ -305,10 +315,19 @@ impl pb::registry_server::Registry for RegistryService {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let token = presented(&request);
+        let peer = request.remote_addr();
         let r = request.into_inner();
         let group = GroupKey::parse(&r.namespace, &r.group)?;
-        self.registry
+        let grant = self
+            .registry
             .authorize(token.as_deref(), read(&group.namespace))?;
+        let who = Watcher {
+            peer,
+            by: grant.map(|g| g.name.clone()),
+            since_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
         let (registry, namespace) = (self.registry.clone(), group.namespace.clone());
         let selector = if r.service.is_empty() {
             Selector::Group(group)
@@ -317,7 +336,7 @@ impl pb::registry_server::Registry for RegistryService {
         };
         let stream = self
             .registry
-            .watch(selector, r.start_revision, r.incarnation)?;
+            .watch_by(selector, r.start_revision, r.incarnation, who)?;
         let incarnation = self.registry.incarnation();
         // A token revoked while its watch is open gets no further change:
         // its next answer is the refusal, and the stream ends.

@@ -6,17 +6,22 @@
 //! a refusal's gRPC code becomes its HTTP status.
 //!
 //! ```text
-//! GET    /api/v1/services?namespace=&group=&page=&page_size=
+//! GET    /api/v1/namespaces
+//! GET    /api/v1/services?namespace=&group=&page=&page_size=&search=
 //! GET    /api/v1/services/{service}?namespace=&group=&healthy_only=&cluster=
+//! GET    /api/v1/services/{service}/watchers?namespace=&group=
 //! PATCH  /api/v1/services/{service}?namespace=&group=      {"protect_threshold": 0.5, "metadata": {..}}
 //! PATCH  /api/v1/services/{service}/instances/{ip}/{port}?namespace=&group=&cluster=   {"weight": 2, "enabled": false}
 //! DELETE /api/v1/services/{service}/instances/{ip}/{port}?namespace=&group=&cluster=
 //! GET    /api/v1/changes?namespace=&group=&service=&limit=
+//! GET    /api/v1/events?namespace=&group=&service=          Server-Sent Events
+//! GET    /api/v1/cluster
 //! ```
 //!
-//! The change feed has no gRPC twin (Watch streams what follows; this reads
-//! what the history holds): it checks the credential and its fields the
-//! way the handlers do, with the same rules.
+//! The change feed, the namespaces and a service's watchers have no gRPC
+//! twin (Watch streams what follows; these read what the registry holds):
+//! they check the credential and their fields the way the handlers do,
+//! with the same rules. The events stream is Watch, told to a browser.
 
 use std::collections::HashMap;
 
@@ -30,13 +35,18 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tonic::Code;
 
+mod live;
+
 use super::RegistryService;
 use crate::pb::registry as pb;
 use crate::pb::registry::registry_server::Registry as _;
+use crate::registry::Liveness;
+use crate::registry::model::ServiceKey;
 
 /// The routes of the JSON API, served by `service`.
 pub fn routes(service: RegistryService) -> axum::Router {
     axum::Router::new()
+        .route("/api/v1/namespaces", get(namespaces))
         .route("/api/v1/services", get(list_services))
         .route(
             "/api/v1/services/{service}",
@@ -46,7 +56,10 @@ pub fn routes(service: RegistryService) -> axum::Router {
             "/api/v1/services/{service}/instances/{ip}/{port}",
             delete(deregister).patch(update_instance),
         )
+        .route("/api/v1/services/{service}/watchers", get(watchers))
         .route("/api/v1/changes", get(changes))
+        .route("/api/v1/events", get(live::events))
+        .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/{*rest}", any(no_such_call))
         .with_state(service)
 }
@@ -61,7 +74,7 @@ async fn no_such_call(uri: axum::http::Uri) -> Refused {
 
 /// A refusal as the API answers it: the gRPC code's HTTP status, and
 /// `{"code": "NOT_FOUND", "message": "..."}`.
-struct Refused(tonic::Status);
+pub(super) struct Refused(tonic::Status);
 
 impl From<tonic::Status> for Refused {
     fn from(status: tonic::Status) -> Self {
@@ -141,6 +154,8 @@ struct ListQuery {
     page: u32,
     #[serde(default)]
     page_size: u32,
+    #[serde(default)]
+    search: String,
 }
 
 async fn list_services(
@@ -157,6 +172,7 @@ async fn list_services(
                 group: q.group,
                 page: q.page,
                 page_size: q.page_size,
+                search: q.search,
             },
         ))
         .await?
@@ -204,6 +220,7 @@ async fn get_service(
 ) -> Result<Json<Value>, Refused> {
     let Path(name) = name.map_err(|err| invalid("path", err.body_text()))?;
     let Query(q) = query.map_err(|err| invalid("query", err.body_text()))?;
+    let key = (q.namespace.clone(), q.group.clone(), name.clone());
     let answer = service
         .get_service(request(
             &headers,
@@ -217,7 +234,42 @@ async fn get_service(
         ))
         .await?
         .into_inner();
-    let instances: Vec<Value> = answer.instances.iter().map(instance_json).collect();
+    // How each is kept alive, which only this API shows (a gRPC answer
+    // carries no lease): read after the instances, so one registered in
+    // between has no entry and shows none.
+    let key = ServiceKey::parse(&key.0, &key.1, &key.2).map_err(tonic::Status::from)?;
+    let liveness: HashMap<(String, String, u32), Liveness> = service
+        .registry()
+        .liveness(&key)
+        .into_iter()
+        .map(|(addr, l)| {
+            (
+                (
+                    addr.cluster.to_string(),
+                    addr.ip.to_string(),
+                    addr.port as u32,
+                ),
+                l,
+            )
+        })
+        .collect();
+    let instances: Vec<Value> = answer
+        .instances
+        .iter()
+        .map(|i| {
+            let mut json = instance_json(i);
+            let found = liveness.get(&(i.cluster.clone(), i.ip.clone(), i.port));
+            let (lease, last) = match found {
+                Some(Liveness::Persistent) => ("persistent", None),
+                Some(Liveness::Alive { last_beat_ms }) => ("alive", *last_beat_ms),
+                Some(Liveness::Orphaned { last_beat_ms }) => ("orphaned", *last_beat_ms),
+                None => ("unknown", None),
+            };
+            json["lease"] = json!(lease);
+            json["last_heartbeat_ms"] = json!(last);
+            json
+        })
+        .collect();
     Ok(Json(json!({
         "namespace": answer.namespace,
         "group": answer.group,
@@ -455,4 +507,107 @@ async fn changes(
         })
         .collect();
     Ok(Json(json!({"revision": revision, "changes": changes})))
+}
+
+/// Every namespace the credential may read, with its groups and their
+/// service counts.
+async fn namespaces(
+    State(service): State<RegistryService>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Refused> {
+    use crate::auth::Need;
+    let registry = service.registry();
+    let token = super::grpc::presented(&request(&headers, ()));
+    registry
+        .authorize(token.as_deref(), Need::Describe)
+        .map_err(tonic::Status::from)?;
+    let namespaces: Vec<Value> = registry
+        .namespaces()
+        .into_iter()
+        .filter(|(namespace, _)| {
+            registry
+                .authorize(token.as_deref(), Need::Read { namespace })
+                .is_ok()
+        })
+        .map(|(namespace, groups)| {
+            let groups: Vec<Value> = groups
+                .iter()
+                .map(|(group, services)| json!({"name": group.as_ref(), "services": services}))
+                .collect();
+            json!({"name": namespace.as_ref(), "groups": groups})
+        })
+        .collect();
+    Ok(Json(json!({"namespaces": namespaces})))
+}
+
+/// Who watches a service: its own watchers, then its group's.
+async fn watchers(
+    State(service): State<RegistryService>,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    query: Result<Query<Scope>, QueryRejection>,
+) -> Result<Json<Value>, Refused> {
+    let Path(name) = name.map_err(|err| invalid("path", err.body_text()))?;
+    let Query(scope) = query.map_err(|err| invalid("query", err.body_text()))?;
+    let key =
+        ServiceKey::parse(&scope.namespace, &scope.group, &name).map_err(tonic::Status::from)?;
+    let registry = service.registry();
+    let token = super::grpc::presented(&request(&headers, ()));
+    registry
+        .authorize(
+            token.as_deref(),
+            crate::auth::Need::Read {
+                namespace: &key.namespace,
+            },
+        )
+        .map_err(tonic::Status::from)?;
+    let watchers: Vec<Value> = registry
+        .watchers(&key)
+        .iter()
+        .map(|w| {
+            json!({
+                "id": w.id,
+                "peer": w.who.peer.map(|p| p.to_string()),
+                "scope": if w.whole_group { "group" } else { "service" },
+                "since_ms": w.who.since_ms,
+                "queued_bytes": w.queued_bytes,
+                "by": w.who.by,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"watchers": watchers})))
+}
+
+/// GetCluster: where the state lives, and on etcd its members.
+async fn cluster(
+    State(service): State<RegistryService>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Refused> {
+    let answer = service
+        .get_cluster(request(&headers, pb::GetClusterRequest {}))
+        .await?
+        .into_inner();
+    let members: Vec<Value> = answer
+        .etcd_members
+        .iter()
+        .map(|m| {
+            json!({
+                "id": format!("{:x}", m.id),
+                "name": m.name,
+                "client_urls": m.client_urls,
+                "leader": m.leader,
+                "learner": m.learner,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "store": answer.store,
+        "node": answer.node,
+        "revision": answer.revision,
+        "incarnation": answer.incarnation.to_string(),
+        "etcd_endpoints": answer.etcd_endpoints,
+        "etcd_prefix": answer.etcd_prefix,
+        "etcd_members": members,
+        "etcd_error": answer.etcd_error,
+    })))
 }

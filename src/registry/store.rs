@@ -49,12 +49,14 @@ use super::model::{ChangeKind, Event, GroupKey, Instance, InstanceAddr, LeaseId,
 use super::watch::Subscription;
 use super::{Config, cluster, persist};
 use crate::auth::identity::Signer;
+use crate::auth::session::Sessions;
 use crate::auth::{Grant, TokenId};
 use catalog::Service;
 use lease::{Lease, Millis, reap};
 
+pub use fanout::WatcherView;
 pub use identity::IDENTITY_KEY_FILE;
-pub use lease::KeepAlive;
+pub use lease::{KeepAlive, Liveness};
 pub(super) use probes::WeakRegistry;
 pub use tokens::ADMIN_TOKEN_FILE;
 
@@ -88,6 +90,8 @@ struct Inner {
     /// How persistent instances are probed over TLS, when the mesh runs
     /// on it.
     probe_tls: Option<crate::server::Dialer>,
+    /// The console's sessions: credentials too, held by this node alone.
+    sessions: Sessions,
 }
 
 /// Counts for tests, metrics and the benchmark.
@@ -183,6 +187,11 @@ impl Registry {
             closed: CancellationToken::new(),
             signer,
             probe_tls,
+            sessions: Sessions::new(
+                config.console.session_idle,
+                config.console.session_max,
+                config.console.max_sessions,
+            ),
         });
         tokio::spawn(reap(
             Arc::downgrade(&inner),
@@ -209,6 +218,18 @@ impl Registry {
     /// gets a reset snapshot, since revisions of another run mean nothing here.
     pub fn incarnation(&self) -> u64 {
         self.inner.incarnation
+    }
+
+    /// The console's sessions, which [`Registry::authorize`] accepts as
+    /// it accepts tokens.
+    pub fn sessions(&self) -> &Sessions {
+        &self.inner.sessions
+    }
+
+    /// The revision the registry (this node's view, on a cluster) has
+    /// reached.
+    pub fn revision(&self) -> u64 {
+        self.inner.state.lock().revision
     }
 
     /// The configuration this registry was built with.

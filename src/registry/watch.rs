@@ -33,6 +33,17 @@ use super::store::Registry;
 /// message size limit.
 pub const SNAPSHOT_CHUNK: usize = 500;
 
+/// Who watches, as a service's list of its watchers shows them.
+#[derive(Debug, Clone, Default)]
+pub struct Watcher {
+    /// The address the watch came from, when known.
+    pub peer: Option<std::net::SocketAddr>,
+    /// The name of the credential it showed, when it showed one.
+    pub by: Option<String>,
+    /// When it began, in milliseconds since the Unix epoch.
+    pub since_ms: u64,
+}
+
 /// What a watch follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
@@ -93,6 +104,8 @@ pub(super) struct Backlog {
 #[derive(Debug)]
 pub(super) struct Subscription {
     pub id: u64,
+    /// Who it is for.
+    pub who: Arc<Watcher>,
     /// Each change with the bytes it counts for.
     tx: mpsc::UnboundedSender<(Event, usize)>,
     backlog: Arc<Backlog>,
@@ -107,7 +120,7 @@ pub(super) struct Inbox {
 impl Subscription {
     /// A subscription whose queue holds at most `limit` bytes of changes
     /// (and always at least one change).
-    pub fn new(id: u64, limit: usize) -> (Subscription, Inbox) {
+    pub fn new(id: u64, limit: usize, who: Arc<Watcher>) -> (Subscription, Inbox) {
         let (tx, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(Backlog {
             bytes: AtomicUsize::new(0),
@@ -118,7 +131,15 @@ impl Subscription {
             rx,
             backlog: backlog.clone(),
         };
-        (Subscription { id, tx, backlog }, inbox)
+        (
+            Subscription {
+                id,
+                who,
+                tx,
+                backlog,
+            },
+            inbox,
+        )
     }
 
     /// Queues a change of `size` bytes; false when this subscription must
@@ -202,6 +223,7 @@ impl Covered {
 pub struct WatchStream {
     registry: Registry,
     selector: Selector,
+    who: Arc<Watcher>,
     subscription: u64,
     inbox: Inbox,
     replay: VecDeque<Event>,
@@ -213,7 +235,7 @@ pub struct WatchStream {
 impl WatchStream {
     pub(super) fn new(
         registry: Registry,
-        selector: Selector,
+        (selector, who): (Selector, Arc<Watcher>),
         (subscription, inbox): (u64, Inbox),
         revision: u64,
         start: Start,
@@ -233,6 +255,7 @@ impl WatchStream {
         WatchStream {
             registry,
             selector,
+            who,
             subscription,
             inbox,
             replay,
@@ -245,7 +268,8 @@ impl WatchStream {
     /// Replaces the lost subscription with a new one and starts a reset
     /// snapshot from the moment it began, so nothing falls between them.
     fn resync(&mut self) {
-        let ((subscription, inbox), revision) = self.registry.resubscribe(&self.selector);
+        let ((subscription, inbox), revision) =
+            self.registry.resubscribe(&self.selector, &self.who);
         self.registry.unsubscribe(&self.selector, self.subscription);
         self.subscription = subscription;
         self.inbox = inbox;

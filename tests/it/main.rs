@@ -8,10 +8,12 @@ mod cluster_probes;
 mod cluster_process;
 mod config;
 mod connections;
+mod console;
 mod discovery;
 mod e2e;
 mod etcd;
 mod grpcurl;
+mod http;
 mod http_api;
 mod inspect;
 mod persistence;
@@ -198,13 +200,28 @@ pub async fn keep_alive(
     tokio::sync::mpsc::Sender<pb::KeepAliveRequest>,
     tonic::Streaming<pb::KeepAliveResponse>,
 ) {
+    keep_alive_as(client, lease, None).await
+}
+
+/// [`keep_alive`] showing `token`.
+pub async fn keep_alive_as(
+    client: &mut RegistryClient<Channel>,
+    lease: u64,
+    token: Option<&str>,
+) -> (
+    tokio::sync::mpsc::Sender<pb::KeepAliveRequest>,
+    tonic::Streaming<pb::KeepAliveResponse>,
+) {
     let (beats, rx) = tokio::sync::mpsc::channel(4);
     beats
         .send(pb::KeepAliveRequest { lease_id: lease })
         .await
         .expect("the channel is open");
     let answers = client
-        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(showing(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            token,
+        ))
         .await
         .expect("KeepAlive")
         .into_inner();
@@ -395,6 +412,26 @@ where
         assert!(
             tokio::time::Instant::now() < give_up,
             "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `check` until it answers something, within 10 s, and answers
+/// that; panics after.
+pub async fn wait_for<T, F, Fut>(mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out waiting for a condition"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

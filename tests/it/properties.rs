@@ -238,6 +238,7 @@ fn every_rpc_answers_any_field_with_a_code_a_person_can_act_on() {
                     group: instance.group.clone(),
                     page,
                     page_size: page,
+                    search: instance.service.clone(),
                 };
                 check("ListServices", client.list_services(list).await)?;
                 let get = reg::GetServiceRequest {

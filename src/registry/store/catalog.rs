@@ -70,6 +70,9 @@ impl Service {
     }
 }
 
+/// A namespace, and each of its groups with the services it holds.
+pub type Namespace = (Arc<str>, Vec<(Arc<str>, usize)>);
+
 impl Registry {
     /// Adds an instance, or updates the one with the same identity.
     pub async fn register(&self, spec: InstanceSpec, lease: LeaseId) -> Result<Registered, Error> {
@@ -251,13 +254,23 @@ impl Registry {
         Ok(())
     }
 
-    /// The services of a group, sorted by name, one page of them.
-    pub fn list_services(&self, group: &GroupKey, page: usize, page_size: usize) -> ServicePage {
+    /// The services of a group whose names contain `search` (ignoring
+    /// case; empty: all), sorted by name, one page of them.
+    pub fn list_services(
+        &self,
+        group: &GroupKey,
+        search: &str,
+        page: usize,
+        page_size: usize,
+    ) -> ServicePage {
+        let search = search.to_lowercase();
         let state = self.inner.state.lock();
         let in_group = state.group_range(group);
         let mut services = Vec::new();
         let mut total = 0;
-        for (key, service) in in_group {
+        let matching = in_group
+            .filter(|(key, _)| search.is_empty() || key.name.to_lowercase().contains(&search));
+        for (key, service) in matching {
             if total >= page.saturating_sub(1) * page_size && services.len() < page_size {
                 services.push(ServiceSummary {
                     key: key.clone(),
@@ -273,6 +286,24 @@ impl Registry {
             total,
             revision: state.revision,
         }
+    }
+
+    /// Every namespace, its groups and how many services each holds,
+    /// sorted by name.
+    pub fn namespaces(&self) -> Vec<Namespace> {
+        let state = self.inner.state.lock();
+        let mut namespaces: Vec<Namespace> = Vec::new();
+        for key in state.services.keys() {
+            if namespaces.last().is_none_or(|(ns, _)| *ns != key.namespace) {
+                namespaces.push((key.namespace.clone(), Vec::new()));
+            }
+            let groups = &mut namespaces.last_mut().expect("pushed").1;
+            match groups.last_mut() {
+                Some((group, count)) if *group == key.group => *count += 1,
+                _ => groups.push((key.group.clone(), 1)),
+            }
+        }
+        namespaces
     }
 
     /// The last `limit` changes `selector` sees, oldest first (as far back

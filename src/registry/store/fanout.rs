@@ -8,7 +8,9 @@ use std::sync::Arc;
 use super::catalog::Service;
 use super::{Registry, State};
 use crate::registry::model::{ChangeKind, Event, Instance, ServiceKey};
-use crate::registry::watch::{Inbox, Position, Selector, Start, Subscription, WatchStream};
+use crate::registry::watch::{
+    Inbox, Position, Selector, Start, Subscription, WatchStream, Watcher,
+};
 use crate::registry::{Config, Error};
 
 impl Registry {
@@ -20,6 +22,18 @@ impl Registry {
         start_revision: u64,
         incarnation: u64,
     ) -> Result<WatchStream, Error> {
+        self.watch_by(selector, start_revision, incarnation, Watcher::default())
+    }
+
+    /// [`Registry::watch`], for `who`, as [`Registry::watchers`] lists it.
+    pub fn watch_by(
+        &self,
+        selector: Selector,
+        start_revision: u64,
+        incarnation: u64,
+        who: Watcher,
+    ) -> Result<WatchStream, Error> {
+        let who = Arc::new(who);
         let permit = self
             .inner
             .watches
@@ -48,12 +62,12 @@ impl Registry {
                 _ => Start::Snapshot { reset: true },
             },
         };
-        let subscription = state.subscribe(&self.inner.config, &selector);
+        let subscription = state.subscribe(&self.inner.config, &selector, who.clone());
         let revision = state.revision;
         drop(state);
         Ok(WatchStream::new(
             self.clone(),
-            selector,
+            (selector, who),
             subscription,
             revision,
             start,
@@ -63,9 +77,13 @@ impl Registry {
 
     /// A new subscription for a watcher that fell behind, and the revision
     /// it starts after.
-    pub(in crate::registry) fn resubscribe(&self, selector: &Selector) -> ((u64, Inbox), u64) {
+    pub(in crate::registry) fn resubscribe(
+        &self,
+        selector: &Selector,
+        who: &Arc<Watcher>,
+    ) -> ((u64, Inbox), u64) {
         let mut state = self.inner.state.lock();
-        let subscription = state.subscribe(&self.inner.config, selector);
+        let subscription = state.subscribe(&self.inner.config, selector, who.clone());
         (subscription, state.revision)
     }
 
@@ -82,6 +100,27 @@ impl Registry {
         (chunk, more, state.revision)
     }
 
+    /// Who watches `service`: its own watchers, then those of its group,
+    /// each with what is queued for it.
+    pub fn watchers(&self, service: &ServiceKey) -> Vec<WatcherView> {
+        let state = self.inner.state.lock();
+        let own = state.by_service.get(service).into_iter().flatten();
+        let group = state
+            .by_group
+            .get(&service.group_key())
+            .into_iter()
+            .flatten();
+        own.map(|s| (s, false))
+            .chain(group.map(|s| (s, true)))
+            .map(|(s, whole_group)| WatcherView {
+                id: s.id,
+                who: s.who.clone(),
+                whole_group,
+                queued_bytes: s.queued_bytes(),
+            })
+            .collect()
+    }
+
     pub(in crate::registry) fn unsubscribe(&self, selector: &Selector, id: u64) {
         let mut state = self.inner.state.lock();
         match selector {
@@ -89,6 +128,19 @@ impl Registry {
             Selector::Group(group) => remove_subscription(&mut state.by_group, group, id),
         }
     }
+}
+
+/// One watcher of a service, as [`Registry::watchers`] answers it.
+#[derive(Debug, Clone)]
+pub struct WatcherView {
+    /// The subscription's number, unique in this run.
+    pub id: u64,
+    /// Who watches.
+    pub who: Arc<Watcher>,
+    /// It watches the service's whole group, not the service alone.
+    pub whole_group: bool,
+    /// Changes queued for it and not yet read, in bytes.
+    pub queued_bytes: usize,
 }
 
 impl State {
@@ -205,10 +257,11 @@ impl State {
         &mut self,
         config: &Config,
         selector: &Selector,
+        who: Arc<Watcher>,
     ) -> (u64, Inbox) {
         let id = self.next_watcher;
         self.next_watcher += 1;
-        let (subscription, inbox) = Subscription::new(id, config.limits.watch_queue_bytes);
+        let (subscription, inbox) = Subscription::new(id, config.limits.watch_queue_bytes, who);
         match selector {
             Selector::Service(key) => self
                 .by_service

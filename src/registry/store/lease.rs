@@ -49,7 +49,61 @@ impl Lease {
     }
 }
 
+/// How an instance is being kept, as the console shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Persistent: the registry probes it.
+    Persistent,
+    /// Its lease is being kept.
+    Alive {
+        /// Its last sign of life, in milliseconds since the Unix epoch,
+        /// when this node holds its lease.
+        last_beat_ms: Option<u64>,
+    },
+    /// Its KeepAlive stream broke, or its beats stopped, and none resumed.
+    Orphaned {
+        /// As for `Alive`.
+        last_beat_ms: Option<u64>,
+    },
+}
+
 impl Registry {
+    /// How each instance of `service` is kept alive, by address.
+    pub fn liveness(&self, service: &ServiceKey) -> Vec<(InstanceAddr, Liveness)> {
+        let wall_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let state = self.inner.state.lock();
+        let now = state.now();
+        let Some(found) = state.services.get(service) else {
+            return Vec::new();
+        };
+        found
+            .iter()
+            .map(|instance| {
+                let liveness = if !instance.ephemeral {
+                    Liveness::Persistent
+                } else {
+                    match state.leases.get(&instance.lease) {
+                        Some(lease) => {
+                            let last_beat_ms =
+                                Some(wall_now.saturating_sub(now.saturating_sub(lease.last_seen)));
+                            if lease.orphaned || !instance.healthy {
+                                Liveness::Orphaned { last_beat_ms }
+                            } else {
+                                Liveness::Alive { last_beat_ms }
+                            }
+                        }
+                        // Held by another node of a cluster.
+                        None if instance.healthy => Liveness::Alive { last_beat_ms: None },
+                        None => Liveness::Orphaned { last_beat_ms: None },
+                    }
+                };
+                (instance.addr.clone(), liveness)
+            })
+            .collect()
+    }
+
     /// A session of heartbeats, as one KeepAlive stream sends them. When
     /// the session ends (the stream broke or closed), the instances of its
     /// leases become unhealthy at once.

@@ -308,7 +308,13 @@ impl Registry {
                 false
             }
         };
-        let grant = grant.filter(|_| matched).ok_or_else(|| {
+        // Not a stored token: a console session, perhaps.
+        let grant = grant.filter(|_| matched);
+        let grant = match grant {
+            Some(grant) => Some(grant),
+            None => self.inner.sessions.check(&token),
+        };
+        let grant = grant.ok_or_else(|| {
             Error::Unauthenticated(format!(
                 "token {} is unknown or revoked; ask an administrator for another",
                 token.id()
