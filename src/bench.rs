@@ -24,12 +24,14 @@ use crate::pb::registry as pb;
 type RegistryClient = crate::discovery::RegistryClient;
 
 mod cluster;
+mod console;
 mod discovery;
 mod idle;
 mod orders;
 mod watchers;
 
 pub use cluster::ClusterBench;
+pub use console::ConsoleBench;
 pub use discovery::DiscoveryBench;
 pub use idle::IdleBench;
 pub use orders::OrdersBench;
@@ -56,6 +58,9 @@ pub enum Bench {
     /// The registry on etcd beside the registry in memory and beside plain
     /// etcd puts, on one 3-member etcd cluster started here.
     Cluster(ClusterBench),
+    /// The console: a page's load time with many services, and what open
+    /// consoles cost the registry while it changes.
+    Console(ConsoleBench),
 }
 
 /// `shop-mesh bench registry`: a registry's write, read and watch rates.
@@ -130,6 +135,7 @@ impl Bench {
             Bench::Watchers(bench) => bench.run().await,
             Bench::Idle(bench) => bench.run().await,
             Bench::Cluster(bench) => bench.run().await,
+            Bench::Console(bench) => bench.run().await,
         }
     }
 }

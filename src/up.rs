@@ -377,7 +377,8 @@ pub async fn run(config: &Config, args: &Args, shutdown: Shutdown) -> anyhow::Re
             &stack.running,
             &args.data_dir,
             stack.reader_file.as_deref(),
-            &config.connections.tls
+            &config.connections.tls,
+            &console_line(config, &stack.running),
         )
     )?;
     out.flush()?;
@@ -387,6 +388,38 @@ pub async fn run(config: &Config, args: &Args, shutdown: Shutdown) -> anyhow::Re
         err = stack.ended() => Err(err),
     };
     stack.stop(result).await
+}
+
+/// Where the console is and how to log in; nothing when it is off.
+fn console_line(config: &Config, running: &[Running]) -> String {
+    let console = &config.registry.console;
+    let Some(registry) = running.iter().find(|r| r.role == "registry") else {
+        return String::new();
+    };
+    if !console.enabled {
+        return String::new();
+    }
+    let scheme = if config.connections.tls.serves() {
+        "https"
+    } else {
+        "http"
+    };
+    let file = config
+        .registry
+        .data_dir
+        .join(crate::registry::console::INITIAL_PASSWORD_FILE);
+    let password = if console.password.is_set() {
+        "the password registry.console.password sets".to_string()
+    } else if file.exists() {
+        format!("the password in {}", file.display())
+    } else {
+        "the password you set in it".to_string()
+    };
+    format!(
+        "The console: {scheme}://{}/ (log in as {} with {password}).\n\n",
+        registry.addr,
+        crate::registry::console::USER
+    )
 }
 
 /// Waits until every service is registered and healthy, as a caller sees
@@ -414,6 +447,7 @@ fn summary(
     data_dir: &std::path::Path,
     reader_file: Option<&std::path::Path>,
     tls: &crate::server::Tls,
+    console: &str,
 ) -> String {
     let rows: Vec<Vec<String>> = running
         .iter()
@@ -491,6 +525,7 @@ fn summary(
          \x20 shop-mesh order place --user 1001 --product 1001 --count 10{registry_flag}\n\
          \x20 shop-mesh product get 1001{registry_flag}\n\
          \x20 grpcurl {grpcurl} -d '{{\"user_id\":1001}}' {order} shopmesh.shop.v1.OrderService/ListOrders\n\n\
+         {console}\
          Ctrl-C stops everything.\n",
         running.len() - registries.len(),
         data_dir.display(),

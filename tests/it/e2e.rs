@@ -325,6 +325,26 @@ async fn up_runs_everything_and_ctrl_c_stops_it_cleanly() {
     assert!(summary.contains("shop-mesh order place --user 1001 --product 1001 --count 10"));
     let registry = column("registry").remove(0);
 
+    // The console's address and where its password is: logging in with
+    // it works.
+    let console = summary
+        .lines()
+        .find_map(|line| line.strip_prefix("The console: "))
+        .unwrap_or_else(|| panic!("up names the console: {summary}"));
+    assert!(
+        console.starts_with(&format!(
+            "http://{registry}/ (log in as admin with the password in "
+        )),
+        "{console}"
+    );
+    let file = console
+        .rsplit_once("the password in ")
+        .unwrap()
+        .1
+        .trim_end_matches(").");
+    let password = std::fs::read_to_string(file).unwrap();
+    crate::console::login(registry.parse().unwrap(), password.trim()).await;
+
     // The registry checks credentials: without the token up made for the
     // shell, the commands are refused, saying why.
     let (ok, _, err) = run_bin(&["product", "get", "1001", "--registry", &registry]).await;
