@@ -135,7 +135,8 @@ impl Console {
             return next.run(request).await;
         };
         let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
-        match console.session(&cookie, request.headers(), changes) {
+        let asked = (request.headers(), request.uri());
+        match console.session(&cookie, asked, changes) {
             Ok(token) => {
                 let value = HeaderValue::from_str(&format!("Bearer {}", token.reveal()))
                     .expect("a token is ASCII");
@@ -149,7 +150,12 @@ impl Console {
 
     /// The open session a cookie names; for a request that `changes`
     /// something, only with its CSRF token shown, from the same origin.
-    fn session(&self, cookie: &str, headers: &HeaderMap, changes: bool) -> Result<Token, Refused> {
+    fn session(
+        &self,
+        cookie: &str,
+        (headers, uri): (&HeaderMap, &Uri),
+        changes: bool,
+    ) -> Result<Token, Refused> {
         let ended = || Refused::from(tonic::Status::unauthenticated(SESSION_ENDED));
         let token: Token = cookie.parse().map_err(|_| ended())?;
         let sessions = self.inner.registry.sessions();
@@ -157,7 +163,7 @@ impl Console {
             return Err(ended());
         }
         if changes {
-            same_origin(headers)?;
+            same_origin(headers, uri)?;
             let shown = headers
                 .get(CSRF_HEADER)
                 .and_then(|v| v.to_str().ok())
@@ -214,14 +220,16 @@ fn cookie(headers: &HeaderMap) -> Option<String> {
 
 /// A browser says where a request comes from in `Origin`; one from
 /// another site than the console's is refused. (Tools that send no
-/// `Origin` are no browser a page could steer.)
-fn same_origin(headers: &HeaderMap) -> Result<(), Refused> {
+/// `Origin` are no browser a page could steer.) The console's own host is
+/// the request's `Host`, or over HTTP/2 its `:authority`.
+fn same_origin(headers: &HeaderMap, uri: &Uri) -> Result<(), Refused> {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return Ok(());
     };
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or_default();
     let origin_host = origin
         .strip_prefix("http://")
@@ -321,7 +329,8 @@ async fn login_page() -> Response {
 /// A page of the console, for a browser with an open session; others
 /// are sent to log in, and back here after.
 async fn page(State(console): State<Console>, headers: HeaderMap, uri: Uri) -> Response {
-    let open = cookie(&headers).is_some_and(|c| console.session(&c, &headers, false).is_ok());
+    let open =
+        cookie(&headers).is_some_and(|c| console.session(&c, (&headers, &uri), false).is_ok());
     if !open {
         let here = uri.path_and_query().map_or("/services", |p| p.as_str());
         return see_other(&format!("/login?next={}", encode_component(here)));
@@ -371,9 +380,10 @@ async fn login(
     State(console): State<Console>,
     connection: Option<axum::Extension<TcpConnectInfo>>,
     headers: HeaderMap,
+    uri: Uri,
     body: Result<Json<Login>, JsonRejection>,
 ) -> Result<Response, Refused> {
-    same_origin(&headers)?;
+    same_origin(&headers, &uri)?;
     let peer = connection
         .and_then(|c| c.remote_addr())
         .map(|a| a.ip())
@@ -426,13 +436,17 @@ async fn login(
     Ok(answer)
 }
 
-async fn session(State(console): State<Console>, headers: HeaderMap) -> Result<Response, Refused> {
+async fn session(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response, Refused> {
     let cookie = cookie(&headers).ok_or_else(|| {
         Refused::from(tonic::Status::unauthenticated(
             "no console session; log in first",
         ))
     })?;
-    let token = console.session(&cookie, &headers, false)?;
+    let token = console.session(&cookie, (&headers, &uri), false)?;
     let info = console
         .inner
         .registry
@@ -446,13 +460,17 @@ async fn session(State(console): State<Console>, headers: HeaderMap) -> Result<R
     Ok(answer)
 }
 
-async fn logout(State(console): State<Console>, headers: HeaderMap) -> Result<Response, Refused> {
+async fn logout(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response, Refused> {
     let cookie = cookie(&headers).ok_or_else(|| {
         Refused::from(tonic::Status::unauthenticated(
             "no console session to log out of",
         ))
     })?;
-    let token = console.session(&cookie, &headers, true)?;
+    let token = console.session(&cookie, (&headers, &uri), true)?;
     console.inner.registry.sessions().close(&token);
     tracing::info!(user = USER, "console logout");
     let mut answer = Json(json!({})).into_response();
@@ -474,6 +492,7 @@ struct PasswordChange {
 async fn change_password(
     State(console): State<Console>,
     headers: HeaderMap,
+    uri: Uri,
     body: Result<Json<PasswordChange>, JsonRejection>,
 ) -> Result<Response, Refused> {
     let cookie = cookie(&headers).ok_or_else(|| {
@@ -481,7 +500,7 @@ async fn change_password(
             "no console session; log in first",
         ))
     })?;
-    console.session(&cookie, &headers, true)?;
+    console.session(&cookie, (&headers, &uri), true)?;
     let Json(change) = body.map_err(|err| {
         Refused::from(tonic::Status::invalid_argument(format!(
             "body: {} (expected {{\"current\": \"...\", \"new\": \"...\"}})",

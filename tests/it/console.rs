@@ -701,3 +701,85 @@ async fn pages_follow_the_registry_live_until_their_session_ends() {
     let told = told + &product.until("\n\n").await;
     assert!(told.contains("the console session has ended"), "{told}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_reads_refuse_what_the_grpc_reads_refuse() {
+    let registry = guarded().await;
+    let addr = registry.addr;
+    let admin = admin_token(&[&registry.config.data_dir]).await;
+    let mut client = registry.client().await;
+    for namespace in ["public", "staging"] {
+        let instance = pb::Instance {
+            namespace: namespace.into(),
+            ..instance("server-user", 8060)
+        };
+        register_as(&mut client, instance, 0, Some(&admin))
+            .await
+            .unwrap();
+    }
+    let reader = client
+        .create_token(showing(
+            pb::CreateTokenRequest {
+                name: "staging reader".into(),
+                scope: Some(pb::TokenScope {
+                    read_namespace: "staging".into(),
+                    ..Default::default()
+                }),
+            },
+            Some(&admin),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let bearer = format!("Bearer {reader}");
+    let as_reader = [("Authorization", bearer.as_str())];
+
+    // A token sees the namespaces it may read, and no other's watchers.
+    let namespaces = send(addr, "GET", "/api/v1/namespaces", &as_reader, None).await;
+    assert_eq!(namespaces.status, 200);
+    assert_eq!(namespaces.json()["namespaces"][0]["name"], "staging");
+    assert_eq!(namespaces.json()["namespaces"].as_array().unwrap().len(), 1);
+    let watchers = send(
+        addr,
+        "GET",
+        "/api/v1/services/server-user/watchers",
+        &as_reader,
+        None,
+    )
+    .await;
+    assert_eq!(watchers.status, 403, "{}", watchers.body);
+    let events = send(addr, "GET", "/api/v1/events", &as_reader, None).await;
+    assert_eq!(events.status, 403, "{}", events.body);
+
+    // No credential, or a bad field: refused, naming what is wrong.
+    for (path, status, says) in [
+        ("/api/v1/namespaces", 401, "needs a token"),
+        ("/api/v1/cluster", 401, "needs a token"),
+        (
+            "/api/v1/services/server-user/watchers",
+            401,
+            "needs a token",
+        ),
+        ("/api/v1/events?service=server-user", 401, "needs a token"),
+    ] {
+        let answer = send(addr, "GET", path, &[], None).await;
+        assert_eq!(answer.status, status, "{path}: {}", answer.body);
+        let message = answer.json()["message"].as_str().unwrap().to_string();
+        assert!(message.contains(says), "{path}: {message}");
+    }
+    let as_admin = format!("Bearer {admin}");
+    let as_admin = [("Authorization", as_admin.as_str())];
+    for (path, says) in [
+        ("/api/v1/services/bad%20name/watchers", "service"),
+        ("/api/v1/events?service=bad%20name", "service"),
+        ("/api/v1/events?since=3", "since"),
+        ("/api/v1/services/server-user/watchers?cluster=x", "cluster"),
+        ("/api/v1/services?search=x&page_size=5000", "page_size"),
+    ] {
+        let answer = send(addr, "GET", path, &as_admin, None).await;
+        assert_eq!(answer.status, 400, "{path}: {}", answer.body);
+        let message = answer.json()["message"].as_str().unwrap().to_string();
+        assert!(message.contains(says), "{path}: {message}");
+    }
+}
