@@ -360,7 +360,12 @@ pub async fn run(
     let routes = server
         .routes(&[<RegistryServer<RegistryService> as tonic::server::NamedService>::NAME])
         .add_service(service);
-    let routes = tonic::service::Routes::from(routes.into_axum_router().merge(api));
+    let routes = tonic::service::Routes::from(
+        routes
+            .into_axum_router()
+            .merge(api)
+            .fallback(http::no_such_path),
+    );
     server
         .health()
         .set_serving::<RegistryServer<RegistryService>>()

@@ -72,6 +72,36 @@ async fn no_such_call(uri: axum::http::Uri) -> Refused {
     )))
 }
 
+/// A path nothing on this port serves: for a gRPC call, UNIMPLEMENTED as
+/// gRPC says it; for anything else (a browser, curl), a plain 404.
+pub(super) async fn no_such_path(request: axum::extract::Request) -> Response {
+    let grpc = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return tonic::Status::unimplemented(format!(
+            "{} is not a method this server serves",
+            request.uri().path()
+        ))
+        .into_http::<axum::body::Body>()
+        .into_response();
+    }
+    (
+        StatusCode::NOT_FOUND,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        format!(
+            "{} is not a page of this registry; the console is at /\n",
+            request.uri().path()
+        ),
+    )
+        .into_response()
+}
+
 /// A refusal as the API answers it: the gRPC code's HTTP status, and
 /// `{"code": "NOT_FOUND", "message": "..."}`.
 pub(super) struct Refused(tonic::Status);

@@ -145,6 +145,11 @@ async fn malformed_requests_are_invalid_argument_everywhere() {
                 );
             }
         }
+        // A method no service of the port has is UNIMPLEMENTED, as gRPC
+        // says it, on the registry (whose port also serves a console) as
+        // on the others.
+        let (code, _) = raw_call(&mut channel, addr, "/shopmesh.None/Nothing", &[]).await;
+        assert_eq!(code, 12, "{role}");
         assert!(
             serving(addr).await,
             "{role} serves after malformed requests"

@@ -129,6 +129,13 @@ async fn pages_need_a_login_with_the_password_the_first_start_handed_out() {
             (303, Some("/services"))
         );
     }
+    let nowhere = send(addr, "GET", "/no-such-page", &[], None).await;
+    assert_eq!(nowhere.status, 404);
+    assert!(
+        nowhere.body.contains("the console is at /"),
+        "{}",
+        nowhere.body
+    );
     let form = send(addr, "GET", "/login", &[], None).await;
     assert_eq!(form.status, 200);
     assert!(form.body.contains("/assets/app.js"));
