@@ -254,7 +254,8 @@ pub async fn watch(
 }
 
 /// `shop-mesh cluster`: the registry node that answered, where its state
-/// lives, its view's revision and, on the etcd store, etcd's members.
+/// lives, its view's revision, the registry nodes that are up and, on the
+/// etcd store, etcd's members.
 pub async fn cluster(
     config: &crate::discovery::Config,
     connections: &Connections,
@@ -276,8 +277,17 @@ pub async fn cluster(
                     "leader": m.leader, "learner": m.learner})
             })
             .collect();
+        let nodes: Vec<serde_json::Value> = info
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({"address": n.address, "started_ms": n.started_ms, "version": n.version,
+                    "answering": n.answering})
+            })
+            .collect();
         let line = json!({"answered_by": answered, "node": info.node, "store": info.store,
             "revision": info.revision, "incarnation": info.incarnation,
+            "nodes": nodes, "nodes_error": info.nodes_error,
             "etcd_endpoints": info.etcd_endpoints, "etcd_prefix": info.etcd_prefix,
             "etcd_members": members, "etcd_error": info.etcd_error});
         writeln!(out, "{line}")?;
@@ -295,6 +305,27 @@ pub async fn cluster(
     let head = table(&["", ""], &rows);
     // The header row of two empty cells is an empty line: drop it.
     write!(out, "{}", head.trim_start_matches('\n'))?;
+    if info.nodes_error.is_empty() {
+        let nodes: Vec<Vec<String>> = info
+            .nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.address.clone(),
+                    n.version.clone(),
+                    started(n.started_ms),
+                    if n.answering { "answered" } else { "" }.to_string(),
+                ]
+            })
+            .collect();
+        write!(
+            out,
+            "\n{}",
+            table(&["REGISTRY NODE", "VERSION", "STARTED", ""], &nodes)
+        )?;
+    } else {
+        writeln!(out, "\nregistry nodes unknown: {}", info.nodes_error)?;
+    }
     if info.store == "etcd" {
         if info.etcd_error.is_empty() {
             let members: Vec<Vec<String>> = info
@@ -327,6 +358,14 @@ pub async fn cluster(
     }
     write!(out, "{}", answered_by(&answered))?;
     Ok(())
+}
+
+/// A Unix time in ms as people read it: RFC 3339, UTC, to the second.
+fn started(unix_ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(unix_ms as i64).map_or_else(
+        || unix_ms.to_string(),
+        |at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
 }
 
 fn address(i: &pb::Instance) -> String {

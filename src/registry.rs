@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 pub use crate::error::Error;
-pub use cluster::{ClusterInfo, EtcdInfo, EtcdMember};
+pub use cluster::{ClusterInfo, EtcdInfo, EtcdMember, RegistryNode};
 pub use grpc::RegistryService;
 pub use persist::Error as DataDirError;
 pub use probe::HEALTH_SERVICE_KEY;
@@ -116,7 +116,9 @@ pub struct EtcdConfig {
     /// The TTL of the etcd lease by which one node holds the probing of
     /// persistent instances: how long their health may go unprobed after
     /// that node dies without a word (a clean stop hands it over at
-    /// once). etcd's minimum is 2 s.
+    /// once). Also that of the lease of the key by which each node says it
+    /// is up: how long GetCluster may still list a node that died. etcd's
+    /// minimum is 2 s.
     #[serde(with = "humantime_serde")]
     pub prober_ttl: Duration,
 }
@@ -370,6 +372,7 @@ pub async fn run(
         .health()
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
+    registry.announce(listener.local_addr()?);
     match config.store {
         StoreKind::Memory => {
             tracing::info!(addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "registry serving")

@@ -19,16 +19,25 @@
 //! writes the verdicts that change an instance's health to etcd, whence
 //! every node's view learns them.
 //!
+//! Every node that serves says so with a key of its own (see
+//! [`announce`]), which GetCluster lists.
+//!
 //! - [`keys`]: where each part of the state lives in etcd.
 //! - [`holds`]: the leases a node holds for its clients, and their
 //!   silences.
 //! - [`election`]: which node probes.
+//! - [`announce`]: which nodes are up.
+//! - [`own_lease`]: the short lease a node keeps for a key of its own
+//!   (the prober's, its announcement).
 
+pub mod announce;
 pub mod election;
 pub mod holds;
 pub mod keys;
+pub mod own_lease;
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -401,8 +410,24 @@ pub struct ClusterInfo {
     pub revision: u64,
     /// The incarnation its revisions belong to.
     pub incarnation: u64,
+    /// The registry nodes that are up, in address order (on the memory
+    /// store, this one), or why etcd could not be asked.
+    pub nodes: Result<Vec<RegistryNode>, String>,
     /// On the etcd store: the etcd cluster as this node sees it.
     pub etcd: Option<EtcdInfo>,
+}
+
+/// A registry node that is up, as it announced itself (see [`announce`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryNode {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// When it started serving, in Unix ms.
+    pub started_ms: u64,
+    /// The shop-mesh version it runs.
+    pub version: String,
+    /// Whether it is the node that answered.
+    pub answering: bool,
 }
 
 /// The etcd cluster under a registry node.

@@ -286,6 +286,20 @@ impl pb::registry_server::Registry for RegistryService {
             incarnation: info.incarnation,
             ..Default::default()
         };
+        match info.nodes {
+            Ok(nodes) => {
+                answer.nodes = nodes
+                    .into_iter()
+                    .map(|n| pb::RegistryNode {
+                        address: n.address.to_string(),
+                        started_ms: n.started_ms,
+                        version: n.version,
+                        answering: n.answering,
+                    })
+                    .collect()
+            }
+            Err(err) => answer.nodes_error = err,
+        }
         if let Some(etcd) = info.etcd {
             answer.etcd_endpoints = etcd.endpoints;
             answer.etcd_prefix = etcd.prefix;

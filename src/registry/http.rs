@@ -608,7 +608,8 @@ async fn watchers(
     Ok(Json(json!({"watchers": watchers})))
 }
 
-/// GetCluster: where the state lives, and on etcd its members.
+/// GetCluster: where the state lives, the registry nodes that are up, and
+/// on etcd its members.
 async fn cluster(
     State(service): State<RegistryService>,
     headers: HeaderMap,
@@ -630,11 +631,25 @@ async fn cluster(
             })
         })
         .collect();
+    let nodes: Vec<Value> = answer
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "address": n.address,
+                "started_ms": n.started_ms,
+                "version": n.version,
+                "answering": n.answering,
+            })
+        })
+        .collect();
     Ok(Json(json!({
         "store": answer.store,
         "node": answer.node,
         "revision": answer.revision,
         "incarnation": answer.incarnation.to_string(),
+        "nodes": nodes,
+        "nodes_error": answer.nodes_error,
         "etcd_endpoints": answer.etcd_endpoints,
         "etcd_prefix": answer.etcd_prefix,
         "etcd_members": members,

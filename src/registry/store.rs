@@ -84,6 +84,9 @@ struct Inner {
     /// On a cluster node, once its view is loaded: whether it is the one
     /// that probes.
     election: OnceLock<cluster::election::Election>,
+    /// Once it serves: where, as GetCluster lists it (and on a cluster
+    /// node, the key that lists it to the others).
+    announced: OnceLock<cluster::announce::Announcement>,
     closed: CancellationToken,
     /// What service identities are signed with.
     signer: Signer,
@@ -184,6 +187,7 @@ impl Registry {
             node,
             probes: Mutex::new(HashMap::new()),
             election: OnceLock::new(),
+            announced: OnceLock::new(),
             closed: CancellationToken::new(),
             signer,
             probe_tls,
@@ -202,8 +206,8 @@ impl Registry {
     }
 
     /// Stops the reaper and the probes and ends every watch; a cluster
-    /// node also gives up probing, in the background ([`Registry::leave`]
-    /// waits until etcd knows). Idempotent.
+    /// node also gives up probing and its key that lists it as up, in the
+    /// background ([`Registry::leave`] waits until etcd knows). Idempotent.
     pub fn close(&self) {
         self.inner.closed.cancel();
         for (_, probe) in self.inner.probes.lock().drain() {
@@ -212,6 +216,26 @@ impl Registry {
         let mut state = self.inner.state.lock();
         state.by_service.clear();
         state.by_group.clear();
+    }
+
+    /// Closes the registry and, on a cluster node, hands the probing over
+    /// and deletes the key that lists the node as up: another node takes
+    /// the probing at once, and GetCluster stops listing this one at once,
+    /// instead of after this node's leases expire. Returns once etcd has
+    /// been told, or could not be.
+    pub async fn leave(&self) {
+        self.close();
+        let resign = async {
+            if let Some(election) = self.inner.election.get() {
+                election.resign().await;
+            }
+        };
+        let withdraw = async {
+            if let Some(announcement) = self.inner.announced.get() {
+                announcement.withdraw().await;
+            }
+        };
+        tokio::join!(resign, withdraw);
     }
 
     /// Random per run; a watcher that resumes with another run's incarnation
@@ -237,23 +261,53 @@ impl Registry {
         &self.inner.config
     }
 
+    /// Says that this registry serves on `addr`: GetCluster lists it
+    /// from now on, and on a cluster node every node does, until it
+    /// [leaves](Registry::leave) or its etcd lease for it expires. Once.
+    pub fn announce(&self, addr: std::net::SocketAddr) {
+        use cluster::announce::Announcement;
+        self.inner.announced.get_or_init(|| match self.node() {
+            None => Announcement::local(addr),
+            Some(node) => Announcement::start(
+                &node.etcd,
+                &node.prefix,
+                addr,
+                self.inner.config.etcd.prober_ttl,
+                self.inner.closed.child_token(),
+            ),
+        });
+    }
+
     /// Where this node's state lives, the revision its view has reached,
-    /// and on the etcd store the etcd cluster's members (asked of etcd
-    /// now, so this may take up to etcd's request timeout).
+    /// the registry nodes that are up, and on the etcd store the etcd
+    /// cluster's members (both asked of etcd now, so this may take up to
+    /// etcd's request timeout).
     pub async fn cluster_info(&self) -> cluster::ClusterInfo {
         let revision = self.inner.state.lock().revision;
-        let etcd = match self.node() {
-            None => None,
-            Some(node) => Some(cluster::EtcdInfo {
-                endpoints: self.inner.config.etcd.endpoints.clone(),
-                prefix: node.prefix.clone(),
-                members: node.members().await.map_err(|err| err.to_string()),
-            }),
+        let announced = self.inner.announced.get();
+        let (nodes, etcd) = match self.node() {
+            None => (
+                Ok(announced.map(|this| this.node()).into_iter().collect()),
+                None,
+            ),
+            Some(node) => {
+                let (nodes, members) = tokio::join!(
+                    cluster::announce::list(&node.etcd, &node.prefix, announced),
+                    node.members()
+                );
+                let etcd = cluster::EtcdInfo {
+                    endpoints: self.inner.config.etcd.endpoints.clone(),
+                    prefix: node.prefix.clone(),
+                    members: members.map_err(|err| err.to_string()),
+                };
+                (nodes.map_err(|err| err.to_string()), Some(etcd))
+            }
         };
         cluster::ClusterInfo {
             store: self.inner.config.store,
             revision,
             incarnation: self.inner.incarnation,
+            nodes,
             etcd,
         }
     }

@@ -585,6 +585,15 @@ async fn etcd_down_for_10s_past_the_delete_timeout_loses_nothing() {
         .filter(|change| change.kind == pb::change::Kind::Delete as i32)
         .collect();
     assert!(deleted.is_empty(), "the service was removed: {deleted:?}");
+    // Both nodes are listed again, whether their keys outlived the outage
+    // or went with their leases and were put again.
+    let up: Vec<&TestRegistry> = cluster.nodes.iter().collect();
+    for node in &cluster.nodes {
+        wait_until("both nodes listed after the outage", PATIENCE, || async {
+            listed(node).await == as_listed_by(node, &up)
+        })
+        .await;
+    }
     drop(service);
 }
 
@@ -703,4 +712,113 @@ async fn an_instance_updated_through_another_node_keeps_its_etcd_lease() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     beating.abort();
+}
+
+/// The registry nodes `node` says are up: (address, answering), in its
+/// order.
+async fn listed(node: &TestRegistry) -> Vec<(String, bool)> {
+    let answer = node
+        .client()
+        .await
+        .get_cluster(pb::GetClusterRequest {})
+        .await
+        .expect("GetCluster")
+        .into_inner();
+    assert_eq!(answer.nodes_error, "", "{answer:?}");
+    answer
+        .nodes
+        .into_iter()
+        .map(|n| (n.address, n.answering))
+        .collect()
+}
+
+/// What `node` should list: every address of `up`, in address order,
+/// itself answering.
+fn as_listed_by(node: &TestRegistry, up: &[&TestRegistry]) -> Vec<(String, bool)> {
+    let mut all: Vec<(String, bool)> = up
+        .iter()
+        .map(|other| (other.addr.to_string(), other.addr == node.addr))
+        .collect();
+    all.sort();
+    all
+}
+
+/// Every node lists the nodes that are up, each saying which answered;
+/// one that stops cleanly takes its key with it. The nodes' etcd leases
+/// for their keys outlive the test, so only that can make it vanish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_lists_the_nodes_that_are_up_and_one_that_stops_vanishes_at_once() {
+    let Some(cluster) = nodes(0, SHORT).await else {
+        return;
+    };
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let (endpoints, prefix) = (cluster.etcd.endpoints(), cluster.prefix.clone());
+        nodes.push(
+            TestRegistry::start_with(move |config: &mut registry::Config| {
+                config.store = StoreKind::Etcd;
+                config.etcd.endpoints = endpoints;
+                config.etcd.prefix = prefix;
+                config.etcd.prober_ttl = Duration::from_secs(120);
+            })
+            .await,
+        );
+    }
+    let up: Vec<&TestRegistry> = nodes.iter().collect();
+    for node in &nodes {
+        wait_until("every node listed by each", PATIENCE, || async {
+            listed(node).await == as_listed_by(node, &up)
+        })
+        .await;
+    }
+    let answer = nodes[0]
+        .client()
+        .await
+        .get_cluster(pb::GetClusterRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for node in &answer.nodes {
+        assert_eq!(node.version, env!("CARGO_PKG_VERSION"), "{answer:?}");
+        assert!(node.started_ms > 1_600_000_000_000, "{answer:?}");
+    }
+
+    let stopped = nodes.remove(2);
+    let gone = stopped.addr;
+    stopped.stop().await;
+    let up: Vec<&TestRegistry> = nodes.iter().collect();
+    for node in &nodes {
+        wait_until(&format!("{gone} to vanish"), PATIENCE, || async {
+            listed(node).await == as_listed_by(node, &up)
+        })
+        .await;
+    }
+}
+
+/// A node whose etcd lease for its key is revoked behind its back (as
+/// when etcd let it expire) grants another and puts its key again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_key_went_with_its_lease_announces_itself_again() {
+    let Some(cluster) = nodes(1, SHORT).await else {
+        return;
+    };
+    let node = &cluster.nodes[0];
+    let etcd = Etcd::connect(&cluster.etcd.endpoints(), PATIENCE).expect("etcd client");
+    wait_until("the node listed", PATIENCE, || async {
+        listed(node).await == as_listed_by(node, &[node])
+    })
+    .await;
+    let [Some(first)] = leases_under(&etcd, &cluster.prefix, "n").await[..] else {
+        panic!("one key, on a lease");
+    };
+    etcd.lease_revoke(first).await.expect("revoke");
+    wait_until("the node listed again, on a new lease", PATIENCE, || {
+        let (etcd, prefix) = (etcd.clone(), cluster.prefix.clone());
+        async move {
+            let now = leases_under(&etcd, &prefix, "n").await;
+            now.len() == 1 && now[0].is_some_and(|lease| lease != first)
+        }
+    })
+    .await;
+    assert_eq!(listed(node).await, as_listed_by(node, &[node]));
 }

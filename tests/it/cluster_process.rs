@@ -3,7 +3,8 @@
 //! product service given all three addresses, and a watcher on a node that
 //! stays up recording every change. The node the services keep their
 //! leases alive through is killed with SIGKILL: they resume their leases
-//! on the next node, and nobody sees them leave or turn unhealthy. Then a
+//! on the next node, nobody sees them leave or turn unhealthy, and the
+//! other nodes stop listing it as up within its key's TTL. Then a
 //! node is killed together with a service that kept its lease through it:
 //! that service is removed within the delete timeout, as a surviving node
 //! sees it. And the etcd leader is killed under a load of registrations
@@ -35,6 +36,9 @@ const TIMINGS: [(&str, &str); 4] = [
 ];
 const UNHEALTHY_TIMEOUT: Duration = Duration::from_secs(3);
 const DELETE_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long a node's key that lists it as up outlives the node:
+/// `registry.etcd.prober_ttl`, at its default.
+const NODE_TTL: Duration = Duration::from_secs(5);
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -159,6 +163,19 @@ async fn found(registry: &RegistryClient<Channel>, service: &str) -> Vec<(u32, b
     }
 }
 
+/// The registry nodes `registry` lists as up, sorted.
+async fn listed(registry: &RegistryClient<Channel>) -> Vec<String> {
+    let answer = registry
+        .clone()
+        .get_cluster(pb::GetClusterRequest {})
+        .await
+        .expect("GetCluster")
+        .into_inner();
+    let mut nodes: Vec<String> = answer.nodes.into_iter().map(|n| n.address).collect();
+    nodes.sort();
+    nodes
+}
+
 fn port(addr: &str) -> u32 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
 }
@@ -230,6 +247,13 @@ async fn services_resume_their_leases_on_another_node_when_theirs_is_killed() {
     }
 
     // The inspect commands name the node that answered, and the cluster.
+    let mut all_up = addrs.clone();
+    all_up.sort();
+    wait_until("every node listed as up", PATIENCE, || {
+        let (on_b, all_up) = (on_b.clone(), all_up.clone());
+        async move { listed(&on_b).await == all_up }
+    })
+    .await;
     let (ok, out, err) = run_bin(&["services", "--registry", &addrs[1]]).await;
     assert!(ok, "{err}");
     assert!(
@@ -243,6 +267,16 @@ async fn services_resume_their_leases_on_another_node_when_theirs_is_killed() {
     assert_eq!(cluster["node"], addrs[1].as_str(), "{cluster}");
     assert_eq!(cluster["answered_by"], addrs[1].as_str(), "{cluster}");
     assert_eq!(cluster["etcd_prefix"], prefix.as_str(), "{cluster}");
+    let listed_nodes = cluster["nodes"].as_array().expect("nodes");
+    let mut listed_by_b: Vec<(&str, bool)> = listed_nodes
+        .iter()
+        .map(|n| (n["address"].as_str().unwrap(), n["answering"] == true))
+        .collect();
+    listed_by_b.sort();
+    let mut expected: Vec<(&str, bool)> =
+        addrs.iter().map(|a| (a.as_str(), *a == addrs[1])).collect();
+    expected.sort();
+    assert_eq!(listed_by_b, expected, "{cluster}");
     let members = cluster["etcd_members"].as_array().expect("members");
     assert_eq!(members.len(), 3, "{cluster}");
     assert_eq!(
@@ -258,7 +292,21 @@ async fn services_resume_their_leases_on_another_node_when_theirs_is_killed() {
     }
 
     // kill -9 A, the node both keep their leases through.
+    let killed = Instant::now();
     nodes[0].kill().await.unwrap();
+    // Its key that listed it as up goes with its etcd lease for it.
+    let survivors: Vec<String> = all_up.iter().filter(|a| **a != addrs[0]).cloned().collect();
+    let vanished = tokio::spawn({
+        let on_b = on_b.clone();
+        async move {
+            wait_until("A to vanish from B's list of nodes", PATIENCE, || {
+                let (on_b, survivors) = (on_b.clone(), survivors.clone());
+                async move { listed(&on_b).await == survivors }
+            })
+            .await;
+            killed.elapsed()
+        }
+    });
     for process in [&mut user, &mut product] {
         process
             .logged("lost the registry; reconnecting")
@@ -293,6 +341,14 @@ async fn services_resume_their_leases_on_another_node_when_theirs_is_killed() {
         flaps(&seen.lock(), &["server-user", "server-product"]),
         [],
         "the watcher on C saw a service leave or turn unhealthy"
+    );
+    let vanished_after = vanished.await.expect("A vanishes");
+    eprintln!("the killed node vanished from the list {vanished_after:?} after the kill");
+    // Its lease was last renewed up to a third of its TTL before the
+    // kill; etcd checks for expired leases twice a second.
+    assert!(
+        vanished_after <= NODE_TTL + Duration::from_secs(2),
+        "A was listed {vanished_after:?} after it died; its key's TTL is {NODE_TTL:?}"
     );
     for process in [&user, &product] {
         assert_eq!(

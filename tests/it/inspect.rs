@@ -59,13 +59,42 @@ async fn services_and_instances_print_tables_and_json() {
     assert!(ok);
     assert!(out.ends_with(&format!("\nanswered by {addr}\n")), "{out}");
 
-    // One registry on the memory store: no etcd to list.
+    // One registry on the memory store: itself the one node, no etcd to
+    // list.
     let (ok, out, _) = run_bin(&["cluster", "--registry", &addr]).await;
     assert!(ok);
-    assert_eq!(
-        out,
-        format!("NODE      {addr}\nSTORE     memory\nREVISION  1\n\nanswered by {addr}\n")
+    let lines: Vec<&str> = out.lines().collect();
+    let head = format!(
+        "{:<width$}  VERSION  STARTED",
+        "REGISTRY NODE",
+        width = addr.len().max("REGISTRY NODE".len())
     );
+    assert_eq!(
+        lines[..5],
+        [
+            format!("NODE      {addr}").as_str(),
+            "STORE     memory",
+            "REVISION  1",
+            "",
+            head.as_str(),
+        ],
+        "{out}"
+    );
+    let node: Vec<&str> = lines[5].split_whitespace().collect();
+    assert_eq!(node.len(), 4, "{out}");
+    assert_eq!(
+        [node[0], node[1], node[3]],
+        [addr.as_str(), env!("CARGO_PKG_VERSION"), "answered"],
+        "{out}"
+    );
+    assert!(node[2].ends_with('Z'), "started, in UTC: {out}");
+    assert!(out.ends_with(&format!("\n\nanswered by {addr}\n")), "{out}");
+    let (ok, out, _) = run_bin(&["cluster", "--registry", &addr, "--json"]).await;
+    assert!(ok);
+    let cluster: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(cluster["nodes"].as_array().unwrap().len(), 1, "{cluster}");
+    assert_eq!(cluster["nodes"][0]["address"], addr.as_str(), "{cluster}");
+    assert_eq!(cluster["nodes"][0]["answering"], true, "{cluster}");
 
     let (ok, _, err) = run_bin(&["instances", "nobody", "--registry", &addr]).await;
     assert!(!ok);

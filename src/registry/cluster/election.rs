@@ -21,17 +21,11 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use parking_lot::Mutex;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::own_lease::{self, Ended, Holder, OwnLease, RETRY, Renewal, Term};
 use crate::etcd::{self, Compare, Etcd, EventKind, LeaseId, Op, OpResult, Txn, WatchBatch};
-
-/// How long a failed etcd call waits before it is tried again: short
-/// next to a lease's TTL, so a takeover is not held up by it.
-const RETRY: Duration = Duration::from_millis(250);
 
 /// This node's part in the election of the prober.
 pub(in crate::registry) struct Election {
@@ -39,8 +33,7 @@ pub(in crate::registry) struct Election {
     /// The etcd lease this node campaigns with (0 before the first
     /// grant): what the key holds while this node leads.
     lease: Arc<AtomicI64>,
-    resign: CancellationToken,
-    task: Mutex<Option<JoinHandle<()>>>,
+    holder: Holder,
 }
 
 impl Election {
@@ -56,20 +49,16 @@ impl Election {
         let (leads_tx, leads) = watch::channel(false);
         let lease = Arc::new(AtomicI64::new(0));
         let campaign = Campaign {
-            etcd,
+            etcd: etcd.clone(),
             key,
-            // etcd grants whole seconds, 2 at least, whatever is asked.
-            ttl: ttl.max(Duration::from_secs(2)),
             node_id: format!("{:016x}", rand::random::<u64>()),
             leads: leads_tx,
             lease: lease.clone(),
         };
-        let task = tokio::spawn(campaign.run(resign.clone()));
         Election {
             leads,
             lease,
-            resign,
-            task: Mutex::new(Some(task)),
+            holder: own_lease::hold(etcd, ttl, "the prober's key", resign, campaign),
         }
     }
 
@@ -88,90 +77,46 @@ impl Election {
     }
 
     /// Stops campaigning and gives the key up; returns once etcd has
-    /// been told (or could not be within its request timeout).
+    /// been told (or could not be within the lease's TTL).
     pub(in crate::registry) async fn resign(&self) {
-        self.resign.cancel();
-        let task = self.task.lock().take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
+        self.holder.release().await;
     }
 }
 
 struct Campaign {
     etcd: Etcd,
     key: String,
-    ttl: Duration,
     node_id: String,
     leads: watch::Sender<bool>,
     lease: Arc<AtomicI64>,
 }
 
-/// Why a term of one lease ended.
-enum Ended {
-    /// Resigning: revoke the lease.
-    Resigned,
-    /// The lease is gone in etcd: grant another.
-    LeaseLost,
+impl Term for Campaign {
+    /// Campaigns with `lease` for as long as it lives, and steps down
+    /// when it ends.
+    async fn serve(&self, lease: &mut OwnLease, resign: &CancellationToken) -> Ended {
+        self.lease.store(lease.id().0, Ordering::Relaxed);
+        let ended = self.term(lease, resign).await;
+        self.step_down();
+        ended
+    }
 }
 
 impl Campaign {
-    async fn run(self, resign: CancellationToken) {
-        loop {
-            let granted = tokio::select! {
-                _ = resign.cancelled() => return,
-                granted = self.etcd.lease_grant(self.ttl) => granted,
-            };
-            let lease = match granted {
-                Ok(lease) => lease.id,
-                Err(err) => {
-                    tracing::warn!(%err, "cannot grant the lease to campaign for the prober with");
-                    tokio::select! {
-                        _ = resign.cancelled() => return,
-                        _ = tokio::time::sleep(RETRY) => continue,
-                    }
-                }
-            };
-            self.lease.store(lease.0, Ordering::Relaxed);
-            match self.term(lease, &resign).await {
-                Ended::LeaseLost => self.step_down(),
-                Ended::Resigned => {
-                    self.step_down();
-                    // Not longer than the TTL: by then the lease has
-                    // expired anyway, and a stopping node must not wait
-                    // on an etcd that does not answer.
-                    match tokio::time::timeout(self.ttl, self.etcd.lease_revoke(lease)).await {
-                        Ok(Ok(())) => tracing::info!("gave the probing of persistent instances up"),
-                        Ok(Err(err)) => tracing::warn!(%err, "cannot give the prober's key up"),
-                        Err(_) => tracing::warn!("no answer giving the prober's key up"),
-                    }
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Campaigns with `lease` for as long as it lives.
-    async fn term(&self, lease: LeaseId, resign: &CancellationToken) -> Ended {
-        let mut keepalive = self.etcd.lease_keepalive(lease);
-        // When the lease was last known to have its whole TTL ahead; a
-        // renewal counts from when it was sent, not answered.
-        let mut renewed = Instant::now();
-        let mut ticks = tokio::time::interval(self.ttl / 3);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    async fn term(&self, lease: &mut OwnLease, resign: &CancellationToken) -> Ended {
         // Whether the key is this lease's, as last seen.
         let mut won = false;
         loop {
-            let (holds, watched_from) = match self.try_win(lease).await {
+            let (holds, watched_from) = match self.try_win(lease.id()).await {
                 Ok(tried) => tried,
                 // Revoked behind this node's back, or expired while etcd
                 // could not be reached: the key is not this lease's to win.
-                Err(err) if err.kind == etcd::ErrorKind::LeaseNotFound => return Ended::LeaseLost,
+                Err(err) if err.kind == etcd::ErrorKind::LeaseNotFound => return Ended::Lost,
                 Err(err) => {
                     tracing::warn!(%err, "cannot campaign for the prober");
                     self.step_down();
                     tokio::select! {
-                        _ = resign.cancelled() => return Ended::Resigned,
+                        _ = resign.cancelled() => return Ended::Stopped,
                         _ = tokio::time::sleep(RETRY) => continue,
                     }
                 }
@@ -180,11 +125,10 @@ impl Campaign {
                 tracing::info!(node = %self.node_id, "this node probes the persistent instances now");
             }
             won = holds;
-            self.leads
-                .send_replace(won && renewed.elapsed() < self.safe_for());
+            self.leads.send_replace(won && safe(lease));
             let watch = self.etcd.watch_prefix(&self.key, watched_from, false);
             let mut watch = tokio::select! {
-                _ = resign.cancelled() => return Ended::Resigned,
+                _ = resign.cancelled() => return Ended::Stopped,
                 watch = watch => match watch {
                     Ok(watch) => watch,
                     Err(err) => {
@@ -198,18 +142,12 @@ impl Campaign {
             // transaction tells again who holds it.
             loop {
                 tokio::select! {
-                    _ = resign.cancelled() => return Ended::Resigned,
-                    _ = ticks.tick() => {
-                        let sent = Instant::now();
-                        // Bounded by the tick, not by etcd's request
-                        // timeout, so stepping down is not held up by it.
-                        match tokio::time::timeout(self.ttl / 3, keepalive.beat()).await {
-                            Ok(Ok(Some(_))) => renewed = sent,
-                            Ok(Ok(None)) => return Ended::LeaseLost,
-                            Ok(Err(err)) => tracing::warn!(%err, "cannot renew the prober's lease"),
-                            Err(_) => tracing::warn!("no answer renewing the prober's lease"),
+                    _ = resign.cancelled() => return Ended::Stopped,
+                    _ = lease.due() => {
+                        if lease.renew().await == Renewal::Lost {
+                            return Ended::Lost;
                         }
-                        let leads = won && renewed.elapsed() < self.safe_for();
+                        let leads = won && safe(lease);
                         if *self.leads.borrow() != leads {
                             if !leads {
                                 tracing::warn!("the prober's lease may have expired; probing stops");
@@ -222,7 +160,7 @@ impl Campaign {
                             let ours = events.iter().any(|event| {
                                 event.kv.key == self.key.as_bytes()
                                     && (event.kind == EventKind::Delete
-                                        || event.kv.lease != Some(lease))
+                                        || event.kv.lease != Some(lease.id()))
                             });
                             if ours {
                                 break;
@@ -253,15 +191,15 @@ impl Campaign {
         Ok((holds, result.revision + 1))
     }
 
-    /// How long after a renewal this node may go on probing: a third of
-    /// the TTL short of its expiry, for the clocks of etcd and this node
-    /// and the time the renewal took to arrive.
-    fn safe_for(&self) -> Duration {
-        self.ttl * 2 / 3
-    }
-
     fn step_down(&self) {
         self.leads
             .send_if_modified(|leads| std::mem::replace(leads, false));
     }
+}
+
+/// Whether this node may go on probing under `lease`: up to a third of
+/// the TTL short of its expiry after the last renewal, for the clocks of
+/// etcd and this node and the time the renewal took to arrive.
+fn safe(lease: &OwnLease) -> bool {
+    lease.renewed().elapsed() < lease.ttl() * 2 / 3
 }

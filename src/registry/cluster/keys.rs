@@ -1,11 +1,12 @@
 //! Where each part of the registry's state lives in etcd, and back: one
-//! key a service's settings, one key an instance, one key a live lease.
+//! key a service's settings, one key an instance, one key a live lease,
+//! one key a registry node that is up.
 //! Names allow only letters, digits and `. _ : @ -` (see
 //! [`crate::registry::model::parse_name`]), so `/` separates the parts
 //! without escaping, and a service's instances share a key prefix that a
 //! range or a watch can cover.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::auth::TokenId;
@@ -28,6 +29,16 @@ pub enum Key {
     Alive(LeaseId),
     /// A token's grant (see [`crate::auth`]).
     Token(TokenId),
+    /// A registry node that is up, attached to that node's own etcd
+    /// lease (see [`super::announce`]). Read when GetCluster asks, not
+    /// kept in the view.
+    Node {
+        /// Where it listens.
+        addr: SocketAddr,
+        /// Its run's own: two nodes may listen on one address (0.0.0.0:8848
+        /// on two hosts) and must not share a key.
+        id: u64,
+    },
 }
 
 impl Key {
@@ -44,6 +55,7 @@ impl Key {
             ),
             Key::Alive(lease) => format!("{prefix}/a/{lease:016x}"),
             Key::Token(id) => format!("{prefix}/t/{id}"),
+            Key::Node { addr, id } => format!("{prefix}/n/{addr}/{id:016x}"),
         }
     }
 
@@ -68,6 +80,10 @@ impl Key {
                 u64::from_str_radix(lease, 16).ok().map(Key::Alive)
             }
             ("t", [id]) => id.parse().ok().map(Key::Token),
+            ("n", [addr, id]) if id.len() == 16 => Some(Key::Node {
+                addr: addr.parse().ok()?,
+                id: u64::from_str_radix(id, 16).ok()?,
+            }),
             _ => None,
         }
     }
@@ -76,6 +92,11 @@ impl Key {
 /// The prefix every instance of `service` shares.
 pub fn instances_of(prefix: &str, service: &ServiceKey) -> String {
     format!("{prefix}/i/{}/", service_path(service))
+}
+
+/// The prefix every registry node's [`Key::Node`] shares.
+pub fn nodes(prefix: &str) -> String {
+    format!("{prefix}/n/")
 }
 
 /// The key whose holder probes the persistent instances (see
@@ -116,6 +137,14 @@ mod tests {
             Key::Alive(u64::MAX),
             Key::Alive(1),
             Key::Token(TokenId(0x0123_4567_89ab_cdef)),
+            Key::Node {
+                addr: "127.0.0.1:8848".parse().unwrap(),
+                id: 1,
+            },
+            Key::Node {
+                addr: "[fd00::7]:8848".parse().unwrap(),
+                id: u64::MAX,
+            },
         ] {
             let bytes = written.encode("/shop-mesh");
             assert_eq!(
@@ -136,6 +165,16 @@ mod tests {
     }
 
     #[test]
+    fn a_node_key_lies_under_the_nodes_prefix() {
+        let node = Key::Node {
+            addr: "0.0.0.0:8848".parse().unwrap(),
+            id: 7,
+        };
+        assert_eq!(node.encode("/p"), "/p/n/0.0.0.0:8848/0000000000000007");
+        assert!(node.encode("/p").starts_with(&nodes("/p")));
+    }
+
+    #[test]
     fn keys_of_another_prefix_or_shape_are_not_ours() {
         for foreign in [
             "/other/s/public/DEFAULT_GROUP/a",
@@ -145,6 +184,9 @@ mod tests {
             "/p/a/12",
             "/p/t/12",
             "/p/x/1",
+            "/p/n/127.0.0.1:8848",
+            "/p/n/127.0.0.1/0000000000000001",
+            "/p/n/127.0.0.1:8848/1",
             "/pp/a/0000000000000001",
             prober("/p").as_str(),
         ] {

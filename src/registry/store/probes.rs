@@ -41,16 +41,6 @@ impl Registry {
         }
     }
 
-    /// Closes the registry and, on a cluster node, hands the probing over:
-    /// another node takes it at once instead of after the lease of this
-    /// one expires. Returns once etcd has been told, or could not be.
-    pub async fn leave(&self) {
-        self.close();
-        if let Some(election) = self.inner.election.get() {
-            election.resign().await;
-        }
-    }
-
     /// Records a probe's verdict on a persistent instance.
     pub(in crate::registry) async fn probed(
         &self,

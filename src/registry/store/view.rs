@@ -194,6 +194,8 @@ impl State {
                 (Key::Token(id), None) => {
                     self.tokens.remove(&id);
                 }
+                // Which nodes are up is read from etcd when asked.
+                (Key::Node { .. }, _) => {}
             }
         }
         let held = self.held_back.take().unwrap_or_default();
@@ -477,6 +479,43 @@ mod tests {
         assert_eq!(registry.stats().leases, 1, "the lease is still alive");
         apply(&registry, 9, &[(&alive(2), None)]);
         assert_eq!(registry.stats().leases, 0, "nothing left of the lease");
+    }
+
+    #[tokio::test]
+    async fn a_registry_nodes_key_coming_and_going_changes_nothing_in_the_view() {
+        let registry = Registry::in_memory(&Config::default());
+        let (key, value) = record(80, 2);
+        apply(
+            &registry,
+            5,
+            &[(&alive(2), Some(b"")), (&key, Some(&value))],
+        );
+        let mut watch = registry.watch(Selector::Service(service()), 0, 0).unwrap();
+        assert!(matches!(next(&mut watch).await, WatchItem::Snapshot { .. }));
+        let before = registry.stats();
+        let node = Key::Node {
+            addr: "10.0.0.9:8848".parse().unwrap(),
+            id: 1,
+        }
+        .encode(PREFIX);
+        let said = br#"{"address": "10.0.0.9:8848", "started_ms": 1, "version": "0.1.0"}"#;
+        apply(&registry, 6, &[(&node, Some(said))]);
+        apply(&registry, 7, &[(&node, None)]);
+        let after = registry.stats();
+        assert_eq!(
+            (after.services, after.instances, after.leases),
+            (before.services, before.instances, before.leases)
+        );
+        assert_eq!(healthy(&registry, 80), Some(true));
+        apply(&registry, 8, &[(&key, None)]);
+        let WatchItem::Change(event) = next(&mut watch).await else {
+            panic!("a change");
+        };
+        assert_eq!(
+            (event.kind, event.revision >> SUB_REVISION_BITS),
+            (ChangeKind::Removed, 8),
+            "the first change the watcher sees is the removal"
+        );
     }
 
     #[tokio::test]
