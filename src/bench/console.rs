@@ -7,8 +7,9 @@
 //!
 //! It measures the load time of a page with `--services` registered,
 //! then the registry's CPU and memory while changes are made at
-//! `--churn` a second, with no console open and then with `--consoles`
-//! open, in one run, so the cost of the consoles is their difference.
+//! `--churn` a second, with no console open, then with `--consoles`
+//! open, then with none again, in one run, so the cost of the consoles
+//! is their difference.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -124,8 +125,12 @@ impl ConsoleBench {
             format!("{:.1} KiB", loads.bytes as f64 / 1024.0),
         ));
 
+        // Quiet, busy, quiet again: the memory beside the consoles' is the
+        // second quiet phase's, once the allocator has returned what the
+        // registrations left behind.
         let quiet = self.phase(&registry, &grpc, addr, None).await?;
         let busy = self.phase(&registry, &grpc, addr, Some(&session)).await?;
+        let after = self.phase(&registry, &grpc, addr, None).await?;
         let cpu = |p: &Phase| {
             p.cpu
                 .map_or("n/a".into(), |c| format!("{:.1} % of a core", c * 100.0))
@@ -148,8 +153,15 @@ impl ConsoleBench {
             ));
         }
         rows.push((
-            "registry memory, no console / consoles open".into(),
-            format!("{} / {}", mib(quiet.rss), mib(busy.rss)),
+            format!(
+                "registry CPU, {} changes/s, the consoles closed again",
+                self.churn
+            ),
+            cpu(&after),
+        ));
+        rows.push((
+            "registry memory, consoles open / closed again".into(),
+            format!("{} / {}", mib(busy.rss), mib(after.rss)),
         ));
         if let Some(consoles) = &busy.consoles {
             rows.push((

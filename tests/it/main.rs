@@ -3,6 +3,7 @@
 
 mod auth;
 mod bad_input;
+mod browser;
 mod cluster;
 mod cluster_probes;
 mod cluster_process;

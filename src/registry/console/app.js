@@ -43,6 +43,8 @@
   const fmtInt = (n) => (typeof n === 'number' ? n.toLocaleString('en-US') : n == null ? '—' : String(n));
   const plain = (n) => (n == null ? '—' : String(n));
   const yesNo = (b) => (b ? 'yes' : 'no');
+  // The registry's messages end without a full stop; one is added before another sentence follows.
+  const sentence = (msg) => (/[.!?]$/.test(msg) ? msg : msg + '.');
   const pad = (n) => String(n).padStart(2, '0');
   function fmtTime(ms) {
     if (typeof ms !== 'number') return '—';
@@ -454,13 +456,14 @@
       const [s, w] = await Promise.allSettled([api('GET', `${base}?${sq()}`), api('GET', `${base}/watchers?${sq()}`)]);
       if (s.status === 'rejected') {
         const e = s.reason;
-        if (e.status === 404) {
-          notFound.textContent = e.message + ' This page shows the service as soon as it is registered.';
-          notFound.hidden = false;
-          body.hidden = true;
-          revision.textContent = '—';
-        }
-        throw e;
+        if (e.status !== 404) throw e;
+        // Said once, in the page: not also as an error above it.
+        notFound.textContent = sentence(e.message) + ' This page shows the service as soon as it is registered.';
+        notFound.hidden = false;
+        body.hidden = true;
+        revision.textContent = '—';
+        clearFlash('load');
+        return;
       }
       const d = s.value;
       notFound.hidden = true;
@@ -566,8 +569,8 @@
           h('td', { class: 'kind' }, kind),
           h('td', { class: 'service' }, h('a', { href: servicePath(c.service, state.namespace, state.group) }, c.service)),
           h('td', { class: 'address', title: i ? 'cluster ' + i.cluster : null }, i ? address(i) : '—'),
-          h('td', { class: 'healthy' }, i ? (i.healthy ? 'healthy' : 'unhealthy') : '—'),
-          h('td', { class: 'enabled' }, i ? (i.enabled ? 'online' : 'offline') : '—'),
+          h('td', { class: i && !i.healthy ? 'healthy bad' : 'healthy' }, i ? (i.healthy ? 'healthy' : 'unhealthy') : '—'),
+          h('td', { class: i && !i.enabled ? 'enabled off' : 'enabled' }, i ? (i.enabled ? 'online' : 'offline') : '—'),
           h('td', { class: 'weight num' }, i ? fmtNum(i.weight) : '—'));
       }) : [emptyRow(7, 'No recent changes.')]));
       clearFlash('load');
