@@ -14,7 +14,8 @@
 //! Logins are limited per client address.
 //!
 //! ```text
-//! GET  /login  /services  /services/{name}  /changes  /cluster   the pages (303 to /login without a session)
+//! GET  /login  /services  /services/{name}  /changes  /cluster  /account
+//!                                                                the pages (303 to /login without a session)
 //! GET  /  /nacos                                                 303 to /services
 //! GET  /assets/app.js  /assets/app.css
 //! POST /api/v1/console/login     {"username": "admin", "password": "..."}
@@ -110,6 +111,7 @@ impl Console {
             .route("/services/{name}", get(page))
             .route("/changes", get(page))
             .route("/cluster", get(page))
+            .route("/account", get(page))
             .route("/assets/app.js", get(script))
             .route("/assets/app.css", get(style))
             .route("/api/v1/console/login", post(login))

@@ -30,6 +30,7 @@ use shop_mesh::pb::registry as rpb;
 use shop_mesh::pb::shop as pb;
 use shop_mesh::pb::shop::order_service_client::OrderServiceClient;
 use shop_mesh::product::store::product;
+use shop_mesh::registry::console::INITIAL_PASSWORD_FILE;
 use shop_mesh::roles::{ShopRole, Spawned};
 use shop_mesh::shop::{ORDER_SERVICE, PRODUCT_SERVICE, ServiceConfig, USER_SERVICE};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -812,6 +813,98 @@ async fn logging_out_sends_the_next_page_to_the_login() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_is_changed_from_the_console_and_the_handed_out_one_stops_working() {
+    let registry = TestRegistry::start().await;
+    let Some(browser) = Browser::open(
+        "browser::the_password_is_changed_from_the_console_and_the_handed_out_one_stops_working",
+        registry.addr,
+    )
+    .await
+    else {
+        return;
+    };
+    let dir = &registry.config.data_dir;
+    let first = initial_password(dir).await;
+    browser.goto("/services").await;
+    browser.lands_on("/login?next=/services").await;
+    browser.sign_in(&first).await;
+    browser.find("#services").await;
+    // The user's name in the top bar leads to the account page.
+    browser
+        .find("#user")
+        .await
+        .click()
+        .await
+        .expect("to the account");
+    browser.lands_on("/account").await;
+
+    let fill = async |current: &str, new: &str, again: &str| {
+        for (field, text) in [
+            ("#password-current", current),
+            ("#password-new", new),
+            ("#password-confirm", again),
+        ] {
+            browser.type_over(&browser.find(field).await, text).await;
+        }
+        browser
+            .find("#password-change")
+            .await
+            .click()
+            .await
+            .expect("submit");
+    };
+    fill(
+        "not-the-password",
+        "a-long-new-password",
+        "a-long-new-password",
+    )
+    .await;
+    browser
+        .flash_says(
+            "error",
+            "the current password is not right; nothing was changed",
+        )
+        .await;
+    fill(&first, "too-short", "too-short").await;
+    browser
+        .until(
+            "the page to say the new password is too short",
+            PATIENCE,
+            "const f = document.querySelector('#flash');
+             return !f.hidden && f.classList.contains('error')
+               && f.textContent.includes('at least 12 characters');",
+            vec![],
+        )
+        .await;
+    assert!(dir.join(INITIAL_PASSWORD_FILE).exists(), "nothing changed");
+    fill(&first, "a-long-new-password", "a-long-new-password").await;
+    browser
+        .flash_says(
+            "ok",
+            "The password was changed; every other session was ended.",
+        )
+        .await;
+    assert!(!dir.join(INITIAL_PASSWORD_FILE).exists());
+
+    // This session goes on; the next login takes only the new password.
+    browser.find("#logout").await.click().await.expect("logout");
+    browser.lands_on("/login").await;
+    browser.sign_in(&first).await;
+    browser
+        .until(
+            "the login to refuse the handed-out password",
+            PATIENCE,
+            "const e = document.querySelector('#login-error');
+             return !e.hidden && e.textContent === 'wrong user or password';",
+            vec![],
+        )
+        .await;
+    browser.sign_in("a-long-new-password").await;
+    browser.find("#services").await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_page_shows_the_registry_as_it_is() {
     let registry = TestRegistry::start().await;
     let release = [("version", "1.4.2")];
@@ -1029,6 +1122,14 @@ async fn each_page_shows_the_registry_as_it_is() {
         registry.addr.to_string()
     );
     browser.find("#single-process").await;
+    // The one registry node, which answered the page.
+    let node = registry.addr.to_string();
+    let listed = browser
+        .text(&format!(
+            "#registry-nodes tr[data-node=\"{node}\"] td.answering"
+        ))
+        .await;
+    assert_eq!(listed, "yes");
     browser.screenshot("cluster.png").await;
     browser.close().await;
     for watcher in watchers {

@@ -114,6 +114,7 @@ async fn pages_need_a_login_with_the_password_the_first_start_handed_out() {
         ),
         ("/changes", "/changes"),
         ("/cluster", "/cluster"),
+        ("/account", "/account"),
     ] {
         let answer = send(addr, "GET", page, &[], None).await;
         assert_eq!(answer.status, 303, "{page}");

@@ -605,6 +605,15 @@
         row('incarnation', plain(d.incarnation), 'cluster-incarnation'),
         etcd && row('etcd endpoints', (d.etcd_endpoints || []).join(', ') || '—', 'etcd-endpoints'),
         etcd && row('etcd prefix', d.etcd_prefix ?? '—', 'etcd-prefix'))];
+      const nodes = Array.isArray(d.nodes) ? d.nodes : [];
+      const ntbl = table('registry-nodes', [['Address'], ['Version'], ['Started'], ['Answered this page']]);
+      ntbl.tBodies[0].append(...(nodes.length ? nodes.map((n) => h('tr', { 'data-node': n.address, class: n.answering ? 'leader' : null },
+        h('td', { class: 'address mono' }, n.address ?? '—'),
+        h('td', { class: 'version' }, n.version || '—'),
+        h('td', { class: 'started' }, fmtTime(n.started_ms)),
+        h('td', { class: 'answering' }, yesNo(n.answering)))) : [emptyRow(4, 'No registry node known.')]));
+      parts.push(h('h2', null, 'Registry nodes'), ntbl);
+      if (d.nodes_error) parts.push(h('p', { id: 'nodes-error', class: 'notice error' }, d.nodes_error));
       if (!etcd) {
         parts.push(h('p', { id: 'single-process', class: 'notice' },
           'Memory store: this registry is one process. Its registrations live in its memory only and are not shared with any other node.'));
@@ -626,6 +635,39 @@
     content().replaceChildren(h('h1', null, 'Cluster'), view);
     refresh();
     setInterval(refresh, 5000);
+  }
+
+  // ---- /account ----
+  function accountPage() {
+    document.title = 'Account · shop-mesh';
+    setNav(scope());
+    const field = (id, label, autocomplete) => {
+      const input = h('input', { id, type: 'password', autocomplete });
+      return [input, h('label', null, label, input)];
+    };
+    const [current, currentLabel] = field('password-current', 'Current password', 'current-password');
+    const [fresh, freshLabel] = field('password-new', 'New password (at least 12 characters)', 'new-password');
+    const [again, againLabel] = field('password-confirm', 'New password, again', 'new-password');
+    const submit = h('button', { id: 'password-change', type: 'submit' }, 'Change password');
+    const form = h('form', { id: 'password-form', class: 'card', novalidate: true },
+      h('h2', null, 'Change the console password'),
+      h('p', null, 'Changing it ends every other session, and removes the password the first start handed out.'),
+      currentLabel, freshLabel, againLabel, submit);
+    form.addEventListener('submit', (ev) => {
+      ev.preventDefault();
+      if (fresh.value !== again.value) {
+        flash('The two new passwords differ; nothing was changed.', 'error');
+        return;
+      }
+      act(submit, async () => {
+        const d = await api('PUT', '/console/password', { current: current.value, new: fresh.value });
+        csrf = d.csrf_token || csrf;
+        for (const input of [current, fresh, again]) input.value = '';
+        flash('The password was changed; every other session was ended.', 'ok');
+      });
+    });
+    content().replaceChildren(h('h1', null, 'Account'), form);
+    current.focus();
   }
 
   // ---- top bar and routing ----
@@ -672,6 +714,7 @@
     else if (name !== null) servicePage(name);
     else if (path === '/changes') changesPage();
     else if (path === '/cluster') clusterPage();
+    else if (path === '/account') accountPage();
     else content().replaceChildren(h('p', { class: 'notice' }, 'There is no console page at ', h('code', null, location.pathname), '. ', h('a', { href: '/services' }, 'Go to the services.')));
   }
 
