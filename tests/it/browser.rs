@@ -7,8 +7,10 @@
 //! page as it shows a registry, saved as a screenshot when
 //! SHOP_MESH_SCREENSHOTS names a directory (docs/console/ has them).
 //!
-//! Without chromium and chromium-driver installed each test prints
-//! `SKIPPED:` and passes, unless CI is set.
+//! They are the second tier (`cargo test --test it browser -- --ignored`,
+//! which `.ci/run` runs after `cargo test`), so the first stays within its
+//! few minutes. Without chromium and chromium-driver installed each test
+//! prints `SKIPPED:` and passes, unless CI is set.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -356,6 +358,7 @@ fn service_page(service: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the browser tier: cargo test --test it browser -- --ignored"]
 async fn logging_in_takes_the_handed_out_password_and_returns_to_the_page_asked_for() {
     let registry = TestRegistry::start().await;
     let _product = keep_registered(&registry, vec![crate::instance(PRODUCT_SERVICE, 8070)]).await;
@@ -412,6 +415,7 @@ async fn logging_in_takes_the_handed_out_password_and_returns_to_the_page_asked_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the browser tier: cargo test --test it browser -- --ignored"]
 async fn a_started_instance_appears_live_and_a_killed_one_turns_unhealthy_then_goes() {
     let (heartbeat, delete_timeout) = (Duration::from_millis(500), Duration::from_secs(3));
     let registry = TestRegistry::start_with(|config| {
@@ -630,6 +634,7 @@ impl Shop {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the browser tier: cargo test --test it browser -- --ignored"]
 async fn offline_from_the_page_stops_orders_reaching_an_instance_and_a_weight_moves_its_share() {
     let shop = Shop::start().await;
     let Some(browser) = Browser::open(
@@ -721,6 +726,7 @@ async fn offline_from_the_page_stops_orders_reaching_an_instance_and_a_weight_mo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the browser tier: cargo test --test it browser -- --ignored"]
 async fn a_refused_weight_shows_the_registrys_message_and_changes_nothing() {
     let registry = TestRegistry::start().await;
     let _kept = keep_registered(&registry, vec![crate::instance(PRODUCT_SERVICE, 8070)]).await;
@@ -773,6 +779,7 @@ async fn a_refused_weight_shows_the_registrys_message_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the browser tier: cargo test --test it browser -- --ignored"]
 async fn logging_out_sends_the_next_page_to_the_login() {
     let registry = TestRegistry::start().await;
     let Some(browser) = Browser::open(
@@ -813,6 +820,7 @@ async fn logging_out_sends_the_next_page_to_the_login() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the browser tier: cargo test --test it browser -- --ignored"]
 async fn the_password_is_changed_from_the_console_and_the_handed_out_one_stops_working() {
     let registry = TestRegistry::start().await;
     let Some(browser) = Browser::open(
@@ -905,6 +913,7 @@ async fn the_password_is_changed_from_the_console_and_the_handed_out_one_stops_w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the browser tier: cargo test --test it browser -- --ignored"]
 async fn each_page_shows_the_registry_as_it_is() {
     let registry = TestRegistry::start().await;
     let release = [("version", "1.4.2")];
