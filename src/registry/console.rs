@@ -179,6 +179,19 @@ impl Console {
         Ok(token)
     }
 
+    /// [`Console::session`] of the request's cookie; without one,
+    /// UNAUTHENTICATED saying `missing`.
+    fn session_of(
+        &self,
+        asked: (&HeaderMap, &Uri),
+        changes: bool,
+        missing: &'static str,
+    ) -> Result<Token, Refused> {
+        let cookie = cookie(asked.0)
+            .ok_or_else(|| Refused::from(tonic::Status::unauthenticated(missing)))?;
+        self.session(&cookie, asked, changes)
+    }
+
     fn session_cookie(&self, token: &Token) -> HeaderValue {
         let max = self.inner.registry.config().console.session_max.as_secs();
         let secure = if self.inner.secure { "; Secure" } else { "" };
@@ -443,12 +456,7 @@ async fn session(
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, Refused> {
-    let cookie = cookie(&headers).ok_or_else(|| {
-        Refused::from(tonic::Status::unauthenticated(
-            "no console session; log in first",
-        ))
-    })?;
-    let token = console.session(&cookie, (&headers, &uri), false)?;
+    let token = console.session_of((&headers, &uri), false, "no console session; log in first")?;
     let info = console
         .inner
         .registry
@@ -467,12 +475,7 @@ async fn logout(
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, Refused> {
-    let cookie = cookie(&headers).ok_or_else(|| {
-        Refused::from(tonic::Status::unauthenticated(
-            "no console session to log out of",
-        ))
-    })?;
-    let token = console.session(&cookie, (&headers, &uri), true)?;
+    let token = console.session_of((&headers, &uri), true, "no console session to log out of")?;
     console.inner.registry.sessions().close(&token);
     tracing::info!(user = USER, "console logout");
     let mut answer = Json(json!({})).into_response();
@@ -497,12 +500,7 @@ async fn change_password(
     uri: Uri,
     body: Result<Json<PasswordChange>, JsonRejection>,
 ) -> Result<Response, Refused> {
-    let cookie = cookie(&headers).ok_or_else(|| {
-        Refused::from(tonic::Status::unauthenticated(
-            "no console session; log in first",
-        ))
-    })?;
-    console.session(&cookie, (&headers, &uri), true)?;
+    console.session_of((&headers, &uri), true, "no console session; log in first")?;
     let Json(change) = body.map_err(|err| {
         Refused::from(tonic::Status::invalid_argument(format!(
             "body: {} (expected {{\"current\": \"...\", \"new\": \"...\"}})",

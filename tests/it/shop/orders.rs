@@ -504,7 +504,22 @@ async fn an_abandoned_order_is_undone_by_the_sweeper(backend: Backend, test: &st
         shop.db.connect("product").await,
         shop.db.connect("order").await,
     );
-    // What the dead instance left: its claim, and its deduction.
+    // What the dead instance left: its deduction, and its claim. The claim
+    // is written last: the sweeper (every 50 ms) takes it up at once, and
+    // the deduction must be there, and seen, before it does.
+    let identity = shop.order_identity().await;
+    shop.products()
+        .deduct_stock(super::shown(
+            &identity,
+            pb::DeductStockRequest {
+                product_id: 1003,
+                count: 7,
+                request_id: "dead-1#0".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(stock(&products_db, 1003).await, 93);
     let long_ago = shop_mesh::shop::db::now() - chrono::TimeDelta::hours(1);
     request::Entity::insert(request::ActiveModel {
         request_id: Set("dead-1".into()),
@@ -519,19 +534,6 @@ async fn an_abandoned_order_is_undone_by_the_sweeper(backend: Backend, test: &st
     .exec_without_returning(&orders_db)
     .await
     .unwrap();
-    let identity = shop.order_identity().await;
-    shop.products()
-        .deduct_stock(super::shown(
-            &identity,
-            pb::DeductStockRequest {
-                product_id: 1003,
-                count: 7,
-                request_id: "dead-1#0".into(),
-            },
-        ))
-        .await
-        .unwrap();
-    assert_eq!(stock(&products_db, 1003).await, 93);
 
     crate::wait_until(
         "the sweeper settles dead-1",
