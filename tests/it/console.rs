@@ -791,3 +791,33 @@ async fn the_console_reads_refuse_what_the_grpc_reads_refuse() {
         assert!(message.contains(says), "{path}: {message}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_without_its_console_serves_no_page_and_writes_no_password() {
+    let registry = TestRegistry::start_with(|config| {
+        config.auth.enabled = true;
+        config.console.enabled = false;
+    })
+    .await;
+    let admin = admin_token(&[&registry.config.data_dir]).await;
+    let dir = &registry.config.data_dir;
+    assert!(!dir.join(INITIAL_PASSWORD_FILE).exists());
+    assert!(!dir.join(HASH_FILE).exists());
+    for path in ["/services", "/login", "/assets/app.js"] {
+        let answer = send(registry.addr, "GET", path, &[], None).await;
+        assert_eq!(answer.status, 404, "{path}");
+    }
+    let login = try_login(registry.addr, "admin", "any-password-at-all").await;
+    assert_eq!(login.status, 404, "{}", login.body);
+    // The JSON API is the registry's, console or not.
+    let bearer = format!("Bearer {admin}");
+    let list = send(
+        registry.addr,
+        "GET",
+        "/api/v1/services",
+        &[("Authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert_eq!(list.status, 200, "{}", list.body);
+}
