@@ -725,21 +725,7 @@ async fn the_console_reads_refuse_what_the_grpc_reads_refuse() {
             .await
             .unwrap();
     }
-    let reader = client
-        .create_token(showing(
-            pb::CreateTokenRequest {
-                name: "staging reader".into(),
-                scope: Some(pb::TokenScope {
-                    read_namespace: "staging".into(),
-                    ..Default::default()
-                }),
-            },
-            Some(&admin),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let reader = crate::reader_token(&mut client, &admin, "staging").await;
     let bearer = format!("Bearer {reader}");
     let as_reader = [("Authorization", bearer.as_str())];
 

@@ -42,21 +42,7 @@ async fn the_json_api_answers_and_refuses_as_the_grpc_api_does() {
     let admin = admin_token(&[&registry.config.data_dir]).await;
     let addr = registry.addr;
     let mut grpc = registry.client().await;
-    let reader = grpc
-        .create_token(showing(
-            pb::CreateTokenRequest {
-                name: "reader".into(),
-                scope: Some(pb::TokenScope {
-                    read_namespace: "public".into(),
-                    ..Default::default()
-                }),
-            },
-            Some(&admin),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let reader = crate::reader_token(&mut grpc, &admin, "public").await;
     register_as(&mut grpc, persistent("db", 5432), 0, Some(&admin))
         .await
         .unwrap();

@@ -257,6 +257,29 @@ pub async fn register_as(
         .map(tonic::Response::into_inner)
 }
 
+/// A token, made with `admin`, that may read `namespace` alone.
+pub async fn reader_token(
+    client: &mut RegistryClient<Channel>,
+    admin: &str,
+    namespace: &str,
+) -> String {
+    client
+        .create_token(showing(
+            pb::CreateTokenRequest {
+                name: format!("{namespace} reader"),
+                scope: Some(pb::TokenScope {
+                    read_namespace: namespace.into(),
+                    ..Default::default()
+                }),
+            },
+            Some(admin),
+        ))
+        .await
+        .expect("create a read token")
+        .into_inner()
+        .token
+}
+
 /// The first admin token, once a registry with auth on has written it to
 /// one of `data_dirs` (on a cluster, the node that made it).
 pub async fn admin_token(data_dirs: &[&std::path::Path]) -> String {
