@@ -106,19 +106,11 @@ impl ConsoleBench {
         let loads = self.page_loads(addr, &session).await?;
         rows.push((
             format!("services page load, {} services (p50 / p99)", self.services),
-            format!(
-                "{} / {}",
-                us(loads.total.value_at_quantile(0.5)),
-                us(loads.total.value_at_quantile(0.99))
-            ),
+            p50_p99(&loads.total),
         ));
         rows.push((
             "  of which the first page of services (p50 / p99)".into(),
-            format!(
-                "{} / {}",
-                us(loads.list.value_at_quantile(0.5)),
-                us(loads.list.value_at_quantile(0.99))
-            ),
+            p50_p99(&loads.list),
         ));
         rows.push((
             "  bytes a load fetches (page, assets, answers)".into(),
@@ -174,11 +166,7 @@ impl ConsoleBench {
             ));
             rows.push((
                 "a re-read of the page, under churn (p50 / p99)".into(),
-                format!(
-                    "{} / {}",
-                    us(consoles.read.value_at_quantile(0.5)),
-                    us(consoles.read.value_at_quantile(0.99))
-                ),
+                p50_p99(&consoles.read),
             ));
         }
         println!();
@@ -392,6 +380,15 @@ async fn console(
         }
     }
     Ok(seen)
+}
+
+/// A latency's median and 99th percentile, `p50 / p99`.
+fn p50_p99(latency: &Histogram<u64>) -> String {
+    format!(
+        "{} / {}",
+        us(latency.value_at_quantile(0.5)),
+        us(latency.value_at_quantile(0.99))
+    )
 }
 
 fn http() -> Http {
