@@ -9,7 +9,8 @@
 //!
 //! etcd's API, the etcd store's client, is compiled on its own: clients
 //! only, and kept out of the descriptor set, since the registry does not
-//! serve it.
+//! serve it. So is Nacos's, which the registry serves on a port of its
+//! own for Nacos clients.
 
 use prost::Message;
 
@@ -23,6 +24,8 @@ const PROTOS: &[&str] = &[
 const HEALTH: &str = "grpc/health/v1/health.proto";
 
 const ETCD: &str = "etcd/etcdserverpb.proto";
+
+const NACOS: &str = "nacos/nacos_grpc_service.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
@@ -48,5 +51,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(false)
         .build_client(true)
         .compile_fds(protox::compile([ETCD], ["proto"])?)?;
+    // Nacos's interface has no package (prost names its file `_.rs`), so
+    // it is written apart; it is served on its own port, without
+    // reflection.
+    let nacos = out_dir.join("nacos");
+    std::fs::create_dir_all(&nacos)?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .codec_path("crate::codec::RequestCodec")
+        .out_dir(nacos)
+        .compile_fds(protox::compile([NACOS], ["proto"])?)?;
     Ok(())
 }

@@ -28,6 +28,14 @@ pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
 
+/// Nacos 2.x's gRPC interface (no package): `Payload`, and the `Request`
+/// and `BiRequestStream` services Nacos clients call (whose method names
+/// are camelCase, as Nacos spells them).
+#[allow(non_camel_case_types)]
+pub mod nacos {
+    include!(concat!(env!("OUT_DIR"), "/nacos/_.rs"));
+}
+
 /// The encoded descriptor set of every proto in `proto/` but health's
 /// (tonic-health has its own), for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -8,6 +8,7 @@ pub mod console;
 mod grpc;
 mod http;
 pub mod model;
+pub mod nacos;
 mod persist;
 mod probe;
 mod store;
@@ -203,6 +204,45 @@ impl Default for ConsoleConfig {
     }
 }
 
+/// The `[registry.nacos]` section: Nacos's naming protocols, for the
+/// clients of Nacos (see [`nacos`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NacosConfig {
+    /// Serves Nacos's 1.x open API under `/nacos/v1/` on the registry's
+    /// port, and its 2.x gRPC API on `grpc_listen`.
+    pub enabled: bool,
+    /// Where the 2.x gRPC API listens. Unset: the registry's address with
+    /// its port + 1000 (9848 beside 8848), where Nacos clients look for
+    /// it.
+    pub grpc_listen: Option<SocketAddr>,
+}
+
+impl Default for NacosConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            grpc_listen: None,
+        }
+    }
+}
+
+impl NacosConfig {
+    /// Where the 2.x gRPC API listens beside a registry on `registry`.
+    pub fn grpc_addr(&self, registry: SocketAddr) -> anyhow::Result<SocketAddr> {
+        if let Some(addr) = self.grpc_listen {
+            return Ok(addr);
+        }
+        let port = registry.port().checked_add(1000).ok_or_else(|| {
+            anyhow::anyhow!(
+                "the registry's port {} leaves no room for Nacos's gRPC port (+1000); set registry.nacos.grpc_listen",
+                registry.port()
+            )
+        })?;
+        Ok(SocketAddr::new(registry.ip(), port))
+    }
+}
+
 /// The `[registry]` configuration section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -252,6 +292,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The `[registry.console]` section.
     pub console: ConsoleConfig,
+    /// The `[registry.nacos]` section.
+    pub nacos: NacosConfig,
 }
 
 impl Default for Config {
@@ -273,6 +315,7 @@ impl Default for Config {
             etcd: EtcdConfig::default(),
             auth: AuthConfig::default(),
             console: ConsoleConfig::default(),
+            nacos: NacosConfig::default(),
         }
     }
 }
@@ -342,6 +385,11 @@ pub async fn run(
     let face = RegistryService::new(registry.clone(), shutdown.clone())
         .listening_on(listener.local_addr()?);
     let api = http::routes(face.clone());
+    let api = if config.nacos.enabled {
+        api.merge(nacos::open_api::routes())
+    } else {
+        api
+    };
     let api = if config.console.enabled {
         let console =
             console::Console::open(config, registry.clone(), connections.tls.serves()).await?;
@@ -354,7 +402,7 @@ pub async fn run(
         api
     };
     let service =
-        RegistryServer::new(face).max_decoding_message_size(config.limits.max_message_size);
+        RegistryServer::new(face.clone()).max_decoding_message_size(config.limits.max_message_size);
     let mut server = crate::server::Server::new(shutdown.clone(), connections).await?;
     server.limit_message_size(config.limits.max_message_size);
     // The JSON API shares the port, over HTTP/1.1 as well as HTTP/2.
@@ -381,12 +429,72 @@ pub async fn run(
             tracing::info!(addr = %listener.local_addr()?, etcd = %config.etcd.endpoints.join(","), "registry serving")
         }
     }
+    // Nacos's port stops with the registry's, whatever stopped that.
+    let nacos_stop = shutdown.child_token();
+    let nacos = if config.nacos.enabled {
+        serve_nacos(
+            config,
+            connections,
+            &face,
+            listener.local_addr()?,
+            &nacos_stop,
+        )
+        .await?
+    } else {
+        None
+    };
     let stop = shutdown.clone().cancelled_owned();
     let result = server
         .serve(routes, listener, config.shutdown_grace, stop)
         .await;
+    nacos_stop.cancel();
+    if let Some(nacos) = nacos {
+        let _ = nacos.await;
+    }
     // Hands the probing of persistent instances over before the process
     // can exit, so a clean stop leaves no gap in them.
     registry.leave().await;
     result
+}
+
+/// Starts Nacos's 2.x gRPC API beside a registry serving at `registry`
+/// (see [`NacosConfig::grpc_addr`]), on the same connection settings,
+/// until `shutdown`; answers its task. Where `registry.nacos.grpc_listen`
+/// is set, a port it cannot have stops the registry; where it is the
+/// registry's port + 1000 by default, the registry serves without it,
+/// saying so.
+async fn serve_nacos(
+    config: &Config,
+    connections: &crate::server::Connections,
+    face: &RegistryService,
+    registry: SocketAddr,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>> {
+    let asked = config.nacos.grpc_addr(registry)?;
+    let listener = match crate::server::bind(asked, "Nacos's gRPC API", None).await {
+        Ok(listener) => listener,
+        Err(err) if config.nacos.grpc_listen.is_none() => {
+            tracing::warn!(error = %format!("{err:#}"), "Nacos 2.x clients cannot connect: set registry.nacos.grpc_listen to a free address");
+            return Ok(None);
+        }
+        Err(err) => {
+            return Err(err.context(
+                "set registry.nacos.grpc_listen to a free address, or registry.nacos.enabled = false",
+            ));
+        }
+    };
+    let mut server = crate::server::Server::new(shutdown.clone(), connections).await?;
+    server.limit_message_size(config.limits.max_message_size);
+    let remote = nacos::Remote::new(face.clone(), shutdown.clone());
+    let routes = remote.routes(config.limits.max_message_size);
+    server
+        .health()
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    tracing::info!(addr = %listener.local_addr()?, "Nacos 2.x gRPC API serving");
+    let grace = config.shutdown_grace;
+    let stop = shutdown.clone().cancelled_owned();
+    Ok(Some(tokio::spawn(async move {
+        server.serve(routes, listener, grace, stop).await
+    })))
 }

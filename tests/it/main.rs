@@ -17,6 +17,7 @@ mod grpcurl;
 mod http;
 mod http_api;
 mod inspect;
+mod nacos;
 mod persistence;
 mod properties;
 mod registry_api;
@@ -47,6 +48,8 @@ pub const CREDENTIALS_OFF: (&str, &str) = ("SHOP_MESH__REGISTRY__AUTH__ENABLED",
 pub fn without_credentials() -> registry::Config {
     let mut config = registry::Config::default();
     config.auth.enabled = false;
+    // Registries in tests run side by side: Nacos's port is any free one.
+    config.nacos.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
     config
 }
 

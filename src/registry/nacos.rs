@@ -1,0 +1,275 @@
+//! Nacos's naming protocols over the one registry, so that the clients of
+//! Nacos (the seed's Spring Cloud Alibaba services, and every SDK) move to
+//! shop-mesh by changing nothing but the process they start:
+//!
+//! - `open_api.rs`: the 1.x open API over HTTP under `/nacos/v1/ns/` (and
+//!   its login) on the registry's own port;
+//! - `remote.rs`: the 2.x gRPC API on the registry's port + 1000, with its
+//!   connections and the push of a subscribed service's changes.
+//!
+//! Both are adapters over the registry's gRPC handlers, as the JSON API is:
+//! a Nacos request is checked with the same rules, the same credentials
+//! (a shop-mesh token is the Nacos accessToken) and the same messages, and
+//! whatever a Nacos client registers is what shop-mesh's own watch and
+//! registrar see, and the other way round. Nacos's names map one to one:
+//! `namespaceId` (`public`), `groupName` (`DEFAULT_GROUP`), a service name
+//! that may carry its group (`group@@name`), `clusterName` (`DEFAULT`),
+//! weight, enabled, ephemeral and metadata, with Nacos's
+//! `preserved.heart.beat.*` metadata as the instance's timings.
+
+pub(super) mod open_api;
+mod remote;
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tonic::Code;
+
+use crate::pb::registry as pb;
+
+pub(super) use remote::Remote;
+
+/// How Nacos joins a group and a service name into one.
+const GROUPED: &str = "@@";
+
+/// The metadata keys by which Nacos clients ask for an instance's timings,
+/// in milliseconds.
+const HEARTBEAT_INTERVAL_KEY: &str = "preserved.heart.beat.interval";
+const UNHEALTHY_TIMEOUT_KEY: &str = "preserved.heart.beat.timeout";
+const DELETE_TIMEOUT_KEY: &str = "preserved.ip.delete.timeout";
+
+/// How long Nacos clients may cache a service's instances, as Nacos
+/// answers it.
+const CACHE_MILLIS: u64 = 10_000;
+
+/// The group and name of a Nacos service name, which may carry its group
+/// (`group@@name`); a group given apart must then agree with it.
+fn split_service(service: &str, group: &str) -> Result<(String, String), tonic::Status> {
+    match service.split_once(GROUPED) {
+        None => Ok((group.to_string(), service.to_string())),
+        Some((named, name)) if group.is_empty() || group == named => {
+            Ok((named.to_string(), name.to_string()))
+        }
+        Some((named, _)) => Err(tonic::Status::invalid_argument(format!(
+            "serviceName {service:?} names group {named:?}, but groupName is {group:?}"
+        ))),
+    }
+}
+
+/// `group@@name`, as Nacos names a service in its answers.
+fn grouped(group: &str, name: &str) -> String {
+    format!("{group}{GROUPED}{name}")
+}
+
+/// An instance as a Nacos client describes it (the 2.x JSON, and the 1.x
+/// beat's): every field may be missing or null.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct NacosInstance {
+    ip: Option<String>,
+    port: Option<i64>,
+    weight: Option<f64>,
+    enabled: Option<bool>,
+    ephemeral: Option<bool>,
+    cluster_name: Option<String>,
+    /// The 1.x beat's name for the cluster.
+    cluster: Option<String>,
+    metadata: Option<HashMap<String, String>>,
+}
+
+/// Where an instance is and what it is, in shop-mesh's terms.
+struct Placed<'a> {
+    namespace: &'a str,
+    group: &'a str,
+    service: &'a str,
+}
+
+impl NacosInstance {
+    /// The registry's instance for this Nacos one, in `at`: Nacos's
+    /// defaults where a field is missing, its timing metadata as timings.
+    fn to_pb(&self, at: &Placed<'_>) -> Result<pb::Instance, tonic::Status> {
+        let ip = self.ip.clone().ok_or_else(|| missing("ip"))?;
+        let port = self.port.ok_or_else(|| missing("port"))?;
+        let port = u32::try_from(port)
+            .ok()
+            .filter(|p| (1..=65535).contains(p))
+            .ok_or_else(|| {
+                tonic::Status::invalid_argument(format!("port: {port} is not a port (1 to 65535)"))
+            })?;
+        let metadata = self.metadata.clone().unwrap_or_default();
+        let timing = |key: &str| -> Result<Option<u64>, tonic::Status> {
+            metadata
+                .get(key)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        tonic::Status::invalid_argument(format!(
+                            "metadata {key}: {v:?} is not a number of milliseconds"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        Ok(pb::Instance {
+            namespace: at.namespace.to_string(),
+            group: at.group.to_string(),
+            service: at.service.to_string(),
+            cluster: self
+                .cluster_name
+                .clone()
+                .or_else(|| self.cluster.clone())
+                .unwrap_or_default(),
+            ip,
+            port,
+            weight: Some(self.weight.unwrap_or(1.0)),
+            enabled: Some(self.enabled.unwrap_or(true)),
+            ephemeral: Some(self.ephemeral.unwrap_or(true)),
+            heartbeat_interval_ms: timing(HEARTBEAT_INTERVAL_KEY)?,
+            unhealthy_timeout_ms: timing(UNHEALTHY_TIMEOUT_KEY)?,
+            delete_timeout_ms: timing(DELETE_TIMEOUT_KEY)?,
+            metadata,
+            ..Default::default()
+        })
+    }
+}
+
+/// Nacos's answer to a request without a field it needs.
+fn missing(param: &str) -> tonic::Status {
+    tonic::Status::invalid_argument(format!("Param '{param}' is required."))
+}
+
+/// An instance as Nacos answers it.
+fn instance_json(i: &pb::Instance) -> Value {
+    json!({
+        "instanceId": i.instance_id,
+        "ip": i.ip,
+        "port": i.port,
+        "weight": i.weight.unwrap_or(1.0),
+        "healthy": i.healthy,
+        "enabled": i.enabled.unwrap_or(true),
+        "ephemeral": i.ephemeral.unwrap_or(true),
+        "clusterName": i.cluster,
+        "serviceName": grouped(&i.group, &i.service),
+        "metadata": i.metadata,
+        "instanceHeartBeatInterval": i.heartbeat_interval_ms.unwrap_or_default(),
+        "instanceHeartBeatTimeOut": i.unhealthy_timeout_ms.unwrap_or_default(),
+        "ipDeleteTimeout": i.delete_timeout_ms.unwrap_or_default(),
+        "instanceIdGenerator": "simple",
+    })
+}
+
+/// A service's instances as Nacos answers them (its `ServiceInfo`):
+/// `name` as this protocol's clients key it, the clusters they asked for
+/// echoed, and `lastRefTime` as given (a client drops an answer no newer
+/// than the one it holds).
+fn service_info(
+    name: &str,
+    group: &str,
+    clusters: &str,
+    service: Option<&pb::GetServiceResponse>,
+    last_ref_time: u64,
+) -> Value {
+    let hosts: Vec<Value> = service
+        .map(|s| s.instances.iter().map(instance_json).collect())
+        .unwrap_or_default();
+    json!({
+        "name": name,
+        "groupName": group,
+        "clusters": clusters,
+        "cacheMillis": CACHE_MILLIS,
+        "hosts": hosts,
+        "lastRefTime": last_ref_time,
+        "checksum": "",
+        "allIps": false,
+        "reachProtectionThreshold": service.is_some_and(|s| s.protection_triggered),
+        "valid": true,
+    })
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The Nacos error code (and HTTP status) for a refusal of the registry's.
+fn nacos_code(code: Code) -> u16 {
+    match code {
+        Code::InvalidArgument | Code::OutOfRange | Code::AlreadyExists => 400,
+        Code::Unauthenticated | Code::PermissionDenied => 403,
+        Code::NotFound => 404,
+        Code::FailedPrecondition | Code::Aborted => 409,
+        Code::ResourceExhausted | Code::Unavailable => 503,
+        Code::Unimplemented => 501,
+        Code::DeadlineExceeded => 504,
+        _ => 500,
+    }
+}
+
+/// `message` as a request of the registry's gRPC API showing `token`.
+fn with_token<T>(token: Option<&str>, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token.filter(|t| !t.is_empty())
+        && let Ok(value) = format!("Bearer {token}").parse()
+    {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_name_may_carry_its_group() {
+        assert_eq!(
+            split_service("DEFAULT_GROUP@@server-product", "").unwrap(),
+            ("DEFAULT_GROUP".into(), "server-product".into())
+        );
+        assert_eq!(
+            split_service("server-product", "G").unwrap(),
+            ("G".into(), "server-product".into())
+        );
+        let err = split_service("A@@server-product", "B").unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("names group \"A\""), "{err:?}");
+    }
+
+    #[test]
+    fn nacos_timing_metadata_become_the_instances_timings() {
+        let at = Placed {
+            namespace: "",
+            group: "",
+            service: "s",
+        };
+        let instance = NacosInstance {
+            ip: Some("10.0.0.1".into()),
+            port: Some(80),
+            metadata: Some(HashMap::from([(
+                HEARTBEAT_INTERVAL_KEY.into(),
+                "2000".into(),
+            )])),
+            ..Default::default()
+        };
+        let pb = instance.to_pb(&at).unwrap();
+        assert_eq!(pb.heartbeat_interval_ms, Some(2000));
+        assert_eq!(pb.weight, Some(1.0));
+        let bad = NacosInstance {
+            metadata: Some(HashMap::from([(DELETE_TIMEOUT_KEY.into(), "soon".into())])),
+            ..instance
+        };
+        let err = bad.to_pb(&at).unwrap_err();
+        assert!(
+            err.message().contains("preserved.ip.delete.timeout"),
+            "{err:?}"
+        );
+        let no_port = NacosInstance {
+            ip: Some("10.0.0.1".into()),
+            port: Some(70000),
+            ..Default::default()
+        };
+        assert!(no_port.to_pb(&at).unwrap_err().message().contains("70000"));
+    }
+}

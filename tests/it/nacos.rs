@@ -1,0 +1,338 @@
+//! Nacos's protocols on the registry: the 2.x gRPC API spoken as a Nacos
+//! client speaks it (Payloads of JSON over `/Request/request` and
+//! `/BiRequestStream/requestBiStream`), and what the registry's own API
+//! then shows; and the HTTP paths it does not serve, refused by name.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shop_mesh::pb::nacos::bi_request_stream_client::BiRequestStreamClient;
+use shop_mesh::pb::nacos::request_client::RequestClient;
+use shop_mesh::pb::nacos::{Metadata, Payload};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::{TestRegistry, instance, register, wait_for, wait_until};
+
+/// A registry with Nacos's gRPC API on a port of the test's choosing;
+/// answers it and that port's address.
+async fn nacos_registry() -> (TestRegistry, SocketAddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let registry = TestRegistry::start_with(|c| c.nacos.grpc_listen = Some(port)).await;
+    // Nacos's port is bound as the registry starts serving.
+    let nacos = wait_for(|| async {
+        Channel::from_shared(format!("http://{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .ok()
+    })
+    .await;
+    drop(nacos);
+    (registry, port)
+}
+
+fn payload(kind: &str, body: Value) -> Payload {
+    Payload {
+        metadata: Some(Metadata {
+            r#type: kind.into(),
+            client_ip: "127.0.0.1".into(),
+            headers: HashMap::new(),
+        }),
+        body: Some(prost_types::Any {
+            type_url: String::new(),
+            value: serde_json::to_vec(&body).unwrap(),
+        }),
+    }
+}
+
+/// A payload's type and its JSON body.
+fn read(payload: Payload) -> (String, Value) {
+    let kind = payload.metadata.unwrap().r#type;
+    let body = serde_json::from_slice(&payload.body.unwrap().value).unwrap();
+    (kind, body)
+}
+
+/// A Nacos 2.x connection as the SDKs make it: one HTTP/2 connection for
+/// its requests and its stream.
+struct Client {
+    requests: RequestClient<Channel>,
+    to_stream: Option<mpsc::Sender<Payload>>,
+    pushes: tonic::Streaming<Payload>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut requests = RequestClient::new(channel.clone());
+        let (kind, check) = read(
+            requests
+                .request(payload("ServerCheckRequest", json!({"headers": {}})))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        assert_eq!(kind, "ServerCheckResponse", "{check}");
+        assert_eq!(check["resultCode"], 200);
+        let id = check["connectionId"].as_str().unwrap().to_string();
+        assert!(!id.is_empty());
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(payload(
+            "ConnectionSetupRequest",
+            json!({"clientVersion": "test", "tenant": "", "labels": {"module": "naming"}}),
+        ))
+        .await
+        .unwrap();
+        let pushes = BiRequestStreamClient::new(channel)
+            .request_bi_stream(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut client = Client {
+            requests,
+            to_stream: Some(tx),
+            pushes,
+        };
+        // The setup is read by the server's stream task: until then, 301.
+        wait_until(
+            "the connection to be set up",
+            Duration::from_secs(10),
+            || {
+                let mut requests = client.requests.clone();
+                async move {
+                    let (kind, _) = read(
+                        requests
+                            .request(payload("HealthCheckRequest", json!({})))
+                            .await
+                            .unwrap()
+                            .into_inner(),
+                    );
+                    kind == "HealthCheckResponse"
+                }
+            },
+        )
+        .await;
+        client.requests = client.requests.clone();
+        client
+    }
+
+    async fn call(&mut self, kind: &str, body: Value) -> (String, Value) {
+        read(
+            self.requests
+                .request(payload(kind, body))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+    }
+}
+
+fn nacos_instance(port: u16) -> Value {
+    json!({"ip": "127.0.0.1", "port": port, "weight": 2.0, "enabled": true, "ephemeral": true,
+           "clusterName": "", "metadata": {"version": "1"}})
+}
+
+#[tokio::test]
+async fn a_nacos_2x_client_registers_subscribes_and_its_broken_connection_orphans_its_instances() {
+    let (registry, nacos) = nacos_registry().await;
+    let mut shop_mesh = registry.client().await;
+
+    // A request before the connection is set up: Nacos's 301, on which
+    // its clients reconnect.
+    let channel = Channel::from_shared(format!("http://{nacos}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (kind, refused) = read(
+        RequestClient::new(channel)
+            .request(payload("InstanceRequest", json!({})))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(kind, "ErrorResponse");
+    assert_eq!(refused["errorCode"], 301, "{refused}");
+
+    let mut client = Client::connect(nacos).await;
+    let (kind, answer) = client
+        .call(
+            "InstanceRequest",
+            json!({"requestId": "1", "namespace": "public", "serviceName": "server-product",
+                   "groupName": "DEFAULT_GROUP", "type": "registerInstance",
+                   "instance": nacos_instance(9001)}),
+        )
+        .await;
+    assert_eq!(kind, "InstanceResponse", "{answer}");
+    assert_eq!(answer["errorCode"], 0);
+
+    // shop-mesh's own API sees it, as registered.
+    let service = shop_mesh
+        .get_service(shop_mesh::pb::registry::GetServiceRequest {
+            service: "server-product".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(service.instances.len(), 1);
+    let seen = &service.instances[0];
+    assert_eq!(
+        (seen.port, seen.weight, seen.healthy),
+        (9001, Some(2.0), true)
+    );
+    assert_eq!(seen.metadata["version"], "1");
+
+    // Subscribing answers the instances now, and pushes what follows.
+    let (kind, answer) = client
+        .call(
+            "SubscribeServiceRequest",
+            json!({"namespace": "public", "serviceName": "server-product",
+                   "groupName": "DEFAULT_GROUP", "subscribe": true, "clusters": ""}),
+        )
+        .await;
+    assert_eq!(kind, "SubscribeServiceResponse", "{answer}");
+    let info = &answer["serviceInfo"];
+    assert_eq!(info["name"], "server-product");
+    assert_eq!(info["groupName"], "DEFAULT_GROUP");
+    assert_eq!(info["hosts"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        info["hosts"][0]["serviceName"],
+        "DEFAULT_GROUP@@server-product"
+    );
+    let first_ref = info["lastRefTime"].as_u64().unwrap();
+
+    register(&mut shop_mesh, instance("server-product", 9002)).await;
+    let (kind, push) = read(
+        tokio::time::timeout(Duration::from_secs(10), client.pushes.message())
+            .await
+            .expect("a push within 10 s")
+            .unwrap()
+            .unwrap(),
+    );
+    assert_eq!(kind, "NotifySubscriberRequest", "{push}");
+    let hosts = push["serviceInfo"]["hosts"].as_array().unwrap();
+    let mut ports: Vec<u64> = hosts.iter().map(|h| h["port"].as_u64().unwrap()).collect();
+    ports.sort();
+    assert_eq!(ports, [9001, 9002]);
+    assert!(push["serviceInfo"]["lastRefTime"].as_u64().unwrap() > first_ref);
+
+    // Listing and querying.
+    let (kind, list) = client
+        .call(
+            "ServiceListRequest",
+            json!({"namespace": "public", "groupName": "DEFAULT_GROUP",
+                                           "pageNo": 1, "pageSize": 10}),
+        )
+        .await;
+    assert_eq!(kind, "ServiceListResponse", "{list}");
+    assert_eq!(list["count"], 1);
+    assert_eq!(list["serviceNames"], json!(["server-product"]));
+    let (kind, query) = client
+        .call(
+            "ServiceQueryRequest",
+            json!({"serviceName": "DEFAULT_GROUP@@server-product",
+                                            "cluster": "", "healthyOnly": true}),
+        )
+        .await;
+    assert_eq!(kind, "QueryServiceResponse", "{query}");
+    assert_eq!(query["serviceInfo"]["hosts"].as_array().unwrap().len(), 2);
+
+    // What is not served is refused by name; bad input is refused, saying why.
+    let (kind, refused) = client.call("ConfigQueryRequest", json!({})).await;
+    assert_eq!(kind, "ErrorResponse");
+    assert_eq!(refused["errorCode"], 302);
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("ConfigQueryRequest"),
+        "{refused}"
+    );
+    let (_, refused) = client
+        .call(
+            "InstanceRequest",
+            json!({"serviceName": "server-product", "type": "registerInstance",
+                                        "instance": {"ip": "127.0.0.1", "port": 70000}}),
+        )
+        .await;
+    assert_eq!(refused["errorCode"], 400, "{refused}");
+    assert!(
+        refused["message"].as_str().unwrap().contains("70000"),
+        "{refused}"
+    );
+    let (_, refused) = client
+        .call(
+            "InstanceRequest",
+            json!({"serviceName": "server-product", "type": "renameInstance",
+                                        "instance": nacos_instance(9003)}),
+        )
+        .await;
+    assert_eq!(refused["errorCode"], 400, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("renameInstance"),
+        "{refused}"
+    );
+
+    // The connection breaks: its instance is unhealthy at once, the
+    // other untouched.
+    client.to_stream.take();
+    drop(client);
+    wait_until(
+        "the broken connection's instance to be unhealthy",
+        Duration::from_secs(10),
+        || {
+            let mut shop_mesh = shop_mesh.clone();
+            async move {
+                let service = shop_mesh
+                    .get_service(shop_mesh::pb::registry::GetServiceRequest {
+                        service: "server-product".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                service
+                    .instances
+                    .iter()
+                    .map(|i| (i.port, i.healthy))
+                    .collect::<Vec<_>>()
+                    == [(9001, false), (9002, true)]
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn nacos_http_calls_not_served_are_refused_by_name() {
+    let registry = TestRegistry::start().await;
+    let answer = crate::http::send(
+        registry.addr,
+        "GET",
+        "/nacos/v1/cs/configs?dataId=a&group=b",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(answer.status, 501, "{}", answer.body);
+    assert!(answer.body.contains("configuration API"), "{}", answer.body);
+    assert!(
+        answer.body.contains("/nacos/v1/cs/configs"),
+        "{}",
+        answer.body
+    );
+}
