@@ -336,3 +336,104 @@ async fn nacos_http_calls_not_served_are_refused_by_name() {
         answer.body
     );
 }
+
+/// `python3` with nacos-sdk-python, or `None` where it is missing outside
+/// CI (CI installs it, so there a missing SDK fails the test).
+fn nacos_sdk_python() -> Option<&'static str> {
+    let found = std::process::Command::new("python3")
+        .args(["-c", "import v2.nacos"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    match found {
+        true => Some("python3"),
+        false if std::env::var_os("CI").is_none() => {
+            crate::skipped(
+                "the nacos-sdk-python test: python3 cannot import it; pip install nacos-sdk-python",
+            );
+            None
+        }
+        false => panic!("nacos-sdk-python must be installed in CI"),
+    }
+}
+
+#[tokio::test]
+async fn nacos_sdk_python_registers_discovers_and_is_pushed_changes() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let Some(python) = nacos_sdk_python() else {
+        return;
+    };
+    let (registry, nacos) = nacos_registry().await;
+    let mut shop_mesh = registry.client().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/nacos/python_client.py");
+    let mut child = tokio::process::Command::new(python)
+        .args([
+            script,
+            &registry.addr.port().to_string(),
+            &nacos.port().to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the Python client says something within 30 s")
+            .unwrap()
+            .expect("the Python client exited early")
+    };
+
+    // Its registration is shop-mesh's instance.
+    assert_eq!(next().await, "REGISTERED");
+    let service = shop_mesh
+        .get_service(shop_mesh::pb::registry::GetServiceRequest {
+            service: "python-svc".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let seen = &service.instances[0];
+    assert_eq!(
+        (seen.port, seen.weight, seen.healthy),
+        (7001, Some(3.0), true)
+    );
+    assert_eq!(seen.metadata["lang"], "python");
+    assert_eq!(next().await, "SUBSCRIBED ");
+
+    // A shop-mesh service starts: pushed to the Python client.
+    let one = register(&mut shop_mesh, instance("server-product", 9100)).await;
+    let (beats, answers) = crate::keep_alive_as(&mut shop_mesh, one.lease_id, None).await;
+    let beating = crate::keep_beating(beats, answers, one.lease_id);
+    let other = register(&mut shop_mesh, instance("server-product", 9101)).await;
+    let (beats, answers) = crate::keep_alive_as(&mut shop_mesh, other.lease_id, None).await;
+    let _kept = crate::keep_beating(beats, answers, other.lease_id);
+    stdin.write_all(b"EXPECT 9100\n").await.unwrap();
+    let pushed = loop {
+        let line = next().await;
+        if line.contains("9100") {
+            break line;
+        }
+    };
+    assert!(pushed.starts_with("PUSHED "), "{pushed}");
+
+    // It is killed (its KeepAlive stream breaks): pushed as unhealthy.
+    beating.abort();
+    stdin.write_all(b"GONE 9100\n").await.unwrap();
+    let pushed = loop {
+        let line = next().await;
+        if !line.contains("9100") {
+            break line;
+        }
+    };
+    assert_eq!(pushed, "PUSHED 9101");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
