@@ -39,11 +39,19 @@ async fn nacos_registry() -> (TestRegistry, SocketAddr) {
 }
 
 fn payload(kind: &str, body: Value) -> Payload {
+    payload_showing(kind, body, None)
+}
+
+/// A payload showing `token` as Nacos clients show one.
+fn payload_showing(kind: &str, body: Value, token: Option<&str>) -> Payload {
+    let headers = token
+        .map(|t| HashMap::from([("accessToken".to_string(), t.to_string())]))
+        .unwrap_or_default();
     Payload {
         metadata: Some(Metadata {
             r#type: kind.into(),
             client_ip: "127.0.0.1".into(),
-            headers: HashMap::new(),
+            headers,
         }),
         body: Some(prost_types::Any {
             type_url: String::new(),
@@ -127,9 +135,18 @@ impl Client {
     }
 
     async fn call(&mut self, kind: &str, body: Value) -> (String, Value) {
+        self.call_showing(kind, body, None).await
+    }
+
+    async fn call_showing(
+        &mut self,
+        kind: &str,
+        body: Value,
+        token: Option<&str>,
+    ) -> (String, Value) {
         read(
             self.requests
-                .request(payload(kind, body))
+                .request(payload_showing(kind, body, token))
                 .await
                 .unwrap()
                 .into_inner(),
@@ -318,6 +335,68 @@ async fn a_nacos_2x_client_registers_subscribes_and_its_broken_connection_orphan
 }
 
 #[tokio::test]
+async fn a_nacos_client_shows_a_shop_mesh_token_as_its_access_token() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let registry = TestRegistry::start_with(|c| {
+        c.auth.enabled = true;
+        c.nacos.grpc_listen = Some(port);
+    })
+    .await;
+    let admin = crate::admin_token(&[registry.config.data_dir.as_path()]).await;
+    // Nacos's port is bound as the registry starts serving.
+    wait_for(|| async {
+        Channel::from_shared(format!("http://{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .ok()
+    })
+    .await;
+    let mut client = Client::connect(port).await;
+    let register = json!({"serviceName": "server-product", "type": "registerInstance",
+                          "instance": nacos_instance(9201)});
+
+    // No token, or an unknown one: refused, saying what to show; nothing
+    // registered.
+    let (kind, refused) = client.call("InstanceRequest", register.clone()).await;
+    assert_eq!(kind, "ErrorResponse");
+    assert_eq!(refused["errorCode"], 403, "{refused}");
+    assert!(
+        refused["message"].as_str().unwrap().contains("accessToken"),
+        "{refused}"
+    );
+    let (_, refused) = client
+        .call_showing("InstanceRequest", register.clone(), Some("smt_not-a-token"))
+        .await;
+    assert_eq!(refused["errorCode"], 403, "{refused}");
+    let (_, refused) = client
+        .call_showing(
+            "ServiceQueryRequest",
+            json!({"serviceName": "server-product"}),
+            None,
+        )
+        .await;
+    assert_eq!(refused["errorCode"], 403, "{refused}");
+
+    // The registry's token: registered.
+    let (kind, answer) = client
+        .call_showing("InstanceRequest", register, Some(&admin))
+        .await;
+    assert_eq!(kind, "InstanceResponse", "{answer}");
+    let (_, query) = client
+        .call_showing(
+            "ServiceQueryRequest",
+            json!({"serviceName": "server-product"}),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(query["serviceInfo"]["hosts"][0]["port"], 9201, "{query}");
+}
+
+#[tokio::test]
 async fn nacos_http_calls_not_served_are_refused_by_name() {
     let registry = TestRegistry::start().await;
     let answer = crate::http::send(
@@ -366,11 +445,13 @@ async fn nacos_sdk_python_registers_discovers_and_is_pushed_changes() {
     let (registry, nacos) = nacos_registry().await;
     let mut shop_mesh = registry.client().await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/nacos/python_client.py");
+    let scratch = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(python)
         .args([
             script,
             &registry.addr.port().to_string(),
             &nacos.port().to_string(),
+            scratch.path().to_str().unwrap(),
         ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

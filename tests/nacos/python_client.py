@@ -2,7 +2,11 @@
 SDK over gRPC) against shop-mesh's registry, driven by the integration
 test `nacos::nacos_sdk_python_registers_discovers_and_is_pushed_changes`.
 
-Usage: python_client.py REGISTRY_PORT NACOS_GRPC_PORT
+Usage: python_client.py REGISTRY_PORT NACOS_GRPC_PORT SCRATCH_DIR
+
+The SDK keeps a disk cache of what it discovered, and logs: both go under
+SCRATCH_DIR, and the cache is not read at start, so one run never sees
+another's services.
 
 It registers `python-svc` at 127.0.0.1:7001, subscribes to
 `server-product`, and says on stdout, a line each:
@@ -33,10 +37,13 @@ def say(line):
 
 
 async def main():
-    registry_port, grpc_port = int(sys.argv[1]), int(sys.argv[2])
+    registry_port, grpc_port, scratch = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     config = (
         ClientConfigBuilder()
         .server_address(f"127.0.0.1:{registry_port}")
+        .cache_dir(f"{scratch}/cache")
+        .log_dir(f"{scratch}/logs")
+        .load_cache_at_start(False)
         .grpc_config(GRPCConfig(grpc_timeout=5000, port_offset=grpc_port - registry_port))
         .build()
     )

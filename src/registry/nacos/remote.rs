@@ -444,7 +444,17 @@ impl Remote {
             "ServiceListRequest" => self.list(call).await,
             other => Err(Status::unimplemented(format!("{other:?} is not served"))),
         };
-        handled.unwrap_or_else(|status| refusal(nacos_code(status.code()), id, status.message()))
+        handled.unwrap_or_else(|status| {
+            let message = match status.code() {
+                // Nacos clients show a token as their accessToken.
+                Code::Unauthenticated => format!(
+                    "{} (a Nacos client shows it as its accessToken)",
+                    status.message()
+                ),
+                _ => status.message().to_string(),
+            };
+            refusal(nacos_code(status.code()), id, &message)
+        })
     }
 
     /// InstanceRequest and PersistentInstanceRequest: register or
