@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::{TestRegistry, instance, register, wait_for, wait_until};
+use crate::{TestRegistry, instance, instances, register, wait_for, wait_until};
 
 /// A registry with Nacos's gRPC API on a port of the test's choosing;
 /// answers it and that port's address.
@@ -194,16 +194,9 @@ async fn a_nacos_2x_client_registers_subscribes_and_its_broken_connection_orphan
     assert_eq!(answer["errorCode"], 0);
 
     // shop-mesh's own API sees it, as registered.
-    let service = shop_mesh
-        .get_service(shop_mesh::pb::registry::GetServiceRequest {
-            service: "server-product".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(service.instances.len(), 1);
-    let seen = &service.instances[0];
+    let service = instances(&mut shop_mesh, "server-product", false).await;
+    assert_eq!(service.len(), 1);
+    let seen = &service[0];
     assert_eq!(
         (seen.port, seen.weight, seen.healthy),
         (9001, Some(2.0), true)
@@ -314,16 +307,8 @@ async fn a_nacos_2x_client_registers_subscribes_and_its_broken_connection_orphan
         || {
             let mut shop_mesh = shop_mesh.clone();
             async move {
-                let service = shop_mesh
-                    .get_service(shop_mesh::pb::registry::GetServiceRequest {
-                        service: "server-product".into(),
-                        ..Default::default()
-                    })
+                instances(&mut shop_mesh, "server-product", false)
                     .await
-                    .unwrap()
-                    .into_inner();
-                service
-                    .instances
                     .iter()
                     .map(|i| (i.port, i.healthy))
                     .collect::<Vec<_>>()
@@ -470,15 +455,8 @@ async fn nacos_sdk_python_registers_discovers_and_is_pushed_changes() {
 
     // Its registration is shop-mesh's instance.
     assert_eq!(next().await, "REGISTERED");
-    let service = shop_mesh
-        .get_service(shop_mesh::pb::registry::GetServiceRequest {
-            service: "python-svc".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let seen = &service.instances[0];
+    let service = instances(&mut shop_mesh, "python-svc", false).await;
+    let seen = &service[0];
     assert_eq!(
         (seen.port, seen.weight, seen.healthy),
         (7001, Some(3.0), true)
