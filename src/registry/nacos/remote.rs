@@ -313,7 +313,7 @@ struct Call<'a> {
 
 impl Call<'_> {
     fn parse<T: DeserializeOwned>(&self) -> Result<T, Status> {
-        serde_json::from_value(self.body.clone()).map_err(|err| {
+        T::deserialize(&self.body).map_err(|err| {
             Status::invalid_argument(format!("the {} does not read: {err}", self.kind))
         })
     }
@@ -386,7 +386,7 @@ impl RequestService for Remote {
                 ))
             })?,
         };
-        let envelope: Envelope = serde_json::from_value(body.clone()).unwrap_or_default();
+        let envelope = Envelope::deserialize(&body).unwrap_or_default();
         let token = metadata
             .headers
             .get("accessToken")
@@ -510,36 +510,20 @@ impl Remote {
         let lease = if ephemeral { held.lease } else { 0 };
         let key = ServiceKey::parse(&instance.namespace, &instance.group, &instance.service)?;
         let addr = InstanceAddr::parse(&instance.cluster, &instance.ip, instance.port)?;
-        let token = call.token.as_deref();
-        let registered = match self
+        // The lease cannot lapse under an open connection: its stream
+        // beats it, and forgets it (0) if a beat fails.
+        let registered = self
             .shared
             .face
             .register(with_token(
-                token,
+                call.token.as_deref(),
                 pb::RegisterRequest {
-                    instance: Some(instance.clone()),
+                    instance: Some(instance),
                     lease_id: lease,
                 },
             ))
-            .await
-        {
-            // The connection's lease lapsed (every instance of it went,
-            // and then the lease): a new one.
-            Err(status) if status.code() == Code::NotFound && lease != 0 => {
-                self.shared
-                    .face
-                    .register(with_token(
-                        token,
-                        pb::RegisterRequest {
-                            instance: Some(instance),
-                            lease_id: 0,
-                        },
-                    ))
-                    .await?
-            }
-            other => other?,
-        }
-        .into_inner();
+            .await?
+            .into_inner();
         if ephemeral {
             if registered.lease_id != held.lease {
                 held.lease = registered.lease_id;
