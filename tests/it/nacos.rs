@@ -17,16 +17,23 @@ use tonic::transport::Channel;
 
 use crate::{TestRegistry, instance, instances, register, wait_for, wait_until};
 
-/// A registry with Nacos's gRPC API on a port of the test's choosing;
-/// answers it and that port's address.
-async fn nacos_registry() -> (TestRegistry, SocketAddr) {
+/// A registry with Nacos's gRPC API on a port of the test's choosing,
+/// configured by `adjust` too; answers it and that port's address once
+/// the port takes connections (it is bound as the registry starts
+/// serving).
+async fn nacos_registry_with(
+    adjust: impl FnOnce(&mut shop_mesh::registry::Config),
+) -> (TestRegistry, SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let registry = TestRegistry::start_with(|c| c.nacos.grpc_listen = Some(port)).await;
-    // Nacos's port is bound as the registry starts serving.
-    let nacos = wait_for(|| async {
+    let registry = TestRegistry::start_with(|c| {
+        c.nacos.grpc_listen = Some(port);
+        adjust(c);
+    })
+    .await;
+    wait_for(|| async {
         Channel::from_shared(format!("http://{port}"))
             .unwrap()
             .connect()
@@ -34,8 +41,11 @@ async fn nacos_registry() -> (TestRegistry, SocketAddr) {
             .ok()
     })
     .await;
-    drop(nacos);
     (registry, port)
+}
+
+async fn nacos_registry() -> (TestRegistry, SocketAddr) {
+    nacos_registry_with(|_| {}).await
 }
 
 fn payload(kind: &str, body: Value) -> Payload {
@@ -106,7 +116,7 @@ impl Client {
             .await
             .unwrap()
             .into_inner();
-        let mut client = Client {
+        let client = Client {
             requests,
             to_stream: Some(tx),
             pushes,
@@ -130,7 +140,6 @@ impl Client {
             },
         )
         .await;
-        client.requests = client.requests.clone();
         client
     }
 
@@ -321,25 +330,8 @@ async fn a_nacos_2x_client_registers_subscribes_and_its_broken_connection_orphan
 
 #[tokio::test]
 async fn a_nacos_client_shows_a_shop_mesh_token_as_its_access_token() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let registry = TestRegistry::start_with(|c| {
-        c.auth.enabled = true;
-        c.nacos.grpc_listen = Some(port);
-    })
-    .await;
+    let (registry, port) = nacos_registry_with(|c| c.auth.enabled = true).await;
     let admin = crate::admin_token(&[registry.config.data_dir.as_path()]).await;
-    // Nacos's port is bound as the registry starts serving.
-    wait_for(|| async {
-        Channel::from_shared(format!("http://{port}"))
-            .unwrap()
-            .connect()
-            .await
-            .ok()
-    })
-    .await;
     let mut client = Client::connect(port).await;
     let register = json!({"serviceName": "server-product", "type": "registerInstance",
                           "instance": nacos_instance(9201)});
