@@ -386,7 +386,7 @@ pub async fn run(
         .listening_on(listener.local_addr()?);
     let api = http::routes(face.clone());
     let api = if config.nacos.enabled {
-        api.merge(nacos::open_api::routes())
+        api.merge(nacos::open_api::routes(face.clone()))
     } else {
         api
     };

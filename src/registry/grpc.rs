@@ -165,6 +165,7 @@ impl pb::registry_server::Registry for RegistryService {
             revision: view.revision,
             protect_threshold: view.protect_threshold,
             protection_triggered: view.protection_triggered,
+            metadata: view.metadata.into_iter().collect(),
         }))
     }
 

@@ -307,6 +307,7 @@ async fn get_service(
         "revision": answer.revision,
         "protect_threshold": answer.protect_threshold,
         "protection_triggered": answer.protection_triggered,
+        "metadata": answer.metadata,
         "instances": instances,
     })))
 }

@@ -469,6 +469,8 @@ pub struct ServiceView {
     /// The healthy share fell below the threshold on a healthy-only query, so
     /// unhealthy instances were answered too.
     pub protection_triggered: bool,
+    /// The service's own labels.
+    pub metadata: Metadata,
 }
 
 /// A page of a service listing.

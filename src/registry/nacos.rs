@@ -26,7 +26,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tonic::Code;
 
+use super::RegistryService;
 use crate::pb::registry as pb;
+use crate::pb::registry::registry_server::Registry as _;
 
 pub(super) use remote::Remote;
 
@@ -98,18 +100,7 @@ impl NacosInstance {
                 tonic::Status::invalid_argument(format!("port: {port} is not a port (1 to 65535)"))
             })?;
         let metadata = self.metadata.clone().unwrap_or_default();
-        let timing = |key: &str| -> Result<Option<u64>, tonic::Status> {
-            metadata
-                .get(key)
-                .map(|v| {
-                    v.trim().parse::<u64>().map_err(|_| {
-                        tonic::Status::invalid_argument(format!(
-                            "metadata {key}: {v:?} is not a number of milliseconds"
-                        ))
-                    })
-                })
-                .transpose()
-        };
+        let timings = Timings::of(&metadata)?;
         Ok(pb::Instance {
             namespace: at.namespace.to_string(),
             group: at.group.to_string(),
@@ -124,11 +115,42 @@ impl NacosInstance {
             weight: Some(self.weight.unwrap_or(1.0)),
             enabled: Some(self.enabled.unwrap_or(true)),
             ephemeral: Some(self.ephemeral.unwrap_or(true)),
+            heartbeat_interval_ms: timings.heartbeat_interval_ms,
+            unhealthy_timeout_ms: timings.unhealthy_timeout_ms,
+            delete_timeout_ms: timings.delete_timeout_ms,
+            metadata,
+            ..Default::default()
+        })
+    }
+}
+
+/// The timings an instance's metadata asks for, in milliseconds.
+struct Timings {
+    heartbeat_interval_ms: Option<u64>,
+    unhealthy_timeout_ms: Option<u64>,
+    delete_timeout_ms: Option<u64>,
+}
+
+impl Timings {
+    /// Nacos's `preserved.heart.beat.*` keys of `metadata`; a value that is
+    /// not a number is refused, naming its key.
+    fn of(metadata: &HashMap<String, String>) -> Result<Self, tonic::Status> {
+        let timing = |key: &str| -> Result<Option<u64>, tonic::Status> {
+            metadata
+                .get(key)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        tonic::Status::invalid_argument(format!(
+                            "metadata {key}: {v:?} is not a number of milliseconds"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        Ok(Self {
             heartbeat_interval_ms: timing(HEARTBEAT_INTERVAL_KEY)?,
             unhealthy_timeout_ms: timing(UNHEALTHY_TIMEOUT_KEY)?,
             delete_timeout_ms: timing(DELETE_TIMEOUT_KEY)?,
-            metadata,
-            ..Default::default()
         })
     }
 }
@@ -184,6 +206,46 @@ fn service_info(
         "reachProtectionThreshold": service.is_some_and(|s| s.protection_triggered),
         "valid": true,
     })
+}
+
+/// A service's instances in `clusters` (comma-separated; empty: all), as
+/// the registry answers them to `token`; None when it has no such service.
+/// `enabled_only` drops disabled instances, which Nacos never hands a
+/// subscriber or a 1.x list.
+async fn find_service(
+    face: &RegistryService,
+    token: Option<&str>,
+    (namespace, group, service): (&str, &str, &str),
+    clusters: &str,
+    healthy_only: bool,
+    enabled_only: bool,
+) -> Result<Option<pb::GetServiceResponse>, tonic::Status> {
+    let found = face
+        .get_service(with_token(
+            token,
+            pb::GetServiceRequest {
+                namespace: namespace.to_string(),
+                group: group.to_string(),
+                service: service.to_string(),
+                healthy_only,
+                clusters: clusters
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(String::from)
+                    .collect(),
+            },
+        ))
+        .await;
+    let mut found = match found {
+        Ok(found) => found.into_inner(),
+        Err(status) if status.code() == Code::NotFound => return Ok(None),
+        Err(status) => return Err(status),
+    };
+    if enabled_only {
+        found.instances.retain(|i| i.enabled != Some(false));
+    }
+    Ok(Some(found))
 }
 
 /// Milliseconds since the Unix epoch.

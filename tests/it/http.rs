@@ -33,8 +33,8 @@ impl Answer {
     }
 }
 
-/// One request to `addr` with `headers` and, when given, a JSON `body`;
-/// the connection is closed after it.
+/// One request to `addr` with `headers` and, when given, a `body` (JSON
+/// unless `headers` give its type); the connection is closed after it.
 pub async fn send(
     addr: SocketAddr,
     method: &str,
@@ -48,11 +48,14 @@ pub async fn send(
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     let body = body.unwrap_or_default();
+    let typed = headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
     if !body.is_empty() {
-        head.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+        if !typed {
+            head.push_str("Content-Type: application/json\r\n");
+        }
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
     } else if !matches!(method, "GET" | "HEAD") {
         head.push_str("Content-Length: 0\r\n");
     }

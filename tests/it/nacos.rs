@@ -393,6 +393,445 @@ async fn nacos_http_calls_not_served_are_refused_by_name() {
     );
 }
 
+/// A Nacos 1.x HTTP call: parameters in the query string of `path`, and
+/// in `form` as a form body when given.
+async fn nacos_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    form: Option<&str>,
+) -> crate::http::Answer {
+    let headers: &[(&str, &str)] = match form {
+        Some(_) => &[("Content-Type", "application/x-www-form-urlencoded")],
+        None => &[],
+    };
+    crate::http::send(addr, method, path, headers, form).await
+}
+
+#[tokio::test]
+async fn a_nacos_1x_http_client_registers_beats_updates_lists_and_deregisters() {
+    let registry = TestRegistry::start().await;
+    let addr = registry.addr;
+    let mut client = registry.client().await;
+    const LIST: &str = "/nacos/v1/ns/instance/list?serviceName=DEFAULT_GROUP%40%40server-product&groupName=DEFAULT_GROUP&namespaceId=public&clusters=&healthyOnly=false";
+
+    // Registered with a form body, as the Java client sends it, spelling
+    // enabled as the npm client does.
+    let answer = nacos_http(
+        addr,
+        "POST",
+        "/nacos/v1/ns/instance",
+        Some("serviceName=server-product&ip=127.0.0.1&port=9301&weight=2&enable=true&ephemeral=true&metadata=%7B%22version%22%3A%222%22%7D"),
+    )
+    .await;
+    assert_eq!((answer.status, answer.body.as_str()), (200, "ok"));
+    // Parameters in the query string, as the npm client sends them.
+    let answer = nacos_http(
+        addr,
+        "POST",
+        "/nacos/v1/ns/instance?serviceName=server-product&ip=127.0.0.1&port=9302&clusterName=BJ",
+        None,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+
+    // shop-mesh sees them, as a Nacos client described them.
+    let seen = instances(&mut client, "server-product", false).await;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].port, 9301, "{seen:?}");
+    assert_eq!(seen[1].weight, Some(2.0));
+    assert_eq!(seen[1].metadata["version"], "2");
+    assert_eq!(seen[0].cluster, "BJ");
+
+    // Listed as Nacos answers: the grouped name, the clusters echoed.
+    let list = nacos_http(addr, "GET", LIST, None).await.json();
+    assert_eq!(list["name"], "DEFAULT_GROUP@@server-product", "{list}");
+    assert_eq!(list["dom"], "DEFAULT_GROUP@@server-product", "{list}");
+    assert_eq!(list["clusters"], "", "{list}");
+    assert_eq!(list["hosts"].as_array().unwrap().len(), 2, "{list}");
+    let only_bj = nacos_http(
+        addr,
+        "GET",
+        "/nacos/v1/ns/instance/list?serviceName=server-product&clusters=BJ",
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(only_bj["hosts"][0]["port"], 9302, "{only_bj}");
+    assert_eq!(only_bj["hosts"].as_array().unwrap().len(), 1, "{only_bj}");
+
+    // A beat of a known instance is Nacos's 10200, with the interval.
+    let beat = nacos_http(
+        addr,
+        "PUT",
+        "/nacos/v1/ns/instance/beat?serviceName=DEFAULT_GROUP%40%40server-product&ip=127.0.0.1&port=9301",
+        None,
+    )
+    .await;
+    assert_eq!(beat.status, 200, "{}", beat.body);
+    assert_eq!(beat.json()["code"], 10200, "{}", beat.body);
+    assert_eq!(beat.json()["clientBeatInterval"], 5000, "{}", beat.body);
+
+    // An update changes what it gives and keeps the rest; a disabled
+    // instance is no longer listed to Nacos clients.
+    let answer = nacos_http(
+        addr,
+        "PUT",
+        "/nacos/v1/ns/instance",
+        Some("serviceName=server-product&ip=127.0.0.1&port=9301&enabled=false"),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let detail = nacos_http(
+        addr,
+        "GET",
+        "/nacos/v1/ns/instance?serviceName=server-product&ip=127.0.0.1&port=9301",
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(detail["enabled"], false, "{detail}");
+    assert_eq!(detail["weight"], 2.0, "{detail}");
+    assert_eq!(detail["metadata"]["version"], "2", "{detail}");
+    let list = nacos_http(addr, "GET", LIST, None).await.json();
+    assert_eq!(list["hosts"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["hosts"][0]["port"], 9302, "{list}");
+
+    // An instance that is not there: an update and a detail say so.
+    let missing = nacos_http(
+        addr,
+        "PUT",
+        "/nacos/v1/ns/instance",
+        Some("serviceName=server-product&ip=127.0.0.1&port=9999&weight=3"),
+    )
+    .await;
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    assert!(missing.body.contains("127.0.0.1:9999"), "{}", missing.body);
+
+    // Deregistered, by the plain name as the npm client sends it; again
+    // is still ok, as Nacos answers.
+    for _ in 0..2 {
+        let answer = nacos_http(
+            addr,
+            "DELETE",
+            "/nacos/v1/ns/instance?serviceName=server-product&ip=127.0.0.1&port=9301",
+            None,
+        )
+        .await;
+        assert_eq!((answer.status, answer.body.as_str()), (200, "ok"));
+    }
+    let seen = instances(&mut client, "server-product", false).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+
+    // A beat of an instance the registry no longer has: 20404 without the
+    // beat's JSON (the client registers again), and registered again from
+    // the beat's JSON.
+    let unknown = nacos_http(
+        addr,
+        "PUT",
+        "/nacos/v1/ns/instance/beat?serviceName=server-product&ip=127.0.0.1&port=9301",
+        None,
+    )
+    .await;
+    assert_eq!(unknown.json()["code"], 20404, "{}", unknown.body);
+    let beat_json = r#"{"serviceName":"DEFAULT_GROUP@@server-product","ip":"127.0.0.1","port":9301,"cluster":"DEFAULT","weight":1,"metadata":{"from":"beat"},"scheduled":false}"#;
+    let form = format!(
+        "serviceName=DEFAULT_GROUP%40%40server-product&beat={}",
+        form_encode(beat_json)
+    );
+    let beat = nacos_http(addr, "PUT", "/nacos/v1/ns/instance/beat", Some(&form)).await;
+    assert_eq!(beat.json()["code"], 10200, "{}", beat.body);
+    let seen = instances(&mut client, "server-product", false).await;
+    let back = seen
+        .iter()
+        .find(|i| i.port == 9301)
+        .expect("registered again");
+    assert_eq!(back.metadata["from"], "beat");
+
+    // The service: listed, described, its threshold set; not deleted
+    // while it has instances.
+    let services = nacos_http(
+        addr,
+        "GET",
+        "/nacos/v1/ns/service/list?pageNo=1&pageSize=2147483647",
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(services["count"], 1, "{services}");
+    assert_eq!(services["doms"], json!(["server-product"]), "{services}");
+    let answer = nacos_http(
+        addr,
+        "PUT",
+        "/nacos/v1/ns/service",
+        Some("serviceName=server-product&protectThreshold=0.5&metadata=team%3Dshop"),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let service = nacos_http(
+        addr,
+        "GET",
+        "/nacos/v1/ns/service?serviceName=server-product",
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(service["protectThreshold"], 0.5, "{service}");
+    assert_eq!(service["metadata"]["team"], "shop", "{service}");
+    assert_eq!(service["groupName"], "DEFAULT_GROUP", "{service}");
+    let clusters: Vec<&str> = service["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(clusters, ["BJ", "DEFAULT"], "{service}");
+    let refused = nacos_http(
+        addr,
+        "DELETE",
+        "/nacos/v1/ns/service?serviceName=server-product",
+        None,
+    )
+    .await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(refused.body.contains("deregister"), "{}", refused.body);
+    assert_eq!(
+        nacos_http(addr, "GET", "/nacos/v1/ns/operator/metrics", None)
+            .await
+            .json()["status"],
+        "UP"
+    );
+}
+
+/// `text` as a form value.
+fn form_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn nacos_1x_http_refusals_name_the_parameter() {
+    let registry = TestRegistry::start().await;
+    let addr = registry.addr;
+    let cases = [
+        (
+            "POST",
+            "/nacos/v1/ns/instance?ip=127.0.0.1&port=80",
+            400,
+            "Param 'serviceName' is required.",
+        ),
+        (
+            "POST",
+            "/nacos/v1/ns/instance?serviceName=s&port=80",
+            400,
+            "Param 'ip' is required.",
+        ),
+        (
+            "POST",
+            "/nacos/v1/ns/instance?serviceName=s&ip=127.0.0.1&port=abc",
+            400,
+            "Param 'port'",
+        ),
+        (
+            "POST",
+            "/nacos/v1/ns/instance?serviceName=s&ip=127.0.0.1&port=80&weight=heavy",
+            400,
+            "Param 'weight'",
+        ),
+        (
+            "POST",
+            "/nacos/v1/ns/instance?serviceName=s&ip=127.0.0.1&port=80&enabled=maybe",
+            400,
+            "Param 'enabled'",
+        ),
+        (
+            "POST",
+            "/nacos/v1/ns/instance?serviceName=s&ip=127.0.0.1&port=80&metadata=%7Bbroken",
+            400,
+            "Param 'metadata'",
+        ),
+        (
+            "POST",
+            "/nacos/v1/ns/instance?serviceName=s&ip=not-an-ip&port=80",
+            400,
+            "not-an-ip",
+        ),
+        (
+            "POST",
+            "/nacos/v1/ns/instance?serviceName=A%40%40s&groupName=B&ip=127.0.0.1&port=80",
+            400,
+            "names group",
+        ),
+        (
+            "PUT",
+            "/nacos/v1/ns/instance/beat?serviceName=s&ip=127.0.0.1&port=80&beat=%7Bno",
+            400,
+            "Param 'beat'",
+        ),
+        (
+            "GET",
+            "/nacos/v1/ns/service/list?pageSize=10",
+            400,
+            "Param 'pageNo' is required.",
+        ),
+        (
+            "GET",
+            "/nacos/v1/ns/service?serviceName=nothing",
+            404,
+            "nothing",
+        ),
+        (
+            "PUT",
+            "/nacos/v1/ns/service?serviceName=s",
+            400,
+            "Param 'protectThreshold' is required.",
+        ),
+        (
+            "GET",
+            "/nacos/v1/ns/instance/beat?serviceName=s",
+            501,
+            "GET /nacos/v1/ns/instance/beat",
+        ),
+        (
+            "POST",
+            "/nacos/v1/ns/service?serviceName=s",
+            501,
+            "POST /nacos/v1/ns/service",
+        ),
+        (
+            "GET",
+            "/nacos/v1/ns/catalog/services",
+            501,
+            "/nacos/v1/ns/catalog/services",
+        ),
+    ];
+    for (method, path, status, says) in cases {
+        let answer = nacos_http(addr, method, path, None).await;
+        assert_eq!(answer.status, status, "{method} {path}: {}", answer.body);
+        assert!(
+            answer.body.contains(says),
+            "{method} {path}: {}",
+            answer.body
+        );
+    }
+    // Nothing was registered by any of them.
+    let mut client = registry.client().await;
+    let listed = client
+        .list_services(shop_mesh::pb::registry::ListServicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.total, 0, "{listed:?}");
+}
+
+#[tokio::test]
+async fn an_instance_registered_over_http_lives_on_its_beats() {
+    let registry = TestRegistry::start().await;
+    let addr = registry.addr;
+    let mut client = registry.client().await;
+    // Nacos's timing metadata: beats every 500 ms, unhealthy after 1.5 s
+    // without one, gone after 3 s.
+    let timings = form_encode(
+        r#"{"preserved.heart.beat.interval":"500","preserved.heart.beat.timeout":"1500","preserved.ip.delete.timeout":"3000"}"#,
+    );
+    let form = format!("serviceName=server-user&ip=127.0.0.1&port=9401&metadata={timings}");
+    let answer = nacos_http(addr, "POST", "/nacos/v1/ns/instance", Some(&form)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let beat = "/nacos/v1/ns/instance/beat?serviceName=server-user&ip=127.0.0.1&port=9401";
+    assert_eq!(
+        nacos_http(addr, "PUT", beat, None).await.json()["clientBeatInterval"],
+        500
+    );
+
+    // Unbeaten: unhealthy, and a beat makes it healthy again.
+    wait_until(
+        "unhealthy without beats",
+        Duration::from_secs(10),
+        || async {
+            let seen = instances(&mut registry.client().await, "server-user", false).await;
+            seen.first().is_some_and(|i| !i.healthy)
+        },
+    )
+    .await;
+    assert_eq!(
+        nacos_http(addr, "PUT", beat, None).await.json()["code"],
+        10200
+    );
+    assert!(instances(&mut client, "server-user", false).await[0].healthy);
+
+    // Then gone, and its beat answered 20404.
+    wait_until("gone without beats", Duration::from_secs(10), || async {
+        instances(&mut registry.client().await, "server-user", false)
+            .await
+            .is_empty()
+    })
+    .await;
+    assert_eq!(
+        nacos_http(addr, "PUT", beat, None).await.json()["code"],
+        20404
+    );
+}
+
+#[tokio::test]
+async fn a_nacos_http_client_logs_in_with_a_shop_mesh_token() {
+    let registry = TestRegistry::start_with(|c| c.auth.enabled = true).await;
+    let addr = registry.addr;
+    let admin = crate::admin_token(&[registry.config.data_dir.as_path()]).await;
+    let register = "/nacos/v1/ns/instance?serviceName=server-order&ip=127.0.0.1&port=9501";
+
+    // No token, or a wrong one: refused, and nothing registered.
+    let refused = nacos_http(addr, "POST", register, None).await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    let refused = nacos_http(
+        addr,
+        "POST",
+        "/nacos/v1/auth/login",
+        Some("username=nacos&password=nacos"),
+    )
+    .await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(refused.body.contains("shop-mesh token"), "{}", refused.body);
+
+    // Logged in with the token as the password: its accessToken works.
+    let login = nacos_http(
+        addr,
+        "POST",
+        "/nacos/v1/auth/login",
+        Some(&format!("username=ops&password={admin}")),
+    )
+    .await;
+    assert_eq!(login.status, 200, "{}", login.body);
+    let login = login.json();
+    assert_eq!(login["globalAdmin"], true, "{login}");
+    assert_eq!(login["username"], "ops", "{login}");
+    let token = login["accessToken"].as_str().unwrap();
+    let answer = nacos_http(
+        addr,
+        "POST",
+        &format!("{register}&accessToken={token}"),
+        None,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // The npm client shows its password on every call instead.
+    let list = nacos_http(
+        addr,
+        "GET",
+        &format!(
+            "/nacos/v1/ns/instance/list?serviceName=server-order&username=ops&password={admin}"
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(list.json()["hosts"][0]["port"], 9501, "{}", list.body);
+}
+
 /// `python3` with nacos-sdk-python, or `None` where it is missing outside
 /// CI (CI installs it, so there a missing SDK fails the test).
 fn nacos_sdk_python() -> Option<&'static str> {

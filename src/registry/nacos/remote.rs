@@ -30,7 +30,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
-use super::{NacosInstance, Placed, nacos_code, now_ms, service_info, split_service, with_token};
+use super::{
+    NacosInstance, Placed, find_service, nacos_code, now_ms, service_info, split_service,
+    with_token,
+};
 use crate::auth::Need;
 use crate::pb::nacos::bi_request_stream_server::{BiRequestStream, BiRequestStreamServer};
 use crate::pb::nacos::request_server::{Request as RequestService, RequestServer};
@@ -647,33 +650,15 @@ impl Remote {
         enabled_only: bool,
     ) -> Result<Value, Status> {
         let (namespace, group, service) = scope;
-        let found = self
-            .shared
-            .face
-            .get_service(with_token(
-                token,
-                pb::GetServiceRequest {
-                    namespace: namespace.clone(),
-                    group: group.clone(),
-                    service: service.clone(),
-                    healthy_only,
-                    clusters: clusters
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|c| !c.is_empty())
-                        .map(String::from)
-                        .collect(),
-                },
-            ))
-            .await;
-        let mut found = match found {
-            Ok(found) => Some(found.into_inner()),
-            Err(status) if status.code() == Code::NotFound => None,
-            Err(status) => return Err(status),
-        };
-        if enabled_only && let Some(found) = &mut found {
-            found.instances.retain(|i| i.enabled != Some(false));
-        }
+        let found = find_service(
+            &self.shared.face,
+            token,
+            (namespace, group, service),
+            clusters,
+            healthy_only,
+            enabled_only,
+        )
+        .await?;
         let group = if group.is_empty() {
             crate::registry::model::DEFAULT_GROUP
         } else {

@@ -317,6 +317,12 @@ impl Registry {
         (state.recent(selector, limit), state.revision)
     }
 
+    /// The instance at `addr` in `service`, as stored (its lease with it).
+    pub fn instance(&self, service: &ServiceKey, addr: &InstanceAddr) -> Option<Arc<Instance>> {
+        let state = self.inner.state.lock();
+        state.services.get(service)?.get(addr).cloned()
+    }
+
     /// One service's instances, sorted by cluster, ip and port.
     pub fn get_service(
         &self,
@@ -348,6 +354,7 @@ impl Registry {
             revision: state.revision,
             protect_threshold: threshold,
             protection_triggered,
+            metadata: service.settings.metadata.clone(),
         })
     }
 }

@@ -114,6 +114,19 @@ impl Registry {
         }
     }
 
+    /// One heartbeat of `lease` from a client that keeps no stream open
+    /// (Nacos 1.x's HTTP beat): such a lease lives on its beats alone, so
+    /// nothing orphans it between them. Answers the interval it expects.
+    pub async fn beat(&self, lease: LeaseId) -> Result<Duration, Error> {
+        if let Some(node) = self.node().cloned() {
+            let timings = self.hold(&node, lease).await?;
+            let _ = node.heard(lease, &timings);
+            return Ok(self.inner.interval_of(lease));
+        }
+        let inner = &self.inner;
+        inner.state.lock().heartbeat(inner, lease, false)
+    }
+
     pub(in crate::registry) fn resolve_timings(
         &self,
         asked: TimingOverrides,

@@ -200,8 +200,7 @@ impl Registry {
         service: &crate::registry::model::ServiceKey,
         addr: &crate::registry::model::InstanceAddr,
     ) -> Option<crate::registry::model::LeaseId> {
-        let state = self.inner.state.lock();
-        let instance = state.services.get(service)?.get(addr)?;
+        let instance = self.instance(service, addr)?;
         (instance.lease != 0).then_some(instance.lease)
     }
 
