@@ -27,6 +27,7 @@ mod cluster;
 mod console;
 mod discovery;
 mod idle;
+mod nacos;
 mod orders;
 mod watchers;
 
@@ -34,6 +35,7 @@ pub use cluster::ClusterBench;
 pub use console::ConsoleBench;
 pub use discovery::DiscoveryBench;
 pub use idle::IdleBench;
+pub use nacos::NacosBench;
 pub use orders::OrdersBench;
 pub use watchers::WatchersBench;
 
@@ -61,6 +63,9 @@ pub enum Bench {
     /// The console: a page's load time with many services, and what open
     /// consoles cost the registry while it changes.
     Console(ConsoleBench),
+    /// Nacos's 1.x HTTP API: shop-mesh beside r-nacos under the same wrk
+    /// scripts, registrations/s, list queries/s and memory per instance.
+    Nacos(NacosBench),
 }
 
 /// `shop-mesh bench registry`: a registry's write, read and watch rates.
@@ -136,6 +141,7 @@ impl Bench {
             Bench::Idle(bench) => bench.run().await,
             Bench::Cluster(bench) => bench.run().await,
             Bench::Console(bench) => bench.run().await,
+            Bench::Nacos(bench) => bench.run().await,
         }
     }
 }

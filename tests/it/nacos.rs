@@ -927,3 +927,118 @@ async fn nacos_sdk_python_registers_discovers_and_is_pushed_changes() {
         .unwrap();
     assert!(status.success());
 }
+
+/// Whether node can run the npm `nacos` client (installed into
+/// tests/nacos by `npm ci --prefix tests/nacos`); outside CI a missing one
+/// is skipped, and in CI it fails the test.
+fn nacos_npm() -> bool {
+    let installed = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/nacos/node_modules/nacos"
+    ))
+    .is_dir();
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    match installed && node {
+        true => true,
+        false if std::env::var_os("CI").is_none() => {
+            crate::skipped(
+                "the npm nacos client test: node or the package is missing; npm ci --prefix tests/nacos",
+            );
+            false
+        }
+        false => panic!("node and the npm nacos package must be installed in CI"),
+    }
+}
+
+#[tokio::test]
+async fn the_npm_nacos_client_registers_beats_lists_and_deregisters() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    if !nacos_npm() {
+        return;
+    }
+    let registry = TestRegistry::start().await;
+    let mut shop_mesh = registry.client().await;
+    let product = register(&mut shop_mesh, instance("server-product", 9110)).await;
+    let (beats, answers) = crate::keep_alive_as(&mut shop_mesh, product.lease_id, None).await;
+    let _kept = crate::keep_beating(beats, answers, product.lease_id);
+    let mut child = tokio::process::Command::new("node")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/nacos/node_client.js"
+        ))
+        .arg(registry.addr.port().to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the npm client says something within 30 s")
+            .unwrap()
+            .expect("the npm client exited early")
+    };
+
+    // Its registration is shop-mesh's instance.
+    assert_eq!(next().await, "REGISTERED");
+    let seen = instances(&mut shop_mesh, "node-svc", false).await;
+    assert_eq!((seen[0].port, seen[0].healthy), (7101, true), "{seen:?}");
+    assert_eq!(seen[0].metadata["lang"], "node");
+    assert_eq!(seen[0].unhealthy_timeout_ms, Some(11_000));
+
+    // It lists the shop-mesh service.
+    stdin.write_all(b"LIST\n").await.unwrap();
+    assert_eq!(next().await, "LISTED 9110");
+
+    // Its beats keep it alive: its first comes within the client's first
+    // 10 s, then one a second as the registry answers; it stays healthy
+    // past its unhealthy timeout (11 s from registering).
+    let path = "/api/v1/services/node-svc";
+    let last_beat = async || {
+        let answer = crate::http::send(registry.addr, "GET", path, &[], None).await;
+        let instance = answer.json()["instances"][0].clone();
+        assert_eq!(instance["healthy"], true, "{instance}");
+        instance["last_heartbeat_ms"].as_u64().unwrap_or_default()
+    };
+    // (The time read is the registration's, give or take a millisecond,
+    // until a beat moves it on.)
+    let mut last = last_beat().await;
+    let mut beats = 0;
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while beats < 3 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "three beats of the npm client within 30 s"
+        );
+        let at = last_beat().await;
+        if at > last + 500 {
+            (beats, last) = (beats + 1, at);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        instances(&mut shop_mesh, "node-svc", true).await.len() == 1,
+        "healthy on its beats"
+    );
+
+    // Deregistered: gone, and its beats stop.
+    stdin.write_all(b"DEREGISTER\n").await.unwrap();
+    assert_eq!(next().await, "DEREGISTERED 0");
+    assert!(
+        instances(&mut shop_mesh, "node-svc", false)
+            .await
+            .is_empty()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
