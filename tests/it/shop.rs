@@ -198,8 +198,27 @@ impl TestShop {
         orders: usize,
         adjust: impl FnOnce(&mut Config),
     ) -> Option<TestShop> {
+        Self::start_beside(
+            TestRegistry::start().await,
+            backend,
+            test,
+            products,
+            orders,
+            adjust,
+        )
+        .await
+    }
+
+    /// [`TestShop::start_with`] on `registry`, one the test started.
+    pub async fn start_beside(
+        registry: TestRegistry,
+        backend: Backend,
+        test: &str,
+        products: usize,
+        orders: usize,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Option<TestShop> {
         let db = TestDb::create(backend, test).await?;
-        let registry = TestRegistry::start().await;
         let mut config = Config::default();
         config.discovery.registry = registry.addr.to_string();
         config.user = db.service("user");

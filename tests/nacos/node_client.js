@@ -1,7 +1,7 @@
 'use strict';
 // A Nacos client that no one here wrote (the `nacos` package from the npm
 // registry, Nacos's 1.x HTTP API) against shop-mesh's registry, driven by
-// the integration test `nacos::the_npm_nacos_client_registers_beats_lists_and_deregisters`.
+// the integration test `nacos::clients::the_npm_nacos_client_registers_beats_lists_and_deregisters`.
 //
 // Usage: node node_client.js REGISTRY_PORT
 //

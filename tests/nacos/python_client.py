@@ -1,6 +1,6 @@
 """A Nacos client that no one here wrote (nacos-sdk-python, the 2.x/3.x
 SDK over gRPC) against shop-mesh's registry, driven by the integration
-test `nacos::nacos_sdk_python_registers_discovers_and_is_pushed_changes`.
+test `nacos::clients::nacos_sdk_python_registers_discovers_and_is_pushed_changes`.
 
 Usage: python_client.py REGISTRY_PORT NACOS_GRPC_PORT SCRATCH_DIR
 

@@ -1,0 +1,437 @@
+//! Nacos clients that no one here wrote, each from its own package
+//! registry, against shop-mesh's registry: nacos-sdk-python (PyPI, 2.x
+//! gRPC), the npm `nacos` package (1.x HTTP) and the `nacos-sdk` crate
+//! (crates.io, 2.x gRPC), the last registering a stand-in product server
+//! that a shop-mesh order buys through.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use nacos_sdk::api::naming::{
+    NamingChangeEvent, NamingEventListener, NamingServiceBuilder, ServiceInstance,
+};
+use nacos_sdk::api::props::ClientProps;
+use shop_mesh::pb::shop as shop_pb;
+use shop_mesh::pb::shop::product_service_server::{ProductService, ProductServiceServer};
+use shop_mesh::shop::{PRODUCT_SERVICE, USER_SERVICE};
+use tokio::sync::mpsc;
+
+use super::nacos_registry;
+use crate::shop::{Backend, TestShop};
+use crate::{TestRegistry, instance, instances, register};
+
+/// `python3` with nacos-sdk-python, or `None` where it is missing outside
+/// CI (CI installs it, so there a missing SDK fails the test).
+fn nacos_sdk_python() -> Option<&'static str> {
+    let found = std::process::Command::new("python3")
+        .args(["-c", "import v2.nacos"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    match found {
+        true => Some("python3"),
+        false if std::env::var_os("CI").is_none() => {
+            crate::skipped(
+                "the nacos-sdk-python test: python3 cannot import it; pip install nacos-sdk-python",
+            );
+            None
+        }
+        false => panic!("nacos-sdk-python must be installed in CI"),
+    }
+}
+
+#[tokio::test]
+async fn nacos_sdk_python_registers_discovers_and_is_pushed_changes() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let Some(python) = nacos_sdk_python() else {
+        return;
+    };
+    let (registry, nacos) = nacos_registry().await;
+    let mut shop_mesh = registry.client().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/nacos/python_client.py");
+    let scratch = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(python)
+        .args([
+            script,
+            &registry.addr.port().to_string(),
+            &nacos.port().to_string(),
+            scratch.path().to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the Python client says something within 30 s")
+            .unwrap()
+            .expect("the Python client exited early")
+    };
+
+    // Its registration is shop-mesh's instance.
+    assert_eq!(next().await, "REGISTERED");
+    let service = instances(&mut shop_mesh, "python-svc", false).await;
+    let seen = &service[0];
+    assert_eq!(
+        (seen.port, seen.weight, seen.healthy),
+        (7001, Some(3.0), true)
+    );
+    assert_eq!(seen.metadata["lang"], "python");
+    assert_eq!(next().await, "SUBSCRIBED ");
+
+    // A shop-mesh service starts: pushed to the Python client.
+    let one = register(&mut shop_mesh, instance("server-product", 9100)).await;
+    let (beats, answers) = crate::keep_alive_as(&mut shop_mesh, one.lease_id, None).await;
+    let beating = crate::keep_beating(beats, answers, one.lease_id);
+    let other = register(&mut shop_mesh, instance("server-product", 9101)).await;
+    let (beats, answers) = crate::keep_alive_as(&mut shop_mesh, other.lease_id, None).await;
+    let _kept = crate::keep_beating(beats, answers, other.lease_id);
+    stdin.write_all(b"EXPECT 9100\n").await.unwrap();
+    let pushed = loop {
+        let line = next().await;
+        if line.contains("9100") {
+            break line;
+        }
+    };
+    assert!(pushed.starts_with("PUSHED "), "{pushed}");
+
+    // It is killed (its KeepAlive stream breaks): pushed as unhealthy.
+    beating.abort();
+    stdin.write_all(b"GONE 9100\n").await.unwrap();
+    let pushed = loop {
+        let line = next().await;
+        if !line.contains("9100") {
+            break line;
+        }
+    };
+    assert_eq!(pushed, "PUSHED 9101");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Whether node can run the npm `nacos` client (installed into
+/// tests/nacos by `npm ci --prefix tests/nacos`); outside CI a missing one
+/// is skipped, and in CI it fails the test.
+fn nacos_npm() -> bool {
+    let installed = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/nacos/node_modules/nacos"
+    ))
+    .is_dir();
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    match installed && node {
+        true => true,
+        false if std::env::var_os("CI").is_none() => {
+            crate::skipped(
+                "the npm nacos client test: node or the package is missing; npm ci --prefix tests/nacos",
+            );
+            false
+        }
+        false => panic!("node and the npm nacos package must be installed in CI"),
+    }
+}
+
+#[tokio::test]
+async fn the_npm_nacos_client_registers_beats_lists_and_deregisters() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    if !nacos_npm() {
+        return;
+    }
+    let registry = TestRegistry::start().await;
+    let mut shop_mesh = registry.client().await;
+    let product = register(&mut shop_mesh, instance("server-product", 9110)).await;
+    let (beats, answers) = crate::keep_alive_as(&mut shop_mesh, product.lease_id, None).await;
+    let _kept = crate::keep_beating(beats, answers, product.lease_id);
+    let mut child = tokio::process::Command::new("node")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/nacos/node_client.js"
+        ))
+        .arg(registry.addr.port().to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the npm client says something within 30 s")
+            .unwrap()
+            .expect("the npm client exited early")
+    };
+
+    // Its registration is shop-mesh's instance.
+    assert_eq!(next().await, "REGISTERED");
+    let seen = instances(&mut shop_mesh, "node-svc", false).await;
+    assert_eq!((seen[0].port, seen[0].healthy), (7101, true), "{seen:?}");
+    assert_eq!(seen[0].metadata["lang"], "node");
+    assert_eq!(seen[0].unhealthy_timeout_ms, Some(11_000));
+
+    // It lists the shop-mesh service.
+    stdin.write_all(b"LIST\n").await.unwrap();
+    assert_eq!(next().await, "LISTED 9110");
+
+    // Its beats keep it alive: its first comes within the client's first
+    // 10 s, then one a second as the registry answers; it stays healthy
+    // past its unhealthy timeout (11 s from registering).
+    let path = "/api/v1/services/node-svc";
+    let last_beat = async || {
+        let answer = crate::http::send(registry.addr, "GET", path, &[], None).await;
+        let instance = answer.json()["instances"][0].clone();
+        assert_eq!(instance["healthy"], true, "{instance}");
+        instance["last_heartbeat_ms"].as_u64().unwrap_or_default()
+    };
+    // (The time read is the registration's, give or take a millisecond,
+    // until a beat moves it on.)
+    let mut last = last_beat().await;
+    let mut beats = 0;
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while beats < 3 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "three beats of the npm client within 30 s"
+        );
+        let at = last_beat().await;
+        if at > last + 500 {
+            (beats, last) = (beats + 1, at);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        instances(&mut shop_mesh, "node-svc", true).await.len() == 1,
+        "healthy on its beats"
+    );
+
+    // Deregistered: gone, and its beats stop.
+    stdin.write_all(b"DEREGISTER\n").await.unwrap();
+    assert_eq!(next().await, "DEREGISTERED 0");
+    assert!(
+        instances(&mut shop_mesh, "node-svc", false)
+            .await
+            .is_empty()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A stand-in for shop-mesh's product service, as a team might write one
+/// in another stack and register with a Nacos SDK: one product, 4242, its
+/// stock in memory.
+struct StandIn {
+    stock: AtomicUsize,
+    deducted: Arc<AtomicUsize>,
+}
+
+impl StandIn {
+    fn product(&self) -> shop_pb::Product {
+        shop_pb::Product {
+            id: 4242,
+            name: "nacos-widget".into(),
+            price: "9.90".into(),
+            stock: self.stock.load(Ordering::SeqCst) as i32,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ProductService for StandIn {
+    async fn get_product(
+        &self,
+        request: tonic::Request<shop_pb::GetProductRequest>,
+    ) -> Result<tonic::Response<shop_pb::Product>, tonic::Status> {
+        match request.into_inner().id {
+            4242 => Ok(tonic::Response::new(self.product())),
+            id => Err(tonic::Status::not_found(format!("no product {id}"))),
+        }
+    }
+
+    async fn list_products(
+        &self,
+        _: tonic::Request<shop_pb::ListProductsRequest>,
+    ) -> Result<tonic::Response<shop_pb::ListProductsResponse>, tonic::Status> {
+        Ok(tonic::Response::new(shop_pb::ListProductsResponse {
+            products: vec![self.product()],
+            next_page_token: String::new(),
+        }))
+    }
+
+    async fn deduct_stock(
+        &self,
+        request: tonic::Request<shop_pb::DeductStockRequest>,
+    ) -> Result<tonic::Response<shop_pb::DeductStockResponse>, tonic::Status> {
+        let r = request.into_inner();
+        if r.product_id != 4242 {
+            return Err(tonic::Status::not_found(format!(
+                "no product {}",
+                r.product_id
+            )));
+        }
+        let count = usize::try_from(r.count).unwrap_or(0);
+        self.stock
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| s.checked_sub(count))
+            .map_err(|left| {
+                tonic::Status::failed_precondition(format!("{left} in stock, {count} requested"))
+            })?;
+        self.deducted.fetch_add(1, Ordering::SeqCst);
+        Ok(tonic::Response::new(shop_pb::DeductStockResponse {
+            outcome: shop_pb::DeductOutcome::Deducted.into(),
+            product: Some(self.product()),
+        }))
+    }
+
+    async fn restore_stock(
+        &self,
+        _: tonic::Request<shop_pb::RestoreStockRequest>,
+    ) -> Result<tonic::Response<shop_pb::RestoreStockResponse>, tonic::Status> {
+        Ok(tonic::Response::new(
+            shop_pb::RestoreStockResponse::default(),
+        ))
+    }
+}
+
+/// Sends the healthy ports of each change a Nacos SDK hands it.
+struct Pushed(mpsc::UnboundedSender<Vec<i32>>);
+
+impl NamingEventListener for Pushed {
+    fn event(&self, event: Arc<NamingChangeEvent>) {
+        let mut ports: Vec<i32> = event
+            .instances
+            .iter()
+            .flatten()
+            .filter(|i| i.healthy)
+            .map(|i| i.port)
+            .collect();
+        ports.sort_unstable();
+        let _ = self.0.send(ports);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_buys_through_a_product_server_the_nacos_sdk_crate_registered() {
+    let (registry, nacos) = nacos_registry().await;
+    let registry_port = registry.addr.port();
+    let shop = TestShop::start_beside(registry, Backend::Sqlite, "nacos_stand_in", 0, 1, |_| {})
+        .await
+        .expect("SQLite is always there");
+
+    // The stand-in product server, on a port of its own.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let deducted = Arc::new(AtomicUsize::new(0));
+    let stand_in = StandIn {
+        stock: AtomicUsize::new(5),
+        deducted: deducted.clone(),
+    };
+    let serving = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ProductServiceServer::new(stand_in))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    // The Nacos SDK, over the registry's Nacos gRPC port.
+    let scratch = tempfile::tempdir().unwrap();
+    let naming = NamingServiceBuilder::new(
+        ClientProps::new()
+            .server_addr(format!("127.0.0.1:{registry_port}"))
+            .remote_grpc_port(nacos.port())
+            .namespace("")
+            .app_name("stand-in")
+            .naming_load_cache_at_start(false)
+            .cache_dir(scratch.path()),
+    )
+    .build()
+    .await
+    .expect("the Nacos SDK connects");
+
+    // It subscribes to shop-mesh's user service: pushed its instance.
+    let (tx, mut pushes) = mpsc::unbounded_channel();
+    naming
+        .subscribe(USER_SERVICE.into(), None, Vec::new(), Arc::new(Pushed(tx)))
+        .await
+        .expect("subscribed");
+    let user_port = shop.mesh.channel(USER_SERVICE).endpoints()[0].0.port();
+    loop {
+        let ports = tokio::time::timeout(Duration::from_secs(30), pushes.recv())
+            .await
+            .expect("a push within 30 s")
+            .unwrap();
+        if ports == [i32::from(user_port)] {
+            break;
+        }
+    }
+
+    // It registers the stand-in as server-product: shop-mesh discovers it.
+    let stand_in = ServiceInstance {
+        instance_id: None,
+        ip: "127.0.0.1".into(),
+        port: i32::from(port),
+        weight: 1.0,
+        healthy: true,
+        enabled: true,
+        ephemeral: true,
+        cluster_name: None,
+        service_name: None,
+        metadata: HashMap::from([("impl".to_string(), "stand-in".to_string())]),
+    };
+    naming
+        .register_instance(PRODUCT_SERVICE.into(), None, stand_in.clone())
+        .await
+        .expect("registered");
+    let products = shop.mesh.channel(PRODUCT_SERVICE);
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        products.wait_for(|endpoints| endpoints.len() == 1),
+    )
+    .await
+    .expect("shop-mesh discovers the stand-in");
+
+    // An order placed through shop-mesh's order service buys from it.
+    let placed = shop
+        .orders()
+        .place_order(shop_pb::PlaceOrderRequest {
+            user_id: 1001,
+            product_id: 4242,
+            count: 2,
+            request_id: String::new(),
+        })
+        .await
+        .expect("an order through the stand-in")
+        .into_inner();
+    assert_eq!(placed.user_name, "binghe");
+    assert_eq!(placed.total_price, "19.80");
+    assert_eq!(placed.items[0].product_name, "nacos-widget");
+    assert_eq!(deducted.load(Ordering::SeqCst), 1);
+
+    // Deregistered through the SDK: gone from shop-mesh's callers.
+    naming
+        .deregister_instance(PRODUCT_SERVICE.into(), None, stand_in)
+        .await
+        .expect("deregistered");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        products.wait_for(|endpoints| endpoints.is_empty()),
+    )
+    .await
+    .expect("the stand-in leaves shop-mesh's view");
+    serving.abort();
+    shop.stop().await;
+}
