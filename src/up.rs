@@ -378,7 +378,11 @@ pub async fn run(config: &Config, args: &Args, shutdown: Shutdown) -> anyhow::Re
             &args.data_dir,
             stack.reader_file.as_deref(),
             &config.connections.tls,
-            &console_line(config, &stack.running),
+            &format!(
+                "{}{}",
+                console_line(config, &stack.running),
+                nacos_line(config, &stack.running)
+            ),
         )
     )?;
     out.flush()?;
@@ -419,6 +423,30 @@ fn console_line(config: &Config, running: &[Running]) -> String {
         "The console: {scheme}://{}/ (log in as {} with {password}).\n\n",
         registry.addr,
         crate::registry::console::USER
+    )
+}
+
+/// Where Nacos's clients point; nothing when Nacos's protocols are off.
+fn nacos_line(config: &Config, running: &[Running]) -> String {
+    let nacos = &config.registry.nacos;
+    let Some(registry) = running.iter().find(|r| r.role == "registry") else {
+        return String::new();
+    };
+    if !nacos.enabled {
+        return String::new();
+    }
+    let grpc = nacos
+        .grpc_addr(registry.addr)
+        .map_or_else(|err| format!("nowhere ({err})"), |addr| addr.to_string());
+    let token = if config.registry.auth.enabled {
+        " (with a shop-mesh token as the password)"
+    } else {
+        ""
+    };
+    format!(
+        "Nacos clients: server address {}{token}; the 1.x HTTP API is there, \
+         the 2.x gRPC API on {grpc}.\n\n",
+        registry.addr
     )
 }
 

@@ -558,12 +558,16 @@ impl TryFrom<pb::Instance> for InstanceSpec {
 }
 
 pub fn to_pb(i: &Instance) -> pb::Instance {
+    // Spelt without the formatting machinery where a copy will do: every
+    // read answers this for each instance.
+    let ip = i.addr.ip.to_string();
     pb::Instance {
-        namespace: i.service.namespace.to_string(),
-        group: i.service.group.to_string(),
-        service: i.service.name.to_string(),
-        cluster: i.addr.cluster.to_string(),
-        ip: i.addr.ip.to_string(),
+        namespace: String::from(&*i.service.namespace),
+        group: String::from(&*i.service.group),
+        service: String::from(&*i.service.name),
+        cluster: String::from(&*i.addr.cluster),
+        instance_id: i.id_at(&ip),
+        ip,
         port: i.addr.port.into(),
         weight: Some(i.weight),
         enabled: Some(i.enabled),
@@ -577,7 +581,6 @@ pub fn to_pb(i: &Instance) -> pb::Instance {
         unhealthy_timeout_ms: Some(i.timings.unhealthy_timeout_ms.into()),
         delete_timeout_ms: Some(i.timings.delete_timeout_ms.into()),
         healthy: i.healthy,
-        instance_id: i.id(),
         // A lease id proves ownership of the lease: whoever holds it can
         // keep the lease's instances alive. Only Register answers it, to
         // the owner.

@@ -402,10 +402,28 @@ impl Instance {
 
     /// Nacos's form: `ip#port#cluster#group@@service`.
     pub fn id(&self) -> String {
-        format!(
-            "{}#{}#{}#{}@@{}",
-            self.addr.ip, self.addr.port, self.addr.cluster, self.service.group, self.service.name
-        )
+        self.id_at(&self.addr.ip.to_string())
+    }
+
+    /// [`Instance::id`] with its IP already spelt `ip` (answers spell it
+    /// once for both).
+    pub fn id_at(&self, ip: &str) -> String {
+        use std::fmt::Write;
+        let (cluster, group, name) = (
+            &*self.addr.cluster,
+            &*self.service.group,
+            &*self.service.name,
+        );
+        let mut id =
+            String::with_capacity(ip.len() + cluster.len() + group.len() + name.len() + 12);
+        id.push_str(ip);
+        let _ = write!(id, "#{}#", self.addr.port);
+        id.push_str(cluster);
+        id.push('#');
+        id.push_str(group);
+        id.push_str("@@");
+        id.push_str(name);
+        id
     }
 }
 

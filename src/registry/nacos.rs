@@ -22,8 +22,8 @@ mod remote;
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+
 use tonic::Code;
 
 use super::RegistryService;
@@ -160,52 +160,100 @@ fn missing(param: &str) -> tonic::Status {
     tonic::Status::invalid_argument(format!("Param '{param}' is required."))
 }
 
-/// An instance as Nacos answers it.
-fn instance_json(i: &pb::Instance) -> Value {
-    json!({
-        "instanceId": i.instance_id,
-        "ip": i.ip,
-        "port": i.port,
-        "weight": i.weight.unwrap_or(1.0),
-        "healthy": i.healthy,
-        "enabled": i.enabled.unwrap_or(true),
-        "ephemeral": i.ephemeral.unwrap_or(true),
-        "clusterName": i.cluster,
-        "serviceName": grouped(&i.group, &i.service),
-        "metadata": i.metadata,
-        "instanceHeartBeatInterval": i.heartbeat_interval_ms.unwrap_or_default(),
-        "instanceHeartBeatTimeOut": i.unhealthy_timeout_ms.unwrap_or_default(),
-        "ipDeleteTimeout": i.delete_timeout_ms.unwrap_or_default(),
-        "instanceIdGenerator": "simple",
-    })
+/// An instance as Nacos answers it, borrowed from the registry's answer
+/// (serialized straight from it: a list is the hot read).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Host<'a> {
+    instance_id: &'a str,
+    ip: &'a str,
+    port: u32,
+    weight: f64,
+    healthy: bool,
+    enabled: bool,
+    ephemeral: bool,
+    cluster_name: &'a str,
+    service_name: &'a str,
+    metadata: &'a HashMap<String, String>,
+    instance_heart_beat_interval: u64,
+    instance_heart_beat_time_out: u64,
+    ip_delete_timeout: u64,
+    instance_id_generator: &'static str,
 }
 
-/// A service's instances as Nacos answers them (its `ServiceInfo`):
-/// `name` as this protocol's clients key it, the clusters they asked for
-/// echoed, and `lastRefTime` as given (a client drops an answer no newer
-/// than the one it holds).
-fn service_info(
-    name: &str,
-    group: &str,
-    clusters: &str,
-    service: Option<&pb::GetServiceResponse>,
+impl<'a> Host<'a> {
+    fn of(i: &'a pb::Instance, service_name: &'a str) -> Self {
+        Host {
+            instance_id: &i.instance_id,
+            ip: &i.ip,
+            port: i.port,
+            weight: i.weight.unwrap_or(1.0),
+            healthy: i.healthy,
+            enabled: i.enabled.unwrap_or(true),
+            ephemeral: i.ephemeral.unwrap_or(true),
+            cluster_name: &i.cluster,
+            service_name,
+            metadata: &i.metadata,
+            instance_heart_beat_interval: i.heartbeat_interval_ms.unwrap_or_default(),
+            instance_heart_beat_time_out: i.unhealthy_timeout_ms.unwrap_or_default(),
+            ip_delete_timeout: i.delete_timeout_ms.unwrap_or_default(),
+            instance_id_generator: "simple",
+        }
+    }
+}
+
+/// A service's instances as Nacos answers them (its `ServiceInfo`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceInfo<'a> {
+    name: &'a str,
+    /// The 1.x open API's name for `name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dom: Option<&'a str>,
+    group_name: &'a str,
+    clusters: &'a str,
+    cache_millis: u64,
+    hosts: Vec<Host<'a>>,
     last_ref_time: u64,
-) -> Value {
-    let hosts: Vec<Value> = service
-        .map(|s| s.instances.iter().map(instance_json).collect())
+    checksum: &'static str,
+    all_ips: bool,
+    reach_protection_threshold: bool,
+    valid: bool,
+}
+
+/// A service's instances as Nacos answers them: `name` as this
+/// protocol's clients key it, the clusters they asked for echoed, and
+/// `lastRefTime` as given (a client drops an answer no newer than the one
+/// it holds). `service_name` is the grouped name each host carries.
+fn service_info<'a>(
+    name: &'a str,
+    group: &'a str,
+    clusters: &'a str,
+    service: Option<&'a pb::GetServiceResponse>,
+    service_name: &'a str,
+    last_ref_time: u64,
+) -> ServiceInfo<'a> {
+    let hosts = service
+        .map(|s| {
+            s.instances
+                .iter()
+                .map(|i| Host::of(i, service_name))
+                .collect()
+        })
         .unwrap_or_default();
-    json!({
-        "name": name,
-        "groupName": group,
-        "clusters": clusters,
-        "cacheMillis": CACHE_MILLIS,
-        "hosts": hosts,
-        "lastRefTime": last_ref_time,
-        "checksum": "",
-        "allIps": false,
-        "reachProtectionThreshold": service.is_some_and(|s| s.protection_triggered),
-        "valid": true,
-    })
+    ServiceInfo {
+        name,
+        dom: None,
+        group_name: group,
+        clusters,
+        cache_millis: CACHE_MILLIS,
+        hosts,
+        last_ref_time,
+        checksum: "",
+        all_ips: false,
+        reach_protection_threshold: service.is_some_and(|s| s.protection_triggered),
+        valid: true,
+    }
 }
 
 /// A service's instances in `clusters` (comma-separated; empty: all), as

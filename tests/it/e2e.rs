@@ -325,6 +325,29 @@ async fn up_runs_everything_and_ctrl_c_stops_it_cleanly() {
     assert!(summary.contains("shop-mesh order place --user 1001 --product 1001 --count 10"));
     let registry = column("registry").remove(0);
 
+    // Nacos's clients are told where to point, and find the services
+    // there, as shop-mesh's own registrar registered them.
+    assert!(
+        summary.contains(&format!(
+            "Nacos clients: server address {registry} (with a shop-mesh token as the password)"
+        )),
+        "{summary}"
+    );
+    let token = std::fs::read_to_string(crate::shell_token(&summary)).unwrap();
+    let list = crate::http::send(
+        registry.parse().unwrap(),
+        "GET",
+        &format!(
+            "/nacos/v1/ns/instance/list?serviceName=server-product&accessToken={}",
+            token.trim()
+        ),
+        &[],
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(list["hosts"].as_array().unwrap().len(), 2, "{list}");
+
     // The console's address and where its password is: logging in with
     // it works.
     let console = summary

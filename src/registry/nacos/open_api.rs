@@ -461,9 +461,9 @@ async fn list(State(face): State<RegistryService>, request: Request) -> Answer {
         &group
     };
     let name = grouped(group, &service);
-    let mut info = service_info(&name, group, clusters, found.as_ref(), now_ms());
+    let mut info = service_info(&name, group, clusters, found.as_ref(), &name, now_ms());
     // Nacos 1.x clients read the name as `dom`.
-    info["dom"] = json!(name);
+    info.dom = Some(&name);
     Ok(axum::Json(info).into_response())
 }
 

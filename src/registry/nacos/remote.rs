@@ -664,13 +664,16 @@ impl Remote {
         } else {
             group
         };
-        Ok(service_info(
+        let grouped = super::grouped(group, service);
+        let info = service_info(
             service,
             group,
             clusters,
             found.as_ref(),
+            &grouped,
             connection.next_ref_time(),
-        ))
+        );
+        Ok(json!(info))
     }
 
     /// ServiceQueryRequest: a service's instances, once.
