@@ -8,7 +8,9 @@
 //! Each phase starts each server afresh, so neither pays for the other
 //! phase's instances (nor for their expiry: instances registered and never
 //! beaten become unhealthy 15 s later). The servers take turns, phase by
-//! phase, so a slower moment of the machine falls on both. r-nacos is
+//! phase, for `--rounds` rounds, the first to go alternating, and the
+//! table gives each figure's median: a slower moment of the machine falls
+//! on both, and one bad round moves no figure. r-nacos is
 //! installed from crates.io into a scratch directory (`cargo install
 //! rnacos`) unless `--rnacos` names a binary; it is never a dependency of
 //! the project. wrk is Debian's package `wrk`.
@@ -54,6 +56,9 @@ pub struct NacosBench {
     /// Instances of the service the list queries read.
     #[arg(long, default_value_t = 10)]
     pub listed: u16,
+    /// Rounds of both phases; the table gives each figure's median.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
 }
 
 /// The servers measured, in the order they take their turns.
@@ -119,8 +124,11 @@ impl NacosBench {
     /// Measures both servers, then prints a Markdown table.
     pub async fn run(self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            self.threads > 0 && self.connections >= self.threads && self.listed > 0,
-            "--threads and --listed must be at least 1, and --connections at least --threads"
+            self.threads > 0
+                && self.connections >= self.threads
+                && self.listed > 0
+                && self.rounds > 0,
+            "--threads, --listed and --rounds must be at least 1, and --connections at least --threads"
         );
         let wrk = which("wrk").context(
             "wrk is not installed: install it (Debian and Ubuntu: apt-get install wrk), then run again",
@@ -142,33 +150,47 @@ impl NacosBench {
         );
 
         let servers = [Server::ShopMesh, Server::RNacos];
-        let mut scores: Vec<Scores> = servers.iter().map(|_| Scores::default()).collect();
-        for (server, score) in servers.iter().zip(&mut scores) {
-            let (running, addr) = start(*server, &rnacos).await?;
-            // Settled: the allocator's and runtime's start-up done.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            score.idle_rss = running.rss_bytes();
-            score.register = self.wrk(&wrk, &register_lua, addr).await?;
-            score.loaded_rss = running.rss_bytes();
-            println!(
-                "{}: {:.0} registrations/s",
-                server.name(),
-                score.register.per_second
-            );
-        }
-        for (server, score) in servers.iter().zip(&mut scores) {
-            let (_running, addr) = start(*server, &rnacos).await?;
-            for port in 0..self.listed {
-                register(addr, "bench-list", 9000 + port).await?;
+        // Each server's scores, round by round.
+        let mut rounds: [Vec<Scores>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..self.rounds {
+            // Who goes first alternates, so a drift of the machine's speed
+            // over a run falls on both alike.
+            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            let mut scores = [Scores::default(), Scores::default()];
+            for i in order {
+                let server = servers[i];
+                let (running, addr) = start(server, &rnacos).await?;
+                // Settled: the allocator's and runtime's start-up done.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                scores[i].idle_rss = running.rss_bytes();
+                scores[i].register = self.wrk(&wrk, &register_lua, addr).await?;
+                scores[i].loaded_rss = running.rss_bytes();
+                println!(
+                    "round {}: {}: {:.0} registrations/s",
+                    round + 1,
+                    server.name(),
+                    scores[i].register.per_second
+                );
             }
-            score.list = self.wrk(&wrk, &list_lua, addr).await?;
-            println!(
-                "{}: {:.0} list queries/s",
-                server.name(),
-                score.list.per_second
-            );
+            for i in order {
+                let server = servers[i];
+                let (_running, addr) = start(server, &rnacos).await?;
+                for port in 0..self.listed {
+                    register(addr, "bench-list", 9000 + port).await?;
+                }
+                scores[i].list = self.wrk(&wrk, &list_lua, addr).await?;
+                println!(
+                    "round {}: {}: {:.0} list queries/s",
+                    round + 1,
+                    server.name(),
+                    scores[i].list.per_second
+                );
+            }
+            for (kept, score) in rounds.iter_mut().zip(scores) {
+                kept.push(score);
+            }
         }
-        print_table(&scores, self.listed);
+        print_table(&rounds, self.listed);
         Ok(())
     }
 
@@ -338,9 +360,30 @@ fn micros(text: &str) -> Option<u64> {
     Some((number.parse::<f64>().ok()? * scale) as u64)
 }
 
-fn print_table(scores: &[Scores], listed: u16) {
-    let [shop, rnacos] = scores else {
+/// The round whose `key` is the median of the rounds' (the upper one of
+/// an even count).
+fn median_by(rounds: &[Scores], key: impl Fn(&Scores) -> f64) -> &Scores {
+    let mut sorted: Vec<&Scores> = rounds.iter().collect();
+    sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    sorted[sorted.len() / 2]
+}
+
+/// Prints each figure's median over the rounds, shop-mesh beside r-nacos.
+fn print_table(rounds: &[Vec<Scores>; 2], listed: u16) {
+    let [shop, rnacos] = rounds;
+    if shop.is_empty() || rnacos.is_empty() {
         return;
+    }
+    let registering = |r: &[Scores]| median_by(r, |s| s.register.per_second).register;
+    let listing = |r: &[Scores]| median_by(r, |s| s.list.per_second).list;
+    let memory = |r: &[Scores]| {
+        let median = median_by(r, |s| s.bytes_per_instance().map_or(f64::MAX, |b| b as f64));
+        (
+            median.bytes_per_instance(),
+            median.idle_rss,
+            median.loaded_rss,
+            median.register,
+        )
     };
     let ratio = |ours: f64, theirs: f64| {
         if theirs > 0.0 {
@@ -357,40 +400,43 @@ fn print_table(scores: &[Scores], listed: u16) {
             us(w.p99_us)
         )
     };
-    let per_instance = |s: &Scores| {
-        s.bytes_per_instance()
-            .map_or("-".into(), |b| format!("{b} bytes"))
-    };
+    let (shop_register, rnacos_register) = (registering(shop), registering(rnacos));
+    let (shop_list, rnacos_list) = (listing(shop), listing(rnacos));
+    let (shop_bytes, shop_idle, shop_loaded, shop_made) = memory(shop);
+    let (rnacos_bytes, rnacos_idle, rnacos_loaded, rnacos_made) = memory(rnacos);
+    let per_instance = |b: Option<u64>| b.map_or("-".into(), |b| format!("{b} bytes"));
+    println!();
+    println!(
+        "Medians of {} rounds (registrations, list queries, memory each the median round's):",
+        shop.len()
+    );
     println!();
     println!("| measure | shop-mesh | r-nacos | shop-mesh ÷ r-nacos |");
     println!("|---|---|---|---|");
     println!(
         "| registrations/s | {} | {} | {} |",
-        rate(&shop.register),
-        rate(&rnacos.register),
-        ratio(shop.register.per_second, rnacos.register.per_second)
+        rate(&shop_register),
+        rate(&rnacos_register),
+        ratio(shop_register.per_second, rnacos_register.per_second)
     );
     println!(
         "| instance-list queries/s ({listed} instances) | {} | {} | {} |",
-        rate(&shop.list),
-        rate(&rnacos.list),
-        ratio(shop.list.per_second, rnacos.list.per_second)
+        rate(&shop_list),
+        rate(&rnacos_list),
+        ratio(shop_list.per_second, rnacos_list.per_second)
     );
     println!(
-        "| instances registered (failed) | {} ({}) | {} ({}) | |",
-        shop.register.requests,
-        shop.register.failed,
-        rnacos.register.requests,
-        rnacos.register.failed
+        "| instances registered (failed), the memory round | {} ({}) | {} ({}) | |",
+        shop_made.requests, shop_made.failed, rnacos_made.requests, rnacos_made.failed
     );
     println!(
         "| resident memory, idle / after the registrations | {} / {} | {} / {} | |",
-        mib(shop.idle_rss),
-        mib(shop.loaded_rss),
-        mib(rnacos.idle_rss),
-        mib(rnacos.loaded_rss)
+        mib(shop_idle),
+        mib(shop_loaded),
+        mib(rnacos_idle),
+        mib(rnacos_loaded)
     );
-    let lower = match (shop.bytes_per_instance(), rnacos.bytes_per_instance()) {
+    let lower = match (shop_bytes, rnacos_bytes) {
         (Some(ours), Some(theirs)) if ours > 0 => {
             format!("{:.2}× less", theirs as f64 / ours as f64)
         }
@@ -398,8 +444,8 @@ fn print_table(scores: &[Scores], listed: u16) {
     };
     println!(
         "| memory per instance | {} | {} | {lower} |",
-        per_instance(shop),
-        per_instance(rnacos)
+        per_instance(shop_bytes),
+        per_instance(rnacos_bytes)
     );
 }
 
