@@ -261,6 +261,23 @@ impl Params {
     fn call<T>(&self, message: T) -> tonic::Request<T> {
         with_token(self.token.as_deref(), message)
     }
+
+    /// Registers `instance` as this request's caller: a new lease, or the
+    /// one the instance has (an HTTP client's instance lives on its
+    /// beats).
+    async fn register(
+        &self,
+        face: &RegistryService,
+        instance: pb::Instance,
+    ) -> Result<pb::RegisterResponse, Status> {
+        let registered = face
+            .register(self.call(pb::RegisterRequest {
+                instance: Some(instance),
+                lease_id: 0,
+            }))
+            .await?;
+        Ok(registered.into_inner())
+    }
 }
 
 /// The credential a request shows: Nacos's `accessToken` parameter, an
@@ -318,11 +335,7 @@ async fn register(State(face): State<RegistryService>, request: Request) -> Answ
         service: &service,
     };
     let instance = p.instance()?.to_pb(&at)?;
-    face.register(p.call(pb::RegisterRequest {
-        instance: Some(instance),
-        lease_id: 0,
-    }))
-    .await?;
+    p.register(&face, instance).await?;
     Ok(ok())
 }
 
@@ -411,11 +424,7 @@ async fn update(State(face): State<RegistryService>, request: Request) -> Answer
         instance.delete_timeout_ms = keep(timings.delete_timeout_ms, instance.delete_timeout_ms);
         instance.metadata = metadata;
     }
-    face.register(p.call(pb::RegisterRequest {
-        instance: Some(instance),
-        lease_id: 0,
-    }))
-    .await?;
+    p.register(&face, instance).await?;
     Ok(ok())
 }
 
@@ -530,13 +539,7 @@ async fn beat(State(face): State<RegistryService>, request: Request) -> Answer {
                 ..sent
             }
             .to_pb(&at)?;
-            face.register(p.call(pb::RegisterRequest {
-                instance: Some(instance),
-                lease_id: 0,
-            }))
-            .await?
-            .into_inner()
-            .heartbeat_interval_ms
+            p.register(&face, instance).await?.heartbeat_interval_ms
         }
         (None, None) => {
             return Ok(axum::Json(json!({

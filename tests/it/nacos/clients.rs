@@ -22,6 +22,63 @@ use super::nacos_registry;
 use crate::shop::{Backend, TestShop};
 use crate::{TestRegistry, instance, instances, register};
 
+/// A client process a test drives by lines: it is told on stdin, and says
+/// on stdout.
+struct Driven {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    who: &'static str,
+}
+
+impl Driven {
+    fn spawn(mut command: tokio::process::Command, who: &'static str) -> Self {
+        use tokio::io::AsyncBufReadExt;
+
+        let mut child = command
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {who}: {err}"));
+        let stdin = child.stdin.take().unwrap();
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        Driven {
+            child,
+            stdin,
+            lines,
+            who,
+        }
+    }
+
+    /// The next line it says, within 30 s.
+    async fn next(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("{} says something within 30 s", self.who))
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} exited early", self.who))
+    }
+
+    async fn tell(&mut self, line: &str) {
+        use tokio::io::AsyncWriteExt;
+
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+
+    /// Waits for it to exit, which it must within 30 s and with success.
+    async fn exits_cleanly(mut self) {
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} exits within 30 s", self.who))
+            .unwrap();
+        assert!(status.success(), "{} exited with {status}", self.who);
+    }
+}
+
 /// `python3` with nacos-sdk-python, or `None` where it is missing outside
 /// CI (CI installs it, so there a missing SDK fails the test).
 fn nacos_sdk_python() -> Option<&'static str> {
@@ -43,8 +100,6 @@ fn nacos_sdk_python() -> Option<&'static str> {
 
 #[tokio::test]
 async fn nacos_sdk_python_registers_discovers_and_is_pushed_changes() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
     let Some(python) = nacos_sdk_python() else {
         return;
     };
@@ -52,30 +107,17 @@ async fn nacos_sdk_python_registers_discovers_and_is_pushed_changes() {
     let mut shop_mesh = registry.client().await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/nacos/python_client.py");
     let scratch = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(python)
-        .args([
-            script,
-            &registry.addr.port().to_string(),
-            &nacos.port().to_string(),
-            scratch.path().to_str().unwrap(),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut next = async || {
-        tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("the Python client says something within 30 s")
-            .unwrap()
-            .expect("the Python client exited early")
-    };
+    let mut command = tokio::process::Command::new(python);
+    command.args([
+        script,
+        &registry.addr.port().to_string(),
+        &nacos.port().to_string(),
+        scratch.path().to_str().unwrap(),
+    ]);
+    let mut client = Driven::spawn(command, "the Python client");
 
     // Its registration is shop-mesh's instance.
-    assert_eq!(next().await, "REGISTERED");
+    assert_eq!(client.next().await, "REGISTERED");
     let service = instances(&mut shop_mesh, "python-svc", false).await;
     let seen = &service[0];
     assert_eq!(
@@ -83,7 +125,7 @@ async fn nacos_sdk_python_registers_discovers_and_is_pushed_changes() {
         (7001, Some(3.0), true)
     );
     assert_eq!(seen.metadata["lang"], "python");
-    assert_eq!(next().await, "SUBSCRIBED ");
+    assert_eq!(client.next().await, "SUBSCRIBED ");
 
     // A shop-mesh service starts: pushed to the Python client.
     let one = register(&mut shop_mesh, instance("server-product", 9100)).await;
@@ -92,9 +134,9 @@ async fn nacos_sdk_python_registers_discovers_and_is_pushed_changes() {
     let other = register(&mut shop_mesh, instance("server-product", 9101)).await;
     let (beats, answers) = crate::keep_alive_as(&mut shop_mesh, other.lease_id, None).await;
     let _kept = crate::keep_beating(beats, answers, other.lease_id);
-    stdin.write_all(b"EXPECT 9100\n").await.unwrap();
+    client.tell("EXPECT 9100").await;
     let pushed = loop {
-        let line = next().await;
+        let line = client.next().await;
         if line.contains("9100") {
             break line;
         }
@@ -103,19 +145,15 @@ async fn nacos_sdk_python_registers_discovers_and_is_pushed_changes() {
 
     // It is killed (its KeepAlive stream breaks): pushed as unhealthy.
     beating.abort();
-    stdin.write_all(b"GONE 9100\n").await.unwrap();
+    client.tell("GONE 9100").await;
     let pushed = loop {
-        let line = next().await;
+        let line = client.next().await;
         if !line.contains("9100") {
             break line;
         }
     };
     assert_eq!(pushed, "PUSHED 9101");
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success());
+    client.exits_cleanly().await;
 }
 
 /// Whether node can run the npm `nacos` client (installed into
@@ -145,8 +183,6 @@ fn nacos_npm() -> bool {
 
 #[tokio::test]
 async fn the_npm_nacos_client_registers_beats_lists_and_deregisters() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
     if !nacos_npm() {
         return;
     }
@@ -155,37 +191,25 @@ async fn the_npm_nacos_client_registers_beats_lists_and_deregisters() {
     let product = register(&mut shop_mesh, instance("server-product", 9110)).await;
     let (beats, answers) = crate::keep_alive_as(&mut shop_mesh, product.lease_id, None).await;
     let _kept = crate::keep_beating(beats, answers, product.lease_id);
-    let mut child = tokio::process::Command::new("node")
+    let mut command = tokio::process::Command::new("node");
+    command
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/nacos/node_client.js"
         ))
-        .arg(registry.addr.port().to_string())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut next = async || {
-        tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("the npm client says something within 30 s")
-            .unwrap()
-            .expect("the npm client exited early")
-    };
+        .arg(registry.addr.port().to_string());
+    let mut client = Driven::spawn(command, "the npm client");
 
     // Its registration is shop-mesh's instance.
-    assert_eq!(next().await, "REGISTERED");
+    assert_eq!(client.next().await, "REGISTERED");
     let seen = instances(&mut shop_mesh, "node-svc", false).await;
     assert_eq!((seen[0].port, seen[0].healthy), (7101, true), "{seen:?}");
     assert_eq!(seen[0].metadata["lang"], "node");
     assert_eq!(seen[0].unhealthy_timeout_ms, Some(11_000));
 
     // It lists the shop-mesh service.
-    stdin.write_all(b"LIST\n").await.unwrap();
-    assert_eq!(next().await, "LISTED 9110");
+    client.tell("LIST").await;
+    assert_eq!(client.next().await, "LISTED 9110");
 
     // Its beats keep it alive: its first comes within the client's first
     // 10 s, then one a second as the registry answers; it stays healthy
@@ -219,18 +243,14 @@ async fn the_npm_nacos_client_registers_beats_lists_and_deregisters() {
     );
 
     // Deregistered: gone, and its beats stop.
-    stdin.write_all(b"DEREGISTER\n").await.unwrap();
-    assert_eq!(next().await, "DEREGISTERED 0");
+    client.tell("DEREGISTER").await;
+    assert_eq!(client.next().await, "DEREGISTERED 0");
     assert!(
         instances(&mut shop_mesh, "node-svc", false)
             .await
             .is_empty()
     );
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success());
+    client.exits_cleanly().await;
 }
 
 /// A stand-in for shop-mesh's product service, as a team might write one
