@@ -193,9 +193,13 @@ impl pb::registry_server::Registry for RegistryService {
         let change = model::InstanceChange {
             weight: r.weight.map(|w| model::parse_weight(Some(w))).transpose()?,
             enabled: r.enabled,
+            metadata: r
+                .metadata
+                .map(|m| model::parse_metadata("metadata", m.entries))
+                .transpose()?,
         };
-        if change.weight.is_none() && change.enabled.is_none() {
-            return Err(Error::invalid("weight", "set weight or enabled (or both)").into());
+        if change.weight.is_none() && change.enabled.is_none() && change.metadata.is_none() {
+            return Err(Error::invalid("weight", "set weight, enabled or metadata").into());
         }
         self.registry.authorize(token.as_deref(), write(&key))?;
         let revision = self.registry.update_instance(&key, &addr, change).await?;

@@ -11,7 +11,7 @@
 //! GET    /api/v1/services/{service}?namespace=&group=&healthy_only=&cluster=
 //! GET    /api/v1/services/{service}/watchers?namespace=&group=
 //! PATCH  /api/v1/services/{service}?namespace=&group=      {"protect_threshold": 0.5, "metadata": {..}}
-//! PATCH  /api/v1/services/{service}/instances/{ip}/{port}?namespace=&group=&cluster=   {"weight": 2, "enabled": false}
+//! PATCH  /api/v1/services/{service}/instances/{ip}/{port}?namespace=&group=&cluster=   {"weight": 2, "enabled": false, "metadata": {..}}
 //! DELETE /api/v1/services/{service}/instances/{ip}/{port}?namespace=&group=&cluster=
 //! GET    /api/v1/changes?namespace=&group=&service=&limit=
 //! GET    /api/v1/events?namespace=&group=&service=          Server-Sent Events
@@ -382,6 +382,8 @@ struct InstanceSettings {
     weight: Option<f64>,
     #[serde(default)]
     enabled: Option<bool>,
+    #[serde(default)]
+    metadata: Option<HashMap<String, String>>,
 }
 
 /// The instance a path and query name: its service's namespace, group
@@ -437,6 +439,9 @@ async fn update_instance(
                 port: at.port,
                 weight: settings.weight,
                 enabled: settings.enabled,
+                metadata: settings
+                    .metadata
+                    .map(|entries| pb::MetadataUpdate { entries }),
             },
         ))
         .await?

@@ -218,12 +218,14 @@ pub fn parse_weight(weight: Option<f64>) -> Result<f64, Error> {
 }
 
 /// What UpdateInstance changes of an instance: each value set, checked.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct InstanceChange {
     /// Its new weight.
     pub weight: Option<f64>,
     /// Whether it takes traffic.
     pub enabled: Option<bool>,
+    /// Its labels, all of them.
+    pub metadata: Option<Metadata>,
 }
 
 impl InstanceChange {
@@ -235,6 +237,9 @@ impl InstanceChange {
         }
         if let Some(enabled) = self.enabled {
             changed.enabled = enabled;
+        }
+        if let Some(metadata) = &self.metadata {
+            changed.metadata = metadata.clone();
         }
         changed
     }

@@ -70,14 +70,85 @@ fn grouped(group: &str, name: &str) -> String {
 #[serde(default, rename_all = "camelCase")]
 struct NacosInstance {
     ip: Option<String>,
+    #[serde(deserialize_with = "loose::number")]
     port: Option<i64>,
+    #[serde(deserialize_with = "loose::number")]
     weight: Option<f64>,
+    #[serde(deserialize_with = "loose::flag")]
     enabled: Option<bool>,
+    #[serde(deserialize_with = "loose::flag")]
     ephemeral: Option<bool>,
     cluster_name: Option<String>,
     /// The 1.x beat's name for the cluster.
     cluster: Option<String>,
+    #[serde(deserialize_with = "loose::labels")]
     metadata: Option<HashMap<String, String>>,
+}
+
+/// Fields as Nacos's clients send them, which is not always as typed: the
+/// npm client copies what its caller gave (`port: process.env.PORT`,
+/// `metadata: {version: 2}`) into its beats, and Nacos's own server reads
+/// them all. A value of the wrong kind is still refused, naming it.
+mod loose {
+    use std::collections::HashMap;
+    use std::str::FromStr;
+
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Value;
+
+    /// A number, or a string holding one.
+    pub fn number<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr + for<'a> Deserialize<'a>,
+    {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(None),
+            Value::String(text) => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| D::Error::custom(format!("{text:?} is not a number"))),
+            number @ Value::Number(_) => T::deserialize(number)
+                .map(Some)
+                .map_err(|_| D::Error::custom("a number out of range")),
+            other => Err(D::Error::custom(format!("{other} is not a number"))),
+        }
+    }
+
+    /// A boolean, or `"true"` or `"false"`.
+    pub fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(None),
+            Value::Bool(b) => Ok(Some(b)),
+            Value::String(text) if text.eq_ignore_ascii_case("true") => Ok(Some(true)),
+            Value::String(text) if text.eq_ignore_ascii_case("false") => Ok(Some(false)),
+            other => Err(D::Error::custom(format!("{other} is not true or false"))),
+        }
+    }
+
+    /// Labels whose values may be numbers or booleans (kept as their
+    /// text); a null value is no label.
+    pub fn labels<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<HashMap<String, String>>, D::Error> {
+        let Some(object) = Option::<serde_json::Map<String, Value>>::deserialize(d)? else {
+            return Ok(None);
+        };
+        object
+            .into_iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| match v {
+                Value::String(text) => Ok((k, text)),
+                Value::Number(_) | Value::Bool(_) => Ok((k, v.to_string())),
+                other => Err(D::Error::custom(format!(
+                    "metadata {k:?}: {other} is not a label's value"
+                ))),
+            })
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
 }
 
 /// Where an instance is and what it is, in shop-mesh's terms.
@@ -345,6 +416,35 @@ mod tests {
         let err = split_service("A@@server-product", "B").unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.message().contains("names group \"A\""), "{err:?}");
+    }
+
+    #[test]
+    fn an_instance_is_read_as_nacos_clients_send_it() {
+        let typed: NacosInstance = serde_json::from_str(
+            r#"{"ip":"10.0.0.1","port":8080,"weight":1,"enabled":true,"metadata":{"v":"2"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (typed.port, typed.weight, typed.enabled),
+            (Some(8080), Some(1.0), Some(true))
+        );
+        let loose: NacosInstance = serde_json::from_str(
+            r#"{"ip":"10.0.0.1","port":"8080","weight":"2.5","enabled":"false","metadata":{"v":2,"canary":true,"gone":null}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (loose.port, loose.weight, loose.enabled),
+            (Some(8080), Some(2.5), Some(false))
+        );
+        let metadata = loose.metadata.unwrap();
+        assert_eq!(
+            (metadata["v"].as_str(), metadata["canary"].as_str()),
+            ("2", "true")
+        );
+        assert!(!metadata.contains_key("gone"));
+        let wrong = serde_json::from_str::<NacosInstance>(r#"{"port":"eighty"}"#).unwrap_err();
+        assert!(wrong.to_string().contains("eighty"), "{wrong}");
+        assert!(serde_json::from_str::<NacosInstance>(r#"{"metadata":{"a":[1]}}"#).is_err());
     }
 
     #[test]

@@ -158,6 +158,7 @@ async fn the_json_api_answers_and_refuses_as_the_grpc_api_does() {
         (r#"{"weight": -1}"#, 400),
         (r#"{}"#, 400),
         (r#"{"enabled": "no"}"#, 400),
+        (r#"{"metadata": {"": "empty key"}}"#, 400),
     ] {
         let (status, body) = call(addr, "PATCH", path, admin, Some(sent)).await;
         assert_eq!(status, want, "{sent}: {body}");
@@ -189,6 +190,23 @@ async fn the_json_api_answers_and_refuses_as_the_grpc_api_does() {
         (json!(false), json!(2.0)),
         "{body}"
     );
+    // Its labels, replaced whole.
+    let (status, body) = call(
+        addr,
+        "PATCH",
+        path,
+        admin,
+        Some(r#"{"metadata": {"zone": "east"}}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = call(addr, "GET", "/api/v1/services/db", Some(&reader), None).await;
+    assert_eq!(
+        body["instances"][0]["metadata"],
+        json!({"zone": "east"}),
+        "{body}"
+    );
+    assert_eq!(body["instances"][0]["weight"], json!(2.0), "{body}");
 
     // Deregistration, as the gRPC API's.
     let (status, body) = call(

@@ -499,7 +499,8 @@ async fn a_nacos_1x_http_client_registers_beats_updates_lists_and_deregisters() 
     assert_eq!(list["hosts"].as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list["hosts"][0]["port"], 9302, "{list}");
 
-    // An instance that is not there: an update and a detail say so.
+    // An instance that is not there: an update and a detail say so, and
+    // the update makes none.
     let missing = nacos_http(
         addr,
         "PUT",
@@ -509,6 +510,19 @@ async fn a_nacos_1x_http_client_registers_beats_updates_lists_and_deregisters() 
     .await;
     assert_eq!(missing.status, 404, "{}", missing.body);
     assert!(missing.body.contains("127.0.0.1:9999"), "{}", missing.body);
+    let missing = nacos_http(
+        addr,
+        "GET",
+        "/nacos/v1/ns/instance?serviceName=server-product&ip=127.0.0.1&port=9999",
+        None,
+    )
+    .await;
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    assert!(missing.body.contains("127.0.0.1:9999"), "{}", missing.body);
+    assert_eq!(
+        instances(&mut client, "server-product", false).await.len(),
+        2
+    );
 
     // Deregistered, by the plain name as the npm client sends it; again
     // is still ok, as Nacos answers.
@@ -536,7 +550,9 @@ async fn a_nacos_1x_http_client_registers_beats_updates_lists_and_deregisters() 
     )
     .await;
     assert_eq!(unknown.json()["code"], 20404, "{}", unknown.body);
-    let beat_json = r#"{"serviceName":"DEFAULT_GROUP@@server-product","ip":"127.0.0.1","port":9301,"cluster":"DEFAULT","weight":1,"metadata":{"from":"beat"},"scheduled":false}"#;
+    // (The npm client copies its caller's values as given: a port from
+    // the environment is a string, a version a number.)
+    let beat_json = r#"{"serviceName":"DEFAULT_GROUP@@server-product","ip":"127.0.0.1","port":"9301","cluster":"DEFAULT","weight":1,"metadata":{"from":"beat","version":2},"scheduled":false}"#;
     let form = format!(
         "serviceName=DEFAULT_GROUP%40%40server-product&beat={}",
         form_encode(beat_json)
@@ -549,6 +565,7 @@ async fn a_nacos_1x_http_client_registers_beats_updates_lists_and_deregisters() 
         .find(|i| i.port == 9301)
         .expect("registered again");
     assert_eq!(back.metadata["from"], "beat");
+    assert_eq!(back.metadata["version"], "2");
 
     // The service: listed, described, its threshold set; not deleted
     // while it has instances.
@@ -733,14 +750,62 @@ async fn nacos_1x_http_refusals_name_the_parameter() {
 }
 
 #[tokio::test]
+async fn a_nacos_update_changes_what_it_gives_and_is_no_sign_of_life() {
+    let registry = TestRegistry::start().await;
+    let addr = registry.addr;
+    let mut client = registry.client().await;
+    // A shop-mesh instance whose KeepAlive stream broke: unhealthy.
+    let registered = register(&mut client, instance("server-product", 9601)).await;
+    let (beats, answers) = crate::keep_alive_as(&mut client, registered.lease_id, None).await;
+    crate::keep_beating(beats, answers, registered.lease_id).abort();
+    wait_until(
+        "unhealthy once its stream broke",
+        Duration::from_secs(10),
+        || async {
+            let seen = instances(&mut registry.client().await, "server-product", false).await;
+            seen.first().is_some_and(|i| !i.healthy)
+        },
+    )
+    .await;
+
+    // Updated over Nacos's HTTP API: changed as asked, still unhealthy
+    // (an update keeps no dead instance alive).
+    let answer = nacos_http(
+        addr,
+        "PATCH",
+        "/nacos/v1/ns/instance",
+        Some("serviceName=server-product&ip=127.0.0.1&port=9601&weight=3&metadata=zone%3Deast"),
+    )
+    .await;
+    assert_eq!((answer.status, answer.body.as_str()), (200, "ok"));
+    let seen = &instances(&mut client, "server-product", false).await[0];
+    assert_eq!(seen.weight, Some(3.0), "{seen:?}");
+    assert_eq!(seen.metadata.get("zone").map(String::as_str), Some("east"));
+    assert!(!seen.healthy, "{seen:?}");
+    assert_eq!(seen.enabled, Some(true));
+
+    // Nothing to change is refused, naming what may be.
+    let nothing = nacos_http(
+        addr,
+        "PUT",
+        "/nacos/v1/ns/instance?serviceName=server-product&ip=127.0.0.1&port=9601",
+        None,
+    )
+    .await;
+    assert_eq!(nothing.status, 400, "{}", nothing.body);
+    assert!(nothing.body.contains("metadata"), "{}", nothing.body);
+}
+
+#[tokio::test]
 async fn an_instance_registered_over_http_lives_on_its_beats() {
     let registry = TestRegistry::start().await;
     let addr = registry.addr;
     let mut client = registry.client().await;
     // Nacos's timing metadata: beats every 500 ms, unhealthy after 1.5 s
-    // without one, gone after 3 s.
+    // without one, gone after 6 s (room for a slow machine between the
+    // two).
     let timings = form_encode(
-        r#"{"preserved.heart.beat.interval":"500","preserved.heart.beat.timeout":"1500","preserved.ip.delete.timeout":"3000"}"#,
+        r#"{"preserved.heart.beat.interval":"500","preserved.heart.beat.timeout":"1500","preserved.ip.delete.timeout":"6000"}"#,
     );
     let form = format!("serviceName=server-user&ip=127.0.0.1&port=9401&metadata={timings}");
     let answer = nacos_http(addr, "POST", "/nacos/v1/ns/instance", Some(&form)).await;
@@ -832,4 +897,42 @@ async fn a_nacos_http_client_logs_in_with_a_shop_mesh_token() {
     )
     .await;
     assert_eq!(list.json()["hosts"][0]["port"], 9501, "{}", list.body);
+
+    // Beats and updates are writes: refused alike without a token, or
+    // with one that may only read, whether the instance is there or not
+    // (a refusal tells nothing of what is registered).
+    let mut client = registry.client().await;
+    let reader = crate::reader_token(&mut client, &admin, "public").await;
+    let beat = "/nacos/v1/ns/instance/beat?serviceName=server-order&ip=127.0.0.1";
+    let update = "/nacos/v1/ns/instance?serviceName=server-order&ip=127.0.0.1&weight=5";
+    for (method, call) in [("PUT", beat), ("PUT", update)] {
+        for port in [9501, 9999] {
+            for shown in ["", &format!("&accessToken={reader}")] {
+                let refused =
+                    nacos_http(addr, method, &format!("{call}&port={port}{shown}"), None).await;
+                assert_eq!(refused.status, 403, "{call} {port}: {}", refused.body);
+            }
+        }
+    }
+    let seen = client
+        .get_service(crate::showing(
+            shop_mesh::pb::registry::GetServiceRequest {
+                service: "server-order".into(),
+                ..Default::default()
+            },
+            Some(&admin),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.instances[0].weight, Some(1.0), "{seen:?}");
+    // The admin's beat is one.
+    let beaten = nacos_http(
+        addr,
+        "PUT",
+        &format!("{beat}&port=9501&accessToken={admin}"),
+        None,
+    )
+    .await;
+    assert_eq!(beaten.json()["code"], 10200, "{}", beaten.body);
 }

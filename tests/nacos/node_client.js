@@ -34,8 +34,8 @@ async function main() {
     metadata: {
       lang: 'node',
       'preserved.heart.beat.interval': '1000',
-      'preserved.heart.beat.timeout': '11000',
-      'preserved.ip.delete.timeout': '20000',
+      'preserved.heart.beat.timeout': '20000',
+      'preserved.ip.delete.timeout': '40000',
     },
   };
   await client.registerInstance('node-svc', instance);
@@ -47,6 +47,12 @@ async function main() {
       const hosts = await client.selectInstances('server-product', 'DEFAULT_GROUP', '', true, false);
       console.log(`LISTED ${hosts.map(h => h.port).sort().join(',')}`);
     } else if (line === 'DEREGISTER') {
+      await client.deregisterInstance('node-svc', instance);
+      // A beat already on its way when the beats stopped registers the
+      // instance again on arrival (Nacos's servers do the same); once the
+      // beat interval has passed, none is, and a second deregistration
+      // leaves it gone.
+      await new Promise(resolve => setTimeout(resolve, 1500));
       await client.deregisterInstance('node-svc', instance);
       const left = await client.getAllInstances('node-svc', 'DEFAULT_GROUP', '', false);
       console.log(`DEREGISTERED ${left.length}`);

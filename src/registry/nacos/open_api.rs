@@ -31,8 +31,8 @@ use serde_json::{Value, json};
 use tonic::{Code, Status};
 
 use super::{
-    NacosInstance, Placed, Timings, find_service, grouped, missing, nacos_code, now_ms,
-    service_info, split_service, with_token,
+    NacosInstance, Placed, find_service, grouped, missing, nacos_code, now_ms, service_info,
+    split_service, with_token,
 };
 use crate::auth::{Need, Scope};
 use crate::pb::registry as pb;
@@ -402,29 +402,29 @@ async fn named_instance(face: &RegistryService, p: &Params) -> Result<pb::Instan
 }
 
 /// PUT and PATCH /nacos/v1/ns/instance: changes what is given of a known
-/// instance (weight, enabled, metadata), keeping the rest and its lease.
+/// instance (weight, enabled, metadata) in place, as UpdateInstance does:
+/// its health, lease and timings stay as they are (an update is not a
+/// sign of life).
 async fn update(State(face): State<RegistryService>, request: Request) -> Answer {
     let p = Params::read(request).await?;
-    let mut instance = named_instance(&face, &p).await?;
-    if let Some(weight) = p.parsed("weight", "a number")? {
-        instance.weight = Some(weight);
-    }
-    if let Some(enabled) = p.flag(&["enabled", "enable"])? {
-        instance.enabled = Some(enabled);
-    }
-    if let Some(metadata) = p.metadata()? {
-        let timings = Timings::of(&metadata)?;
-        let keep = |asked: Option<u64>, had: Option<u64>| asked.or(had);
-        instance.heartbeat_interval_ms = keep(
-            timings.heartbeat_interval_ms,
-            instance.heartbeat_interval_ms,
-        );
-        instance.unhealthy_timeout_ms =
-            keep(timings.unhealthy_timeout_ms, instance.unhealthy_timeout_ms);
-        instance.delete_timeout_ms = keep(timings.delete_timeout_ms, instance.delete_timeout_ms);
-        instance.metadata = metadata;
-    }
-    p.register(&face, instance).await?;
+    let (namespace, group, service) = p.scope()?;
+    let ip = p.required("ip")?.to_string();
+    let port = u32::try_from(p.port()?).unwrap_or(0);
+    let weight = p.parsed("weight", "a number")?;
+    let enabled = p.flag(&["enabled", "enable"])?;
+    let metadata = p.metadata()?.map(|entries| pb::MetadataUpdate { entries });
+    face.update_instance(p.call(pb::UpdateInstanceRequest {
+        namespace,
+        group,
+        service,
+        cluster: p.cluster().to_string(),
+        ip,
+        port,
+        weight,
+        enabled,
+        metadata,
+    }))
+    .await?;
     Ok(ok())
 }
 
@@ -509,14 +509,31 @@ async fn beat(State(face): State<RegistryService>, request: Request) -> Answer {
     let key = ServiceKey::parse(&namespace, &group, &service)?;
     let addr = InstanceAddr::parse(&cluster, &ip, u32::try_from(port).unwrap_or(0))?;
     let registry = face.registry();
+    // Checked before anything is looked up, as any write is: what a beat
+    // answers must not tell a caller who may not write the service
+    // whether an instance is there.
+    registry.authorize(
+        p.token.as_deref(),
+        Need::Write {
+            namespace: &key.namespace,
+            service: &key.name,
+        },
+    )?;
+    let still_there = || registry.instance(&key, &addr).is_some();
     let beaten = match registry.instance(&key, &addr) {
         Some(known) if known.ephemeral => {
-            registry.authorize_lease(p.token.as_deref(), known.lease)?;
-            match registry.beat(known.lease).await {
-                Ok(interval) => Some(interval),
-                // The lease ran out between the lookup and the beat.
-                Err(crate::registry::Error::NotFound(_)) => None,
-                Err(err) => return Err(Status::from(err).into()),
+            // The lease may keep instances of other services too.
+            match registry.authorize_lease(p.token.as_deref(), known.lease) {
+                Ok(()) => match registry.beat(known.lease).await {
+                    // Beaten, unless the instance was removed meanwhile
+                    // (its lease may outlive it).
+                    Ok(interval) => still_there().then_some(interval),
+                    Err(crate::registry::Error::NotFound(_)) => None,
+                    Err(err) => return Err(err.into()),
+                },
+                // Its lease emptied between the lookup and the check.
+                Err(_) if !still_there() => None,
+                Err(err) => return Err(err.into()),
             }
         }
         // Persistent instances are probed; their beats change nothing.
