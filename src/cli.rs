@@ -232,6 +232,7 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
             crate::registry::run(
                 &config.registry,
                 &config.connections,
+                &config.telemetry,
                 listener,
                 crate::shutdown::on_signal(),
             )

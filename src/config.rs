@@ -24,6 +24,8 @@ pub const ENV_PREFIX: &str = "SHOP_MESH__";
 pub struct Config {
     /// `[log]`: what is logged and how it looks.
     pub log: LogConfig,
+    /// `[telemetry]`: metrics and traces.
+    pub telemetry: crate::telemetry::Config,
     /// Every connection, served or dialled: keepalives and Nagle; and on
     /// each role's port, how many it holds and how long a silent one may
     /// stay.
@@ -47,6 +49,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             log: LogConfig::default(),
+            telemetry: crate::telemetry::Config::default(),
             connections: crate::server::Connections::default(),
             registry: crate::registry::Config::default(),
             discovery: crate::discovery::Config::default(),

@@ -17,6 +17,7 @@ mod balancer;
 mod connector;
 pub mod endpoint;
 mod identity;
+pub mod metrics;
 mod registrar;
 pub mod resolver;
 
@@ -40,6 +41,7 @@ pub use resolver::{Change, EndpointInfo, Target};
 use crate::auth::Secret;
 use crate::registry::model::{DEFAULT_GROUP, DEFAULT_NAMESPACE};
 use crate::server::Connections;
+use crate::telemetry::Metrics;
 
 /// The `[discovery]` configuration section: how services find the registry
 /// and each other.
@@ -198,6 +200,7 @@ impl Config {
             },
             retry_percent: self.retry_percent,
             tls: connections.tls.client()?,
+            metrics: None,
         })
     }
 }
@@ -224,17 +227,33 @@ impl Mesh {
     /// Channels that find services as `config` says and hold their
     /// connections as `connections` (the `[connections]` section) say.
     pub fn new(config: &Config, connections: &Connections) -> Result<Self, connector::Error> {
+        Self::measured(config, connections, &Metrics::off())
+    }
+
+    /// [`Mesh::new`], counting its calls, endpoints and watches into a
+    /// role's `metrics` when they are on.
+    pub fn measured(
+        config: &Config,
+        connections: &Connections,
+        metrics: &Metrics,
+    ) -> Result<Self, connector::Error> {
         let stop = CancellationToken::new();
-        Ok(Self {
-            inner: Arc::new(MeshInner {
-                config: config.clone(),
-                balance: config.balance(connections)?,
-                connector: config.connector(connections)?,
-                channels: Mutex::new(HashMap::new()),
-                stop: stop.clone(),
-                _stop: stop.drop_guard(),
-            }),
-        })
+        let mut balance = config.balance(connections)?;
+        balance.metrics = metrics
+            .enabled()
+            .then(|| metrics::DiscoveryMetrics::new(metrics));
+        let inner = Arc::new(MeshInner {
+            config: config.clone(),
+            balance,
+            connector: config.connector(connections)?,
+            channels: Mutex::new(HashMap::new()),
+            stop: stop.clone(),
+            _stop: stop.drop_guard(),
+        });
+        if metrics.enabled() {
+            metrics.collect(metrics::Endpoints(Arc::downgrade(&inner)));
+        }
+        Ok(Self { inner })
     }
 
     /// A channel to every healthy instance of `service`, for any generated
@@ -254,6 +273,12 @@ impl Mesh {
             },
             config.stale_grace,
             self.inner.stop.child_token(),
+            self.inner
+                .balance
+                .metrics
+                .as_ref()
+                .map(|metrics| metrics.watch(service))
+                .unwrap_or_default(),
         );
         let channel = BalancedChannel::new(service, changes, self.inner.balance.clone());
         channels.insert(service.into(), channel.clone());

@@ -18,7 +18,9 @@ use tonic::{Request, Response, Status};
 use crate::discovery::Mesh;
 use crate::pb::shop as pb;
 use crate::pb::shop::order_service_server::{OrderService, OrderServiceServer};
+use crate::roles::ShopRole;
 use crate::shop::ids::IdGenerator;
+use crate::shop::metrics::OrderMetrics;
 use crate::shop::{self, Error, ORDER_SERVICE, PRODUCT_SERVICE, USER_SERVICE};
 use crate::shutdown::Shutdown;
 pub use place::{PlaceOrder, Placer};
@@ -32,12 +34,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let db = shop::db::open::<store::Migrator>(&config.order, "order").await?;
+    let metrics = config.telemetry.metrics();
+    let mut db = shop::db::open::<store::Migrator>(&config.order, "order").await?;
+    shop::metrics::measure_database(&mut db, &metrics);
     let ids = IdGenerator::start(db.clone(), config.shop.id_lease)
         .await
         .map_err(|err| anyhow::anyhow!("cannot lease an id worker: {err}"))?;
     tracing::info!(worker = ?ids.worker(), "id worker leased");
-    let mesh = Mesh::new(&config.discovery, &config.connections)?;
+    let mesh = Mesh::measured(&config.discovery, &config.connections, &metrics)?;
     let placer = Placer {
         orders: Orders::new(db),
         ids: ids.clone(),
@@ -48,6 +52,7 @@ pub async fn run(
                 .discovery
                 .identities(&config.connections, ORDER_SERVICE)?,
         ),
+        metrics: OrderMetrics::new(&metrics),
     };
     tokio::spawn(placer.clone().sweep(
         config.shop.sweep_interval,
@@ -59,9 +64,8 @@ pub async fn run(
         max_count: config.shop.max_order_count,
     });
     let served = shop::serve(
-        &config.discovery,
-        &config.connections,
-        config.order.announce(ORDER_SERVICE),
+        (config, ShopRole::Order),
+        &metrics,
         <OrderServiceServer<OrderGrpc> as tonic::server::NamedService>::NAME,
         listener,
         |routes| routes.add_service(service),
@@ -143,9 +147,14 @@ impl OrderService for OrderGrpc {
         &self,
         request: Request<pb::PlaceOrderRequest>,
     ) -> Result<Response<pb::Order>, Status> {
-        let request = self.parse(request.into_inner())?;
-        let order = self.placer.place(request).await?;
-        Ok(Response::new(order_pb(order)))
+        let metrics = &self.placer.metrics;
+        let _placing = metrics.placing();
+        let placed = match self.parse(request.into_inner()) {
+            Ok(request) => self.placer.place(request).await,
+            Err(refused) => Err(refused),
+        };
+        metrics.placed(&placed);
+        Ok(Response::new(order_pb(placed?)))
     }
 
     async fn get_order(

@@ -10,6 +10,8 @@ use tonic::{Request, Response, Status};
 use crate::discovery::Callers;
 use crate::pb::shop as pb;
 use crate::pb::shop::product_service_server::{ProductService, ProductServiceServer};
+use crate::roles::ShopRole;
+use crate::shop::metrics::StockMetrics;
 use crate::shop::{self, Error, ORDER_SERVICE, PRODUCT_SERVICE};
 use crate::shutdown::Shutdown;
 pub use store::{Deducted, Product, Products, Restored};
@@ -21,7 +23,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let db = shop::db::open::<store::Migrator>(&config.product, "product").await?;
+    let metrics = config.telemetry.metrics();
+    let mut db = shop::db::open::<store::Migrator>(&config.product, "product").await?;
+    shop::metrics::measure_database(&mut db, &metrics);
     let products = Products::new(db);
     if config.product.seed_data {
         products
@@ -32,11 +36,14 @@ pub async fn run(
     let callers = config
         .discovery
         .callers(&config.connections, PRODUCT_SERVICE)?;
-    let service = ProductServiceServer::new(ProductGrpc { products, callers });
+    let service = ProductServiceServer::new(ProductGrpc {
+        products,
+        callers,
+        metrics: StockMetrics::new(&metrics),
+    });
     shop::serve(
-        &config.discovery,
-        &config.connections,
-        config.product.announce(PRODUCT_SERVICE),
+        (config, ShopRole::Product),
+        &metrics,
         <ProductServiceServer<ProductGrpc> as tonic::server::NamedService>::NAME,
         listener,
         |routes| routes.add_service(service),
@@ -49,6 +56,7 @@ struct ProductGrpc {
     products: Products,
     /// Who may change stock: the order service alone.
     callers: Callers,
+    metrics: StockMetrics,
 }
 
 fn product_pb(product: Product) -> pb::Product {
@@ -109,15 +117,26 @@ impl ProductService for ProductGrpc {
         let count = parse_count(request.count)?;
         let request_id =
             shop::parse_request_id("request_id", &request.request_id, store::MAX_REQUEST_ID)?;
-        let response = match self.products.deduct(&request_id, product_id, count).await? {
-            Deducted::Taken(product) => pb::DeductStockResponse {
-                outcome: pb::DeductOutcome::Deducted.into(),
-                product: Some(product_pb(product)),
-            },
-            Deducted::Cancelled => pb::DeductStockResponse {
-                outcome: pb::DeductOutcome::Cancelled.into(),
-                product: None,
-            },
+        let deducted = self.products.deduct(&request_id, product_id, count).await;
+        let response = match deducted {
+            Ok(Deducted::Taken(product)) => {
+                self.metrics.deducted("deducted");
+                pb::DeductStockResponse {
+                    outcome: pb::DeductOutcome::Deducted.into(),
+                    product: Some(product_pb(product)),
+                }
+            }
+            Ok(Deducted::Cancelled) => {
+                self.metrics.deducted("cancelled");
+                pb::DeductStockResponse {
+                    outcome: pb::DeductOutcome::Cancelled.into(),
+                    product: None,
+                }
+            }
+            Err(err) => {
+                self.metrics.deducted("refused");
+                return Err(err.into());
+            }
         };
         Ok(Response::new(response))
     }
@@ -132,7 +151,14 @@ impl ProductService for ProductGrpc {
             &request.into_inner().request_id,
             store::MAX_REQUEST_ID,
         )?;
-        let restored = self.products.restore(&request_id).await?;
+        let restored = self.products.restore(&request_id).await.inspect_err(|_| {
+            self.metrics.restored("refused");
+        })?;
+        self.metrics.restored(if restored.already {
+            "already_restored"
+        } else {
+            "restored"
+        });
         Ok(Response::new(pb::RestoreStockResponse {
             product_id: restored.product_id,
             count: restored.count,

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod console;
 mod grpc;
 mod http;
+mod metrics;
 pub mod model;
 pub mod nacos;
 mod persist;
@@ -60,6 +61,10 @@ pub struct Args {
     /// [config: registry.etcd.prefix].
     #[arg(long)]
     pub etcd_prefix: Option<String>,
+    /// Serve /metrics on this address instead of --listen's port
+    /// [config: registry.metrics_listen].
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Args {
@@ -80,6 +85,9 @@ impl Args {
         }
         if let Some(prefix) = &self.etcd_prefix {
             config.etcd.prefix = prefix.clone();
+        }
+        if let Some(listen) = self.metrics_listen {
+            config.metrics_listen = Some(listen);
         }
     }
 }
@@ -249,6 +257,10 @@ impl NacosConfig {
 pub struct Config {
     /// Where the gRPC server listens; defaults to 0.0.0.0 on [`DEFAULT_PORT`].
     pub listen: SocketAddr,
+    /// Where `/metrics` is served instead of `listen`'s port (over plain
+    /// HTTP/1.1, for an address only Prometheus reaches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory holding persistent instances and service settings; locked by
     /// one registry at a time.
     pub data_dir: PathBuf,
@@ -300,6 +312,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            metrics_listen: None,
             data_dir: PathBuf::from("data/registry"),
             heartbeat_interval: Duration::from_secs(5),
             unhealthy_timeout: Duration::from_secs(15),
@@ -358,10 +371,12 @@ impl Default for Limits {
 }
 
 /// Serves the registry on `listener`, holding connections as
-/// `connections` say, until `shutdown`.
+/// `connections` say and measuring itself as `telemetry` says, until
+/// `shutdown`.
 pub async fn run(
     config: &Config,
     connections: &crate::server::Connections,
+    telemetry: &crate::telemetry::Config,
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
@@ -382,6 +397,8 @@ pub async fn run(
         StoreKind::Etcd => (Registry::join(config, connections, probe_tls).await?, None),
     };
     registry.ensure_admin_token(&config.data_dir).await?;
+    let metrics = telemetry.metrics();
+    registry.measure(&metrics);
     let face = RegistryService::new(registry.clone(), shutdown.clone())
         .listening_on(listener.local_addr()?);
     let api = http::routes(face.clone());
@@ -407,6 +424,7 @@ pub async fn run(
     server.limit_message_size(config.limits.max_message_size);
     // The JSON API shares the port, over HTTP/1.1 as well as HTTP/2.
     server.serve_http1();
+    server.measure(&metrics, config.metrics_listen);
     let routes = server
         .routes(&[<RegistryServer<RegistryService> as tonic::server::NamedService>::NAME])
         .add_service(service);
@@ -434,7 +452,7 @@ pub async fn run(
     let nacos = if config.nacos.enabled {
         serve_nacos(
             config,
-            connections,
+            (connections, &metrics),
             &face,
             listener.local_addr()?,
             &nacos_stop,
@@ -465,7 +483,7 @@ pub async fn run(
 /// saying so.
 async fn serve_nacos(
     config: &Config,
-    connections: &crate::server::Connections,
+    (connections, metrics): (&crate::server::Connections, &crate::telemetry::Metrics),
     face: &RegistryService,
     registry: SocketAddr,
     shutdown: &Shutdown,
@@ -485,6 +503,7 @@ async fn serve_nacos(
     };
     let mut server = crate::server::Server::new(shutdown.clone(), connections).await?;
     server.limit_message_size(config.limits.max_message_size);
+    server.count_calls(metrics);
     let remote = nacos::Remote::new(face.clone(), shutdown.clone());
     let routes = remote.routes(config.limits.max_message_size);
     server

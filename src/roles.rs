@@ -90,12 +90,13 @@ impl Spawned {
     /// Serves the registry on `listener` until [`Spawned::shutdown`].
     pub fn registry(
         config: &crate::registry::Config,
-        connections: &Connections,
+        (connections, telemetry): (&Connections, &crate::telemetry::Config),
         listener: TcpListener,
     ) -> std::io::Result<Spawned> {
-        let (config, connections) = (config.clone(), connections.clone());
+        let (config, connections, telemetry) =
+            (config.clone(), connections.clone(), telemetry.clone());
         Self::spawn("registry", listener, move |listener, shutdown| async move {
-            crate::registry::run(&config, &connections, listener, shutdown).await
+            crate::registry::run(&config, &connections, &telemetry, listener, shutdown).await
         })
     }
 

@@ -22,6 +22,9 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::shutdown::Shutdown;
+use crate::telemetry::Metrics;
+use crate::telemetry::rpc::RpcLayer;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use accept::Connection;
 pub use connections::Connections;
@@ -46,6 +49,11 @@ pub struct Server {
     tls: Option<tokio_rustls::TlsAcceptor>,
     /// Whether HTTP/1.1 is served beside HTTP/2 (for a JSON API).
     http1: bool,
+    /// What the role counts, and where `/metrics` is served if not on
+    /// this port.
+    metrics: Metrics,
+    metrics_listen: Option<SocketAddr>,
+    serves_metrics: bool,
 }
 
 impl Server {
@@ -68,6 +76,9 @@ impl Server {
             max_message_size: MAX_MESSAGE_SIZE,
             tls,
             http1: false,
+            metrics: Metrics::off(),
+            metrics_listen: None,
+            serves_metrics: false,
         })
     }
 
@@ -89,6 +100,21 @@ impl Server {
     /// call; gRPC needs HTTP/2 either way.
     pub fn serve_http1(&mut self) {
         self.http1 = true;
+    }
+
+    /// Counts the gRPC calls served into `metrics` and serves them at
+    /// `/metrics`: on `listen` when given, else on this port (over
+    /// HTTP/1.1, as Prometheus scrapes). Nothing, when they are off.
+    pub fn measure(&mut self, metrics: &Metrics, listen: Option<SocketAddr>) {
+        self.metrics = metrics.clone();
+        self.metrics_listen = listen;
+        self.serves_metrics = true;
+    }
+
+    /// Counts the gRPC calls served into `metrics`, served elsewhere
+    /// (a second port of the same role).
+    pub fn count_calls(&mut self, metrics: &Metrics) {
+        self.metrics = metrics.clone();
     }
 
     /// The health status callers and the registry's probes see, for a role
@@ -155,13 +181,24 @@ impl Server {
             let _ = stopped_tx.send(());
         };
         let limit = self.max_message_size;
+        let (routes, http1) = match self.metrics_listen {
+            Some(_) => (routes, self.http1),
+            None if self.serves_metrics && self.metrics.enabled() => (
+                Routes::from(routes.into_axum_router().merge(self.metrics.routes())),
+                true,
+            ),
+            None => (routes, self.http1),
+        };
+        // Held until serving ends, which stops the metrics' own port.
+        let _metrics_port = self.serve_metrics_apart().await?;
         let server = self
             .connections
             .server()
-            .accept_http1(self.http1)
+            .accept_http1(http1)
             .layer(tower::util::MapRequestLayer::new(move |request| {
                 decode::frames(request, limit)
             }))
+            .layer(RpcLayer::new(&self.metrics))
             .add_routes(routes)
             .serve_with_incoming_shutdown(
                 accept::incoming(listener, &self.connections, self.tls.clone()),
@@ -182,6 +219,33 @@ impl Server {
                 Ok(())
             }
         }
+    }
+}
+
+impl Server {
+    /// Serves `/metrics` on `metrics_listen`, when set and metrics are on,
+    /// until the returned guard drops.
+    async fn serve_metrics_apart(&self) -> anyhow::Result<Option<DropGuard>> {
+        let Some(addr) = self
+            .metrics_listen
+            .filter(|_| self.serves_metrics && self.metrics.enabled())
+        else {
+            return Ok(None);
+        };
+        let listener = bind(addr, "metrics", None).await?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics served");
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let routes = self.metrics.routes();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, routes)
+                .with_graceful_shutdown(stopped.cancelled_owned())
+                .await;
+            if let Err(err) = served {
+                tracing::warn!(%err, "the metrics port stopped");
+            }
+        });
+        Ok(Some(stop.drop_guard()))
     }
 }
 

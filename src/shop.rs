@@ -6,6 +6,7 @@
 pub mod db;
 pub mod ids;
 pub mod keys;
+pub mod metrics;
 pub mod money;
 
 use std::net::SocketAddr;
@@ -56,6 +57,10 @@ pub struct ServiceConfig {
     pub seed_data: bool,
     /// Connections in the pool.
     pub max_connections: u32,
+    /// Where `/metrics` is served instead of `listen`'s port (over plain
+    /// HTTP/1.1, for an address only Prometheus reaches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServiceConfig {
@@ -68,6 +73,7 @@ impl ServiceConfig {
             database_url: None,
             seed_data: true,
             max_connections: 8,
+            metrics_listen: None,
         }
     }
 
@@ -131,6 +137,10 @@ pub struct ServiceArgs {
     /// Do not load the seed's rows into empty tables [config: <role>.seed_data].
     #[arg(long)]
     pub no_seed_data: bool,
+    /// Serve /metrics on this address instead of --listen's port
+    /// [config: <role>.metrics_listen].
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServiceArgs {
@@ -151,6 +161,9 @@ impl ServiceArgs {
         }
         if let Some(url) = &self.database_url {
             service.database_url = Some(url.clone());
+        }
+        if let Some(listen) = self.metrics_listen {
+            service.metrics_listen = Some(listen);
         }
         if self.no_seed_data {
             service.seed_data = false;
@@ -216,19 +229,30 @@ pub fn page_token(value: &str) -> Result<Option<i64>, Error> {
         })
 }
 
-/// Starts a shop service: its health and reflection (advertising
-/// `grpc_service`), the routes `add` adds, served with `connections` and
-/// registered per `announce` until shutdown.
+/// Serves a shop role's `routes` (health and reflection, plus what `add`
+/// adds: the role's service, named `grpc_service`) on `listener`,
+/// registered as the role's service, counting its calls into `metrics`
+/// and serving them as its section says, until `shutdown`.
 pub async fn serve(
-    discovery: &crate::discovery::Config,
-    connections: &crate::server::Connections,
-    announce: crate::discovery::Announce,
+    (config, role): (&crate::config::Config, crate::roles::ShopRole),
+    metrics: &crate::telemetry::Metrics,
     grpc_service: &str,
     listener: tokio::net::TcpListener,
     add: impl FnOnce(tonic::service::Routes) -> tonic::service::Routes,
     shutdown: crate::shutdown::Shutdown,
 ) -> anyhow::Result<()> {
-    let server = crate::server::Server::new(shutdown.clone(), connections).await?;
+    let section = role.config(config);
+    let mut server = crate::server::Server::new(shutdown.clone(), &config.connections).await?;
+    server.measure(metrics, section.metrics_listen);
     let routes = add(server.routes(&[grpc_service]));
-    crate::discovery::serve(&server, routes, listener, announce, discovery, shutdown).await
+    let announce = section.announce(role.service());
+    crate::discovery::serve(
+        &server,
+        routes,
+        listener,
+        announce,
+        &config.discovery,
+        shutdown,
+    )
+    .await
 }

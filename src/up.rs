@@ -167,7 +167,11 @@ impl Stack {
                 Ok(listener) => listener,
                 Err(err) => return Err(stack.stop(Err(err)).await.unwrap_err()),
             };
-            let registry = Spawned::registry(&config.registry, &config.connections, listener)?;
+            let registry = Spawned::registry(
+                &config.registry,
+                (&config.connections, &config.telemetry),
+                listener,
+            )?;
             // Port 0 (tests, benches) stays 0: each node gets its own.
             if next_port != 0 {
                 next_port = registry.addr.port().saturating_add(1);

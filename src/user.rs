@@ -8,7 +8,8 @@ use tonic::{Request, Response, Status};
 
 use crate::pb::shop as pb;
 use crate::pb::shop::user_service_server::{UserService, UserServiceServer};
-use crate::shop::{self, USER_SERVICE};
+use crate::roles::ShopRole;
+use crate::shop;
 use crate::shutdown::Shutdown;
 pub use store::{User, Users};
 
@@ -19,7 +20,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let db = shop::db::open::<store::Migrator>(&config.user, "user").await?;
+    let metrics = config.telemetry.metrics();
+    let mut db = shop::db::open::<store::Migrator>(&config.user, "user").await?;
+    shop::metrics::measure_database(&mut db, &metrics);
     let users = Users::new(db);
     if config.user.seed_data {
         users
@@ -29,9 +32,8 @@ pub async fn run(
     }
     let service = UserServiceServer::new(UserGrpc { users });
     shop::serve(
-        &config.discovery,
-        &config.connections,
-        config.user.announce(USER_SERVICE),
+        (config, ShopRole::User),
+        &metrics,
         <UserServiceServer<UserGrpc> as tonic::server::NamedService>::NAME,
         listener,
         |routes| routes.add_service(service),

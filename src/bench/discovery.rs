@@ -68,7 +68,11 @@ impl DiscoveryBench {
         // What is measured is the balanced channel, not the credentials.
         registry_config.auth.enabled = false;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let registry_role = Spawned::registry(&registry_config, &Default::default(), listener)?;
+        let registry_role = Spawned::registry(
+            &registry_config,
+            (&Default::default(), &Default::default()),
+            listener,
+        )?;
         let registry = registry_role.addr;
 
         let targets = (0..3)

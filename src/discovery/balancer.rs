@@ -29,7 +29,10 @@ use tonic::transport::Channel;
 use tower::Service;
 use tower::retry::budget::{Budget, TpsBudget};
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::endpoint::{EjectionPolicy, Endpoint};
+use super::metrics::{ChannelMetrics, DiscoveryMetrics};
 use super::resolver::{Change, EndpointInfo};
 use crate::server::Connections;
 
@@ -66,6 +69,8 @@ pub struct BalanceConfig {
     /// How instances are called over TLS, read from `connections.tls`
     /// once; None: plaintext.
     pub tls: Option<crate::server::Dialer>,
+    /// Where calls are counted, when the caller's metrics are on.
+    pub metrics: Option<DiscoveryMetrics>,
 }
 
 type Endpoints = Option<Arc<Vec<Arc<Endpoint>>>>;
@@ -84,6 +89,7 @@ struct Shared {
     refused: watch::Receiver<Option<String>>,
     budget: TpsBudget,
     config: BalanceConfig,
+    metrics: Option<ChannelMetrics>,
     _stop: DropGuard,
 }
 
@@ -122,6 +128,7 @@ impl BalancedChannel {
                 endpoints: rx,
                 refused,
                 budget: retry_budget(config.retry_percent),
+                metrics: config.metrics.as_ref().map(|m| m.channel(service)),
                 config,
                 _stop: stop.drop_guard(),
             }),
@@ -138,6 +145,20 @@ impl BalancedChannel {
                 ready(&addrs)
             })
             .await;
+    }
+
+    /// Endpoints known at `now`: how many take calls, how many are
+    /// ejected.
+    pub fn census(&self, now: Instant) -> (usize, usize) {
+        let current = self.shared.endpoints.borrow().clone();
+        let list = current.iter().flat_map(|list| list.iter());
+        list.fold((0, 0), |(active, ejected), e| {
+            if e.is_available(now) {
+                (active + 1, ejected)
+            } else {
+                (active, ejected + 1)
+            }
+        })
     }
 
     /// The endpoints calls may go to now, with their weights.
@@ -224,11 +245,40 @@ impl Service<http::Request<Body>> for BalancedChannel {
 }
 
 impl Shared {
+    /// Routes one call, counting it when metrics are on.
     async fn dispatch(
         &self,
         request: http::Request<Body>,
     ) -> Result<http::Response<Body>, BoxError> {
+        let Some(metrics) = &self.metrics else {
+            return self.route(request, None).await;
+        };
+        metrics.calls.inc();
+        let call = metrics.rpc.begin(request.uri().path());
+        let response = self.route(request, Some(metrics)).await?;
+        Ok(call.answered(response).map(Body::new))
+    }
+
+    async fn route(
+        &self,
+        request: http::Request<Body>,
+        metrics: Option<&ChannelMetrics>,
+    ) -> Result<http::Response<Body>, BoxError> {
+        let started = Instant::now();
+        let count = |counter: fn(&ChannelMetrics) -> &Counter| {
+            if let Some(metrics) = metrics {
+                counter(metrics).inc();
+            }
+        };
+        let picked = |list: &[Arc<Endpoint>]| {
+            let first = pick(list, None, &mut rand::rng());
+            if let Some(metrics) = metrics {
+                metrics.picked(started);
+            }
+            first
+        };
         let Some(list) = self.resolved().await else {
+            count(|m| &m.no_endpoint);
             let message = match self.refused.borrow().as_deref() {
                 Some(why) => format!(
                     "no instance of {} is known: the registry refused to say: {why}",
@@ -241,7 +291,8 @@ impl Shared {
             };
             return Ok(tonic::Status::unavailable(message).into_http());
         };
-        let Some(first) = pick(&list, None, &mut rand::rng()) else {
+        let Some(first) = picked(&list) else {
+            count(|m| &m.no_endpoint);
             return Ok(tonic::Status::unavailable(format!(
                 "no healthy instance of {}",
                 self.service
@@ -255,17 +306,25 @@ impl Shared {
         } else {
             (request, None)
         };
-        let failure = match self.call_endpoint(&first, request).await {
+        let failure = match self.call_endpoint(&first, request, metrics).await {
             Ok(answer) => return Ok(answer),
             Err(failure) => failure,
         };
-        let second = spare
-            .filter(|_| self.budget.withdraw())
-            .and_then(|spare| Some((pick(&list, Some(first.addr), &mut rand::rng())?, spare)));
+        let Some(spare) = spare else {
+            return Ok(failure);
+        };
+        if !self.budget.withdraw() {
+            count(|m| &m.retries_refused);
+            return Ok(failure);
+        }
+        let second = pick(&list, Some(first.addr), &mut rand::rng());
         match second {
-            Some((endpoint, spare)) => {
+            Some(endpoint) => {
+                count(|m| &m.retries);
                 tracing::debug!(service = %self.service, from = %first.addr, to = %endpoint.addr, "retrying on another endpoint");
-                self.call_endpoint(&endpoint, spare).await.or_else(Ok)
+                self.call_endpoint(&endpoint, spare, metrics)
+                    .await
+                    .or_else(Ok)
             }
             None => Ok(failure),
         }
@@ -295,6 +354,7 @@ impl Shared {
         &self,
         endpoint: &Endpoint,
         request: http::Request<Body>,
+        metrics: Option<&ChannelMetrics>,
     ) -> Result<http::Response<Body>, http::Response<Body>> {
         let mut channel = endpoint.channel.clone();
         let result = {
@@ -312,7 +372,13 @@ impl Shared {
             Ok(unavailable) => unavailable,
             Err(err) => self.transport_status(endpoint, &err).into_http(),
         };
-        endpoint.record(false, &self.config.ejection);
+        let ejected = endpoint.record(false, &self.config.ejection);
+        if let Some(metrics) = metrics {
+            metrics.failed_attempts.inc();
+            if ejected {
+                metrics.ejections.inc();
+            }
+        }
         Err(failure)
     }
 

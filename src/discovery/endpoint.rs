@@ -125,18 +125,22 @@ impl Endpoint {
     }
 
     /// Records a call's outcome under `policy`; logs an ejection when a failure
-    /// causes one.
-    pub fn record(&self, ok: bool, policy: &EjectionPolicy) {
+    /// causes one, and answers whether it did.
+    pub fn record(&self, ok: bool, policy: &EjectionPolicy) -> bool {
         let mut outlier = self.outlier.lock();
         if ok {
             outlier.record_success();
-        } else if let Some(until) = outlier.record_failure(policy, Instant::now()) {
-            tracing::warn!(
-                endpoint = %self.addr,
-                for_ms = (until - Instant::now()).as_millis() as u64,
-                "ejecting an endpoint after repeated failures"
-            );
+            return false;
         }
+        let Some(until) = outlier.record_failure(policy, Instant::now()) else {
+            return false;
+        };
+        tracing::warn!(
+            endpoint = %self.addr,
+            for_ms = (until - Instant::now()).as_millis() as u64,
+            "ejecting an endpoint after repeated failures"
+        );
+        true
     }
 }
 

@@ -16,6 +16,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+
+use super::metrics::WatchMetrics;
 use tokio::time::Instant;
 
 use super::connector::Connector;
@@ -64,14 +66,16 @@ pub fn resolve(
     target: Target,
     stale_grace: Duration,
     shutdown: Shutdown,
+    metrics: WatchMetrics,
 ) -> mpsc::Receiver<Change> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let mut state = State::default();
         tokio::select! {
-            _ = run(&connector, &target, stale_grace, &shutdown, &tx, &mut state) => {}
+            _ = run(&connector, &target, stale_grace, (&shutdown, &metrics), &tx, &mut state) => {}
             _ = tx.closed() => {}
         }
+        metrics.closed();
     });
     rx
 }
@@ -90,7 +94,7 @@ async fn run(
     connector: &Connector,
     target: &Target,
     stale_grace: Duration,
-    shutdown: &Shutdown,
+    (shutdown, metrics): (&Shutdown, &WatchMetrics),
     tx: &mpsc::Sender<Change>,
     state: &mut State,
 ) {
@@ -113,7 +117,9 @@ async fn run(
         match client.watch(request).await {
             Ok(stream) => {
                 backoff = connector.backoff();
+                metrics.opened();
                 follow(stream.into_inner(), stale_grace, shutdown, tx, state).await;
+                metrics.closed();
             }
             Err(status) => {
                 if matches!(

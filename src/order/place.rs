@@ -16,6 +16,7 @@ use super::peers::{Deduction, Products, User, Users};
 use super::store::{Asked, Claim, Item, Order, Orders};
 use crate::shop::Error;
 use crate::shop::ids::IdGenerator;
+use crate::shop::metrics::OrderMetrics;
 
 /// Attempts one call may move through when the product service answers
 /// that an attempt's key was closed by an earlier compensation.
@@ -43,6 +44,8 @@ pub struct Placer<U, P> {
     pub users: U,
     /// Where the price comes from and the stock is deducted.
     pub products: P,
+    /// What it counts.
+    pub metrics: OrderMetrics,
 }
 
 impl<U: Users, P: Products> Placer<U, P> {
@@ -196,13 +199,15 @@ impl<U: Users, P: Products> Placer<U, P> {
     /// True when it is settled; when not (a service or the database is
     /// away), the request stays unsettled and the sweeper finishes it.
     pub async fn compensate(&self, request_id: &str, attempt: i32) -> bool {
-        match self.settle(request_id, attempt).await {
+        let settled = match self.settle(request_id, attempt).await {
             Ok(()) => true,
             Err(err) => {
                 tracing::warn!(%err, request_id, attempt, "cannot restore a deduction yet; it is retried");
                 false
             }
-        }
+        };
+        self.metrics.compensated(settled);
+        settled
     }
 
     async fn settle(&self, request_id: &str, attempt: i32) -> Result<(), Error> {
@@ -241,6 +246,10 @@ impl<U: Users, P: Products> Placer<U, P> {
                     }
                 }
                 Err(err) => tracing::warn!(%err, "cannot look for unsettled order requests"),
+            }
+            match self.orders.count_unsettled().await {
+                Ok(count) => self.metrics.unsettled(count),
+                Err(err) => tracing::debug!(%err, "cannot count unsettled order requests"),
             }
         }
     }

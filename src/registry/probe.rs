@@ -73,6 +73,7 @@ pub(super) async fn run(
         let Some(registry) = registry.upgrade() else {
             return;
         };
+        registry.counters().probed(healthy);
         registry.probed(&key, &addr, healthy).await;
     }
 }

@@ -95,6 +95,19 @@ struct Inner {
     probe_tls: Option<crate::server::Dialer>,
     /// The console's sessions: credentials too, held by this node alone.
     sessions: Sessions,
+    /// What it counts for its metrics.
+    counters: super::metrics::Counters,
+}
+
+/// What one namespace holds, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NamespaceCount {
+    /// Services in it.
+    pub services: usize,
+    /// Instances in it, healthy or not.
+    pub instances: usize,
+    /// Of those, the healthy ones.
+    pub healthy: usize,
 }
 
 /// Counts for tests, metrics and the benchmark.
@@ -189,6 +202,7 @@ impl Registry {
             election: OnceLock::new(),
             announced: OnceLock::new(),
             closed: CancellationToken::new(),
+            counters: Default::default(),
             signer,
             probe_tls,
             sessions: Sessions::new(
@@ -310,6 +324,23 @@ impl Registry {
             nodes,
             etcd,
         }
+    }
+
+    /// What each namespace holds now, by name.
+    pub fn census(&self) -> std::collections::BTreeMap<Arc<str>, NamespaceCount> {
+        let state = self.inner.state.lock();
+        let mut census = std::collections::BTreeMap::<Arc<str>, NamespaceCount>::new();
+        for service in state.services.values() {
+            let count = census.entry(service.key.namespace.clone()).or_default();
+            count.services += 1;
+            count.instances += service.instances.len();
+            count.healthy += service.healthy;
+        }
+        census
+    }
+
+    pub(super) fn counters(&self) -> &super::metrics::Counters {
+        &self.inner.counters
     }
 
     /// Counts of what the registry holds now.

@@ -242,14 +242,19 @@ impl WatchStream {
         permit: Permit,
     ) -> WatchStream {
         let (replay, snapshot) = match start {
-            Start::Snapshot { reset } => (
-                VecDeque::new(),
-                Some(Snapshotting {
-                    revision,
-                    reset,
-                    after: None,
-                }),
-            ),
+            Start::Snapshot { reset } => {
+                if reset {
+                    registry.counters().reset_sent();
+                }
+                (
+                    VecDeque::new(),
+                    Some(Snapshotting {
+                        revision,
+                        reset,
+                        after: None,
+                    }),
+                )
+            }
             Start::Replay(events) => (events.into(), None),
         };
         WatchStream {
@@ -270,6 +275,7 @@ impl WatchStream {
     fn resync(&mut self) {
         let ((subscription, inbox), revision) =
             self.registry.resubscribe(&self.selector, &self.who);
+        self.registry.counters().reset_sent();
         self.registry.unsubscribe(&self.selector, self.subscription);
         self.subscription = subscription;
         self.inbox = inbox;

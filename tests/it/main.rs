@@ -91,7 +91,12 @@ impl TestRegistry {
     /// A registry on a given address: a restart on the same port.
     pub async fn start_at(config: registry::Config, addr: SocketAddr) -> TestRegistry {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let role = Spawned::registry(&config, &Connections::default(), listener).unwrap();
+        let role = Spawned::registry(
+            &config,
+            (&Connections::default(), &Default::default()),
+            listener,
+        )
+        .unwrap();
         TestRegistry {
             addr: role.addr,
             config,

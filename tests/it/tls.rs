@@ -41,7 +41,7 @@ async fn tls_registry_on(made: &Made, bind: &str) -> Option<(Spawned, tempfile::
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind(bind).await.ok()?;
-    let role = Spawned::registry(&config, &connections, listener).unwrap();
+    let role = Spawned::registry(&config, (&connections, &Default::default()), listener).unwrap();
     Some((role, dir))
 }
 

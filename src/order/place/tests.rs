@@ -201,6 +201,7 @@ async fn shop() -> Shop {
             ids,
             users: users.clone(),
             products: products.clone(),
+            metrics: Default::default(),
         },
         users,
         products,

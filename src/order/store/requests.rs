@@ -260,6 +260,16 @@ impl Orders {
         .map(drop)
     }
 
+    /// How many requests are neither placed nor undone: being placed, or
+    /// having their deduction restored.
+    pub async fn count_unsettled(&self) -> Result<u64, Error> {
+        request::Entity::find()
+            .filter(request::Column::State.is_in([State::Pending, State::Compensating]))
+            .count(&self.db)
+            .await
+            .map_err(|err| Error::storage("counting unsettled orders", err))
+    }
+
     /// Requests left compensating, or pending since before `stale`: their
     /// callers died or gave up.
     pub async fn unsettled(

@@ -265,10 +265,14 @@ impl State {
             let delete_at = last_seen + u64::from(current.timings.delete_timeout_ms);
             if now >= delete_at {
                 self.remove(&current.service, &current.addr);
+                inner.counters.removed();
                 continue;
             }
             let healthy = !orphaned && now < unhealthy_at;
             let current = if healthy != current.healthy {
+                if !healthy {
+                    inner.counters.went_unhealthy();
+                }
                 let changed = Arc::new(Instance {
                     healthy,
                     ..(*current).clone()

@@ -226,11 +226,19 @@ pub(super) async fn supervise(
 }
 
 /// A registry that probes hold without keeping it alive.
+#[derive(Debug)]
 pub(in crate::registry) struct WeakRegistry(Weak<Inner>);
 
 impl From<Weak<Inner>> for WeakRegistry {
     fn from(weak: Weak<Inner>) -> Self {
         WeakRegistry(weak)
+    }
+}
+
+impl Registry {
+    /// A handle that does not keep the registry alive.
+    pub(in crate::registry) fn downgrade(&self) -> WeakRegistry {
+        WeakRegistry(Arc::downgrade(&self.inner))
     }
 }
 
