@@ -222,7 +222,14 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(cli.role, config))
+    runtime.block_on(async {
+        let tracing = crate::telemetry::start_tracing(&config.telemetry)?;
+        let ran = run(cli.role, config).await;
+        if let Some(tracing) = tracing {
+            tracing.finish().await;
+        }
+        ran
+    })
 }
 
 async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {

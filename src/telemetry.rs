@@ -7,9 +7,13 @@
 mod metrics;
 mod process;
 pub mod rpc;
+pub mod trace;
 
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogConfig, LogFormat};
 
@@ -22,11 +26,17 @@ pub struct Config {
     /// Every role serves Prometheus metrics at `/metrics` (on its own
     /// port, or its section's `metrics_listen`) and counts its calls.
     pub metrics: bool,
+    /// The OTLP/gRPC collector traces are sent to
+    /// (`http://collector:4317`); empty: no tracing.
+    pub otlp_endpoint: String,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { metrics: true }
+        Self {
+            metrics: true,
+            otlp_endpoint: String::new(),
+        }
     }
 }
 
@@ -37,17 +47,32 @@ impl Config {
     }
 }
 
-/// Installs the global subscriber. Safe to call more than once (tests):
-/// later calls leave the first subscriber in place.
+/// Installs the global subscriber: log lines as `config` says, and the
+/// layer traces go through (see [`trace`]), each with a filter of its
+/// own, so the log level never decides what is traced. Safe to call more
+/// than once (tests): later calls leave the first subscriber in place.
 pub fn init(config: &LogConfig) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    let _ = match config.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let lines: Box<dyn Layer<Registry> + Send + Sync> = match config.format {
+        LogFormat::Text => lines.with_filter(filter).boxed(),
+        LogFormat::Json => lines.json().with_filter(filter).boxed(),
     };
+    let spans = Targets::new().with_target("shop_mesh", tracing::Level::INFO);
+    let _ = tracing_subscriber::registry()
+        .with(lines)
+        .with(trace::layer().with_filter(spans))
+        .try_init();
+}
+
+/// Starts exporting traces when `config` names a collector; the answer
+/// stops it when dropped. Called within the runtime, after [`init`].
+pub fn start_tracing(config: &Config) -> anyhow::Result<Option<trace::Exporting>> {
+    if config.otlp_endpoint.is_empty() {
+        return Ok(None);
+    }
+    trace::export(&config.otlp_endpoint).map(Some)
 }

@@ -28,6 +28,7 @@ use tonic::body::Body;
 use tonic::transport::Channel;
 use tower::Service;
 use tower::retry::budget::{Budget, TpsBudget};
+use tracing::Instrument;
 
 use prometheus_client::metrics::counter::Counter;
 
@@ -35,6 +36,7 @@ use super::endpoint::{EjectionPolicy, Endpoint};
 use super::metrics::{ChannelMetrics, DiscoveryMetrics};
 use super::resolver::{Change, EndpointInfo};
 use crate::server::Connections;
+use crate::telemetry::trace;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -238,9 +240,12 @@ impl Service<http::Request<Body>> for BalancedChannel {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let shared = self.shared.clone();
-        Box::pin(async move { shared.dispatch(request).await })
+        match trace::client_span(&mut request, &shared.service) {
+            None => Box::pin(async move { shared.dispatch(request).await }),
+            Some(span) => Box::pin(async move { shared.dispatch(request).await }.instrument(span)),
+        }
     }
 }
 
@@ -306,7 +311,7 @@ impl Shared {
         } else {
             (request, None)
         };
-        let failure = match self.call_endpoint(&first, request, metrics).await {
+        let failure = match self.call_endpoint(&first, request, (1, metrics)).await {
             Ok(answer) => return Ok(answer),
             Err(failure) => failure,
         };
@@ -322,7 +327,7 @@ impl Shared {
             Some(endpoint) => {
                 count(|m| &m.retries);
                 tracing::debug!(service = %self.service, from = %first.addr, to = %endpoint.addr, "retrying on another endpoint");
-                self.call_endpoint(&endpoint, spare, metrics)
+                self.call_endpoint(&endpoint, spare, (2, metrics))
                     .await
                     .or_else(Ok)
             }
@@ -354,15 +359,19 @@ impl Shared {
         &self,
         endpoint: &Endpoint,
         request: http::Request<Body>,
-        metrics: Option<&ChannelMetrics>,
+        (attempt, metrics): (u32, Option<&ChannelMetrics>),
     ) -> Result<http::Response<Body>, http::Response<Body>> {
         let mut channel = endpoint.channel.clone();
-        let result = {
+        let call = async {
             let _counted = endpoint.start_call();
             match tower::ServiceExt::ready(&mut channel).await {
                 Ok(channel) => channel.call(request).await,
                 Err(err) => Err(err),
             }
+        };
+        let result = match trace::attempt_span(endpoint.addr, attempt) {
+            None => call.await,
+            Some(span) => call.instrument(span).await,
         };
         let failure = match result {
             Ok(response) if grpc_code(&response) != Some(tonic::Code::Unavailable) => {

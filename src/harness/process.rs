@@ -99,10 +99,16 @@ impl Process {
     /// The fields of the first log line whose message is `message`,
     /// waiting for it.
     pub async fn logged(&mut self, message: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(self.log_line(message).await?["fields"].take())
+    }
+
+    /// The whole first log line whose message is `message` (its fields,
+    /// its target, the spans it was logged in), waiting for it.
+    pub async fn log_line(&mut self, message: &str) -> anyhow::Result<serde_json::Value> {
         let found = |log: &[serde_json::Value]| {
             log.iter()
                 .find(|line| line["fields"]["message"] == message)
-                .map(|line| line["fields"].clone())
+                .cloned()
         };
         self.until(&format!("log {message:?}"), |p| found(&p.log.lock()))
             .await

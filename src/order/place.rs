@@ -168,7 +168,20 @@ impl<U: Users, P: Products> Placer<U, P> {
             }
         };
         match self.orders.place(attempt, &order).await {
-            Ok(true) => Ok(order),
+            Ok(true) => {
+                // Inside the call's span: with tracing on, the line
+                // carries the order's trace id.
+                tracing::debug!(
+                    order_id = order.id,
+                    user_id = order.user_id,
+                    product_id = asked.product_id,
+                    count = asked.count,
+                    total = %order.total_price,
+                    request_id,
+                    "order placed"
+                );
+                Ok(order)
+            }
             Ok(false) => Err(Error::Aborted(format!(
                 "request_id {request_id} took too long and was undone; retry with the same request_id"
             ))),

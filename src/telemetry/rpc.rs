@@ -28,6 +28,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use prost::Message;
 use tokio::time::Instant;
+use tracing::{Instrument, Span};
 
 use super::metrics::{Metrics, latency_buckets};
 
@@ -378,18 +379,21 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let counted = match &self.metrics {
-            Some(metrics) if is_grpc(&request) => metrics.begin(request.uri().path()),
-            _ => {
-                let plain: fn(_) -> _ =
-                    |answer: Answer<ResBody, S::Error>| Ok(answer?.map(MaybeObserved::Plain));
-                return Either::Left(self.inner.call(request).map(plain));
-            }
-        };
-        let answer = self.inner.call(request);
+        if !is_grpc(&request) || (self.metrics.is_none() && !super::trace::enabled()) {
+            let plain: fn(_) -> _ =
+                |answer: Answer<ResBody, S::Error>| Ok(answer?.map(MaybeObserved::Plain));
+            return Either::Left(self.inner.call(request).map(plain));
+        }
+        let path = request.uri().path();
+        let counted = self.metrics.as_ref().map(|metrics| metrics.begin(path));
+        let span = super::trace::server_span(&request, &method(path)).unwrap_or_else(Span::none);
+        let answer = span.in_scope(|| self.inner.call(request));
         Either::Right(Box::pin(async move {
-            let response = answer.await?;
-            Ok(counted.answered(response).map(MaybeObserved::Counted))
+            let response = answer.instrument(span).await?;
+            Ok(match counted {
+                Some(call) => call.answered(response).map(MaybeObserved::Counted),
+                None => response.map(MaybeObserved::Plain),
+            })
         }))
     }
 }

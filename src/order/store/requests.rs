@@ -17,6 +17,8 @@ use super::request::State;
 use super::{Order, Orders, item, order, request};
 use crate::shop::Error;
 use crate::shop::db::{begin_write, is_unique_violation};
+use crate::telemetry::trace;
+use tracing::Instrument;
 
 /// What an order request asks for; a retry must ask for the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +63,12 @@ impl Orders {
     /// Takes `request_id` for this call: new, or a retry after a failed
     /// attempt.
     pub async fn claim(&self, request_id: &str, asked: Asked) -> Result<Claim, Error> {
+        self.claim_request(request_id, asked)
+            .instrument(trace::transaction_span("orders.claim"))
+            .await
+    }
+
+    async fn claim_request(&self, request_id: &str, asked: Asked) -> Result<Claim, Error> {
         let storage = |err| Error::storage("recording the order request", err);
         let inserted = request::Entity::insert(request::ActiveModel {
             request_id: Set(request_id.to_owned()),
@@ -178,6 +186,12 @@ impl Orders {
     /// transaction; Ok(false) when the request is no longer this call's
     /// (the sweeper took it for dead), and nothing is written.
     pub async fn place(&self, attempt: i32, order: &Order) -> Result<bool, DbErr> {
+        self.write_order(attempt, order)
+            .instrument(trace::transaction_span("orders.place"))
+            .await
+    }
+
+    async fn write_order(&self, attempt: i32, order: &Order) -> Result<bool, DbErr> {
         let txn = begin_write(&self.db).await?;
         let done = request::Entity::update_many()
             .col_expr(request::Column::State, Expr::value(State::Done))

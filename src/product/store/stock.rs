@@ -8,12 +8,25 @@ use sea_orm::{ActiveValue::Set, DatabaseTransaction};
 use super::{Deducted, Products, Restored, deduction, not_found, product};
 use crate::shop::Error;
 use crate::shop::db::{begin_write, is_unique_violation};
+use crate::telemetry::trace;
+use tracing::Instrument;
 
 impl Products {
     /// Takes `count` of `product_id` for `request_id`, once: the record of
     /// the request and one conditional update of the stock commit
     /// together, and the update only matches while enough is left.
     pub async fn deduct(
+        &self,
+        request_id: &str,
+        product_id: i64,
+        count: i32,
+    ) -> Result<Deducted, Error> {
+        self.deduct_once(request_id, product_id, count)
+            .instrument(trace::transaction_span("products.deduct"))
+            .await
+    }
+
+    async fn deduct_once(
         &self,
         request_id: &str,
         product_id: i64,
@@ -95,6 +108,12 @@ impl Products {
     /// closed (recorded as restored, nothing taken), so a DeductStock that
     /// arrives after its own compensation takes nothing.
     pub async fn restore(&self, request_id: &str) -> Result<Restored, Error> {
+        self.restore_once(request_id)
+            .instrument(trace::transaction_span("products.restore"))
+            .await
+    }
+
+    async fn restore_once(&self, request_id: &str) -> Result<Restored, Error> {
         let storage = |err| Error::storage("restoring stock", err);
         let txn = begin_write(&self.db).await.map_err(storage)?;
         let closed = record(&txn, request_id, 0, 0, deduction::State::Restored).await;
