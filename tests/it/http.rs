@@ -95,3 +95,20 @@ fn unchunk(mut rest: &str) -> String {
         rest = &after[size + 2..];
     }
 }
+
+/// The status of a bodiless request to `addr`, or `None` when the port
+/// does not answer it in HTTP/1.1 (an HTTP/2-only port closes on it).
+pub async fn try_send(addr: SocketAddr, method: &str, path: &str) -> Option<u16> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .strip_prefix("HTTP/1.1 ")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

@@ -17,6 +17,7 @@ mod grpcurl;
 mod http;
 mod http_api;
 mod inspect;
+mod metrics;
 mod nacos;
 mod persistence;
 mod properties;
@@ -26,6 +27,7 @@ mod registry_process;
 mod shop;
 mod soak;
 mod tls;
+mod traces;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -269,6 +269,16 @@ impl TestShop {
         self.roles.push((role, spawned));
     }
 
+    /// Where the first instance of `role` serves.
+    pub fn addr(&self, role: ShopRole) -> std::net::SocketAddr {
+        let (_, spawned) = self
+            .roles
+            .iter()
+            .find(|(running, _)| *running == role)
+            .expect("an instance of the role");
+        spawned.addr
+    }
+
     /// PlaceOrder and friends, through the registry like any caller.
     pub fn orders(&self) -> OrderServiceClient<BalancedChannel> {
         OrderServiceClient::new(self.mesh.channel(ORDER_SERVICE))
