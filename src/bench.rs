@@ -44,7 +44,7 @@ pub use watchers::WatchersBench;
 pub enum Bench {
     /// The registry: registrations/s, queries/s, watch delivery latency and
     /// resident memory.
-    Registry(RegistryBench),
+    Registry(RegistryCommand),
     /// Discovery and balancing: their cost per call beside a plain channel,
     /// and the time from an instance's death to its removal from callers.
     Discovery(DiscoveryBench),
@@ -66,6 +66,18 @@ pub enum Bench {
     /// Nacos's 1.x HTTP API: shop-mesh beside r-nacos under the same wrk
     /// scripts, registrations/s, list queries/s and memory per instance.
     Nacos(NacosBench),
+}
+
+/// `shop-mesh bench registry`: [`RegistryBench`]'s options, and
+/// `--telemetry` for the registry started here.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegistryCommand {
+    /// What to measure and how.
+    #[command(flatten)]
+    pub bench: RegistryBench,
+    /// The registry's telemetry, and rounds.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 /// `shop-mesh bench registry`: a registry's write, read and watch rates.
@@ -130,11 +142,303 @@ impl Security {
     }
 }
 
+/// `--telemetry` and `--rounds`: what the roles a bench starts count and
+/// export, and how often each is measured when several are compared.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TelemetryArgs {
+    /// Telemetry of the roles started here (the configuration's by
+    /// default: metrics on); several (off,metrics) measure each in turn,
+    /// in rounds, in one run, side by side.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub telemetry: Vec<TelemetryMode>,
+    /// Rounds when several --telemetry modes are given: each round
+    /// measures every mode once, the order turning round each time (ABBA),
+    /// and the table gives the median of the rounds.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
+/// What the roles a bench starts count and export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TelemetryMode {
+    /// Metrics off, tracing off: no /metrics, no calls counted.
+    Off,
+    /// Metrics on: every role counts its calls and serves /metrics.
+    Metrics,
+    /// Metrics on, and every call traced and exported over OTLP to a
+    /// collector in the bench's process (which counts the spans).
+    Tracing,
+}
+
+impl TelemetryMode {
+    /// As tables and lines name it.
+    fn name(self) -> &'static str {
+        match self {
+            TelemetryMode::Off => "off",
+            TelemetryMode::Metrics => "metrics on",
+            TelemetryMode::Tracing => "metrics + tracing",
+        }
+    }
+
+    /// Starts what the mode needs: for tracing, a collector.
+    async fn start(self) -> anyhow::Result<Telemetry> {
+        let collector = match self {
+            TelemetryMode::Tracing => Some(crate::harness::Collector::counting().await?),
+            TelemetryMode::Off | TelemetryMode::Metrics => None,
+        };
+        Ok(Telemetry {
+            mode: self,
+            collector,
+        })
+    }
+}
+
+/// One measurement's telemetry: its mode and, when tracing, the
+/// collector the spans go to (for as long as this lives).
+struct Telemetry {
+    mode: TelemetryMode,
+    collector: Option<crate::harness::Collector>,
+}
+
+impl Telemetry {
+    /// Sets a `[telemetry]` section as the mode says.
+    fn apply(&self, telemetry: &mut crate::telemetry::Config) {
+        telemetry.metrics = self.mode != TelemetryMode::Off;
+        telemetry.otlp_endpoint = self
+            .collector
+            .as_ref()
+            .map(crate::harness::Collector::endpoint)
+            .unwrap_or_default();
+    }
+
+    /// The `[telemetry]` section of [`Telemetry::apply`] as the
+    /// environment of a child process: a variable for each of its keys.
+    fn env(&self) -> Vec<(String, String)> {
+        let mut telemetry = crate::telemetry::Config::default();
+        self.apply(&mut telemetry);
+        let prefix = crate::config::ENV_PREFIX;
+        vec![
+            (
+                format!("{prefix}TELEMETRY__METRICS"),
+                telemetry.metrics.to_string(),
+            ),
+            (
+                format!("{prefix}TELEMETRY__OTLP_ENDPOINT"),
+                telemetry.otlp_endpoint,
+            ),
+        ]
+    }
+
+    /// Says how many spans the collector got, when there is one: proof
+    /// that tracing was on while measured.
+    fn report(&self) {
+        if let Some(collector) = &self.collector {
+            println!("    {} spans exported", collector.received());
+        }
+    }
+}
+
+impl TelemetryArgs {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.rounds == 0 {
+            bail!("--rounds must be at least 1");
+        }
+        for (i, mode) in self.telemetry.iter().enumerate() {
+            if self.telemetry[..i].contains(mode) {
+                bail!("--telemetry names {} twice", mode.name());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether several modes are compared, in rounds.
+    fn several(&self) -> bool {
+        self.telemetry.len() > 1
+    }
+
+    /// The one mode asked for, or none (as the configuration says).
+    fn single(&self) -> Option<TelemetryMode> {
+        self.telemetry.first().copied()
+    }
+
+    /// Each round's order of the modes: as given, then turned round, and
+    /// so on (ABBA).
+    fn order(&self, round: usize) -> Vec<TelemetryMode> {
+        let mut modes = self.telemetry.clone();
+        if round % 2 == 1 {
+            modes.reverse();
+        }
+        modes
+    }
+
+    /// Measures every mode `rounds` times, in [`TelemetryArgs::order`];
+    /// `measure(mode)` gives the figures of each of `calls`. Each mode's
+    /// figures, round by round.
+    async fn in_rounds<F, Fut>(&self, calls: &[&str], mut measure: F) -> anyhow::Result<Rounds>
+    where
+        F: FnMut(TelemetryMode) -> Fut,
+        Fut: Future<Output = anyhow::Result<Vec<CallFigures>>>,
+    {
+        let mut rounds: Rounds = self
+            .telemetry
+            .iter()
+            .map(|&mode| (mode, Vec::with_capacity(self.rounds)))
+            .collect();
+        for round in 0..self.rounds {
+            for mode in self.order(round) {
+                println!("  round {}/{}, {}:", round + 1, self.rounds, mode.name());
+                let figures = measure(mode).await?;
+                let line: Vec<String> = calls
+                    .iter()
+                    .zip(&figures)
+                    .map(|(call, f)| format!("{call} p50 {}", us(f.p50)))
+                    .collect();
+                println!("    {}", line.join(", "));
+                let (_, of_mode) = rounds
+                    .iter_mut()
+                    .find(|(m, _)| *m == mode)
+                    .expect("every mode has its rounds");
+                of_mode.push(figures);
+            }
+        }
+        Ok(rounds)
+    }
+}
+
+/// Per telemetry mode, its figures round by round: `rounds[r][c]` is
+/// call `c` in round `r`.
+type Rounds = Vec<(TelemetryMode, Vec<Vec<CallFigures>>)>;
+
+/// What one run measured of one kind of call: latency in µs, and calls a
+/// second and CPU time a call (µs, of the processes measured) where that
+/// means something.
+#[derive(Debug, Clone, Copy)]
+struct CallFigures {
+    p50: u64,
+    p99: u64,
+    rate: Option<f64>,
+    cpu: Option<f64>,
+}
+
+impl CallFigures {
+    fn of(latency: &Histogram<u64>, rate: Option<f64>) -> Self {
+        Self {
+            p50: latency.value_at_quantile(0.5),
+            p99: latency.value_at_quantile(0.99),
+            rate,
+            cpu: None,
+        }
+    }
+
+    /// With the CPU time a call took.
+    fn cpu(self, cpu: Option<f64>) -> Self {
+        Self { cpu, ..self }
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// The figures of several telemetry modes measured in rounds: a Markdown
+/// table of each mode's median p50, p99 and rate over the rounds, then
+/// each mode's median p50 over the base mode's (off when measured, else
+/// the first), with the ratio in each round.
+fn print_rounds(args: &TelemetryArgs, calls: &[&str], rounds: &Rounds) {
+    let order: Vec<String> = (0..args.rounds)
+        .map(|r| {
+            let modes: Vec<&str> = args.order(r).iter().map(|m| m.name()).collect();
+            modes.join(", ")
+        })
+        .collect();
+    println!();
+    println!(
+        "Median of {} rounds; order in each round: {}.",
+        args.rounds,
+        order.join(" / ")
+    );
+    println!();
+    println!("| call | telemetry | p50 | p99 | calls/s | CPU a call |");
+    println!("|---|---|---|---|---|---|");
+    let of = |c: usize, runs: &[Vec<CallFigures>], value: &dyn Fn(&CallFigures) -> f64| {
+        runs.iter()
+            .map(|round| value(&round[c]))
+            .collect::<Vec<f64>>()
+    };
+    for (c, call) in calls.iter().enumerate() {
+        for (mode, runs) in rounds {
+            let p50 = median(of(c, runs, &|f| f.p50 as f64));
+            let p99 = median(of(c, runs, &|f| f.p99 as f64));
+            let rate = if runs.iter().all(|round| round[c].rate.is_some()) {
+                format!(
+                    "{:.0}",
+                    median(of(c, runs, &|f| f.rate.unwrap_or_default()))
+                )
+            } else {
+                "–".into()
+            };
+            let cpu = if runs.iter().all(|round| round[c].cpu.is_some()) {
+                format!(
+                    "{:.1} µs",
+                    median(of(c, runs, &|f| f.cpu.unwrap_or_default()))
+                )
+            } else {
+                "–".into()
+            };
+            println!(
+                "| {call} | {} | {} | {} | {rate} | {cpu} |",
+                mode.name(),
+                us(p50.round() as u64),
+                us(p99.round() as u64)
+            );
+        }
+    }
+    let (base, base_runs) = rounds
+        .iter()
+        .find(|(mode, _)| *mode == TelemetryMode::Off)
+        .unwrap_or(&rounds[0]);
+    println!();
+    for (c, call) in calls.iter().enumerate() {
+        for (mode, runs) in rounds.iter().filter(|(mode, _)| mode != base) {
+            let ratio = median(of(c, runs, &|f| f.p50 as f64))
+                / median(of(c, base_runs, &|f| f.p50 as f64));
+            let each: Vec<String> = runs
+                .iter()
+                .zip(base_runs)
+                .map(|(on, off)| format!("{:.2}", on[c].p50 as f64 / off[c].p50.max(1) as f64))
+                .collect();
+            println!(
+                "{call}: {} ÷ {} at p50: {ratio:.2} (rounds: {})",
+                mode.name(),
+                base.name(),
+                each.join(", ")
+            );
+            let cpu = |runs: &[Vec<CallFigures>]| {
+                let each: Option<Vec<f64>> = runs.iter().map(|round| round[c].cpu).collect();
+                each.map(median)
+            };
+            if let (Some(on), Some(off)) = (cpu(runs), cpu(base_runs)) {
+                println!(
+                    "{call}: {} ÷ {} in CPU a call: {:.2}",
+                    mode.name(),
+                    base.name(),
+                    on / off
+                );
+            }
+        }
+    }
+}
+
 impl Bench {
     /// Runs the chosen benchmark and prints its table.
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
-            Bench::Registry(bench) => bench.run().await,
+            Bench::Registry(command) => command.bench.run(&command.telemetry).await,
             Bench::Discovery(bench) => bench.run().await,
             Bench::Orders(bench) => bench.run().await,
             Bench::Watchers(bench) => bench.run().await,
@@ -185,6 +489,16 @@ impl BenchRegistry {
         extra: &[String],
         security: Security,
     ) -> anyhow::Result<(BenchRegistry, SocketAddr)> {
+        Self::start_as(extra, security, None).await
+    }
+
+    /// [`BenchRegistry::start_guarded`], with the telemetry of `telemetry`
+    /// (none: as the configuration says).
+    async fn start_as(
+        extra: &[String],
+        security: Security,
+        telemetry: Option<&Telemetry>,
+    ) -> anyhow::Result<(BenchRegistry, SocketAddr)> {
         let data_dir = std::env::temp_dir().join(format!(
             "shop-mesh-bench-{}-{:08x}",
             std::process::id(),
@@ -197,7 +511,7 @@ impl BenchRegistry {
             .chain([registry_dir.display().to_string()])
             .chain(extra.iter().cloned())
             .collect();
-        let mut env: Vec<(String, String)> = Vec::new();
+        let mut env: Vec<(String, String)> = telemetry.map(Telemetry::env).unwrap_or_default();
         let mut access = Access::default();
         match security {
             Security::Off => {
@@ -260,8 +574,9 @@ struct Figures {
 
 impl RegistryBench {
     /// Measures, then prints a Markdown table for BENCHMARKS.md: one
-    /// column, or one for each `--security` asked for, in one run.
-    pub async fn run(self) -> anyhow::Result<()> {
+    /// column, or one for each `--security` asked for, in one run; or,
+    /// with several `--telemetry` modes, each mode's medians over rounds.
+    pub async fn run(self, telemetry: &TelemetryArgs) -> anyhow::Result<()> {
         if self.per_service == 0 || self.concurrency == 0 || self.connections == 0 {
             bail!("--per-service, --concurrency and --connections must be at least 1");
         }
@@ -273,6 +588,15 @@ impl RegistryBench {
             bail!(
                 "--registry measures the registry given as it is: leave out --security (tls, and several side by side, start their own)"
             );
+        }
+        telemetry.check()?;
+        if self.registry.is_some() && !telemetry.telemetry.is_empty() {
+            bail!(
+                "--registry measures the registry given as it is: leave out --telemetry (it sets the registry started here)"
+            );
+        }
+        if telemetry.several() && self.security.len() > 1 {
+            bail!("several --telemetry modes are measured with one --security");
         }
         println!(
             "shop-mesh registry bench: {} {} instances ({} per service), {} calls in flight over {} connections",
@@ -286,9 +610,26 @@ impl RegistryBench {
             self.concurrency,
             self.connections
         );
+        if telemetry.several() {
+            let (this, security) = (&self, self.security[0]);
+            let calls = ["registrations", "GetService queries", "watch delivery"];
+            let rounds = telemetry
+                .in_rounds(&calls, move |mode| async move {
+                    let f = this.measure(security, Some(mode)).await?;
+                    Ok(vec![
+                        CallFigures::of(&f.registrations.latency, Some(f.registrations.rate))
+                            .cpu(f.registration_cpu),
+                        CallFigures::of(&f.queries.latency, Some(f.queries.rate)).cpu(f.query_cpu),
+                        CallFigures::of(&f.watch, None),
+                    ])
+                })
+                .await?;
+            print_rounds(telemetry, &calls, &rounds);
+            return Ok(());
+        }
         let mut all = Vec::new();
         for security in self.security.clone() {
-            all.push((security, self.measure(security).await?));
+            all.push((security, self.measure(security, telemetry.single()).await?));
         }
         if let [(_, one)] = all.as_slice() {
             self.print(one);
@@ -298,9 +639,17 @@ impl RegistryBench {
         Ok(())
     }
 
-    /// One run against a registry guarded as `security` says (or the one
-    /// given).
-    async fn measure(&self, security: Security) -> anyhow::Result<Figures> {
+    /// One run against a registry guarded as `security` says, with the
+    /// telemetry of `telemetry` (or the one given).
+    async fn measure(
+        &self,
+        security: Security,
+        telemetry: Option<TelemetryMode>,
+    ) -> anyhow::Result<Figures> {
+        let telemetry = match telemetry {
+            Some(mode) => Some(mode.start().await?),
+            None => None,
+        };
         let (spawned, addr, access) = match self.registry {
             Some(addr) => {
                 let mut access = Access::default();
@@ -312,7 +661,8 @@ impl RegistryBench {
                 (None, addr, access)
             }
             None => {
-                let (spawned, addr) = BenchRegistry::start_guarded(&[], security).await?;
+                let (spawned, addr) =
+                    BenchRegistry::start_as(&[], security, telemetry.as_ref()).await?;
                 let access = spawned.access.clone();
                 (Some(spawned), addr, access)
             }
@@ -324,7 +674,14 @@ impl RegistryBench {
         // Idle: started, one client connected, nothing registered.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle_rss = spawned.as_ref().and_then(BenchRegistry::rss_bytes);
-        println!("  {} against {addr}", security.name());
+        match &telemetry {
+            Some(telemetry) => println!(
+                "  {}; telemetry {} against {addr}",
+                security.name(),
+                telemetry.mode.name()
+            ),
+            None => println!("  {} against {addr}", security.name()),
+        }
         let cpu = || spawned.as_ref().and_then(BenchRegistry::cpu_time);
         let cpu_before = cpu();
         let registrations = self.register_all(&clients).await?;
@@ -335,7 +692,13 @@ impl RegistryBench {
         let queries = self.query(&clients).await?;
         let query_cpu = cpu_per_call(cpu_before, cpu(), queries.calls);
         let watch = self.watch_latency(&clients).await?;
-        drop(spawned);
+        // Stopped with SIGTERM, the registry flushes its last spans.
+        if let Some(mut spawned) = spawned {
+            spawned.process.terminate().await?;
+        }
+        if let Some(telemetry) = &telemetry {
+            telemetry.report();
+        }
         Ok(Figures {
             registrations,
             queries,

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 
-use super::{histogram, us};
+use super::{CallFigures, TelemetryArgs, TelemetryMode, histogram, print_rounds, us};
 use crate::config::Config;
 use crate::discovery::{Mesh, retry_safe};
 use crate::order::store::order;
@@ -22,6 +22,7 @@ use crate::pb::shop::product_service_client::ProductServiceClient;
 use crate::product::store::product;
 use crate::shop::{ORDER_SERVICE, PRODUCT_SERVICE, db};
 use crate::shutdown::Shutdown;
+use crate::telemetry;
 use crate::up::Stack;
 
 /// The product the bench buys, and the stock it gives it first.
@@ -46,17 +47,114 @@ pub struct OrdersBench {
     /// User and product instances (one order instance).
     #[arg(long, default_value_t = 1)]
     pub replicas: u16,
+    /// The shop's telemetry, and rounds.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// What one run of the shop measured.
+struct Orders {
+    backend: String,
+    placed: Phase,
+    read: Phase,
+    /// Stock the product lost, and orders in the order table.
+    sold: i64,
+    stored: u64,
+}
+
+impl Orders {
+    /// What was sold is what the stock lost: nothing oversold, nothing
+    /// lost, under load.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.sold as u64 != self.stored {
+            bail!("the stock sold and the orders stored differ");
+        }
+        Ok(())
+    }
+
+    fn print(&self) {
+        let backend = &self.backend;
+        println!();
+        println!("| {backend} | result |");
+        println!("|---|---|");
+        println!("| PlaceOrder/s | {} |", self.placed.line());
+        println!("| GetProduct/s through discovery | {} |", self.read.line());
+        println!(
+            "| stock sold / orders stored / orders answered | {} / {} / {} |",
+            self.sold, self.stored, self.placed.ok
+        );
+    }
 }
 
 impl OrdersBench {
-    /// Measures, then prints a Markdown table.
+    /// Measures, then prints a Markdown table; with several `--telemetry`
+    /// modes, each mode's medians over rounds, a fresh shop each time.
     pub async fn run(self) -> anyhow::Result<()> {
         if self.concurrency == 0 || self.replicas == 0 {
             bail!("--concurrency and --replicas must be at least 1");
         }
-        let dir =
-            std::env::temp_dir().join(format!("shop-mesh-bench-orders-{}", std::process::id()));
+        self.telemetry.check()?;
+        println!(
+            "shop-mesh orders bench on {}: {} clients, {} user and product instances, {:?} a phase",
+            self.backend(),
+            self.concurrency,
+            self.replicas,
+            self.duration
+        );
+        if !self.telemetry.several() {
+            let orders = self.once(self.telemetry.single()).await?;
+            orders.print();
+            return orders.check();
+        }
+        if self.database_url.is_some() {
+            bail!(
+                "several --telemetry modes need a fresh database each round: leave out --database-url (SQLite in a temporary directory)"
+            );
+        }
+        let calls = ["PlaceOrder", "GetProduct through discovery"];
+        let this = &self;
+        let rounds = self
+            .telemetry
+            .in_rounds(&calls, move |mode| async move {
+                let orders = this.once(Some(mode)).await?;
+                orders.check()?;
+                let failed = orders.placed.failed.len() + orders.read.failed.len();
+                if failed > 0 {
+                    println!("    {failed} calls failed");
+                }
+                Ok(vec![orders.placed.figures(), orders.read.figures()])
+            })
+            .await?;
+        print_rounds(&self.telemetry, &calls, &rounds);
+        Ok(())
+    }
+
+    /// "sqlite", or the scheme of `--database-url`.
+    fn backend(&self) -> &str {
+        self.database_url
+            .as_deref()
+            .and_then(|url| url.split_once("://"))
+            .map_or("sqlite", |(scheme, _)| scheme)
+    }
+
+    /// One run on a shop started for it, in a fresh temporary directory,
+    /// with the telemetry of `telemetry` (none: the configuration's).
+    async fn once(&self, telemetry: Option<TelemetryMode>) -> anyhow::Result<Orders> {
+        let dir = std::env::temp_dir().join(format!(
+            "shop-mesh-bench-orders-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         let mut config = Config::default();
+        let telemetry = match telemetry {
+            Some(mode) => Some(mode.start().await?),
+            None => None,
+        };
+        if let Some(telemetry) = &telemetry {
+            telemetry.apply(&mut config.telemetry);
+        }
+        // The roles run in this process: its exporter is theirs.
+        let exporting = telemetry::start_tracing(&config.telemetry)?;
         config.registry.listen = "127.0.0.1:0".parse()?;
         config.registry.data_dir = dir.join("registry");
         for (role, service) in [
@@ -71,16 +169,17 @@ impl OrdersBench {
         let stack = Stack::start(&config, self.replicas, Shutdown::new()).await?;
         let result = self.measure(&config, &stack).await;
         let stopped = stack.stop(Ok(())).await;
+        if let Some(exporting) = exporting {
+            exporting.finish().await;
+        }
+        if let Some(telemetry) = &telemetry {
+            telemetry.report();
+        }
         let _ = std::fs::remove_dir_all(&dir);
-        result.and(stopped)
+        result.and_then(|orders| stopped.map(|()| orders))
     }
 
-    async fn measure(&self, config: &Config, stack: &Stack) -> anyhow::Result<()> {
-        let backend = self
-            .database_url
-            .as_deref()
-            .and_then(|url| url.split_once("://"))
-            .map_or("sqlite", |(scheme, _)| scheme);
+    async fn measure(&self, config: &Config, stack: &Stack) -> anyhow::Result<Orders> {
         let orders_db = db::connect(&db::url(&config.order, "order"), 2).await?;
         if order::Entity::find().count(&orders_db).await? > 0 {
             bail!("the order table is not empty: bench orders needs a scratch database");
@@ -96,10 +195,6 @@ impl OrdersBench {
         let orders = OrderServiceClient::new(mesh.channel(ORDER_SERVICE));
         let products = ProductServiceClient::new(mesh.channel(PRODUCT_SERVICE));
 
-        println!(
-            "shop-mesh orders bench on {backend}: {} clients, {} user and product instances, {:?} a phase",
-            self.concurrency, self.replicas, self.duration
-        );
         let placed = self
             .phase(move |task, n| {
                 let mut orders = orders.clone();
@@ -131,28 +226,18 @@ impl OrdersBench {
             })
             .await;
 
-        // What was sold is what the stock lost: nothing oversold, nothing
-        // lost, under load.
         let stock = product::Entity::find_by_id(PRODUCT)
             .one(&products_db)
             .await?
             .map_or(0, |p| p.stock);
         let stored = order::Entity::find().count(&orders_db).await?;
-        println!();
-        println!("| {backend} | result |");
-        println!("|---|---|");
-        println!("| PlaceOrder/s | {} |", placed.line());
-        println!("| GetProduct/s through discovery | {} |", read.line());
-        println!(
-            "| stock sold / orders stored / orders answered | {} / {} / {} |",
-            STOCK - stock,
+        Ok(Orders {
+            backend: self.backend().to_string(),
+            placed,
+            read,
+            sold: i64::from(STOCK - stock),
             stored,
-            placed.ok
-        );
-        if (STOCK - stock) as u64 != stored {
-            bail!("the stock sold and the orders stored differ");
-        }
-        Ok(())
+        })
     }
 
     /// Runs `call(task, n)` from `concurrency` tasks for `duration`.
@@ -163,6 +248,8 @@ impl OrdersBench {
     {
         let ok = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(Mutex::new(Vec::new()));
+        let cpu = || crate::harness::cpu_time(std::process::id());
+        let cpu_before = cpu();
         let started = Instant::now();
         let until = started + self.duration;
         let tasks: Vec<_> = (0..self.concurrency)
@@ -193,10 +280,12 @@ impl OrdersBench {
             }
         }
         let failed = std::mem::take(&mut *failed.lock());
+        let ok = ok.load(Ordering::Relaxed);
         Phase {
-            ok: ok.load(Ordering::Relaxed),
+            ok,
             failed,
             elapsed: started.elapsed(),
+            cpu: super::cpu_per_call(cpu_before, cpu(), ok),
             latency,
         }
     }
@@ -206,10 +295,21 @@ struct Phase {
     ok: usize,
     failed: Vec<tonic::Code>,
     elapsed: Duration,
+    /// CPU time a call, µs: of this process, where every role and the
+    /// clients run.
+    cpu: Option<f64>,
     latency: hdrhistogram::Histogram<u64>,
 }
 
 impl Phase {
+    fn figures(&self) -> CallFigures {
+        CallFigures::of(
+            &self.latency,
+            Some(self.ok as f64 / self.elapsed.as_secs_f64()),
+        )
+        .cpu(self.cpu)
+    }
+
     fn line(&self) -> String {
         format!(
             "{:.0} (p50 {}, p99 {}; {} failed{})",

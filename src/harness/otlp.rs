@@ -1,9 +1,11 @@
 //! An OTLP/gRPC trace collector in this process: it keeps every span sent
-//! to it, for the tests to read a trace back and for the benchmarks to
-//! measure tracing against a collector that answers at once.
+//! to it, for the tests to read a trace back; or counts them alone, for
+//! the benchmarks to measure tracing against a collector that answers at
+//! once and does not grow.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -32,18 +34,40 @@ pub struct CollectedSpan {
 /// A collector serving on a loopback port until dropped.
 pub struct Collector {
     addr: SocketAddr,
-    spans: Arc<Mutex<Vec<CollectedSpan>>>,
+    received: Arc<Received>,
     _stop: DropGuard,
 }
 
+/// What the collector was sent.
+#[derive(Default)]
+struct Received {
+    /// Whether spans are kept, or only counted.
+    keep: bool,
+    spans: Mutex<Vec<CollectedSpan>>,
+    count: AtomicU64,
+}
+
 impl Collector {
-    /// Serves on a free loopback port.
+    /// Serves on a free loopback port, keeping every span.
     pub async fn start() -> anyhow::Result<Collector> {
+        Self::serve(true).await
+    }
+
+    /// Serves on a free loopback port, counting spans and keeping none.
+    pub async fn counting() -> anyhow::Result<Collector> {
+        Self::serve(false).await
+    }
+
+    async fn serve(keep: bool) -> anyhow::Result<Collector> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let spans = Arc::new(Mutex::new(Vec::new()));
+        let received = Arc::new(Received {
+            keep,
+            ..Received::default()
+        });
         let stop = CancellationToken::new();
-        let service = TraceServiceServer::new(Keep(spans.clone()));
+        let service =
+            TraceServiceServer::new(Keep(received.clone())).max_decoding_message_size(64 << 20);
         let stopped = stop.clone();
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -55,7 +79,7 @@ impl Collector {
         );
         Ok(Collector {
             addr,
-            spans,
+            received,
             _stop: stop.drop_guard(),
         })
     }
@@ -65,13 +89,18 @@ impl Collector {
         format!("http://{}", self.addr)
     }
 
-    /// Every span received so far.
+    /// Every span received so far (none when it only counts).
     pub fn spans(&self) -> Vec<CollectedSpan> {
-        self.spans.lock().clone()
+        self.received.spans.lock().clone()
+    }
+
+    /// How many spans it has received.
+    pub fn received(&self) -> u64 {
+        self.received.count.load(Ordering::Relaxed)
     }
 }
 
-struct Keep(Arc<Mutex<Vec<CollectedSpan>>>);
+struct Keep(Arc<Received>);
 
 #[tonic::async_trait]
 impl TraceService for Keep {
@@ -84,15 +113,26 @@ impl TraceService for Keep {
             .resource_spans
             .into_iter()
             .flat_map(|resource| resource.scope_spans)
-            .flat_map(|scope| scope.spans)
+            .flat_map(|scope| scope.spans);
+        if !self.0.keep {
+            self.0
+                .count
+                .fetch_add(spans.count() as u64, Ordering::Relaxed);
+            return Ok(tonic::Response::new(ExportTraceServiceResponse::default()));
+        }
+        let spans: Vec<CollectedSpan> = spans
             .map(|span| CollectedSpan {
                 trace_id: hex(&span.trace_id),
                 span_id: hex(&span.span_id),
                 parent_span_id: hex(&span.parent_span_id),
                 name: span.name,
                 kind: span.kind,
-            });
-        self.0.lock().extend(spans);
+            })
+            .collect();
+        self.0
+            .count
+            .fetch_add(spans.len() as u64, Ordering::Relaxed);
+        self.0.spans.lock().extend(spans);
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::task::{Context, Poll};
 
 use futures::FutureExt;
@@ -48,27 +48,37 @@ struct Handled {
     code: &'static str,
 }
 
-const UNKNOWN: Method = Method {
-    service: "unknown",
-    method: "unknown",
-};
+/// Every method of the protos the mesh serves or calls: by path, the
+/// index of its labels in `list`, whose first entry is `unknown`.
+struct Methods {
+    by_path: HashMap<String, usize>,
+    list: Vec<Method>,
+}
 
-/// Every method of the protos the mesh serves or calls, by path.
-static METHODS: LazyLock<HashMap<String, Method>> = LazyLock::new(|| {
+static METHODS: LazyLock<Methods> = LazyLock::new(|| {
     let sets = [
         crate::pb::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ];
-    let mut methods = HashMap::new();
+    let mut methods = Methods {
+        by_path: HashMap::new(),
+        list: vec![Method {
+            service: "unknown",
+            method: "unknown",
+        }],
+    };
     let mut add = |service: &str, method: &str| {
         // Leaked once: a fixed, small set, labelled without a copy per call.
         let labels = Method {
             service: Box::leak(service.to_owned().into_boxed_str()),
             method: Box::leak(method.to_owned().into_boxed_str()),
         };
-        methods.insert(format!("/{service}/{method}"), labels);
+        methods
+            .by_path
+            .insert(format!("/{service}/{method}"), methods.list.len());
+        methods.list.push(labels);
     };
     for set in sets {
         let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
@@ -92,9 +102,15 @@ static METHODS: LazyLock<HashMap<String, Method>> = LazyLock::new(|| {
     methods
 });
 
+/// The index in `METHODS.list` of the method at `path`; 0, `unknown`, for
+/// any other path.
+fn index(path: &str) -> usize {
+    METHODS.by_path.get(path).copied().unwrap_or(0)
+}
+
 /// The labels of the method at `path`.
 pub fn method(path: &str) -> Method {
-    METHODS.get(path).cloned().unwrap_or(UNKNOWN)
+    METHODS.list[index(path)].clone()
 }
 
 /// Which end of the call is counted.
@@ -109,17 +125,63 @@ pub enum Side {
 /// Counters of calls on one side.
 #[derive(Clone, Debug)]
 pub struct RpcMetrics {
+    families: Families,
+    /// Each method's series, by its index in `METHODS.list`, taken from
+    /// the families on its first call: after that a call touches its
+    /// own counters and looks nothing up.
+    handles: Arc<[OnceLock<Arc<Handles>>]>,
+}
+
+#[derive(Clone, Debug)]
+struct Families {
     started: Family<Method, Counter>,
     handled: Family<Handled, Counter>,
     in_flight: Family<Method, Gauge>,
     seconds: Family<Method, Histogram>,
 }
 
+/// One method's series.
+#[derive(Debug)]
+struct Handles {
+    method: Method,
+    started: Counter,
+    in_flight: Gauge,
+    seconds: Histogram,
+    handled: Family<Handled, Counter>,
+    /// By code, as gRPC numbers them (0 to 16).
+    by_code: [OnceLock<Counter>; 17],
+}
+
+impl Handles {
+    fn of(families: &Families, method: Method) -> Handles {
+        Handles {
+            started: families.started.get_or_create(&method).clone(),
+            in_flight: families.in_flight.get_or_create(&method).clone(),
+            seconds: families.seconds.get_or_create(&method).clone(),
+            handled: families.handled.clone(),
+            by_code: Default::default(),
+            method,
+        }
+    }
+
+    fn handled(&self, code: tonic::Code) -> &Counter {
+        self.by_code[(code as usize).min(16)].get_or_init(|| {
+            self.handled
+                .get_or_create(&Handled {
+                    service: self.method.service,
+                    method: self.method.method,
+                    code: code_name(code),
+                })
+                .clone()
+        })
+    }
+}
+
 impl RpcMetrics {
     /// Registered with `metrics` under `grpc_server_` or `grpc_client_`;
     /// once per side ([`Metrics::calls`]).
     pub(super) fn new(metrics: &Metrics, side: Side) -> Self {
-        let this = Self {
+        let families = Families {
             started: Family::default(),
             handled: Family::default(),
             in_flight: Family::default(),
@@ -134,17 +196,17 @@ impl RpcMetrics {
             registry.register(
                 "started",
                 format!("gRPC calls {who}, counted as they start"),
-                this.started.clone(),
+                families.started.clone(),
             );
             registry.register(
                 "handled",
                 format!("gRPC calls {who} that ended, by status code"),
-                this.handled.clone(),
+                families.handled.clone(),
             );
             registry.register(
                 "in_flight",
                 format!("gRPC calls {who} that have not ended"),
-                this.in_flight.clone(),
+                families.in_flight.clone(),
             );
             registry.register_with_unit(
                 "handling",
@@ -152,22 +214,27 @@ impl RpcMetrics {
                     "Time from a call {who} to its response headers: the whole call when unary, the opening of a stream"
                 ),
                 Unit::Seconds,
-                this.seconds.clone(),
+                families.seconds.clone(),
             );
         });
-        this
+        Self {
+            families,
+            handles: (0..METHODS.list.len()).map(|_| OnceLock::new()).collect(),
+        }
     }
 
     /// Counts a call to `path` starting now; the returned guard ends it:
     /// give it the response when one comes ([`Call::answered`]); dropped
     /// without one, the call counts as UNAVAILABLE.
     pub fn begin(&self, path: &str) -> Call {
-        let method = method(path);
-        self.started.get_or_create(&method).inc();
-        self.in_flight.get_or_create(&method).inc();
+        let index = index(path);
+        let handles = self.handles[index]
+            .get_or_init(|| Arc::new(Handles::of(&self.families, METHODS.list[index].clone())))
+            .clone();
+        handles.started.inc();
+        handles.in_flight.inc();
         Call {
-            metrics: self.clone(),
-            method,
+            handles,
             started: Instant::now(),
             code: None,
             timed: false,
@@ -177,8 +244,7 @@ impl RpcMetrics {
 
 /// One call being counted: ends once, when dropped.
 pub struct Call {
-    metrics: RpcMetrics,
-    method: Method,
+    handles: Arc<Handles>,
     started: Instant,
     code: Option<tonic::Code>,
     timed: bool,
@@ -189,9 +255,8 @@ impl Call {
     /// trailers-only answer, the code.
     pub fn answered<B>(mut self, response: http::Response<B>) -> http::Response<Observed<B>> {
         self.timed = true;
-        self.metrics
+        self.handles
             .seconds
-            .get_or_create(&self.method)
             .observe(self.started.elapsed().as_secs_f64());
         if let Some(code) = response.headers().get("grpc-status") {
             self.code = Some(tonic::Code::from_bytes(code.as_bytes()));
@@ -209,15 +274,8 @@ impl Drop for Call {
             // No response at all: the transport failed.
             tonic::Code::Unavailable
         });
-        self.metrics.in_flight.get_or_create(&self.method).dec();
-        self.metrics
-            .handled
-            .get_or_create(&Handled {
-                service: self.method.service,
-                method: self.method.method,
-                code: code_name(code),
-            })
-            .inc();
+        self.handles.in_flight.dec();
+        self.handles.handled(code).inc();
     }
 }
 
@@ -412,7 +470,48 @@ mod tests {
         let health = method("/grpc.health.v1.Health/Check");
         assert_eq!(health.method, "Check");
         assert_eq!(method("/Request/request").service, "Request");
-        assert_eq!(method("/x.Evil/AnyName"), UNKNOWN);
-        assert_eq!(method("/shopmesh.shop.v1.OrderService/Nope"), UNKNOWN);
+        let unknown = Method {
+            service: "unknown",
+            method: "unknown",
+        };
+        assert_eq!(method("/x.Evil/AnyName"), unknown);
+        assert_eq!(method("/shopmesh.shop.v1.OrderService/Nope"), unknown);
+    }
+
+    #[test]
+    fn a_call_counts_once_by_its_code_however_it_ends() {
+        let metrics = Metrics::new(true);
+        let calls = metrics.calls(Side::Server);
+        let place = "/shopmesh.shop.v1.OrderService/PlaceOrder";
+        let refused = http::Response::builder()
+            .header("grpc-status", "5")
+            .body(())
+            .unwrap();
+        drop(calls.begin(place).answered(refused));
+        drop(calls.begin(place).answered(http::Response::new(())));
+        drop(calls.begin(place));
+        drop(calls.begin("/x.Evil/AnyName"));
+        let held = calls.begin(place);
+        let text = metrics.encode();
+        let labels = r#"service="shopmesh.shop.v1.OrderService",method="PlaceOrder""#;
+        for line in [
+            format!("shop_mesh_grpc_server_started_total{{{labels}}} 4"),
+            format!("shop_mesh_grpc_server_handled_total{{{labels},code=\"NOT_FOUND\"}} 1"),
+            // Headers without a status, then the body dropped unread.
+            format!("shop_mesh_grpc_server_handled_total{{{labels},code=\"CANCELLED\"}} 1"),
+            // No response at all.
+            format!("shop_mesh_grpc_server_handled_total{{{labels},code=\"UNAVAILABLE\"}} 1"),
+            format!("shop_mesh_grpc_server_in_flight{{{labels}}} 1"),
+            format!("shop_mesh_grpc_server_handling_seconds_count{{{labels}}} 2"),
+            r#"shop_mesh_grpc_server_started_total{service="unknown",method="unknown"} 1"#.into(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+        drop(held);
+        assert!(
+            metrics
+                .encode()
+                .contains(&format!("shop_mesh_grpc_server_in_flight{{{labels}}} 0"))
+        );
     }
 }
