@@ -63,6 +63,17 @@ impl Scrape {
     fn has(&self, family: &str) -> bool {
         self.exposition.families.contains_key(family)
     }
+
+    /// Whether a series named `series` (a family's name, or a histogram's
+    /// `_bucket`, `_sum` or `_count`) is here.
+    fn has_series(&self, series: &str) -> bool {
+        self.has(series)
+            || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                series
+                    .strip_suffix(suffix)
+                    .is_some_and(|family| self.has(family))
+            })
+    }
 }
 
 /// `promtool check metrics` finds nothing wrong: no parse error and no
@@ -98,6 +109,47 @@ fn promtool_accepts(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Every word of `text` that names one of shop-mesh's series (its own,
+/// the process's, the runtime's).
+fn series_named(text: &str) -> std::collections::BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| {
+            ["shop_mesh_", "process_", "tokio_"]
+                .iter()
+                .any(|prefix| word.starts_with(prefix))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `promtool check rules` loads the alerting rules as Prometheus would.
+#[test]
+fn the_alerting_rules_load_in_prometheus() {
+    let rules = format!(
+        "{}/docs/observability/alerts.yml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let checked = std::process::Command::new("promtool")
+        .args(["check", "rules", &rules])
+        .output();
+    let out = match checked {
+        Ok(out) => out,
+        Err(err) if std::env::var_os("CI").is_none() => {
+            return crate::skipped(&format!(
+                "promtool ({err}): the alerting rules are not checked; install Debian's prometheus package"
+            ));
+        }
+        Err(err) => panic!("promtool is required under CI: {err}"),
+    };
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("SUCCESS: 9 rules found"), "{said}");
 }
 
 fn order(product_id: i64, request_id: &str) -> pb::PlaceOrderRequest {
@@ -292,6 +344,21 @@ async fn every_role_serves_metrics_and_an_order_moves_them() {
         assert!(scrape.value("process_resident_memory_bytes", &[]) > 1e6);
         assert!(scrape.value("process_open_fds", &[]) > 0.0);
         assert!(scrape.value("tokio_workers", &[]) >= 1.0);
+    }
+
+    // The dashboard and the alerts in the repository name only series
+    // that these roles serve.
+    for doc in ["grafana-dashboard.json", "alerts.yml"] {
+        let path = format!("{}/docs/observability/{doc}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let named = series_named(&text);
+        assert!(named.len() > 5, "{doc} names {named:?}");
+        for series in named {
+            assert!(
+                after.iter().any(|scrape| scrape.has_series(&series)),
+                "{doc} names {series}, which no role serves"
+            );
+        }
     }
     shop.stop().await;
 }
