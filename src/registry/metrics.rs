@@ -29,11 +29,30 @@ struct Probe {
 
 /// What the registry counts as it happens; always counted (an atomic
 /// add), exposed once a role's metrics register them.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(super) struct Counters {
     expiries: Family<Expiry, Counter>,
     resets: Counter,
     probes: Family<Probe, Counter>,
+}
+
+impl Default for Counters {
+    /// Every expiry and probe outcome at 0 from the start, so that rate() sees the
+    /// first.
+    fn default() -> Self {
+        let counters = Counters {
+            expiries: Family::default(),
+            resets: Counter::default(),
+            probes: Family::default(),
+        };
+        for outcome in ["unhealthy", "removed"] {
+            counters.expiries.get_or_create(&Expiry { outcome });
+        }
+        for result in ["healthy", "unhealthy"] {
+            counters.probes.get_or_create(&Probe { result });
+        }
+        counters
+    }
 }
 
 impl Counters {

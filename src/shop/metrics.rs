@@ -44,6 +44,10 @@ impl OrderMetrics {
     /// Registered with `metrics`.
     pub fn new(metrics: &Metrics) -> Self {
         let this = Self::default();
+        // Every series at 0 from the start, so that rate() sees the first.
+        for result in ["settled", "deferred"] {
+            this.compensations.get_or_create(&Verdict { result });
+        }
         metrics.register(|registry| {
             registry.register(
                 "orders",
@@ -133,6 +137,13 @@ impl StockMetrics {
     /// Registered with `metrics`.
     pub fn new(metrics: &Metrics) -> Self {
         let this = Self::default();
+        // Every series at 0 from the start, so that rate() sees the first.
+        for result in ["deducted", "cancelled", "refused"] {
+            this.deductions.get_or_create(&Verdict { result });
+        }
+        for result in ["restored", "already_restored", "refused"] {
+            this.restores.get_or_create(&Verdict { result });
+        }
         metrics.register(|registry| {
             registry.register(
                 "stock_deductions",

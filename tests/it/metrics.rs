@@ -19,6 +19,8 @@ use crate::shop::{Backend, TestShop};
 /// One scrape of a role, parsed.
 struct Scrape {
     exposition: MetricsExposition<PrometheusType, PrometheusValue>,
+    /// As served: a family with no series yet is only its HELP and TYPE.
+    text: String,
 }
 
 impl Scrape {
@@ -33,7 +35,10 @@ impl Scrape {
         promtool_accepts(&answer.body);
         let exposition = openmetrics_parser::prometheus::parse_prometheus(&answer.body)
             .unwrap_or_else(|err| panic!("{err:?} in:\n{}", answer.body));
-        Scrape { exposition }
+        Scrape {
+            exposition,
+            text: answer.body,
+        }
     }
 
     /// The sum of the samples of `family` whose labels include `labels`
@@ -62,6 +67,11 @@ impl Scrape {
 
     fn has(&self, family: &str) -> bool {
         self.exposition.families.contains_key(family)
+            || self.text.lines().any(|line| {
+                line.strip_prefix("# TYPE ")
+                    .and_then(|t| t.split(' ').next())
+                    == Some(family)
+            })
     }
 
     /// Whether a series named `series` (a family's name, or a histogram's
