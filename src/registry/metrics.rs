@@ -46,10 +46,10 @@ impl Default for Counters {
             probes: Family::default(),
         };
         for outcome in ["unhealthy", "removed"] {
-            counters.expiries.get_or_create(&Expiry { outcome });
+            drop(counters.expiries.get_or_create(&Expiry { outcome }));
         }
         for result in ["healthy", "unhealthy"] {
-            counters.probes.get_or_create(&Probe { result });
+            drop(counters.probes.get_or_create(&Probe { result }));
         }
         counters
     }

@@ -46,7 +46,7 @@ impl OrderMetrics {
         let this = Self::default();
         // Every series at 0 from the start, so that rate() sees the first.
         for result in ["settled", "deferred"] {
-            this.compensations.get_or_create(&Verdict { result });
+            drop(this.compensations.get_or_create(&Verdict { result }));
         }
         metrics.register(|registry| {
             registry.register(
@@ -139,10 +139,10 @@ impl StockMetrics {
         let this = Self::default();
         // Every series at 0 from the start, so that rate() sees the first.
         for result in ["deducted", "cancelled", "refused"] {
-            this.deductions.get_or_create(&Verdict { result });
+            drop(this.deductions.get_or_create(&Verdict { result }));
         }
         for result in ["restored", "already_restored", "refused"] {
-            this.restores.get_or_create(&Verdict { result });
+            drop(this.restores.get_or_create(&Verdict { result }));
         }
         metrics.register(|registry| {
             registry.register(
