@@ -242,10 +242,8 @@ impl Service<http::Request<Body>> for BalancedChannel {
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let shared = self.shared.clone();
-        match trace::client_span(&mut request, &shared.service) {
-            None => Box::pin(async move { shared.dispatch(request).await }),
-            Some(span) => Box::pin(async move { shared.dispatch(request).await }.instrument(span)),
-        }
+        let span = trace::client_span(&mut request, &shared.service);
+        Box::pin(async move { shared.dispatch(request).await }.instrument(span))
     }
 }
 
@@ -369,10 +367,9 @@ impl Shared {
                 Err(err) => Err(err),
             }
         };
-        let result = match trace::attempt_span(endpoint.addr, attempt) {
-            None => call.await,
-            Some(span) => call.instrument(span).await,
-        };
+        let result = call
+            .instrument(trace::attempt_span(endpoint.addr, attempt))
+            .await;
         let failure = match result {
             Ok(response) if grpc_code(&response) != Some(tonic::Code::Unavailable) => {
                 endpoint.record(true, &self.config.ejection);

@@ -28,7 +28,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use prost::Message;
 use tokio::time::Instant;
-use tracing::{Instrument, Span};
+use tracing::Instrument;
 
 use super::metrics::{Metrics, latency_buckets};
 
@@ -442,9 +442,11 @@ where
                 |answer: Answer<ResBody, S::Error>| Ok(answer?.map(MaybeObserved::Plain));
             return Either::Left(self.inner.call(request).map(plain));
         }
-        let path = request.uri().path();
-        let counted = self.metrics.as_ref().map(|metrics| metrics.begin(path));
-        let span = super::trace::server_span(&request, &method(path)).unwrap_or_else(Span::none);
+        let counted = self
+            .metrics
+            .as_ref()
+            .map(|metrics| metrics.begin(request.uri().path()));
+        let span = super::trace::server_span(&request);
         let answer = span.in_scope(|| self.inner.call(request));
         Either::Right(Box::pin(async move {
             let response = answer.instrument(span).await?;

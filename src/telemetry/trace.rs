@@ -160,11 +160,12 @@ impl Switch {
 }
 
 /// The span of a call this process serves, continuing the caller's trace
-/// when its metadata carries one; `None` while tracing is off.
-pub fn server_span<B>(request: &http::Request<B>, method: &super::rpc::Method) -> Option<Span> {
+/// when its metadata carries one; `Span::none()` while tracing is off.
+pub fn server_span<B>(request: &http::Request<B>) -> Span {
     if !enabled() {
-        return None;
+        return Span::none();
     }
+    let method = &super::rpc::method(request.uri().path());
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&Headers(request.headers()))
     });
@@ -179,14 +180,15 @@ pub fn server_span<B>(request: &http::Request<B>, method: &super::rpc::Method) -
     );
     let _ = span.set_parent(parent);
     record_trace_id(&span);
-    Some(span)
+    span
 }
 
 /// The span of a call this process makes, a child of the current one,
-/// whose context `request` now carries; `None` while tracing is off.
-pub fn client_span<B>(request: &mut http::Request<B>, target: &str) -> Option<Span> {
+/// whose context `request` now carries; `Span::none()` while tracing is
+/// off.
+pub fn client_span<B>(request: &mut http::Request<B>, target: &str) -> Span {
     if !enabled() {
-        return None;
+        return Span::none();
     }
     let method = super::rpc::method(request.uri().path());
     let span = tracing::info_span!(
@@ -204,20 +206,21 @@ pub fn client_span<B>(request: &mut http::Request<B>, target: &str) -> Option<Sp
     opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.inject_context(&context, &mut HeadersMut(request.headers_mut()))
     });
-    Some(span)
+    span
 }
 
 /// The span of one attempt of a call on one endpoint (the second is a
-/// retry); `None` while tracing is off.
-pub fn attempt_span(endpoint: std::net::SocketAddr, attempt: u32) -> Option<Span> {
-    enabled().then(|| {
-        tracing::info_span!(
-            "attempt",
-            otel.name = "attempt",
-            server.address = %endpoint,
-            attempt,
-        )
-    })
+/// retry); `Span::none()` while tracing is off.
+pub fn attempt_span(endpoint: std::net::SocketAddr, attempt: u32) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
+    tracing::info_span!(
+        "attempt",
+        otel.name = "attempt",
+        server.address = %endpoint,
+        attempt,
+    )
 }
 
 /// The span of a database transaction (`operation`: `orders.place`);
