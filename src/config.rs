@@ -131,6 +131,23 @@ impl Config {
             .map_err(|err| Error::Invalid(Box::new(err)))
     }
 
+    /// Every role on a free loopback port, each keeping its data under
+    /// `dir` (`dir/registry`, `dir/user`, ...): a whole shop in one
+    /// process, as the benches and tests run it with `up::Stack`.
+    pub fn on_loopback(&mut self, dir: &Path) {
+        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        self.registry.listen = loopback;
+        self.registry.data_dir = dir.join("registry");
+        for (role, service) in [
+            ("user", &mut self.user),
+            ("product", &mut self.product),
+            ("order", &mut self.order),
+        ] {
+            service.listen = loopback;
+            service.data_dir = dir.join(role);
+        }
+    }
+
     /// The merged configuration as TOML, for `--print-config`.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot print: {err}"))

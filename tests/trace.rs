@@ -31,18 +31,9 @@ async fn one_place_order_is_one_trace_across_the_services() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
-    config.registry.listen = "127.0.0.1:0".parse().unwrap();
-    config.registry.data_dir = dir.path().join("registry");
+    config.on_loopback(dir.path());
     config.registry.nacos.enabled = false;
     config.registry.console.enabled = false;
-    for (role, service) in [
-        ("user", &mut config.user),
-        ("product", &mut config.product),
-        ("order", &mut config.order),
-    ] {
-        service.listen = "127.0.0.1:0".parse().unwrap();
-        service.data_dir = dir.path().join(role);
-    }
     let stack = Stack::start(&config, 1, Shutdown::new()).await.unwrap();
     let mesh = Mesh::new(stack.discovery(), &config.connections).unwrap();
     let mut orders = OrderServiceClient::new(mesh.channel(ORDER_SERVICE));

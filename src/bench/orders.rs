@@ -146,24 +146,14 @@ impl OrdersBench {
             rand::random::<u32>()
         ));
         let mut config = Config::default();
-        let telemetry = match telemetry {
-            Some(mode) => Some(mode.start().await?),
-            None => None,
-        };
+        let telemetry = super::Telemetry::start(telemetry).await?;
         if let Some(telemetry) = &telemetry {
             telemetry.apply(&mut config.telemetry);
         }
         // The roles run in this process: its exporter is theirs.
         let exporting = telemetry::start_tracing(&config.telemetry)?;
-        config.registry.listen = "127.0.0.1:0".parse()?;
-        config.registry.data_dir = dir.join("registry");
-        for (role, service) in [
-            ("user", &mut config.user),
-            ("product", &mut config.product),
-            ("order", &mut config.order),
-        ] {
-            service.listen = "127.0.0.1:0".parse()?;
-            service.data_dir = dir.join(role);
+        config.on_loopback(&dir);
+        for service in [&mut config.user, &mut config.product, &mut config.order] {
             service.database_url = self.database_url.clone();
         }
         let stack = Stack::start(&config, self.replicas, Shutdown::new()).await?;

@@ -212,16 +212,7 @@ async fn the_shop_places_orders_over_mutual_tls_with_credentials_on() {
     let dir = tempfile::tempdir().unwrap();
     let made = cert::make(&dir.path().join("tls"), &[]).unwrap();
     let mut config = Config::default();
-    config.registry.listen = "127.0.0.1:0".parse().unwrap();
-    config.registry.data_dir = dir.path().join("registry");
-    for (role, service) in [
-        ("user", &mut config.user),
-        ("product", &mut config.product),
-        ("order", &mut config.order),
-    ] {
-        service.listen = "127.0.0.1:0".parse().unwrap();
-        service.data_dir = dir.path().join(role);
-    }
+    config.on_loopback(dir.path());
     config.connections.tls = made.settings();
     assert!(
         config.registry.auth.enabled,
