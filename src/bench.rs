@@ -179,18 +179,6 @@ impl TelemetryMode {
             TelemetryMode::Tracing => "metrics + tracing",
         }
     }
-
-    /// Starts what the mode needs: for tracing, a collector.
-    async fn start(self) -> anyhow::Result<Telemetry> {
-        let collector = match self {
-            TelemetryMode::Tracing => Some(crate::harness::Collector::counting().await?),
-            TelemetryMode::Off | TelemetryMode::Metrics => None,
-        };
-        Ok(Telemetry {
-            mode: self,
-            collector,
-        })
-    }
 }
 
 /// One measurement's telemetry: its mode and, when tracing, the
@@ -201,6 +189,17 @@ struct Telemetry {
 }
 
 impl Telemetry {
+    /// Starts what `mode` needs (for tracing, a collector); none for no
+    /// mode (the configuration's telemetry).
+    async fn start(mode: Option<TelemetryMode>) -> anyhow::Result<Option<Telemetry>> {
+        let Some(mode) = mode else { return Ok(None) };
+        let collector = match mode {
+            TelemetryMode::Tracing => Some(crate::harness::Collector::counting().await?),
+            TelemetryMode::Off | TelemetryMode::Metrics => None,
+        };
+        Ok(Some(Telemetry { mode, collector }))
+    }
+
     /// Sets a `[telemetry]` section as the mode says.
     fn apply(&self, telemetry: &mut crate::telemetry::Config) {
         telemetry.metrics = self.mode != TelemetryMode::Off;
@@ -365,36 +364,28 @@ fn print_rounds(args: &TelemetryArgs, calls: &[&str], rounds: &Rounds) {
     println!();
     println!("| call | telemetry | p50 | p99 | calls/s | CPU a call |");
     println!("|---|---|---|---|---|---|");
-    let of = |c: usize, runs: &[Vec<CallFigures>], value: &dyn Fn(&CallFigures) -> f64| {
-        runs.iter()
-            .map(|round| value(&round[c]))
-            .collect::<Vec<f64>>()
-    };
+    // The median over the rounds of one figure of call `c`; none when a
+    // round lacks it.
+    let median_of =
+        |c: usize, runs: &[Vec<CallFigures>], figure: fn(&CallFigures) -> Option<f64>| {
+            runs.iter()
+                .map(|round| figure(&round[c]))
+                .collect::<Option<Vec<f64>>>()
+                .map(median)
+        };
+    let p50 = |f: &CallFigures| Some(f.p50 as f64);
     for (c, call) in calls.iter().enumerate() {
         for (mode, runs) in rounds {
-            let p50 = median(of(c, runs, &|f| f.p50 as f64));
-            let p99 = median(of(c, runs, &|f| f.p99 as f64));
-            let rate = if runs.iter().all(|round| round[c].rate.is_some()) {
-                format!(
-                    "{:.0}",
-                    median(of(c, runs, &|f| f.rate.unwrap_or_default()))
-                )
-            } else {
-                "–".into()
-            };
-            let cpu = if runs.iter().all(|round| round[c].cpu.is_some()) {
-                format!(
-                    "{:.1} µs",
-                    median(of(c, runs, &|f| f.cpu.unwrap_or_default()))
-                )
-            } else {
-                "–".into()
+            let shown = |figure, format: fn(f64) -> String| {
+                median_of(c, runs, figure).map_or_else(|| "–".to_string(), format)
             };
             println!(
-                "| {call} | {} | {} | {} | {rate} | {cpu} |",
+                "| {call} | {} | {} | {} | {} | {} |",
                 mode.name(),
-                us(p50.round() as u64),
-                us(p99.round() as u64)
+                shown(p50, |v| us(v.round() as u64)),
+                shown(|f| Some(f.p99 as f64), |v| us(v.round() as u64)),
+                shown(|f| f.rate, |v| format!("{v:.0}")),
+                shown(|f| f.cpu, |v| format!("{v:.1} µs")),
             );
         }
     }
@@ -405,29 +396,25 @@ fn print_rounds(args: &TelemetryArgs, calls: &[&str], rounds: &Rounds) {
     println!();
     for (c, call) in calls.iter().enumerate() {
         for (mode, runs) in rounds.iter().filter(|(mode, _)| mode != base) {
-            let ratio = median(of(c, runs, &|f| f.p50 as f64))
-                / median(of(c, base_runs, &|f| f.p50 as f64));
+            let ratio =
+                |figure| Some(median_of(c, runs, figure)? / median_of(c, base_runs, figure)?);
             let each: Vec<String> = runs
                 .iter()
                 .zip(base_runs)
                 .map(|(on, off)| format!("{:.2}", on[c].p50 as f64 / off[c].p50.max(1) as f64))
                 .collect();
             println!(
-                "{call}: {} ÷ {} at p50: {ratio:.2} (rounds: {})",
+                "{call}: {} ÷ {} at p50: {:.2} (rounds: {})",
                 mode.name(),
                 base.name(),
+                ratio(p50).unwrap_or(f64::NAN),
                 each.join(", ")
             );
-            let cpu = |runs: &[Vec<CallFigures>]| {
-                let each: Option<Vec<f64>> = runs.iter().map(|round| round[c].cpu).collect();
-                each.map(median)
-            };
-            if let (Some(on), Some(off)) = (cpu(runs), cpu(base_runs)) {
+            if let Some(cpu) = ratio(|f| f.cpu) {
                 println!(
-                    "{call}: {} ÷ {} in CPU a call: {:.2}",
+                    "{call}: {} ÷ {} in CPU a call: {cpu:.2}",
                     mode.name(),
-                    base.name(),
-                    on / off
+                    base.name()
                 );
             }
         }
@@ -646,10 +633,7 @@ impl RegistryBench {
         security: Security,
         telemetry: Option<TelemetryMode>,
     ) -> anyhow::Result<Figures> {
-        let telemetry = match telemetry {
-            Some(mode) => Some(mode.start().await?),
-            None => None,
-        };
+        let telemetry = Telemetry::start(telemetry).await?;
         let (spawned, addr, access) = match self.registry {
             Some(addr) => {
                 let mut access = Access::default();
