@@ -65,13 +65,14 @@ impl Scrape {
             .sum()
     }
 
+    /// Whether `family` is served, series or not (a family with none yet
+    /// is its HELP and TYPE lines alone, which the parser drops).
     fn has(&self, family: &str) -> bool {
-        self.exposition.families.contains_key(family)
-            || self.text.lines().any(|line| {
-                line.strip_prefix("# TYPE ")
-                    .and_then(|t| t.split(' ').next())
-                    == Some(family)
-            })
+        self.text.lines().any(|line| {
+            line.strip_prefix("# TYPE ")
+                .and_then(|typed| typed.split(' ').next())
+                == Some(family)
+        })
     }
 
     /// Whether a series named `series` (a family's name, or a histogram's
@@ -89,9 +90,27 @@ impl Scrape {
 /// `promtool check metrics` finds nothing wrong: no parse error and no
 /// lint (a counter without `_total`, a missing HELP, a unit spelt short).
 fn promtool_accepts(text: &str) {
+    let Some(out) = promtool(
+        &["check", "metrics"],
+        text,
+        "the scrape is checked by the parser alone",
+    ) else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\nin:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `promtool args` with `input` on its standard input; `None`, saying
+/// that `unchecked`, when promtool is not installed (required under CI).
+fn promtool(args: &[&str], input: &str, unchecked: &str) -> Option<std::process::Output> {
     use std::io::Write;
     let child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -100,9 +119,9 @@ fn promtool_accepts(text: &str) {
         Ok(child) => child,
         Err(err) if std::env::var_os("CI").is_none() => {
             crate::skipped(&format!(
-                "promtool ({err}): the scrape is checked by the parser alone; install Debian's prometheus package"
+                "promtool ({err}): {unchecked}; install Debian's prometheus package"
             ));
-            return;
+            return None;
         }
         Err(err) => panic!("promtool is required under CI: {err}"),
     };
@@ -110,15 +129,9 @@ fn promtool_accepts(text: &str) {
         .stdin
         .take()
         .unwrap()
-        .write_all(text.as_bytes())
+        .write_all(input.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}\nin:\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    Some(child.wait_with_output().unwrap())
 }
 
 /// Every word of `text` that names one of shop-mesh's series (its own,
@@ -141,17 +154,12 @@ fn the_alerting_rules_load_in_prometheus() {
         "{}/docs/observability/alerts.yml",
         env!("CARGO_MANIFEST_DIR")
     );
-    let checked = std::process::Command::new("promtool")
-        .args(["check", "rules", &rules])
-        .output();
-    let out = match checked {
-        Ok(out) => out,
-        Err(err) if std::env::var_os("CI").is_none() => {
-            return crate::skipped(&format!(
-                "promtool ({err}): the alerting rules are not checked; install Debian's prometheus package"
-            ));
-        }
-        Err(err) => panic!("promtool is required under CI: {err}"),
+    let Some(out) = promtool(
+        &["check", "rules", &rules],
+        "",
+        "the alerting rules are not checked",
+    ) else {
+        return;
     };
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
