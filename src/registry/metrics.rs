@@ -37,8 +37,8 @@ pub(super) struct Counters {
 }
 
 impl Default for Counters {
-    /// Every expiry and probe outcome at 0 from the start, so that rate() sees the
-    /// first.
+    /// Every expiry and probe outcome at 0 from the start, so that
+    /// rate() sees the first.
     fn default() -> Self {
         let counters = Counters {
             expiries: Family::default(),
