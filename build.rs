@@ -16,6 +16,7 @@ use prost::Message;
 
 const PROTOS: &[&str] = &[
     "shopmesh/registry/v1/registry.proto",
+    "shopmesh/config/v1/config.proto",
     "shopmesh/shop/v1/user.proto",
     "shopmesh/shop/v1/product.proto",
     "shopmesh/shop/v1/order.proto",
@@ -43,6 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .codec_path("crate::codec::RequestCodec")
         .extern_path(".shopmesh.registry.v1", "crate::pb::registry")
+        .extern_path(".shopmesh.config.v1", "crate::pb::config")
         .extern_path(".shopmesh.shop.v1", "crate::pb::shop")
         .extern_path(".grpc.health.v1", "::tonic_health::pb")
         .out_dir(servers)

@@ -10,6 +10,12 @@ pub mod registry {
     include!(concat!(env!("OUT_DIR"), "/server/shopmesh.registry.v1.rs"));
 }
 
+/// `shopmesh.config.v1`: the config centre's API.
+pub mod config {
+    tonic::include_proto!("shopmesh.config.v1");
+    include!(concat!(env!("OUT_DIR"), "/server/shopmesh.config.v1.rs"));
+}
+
 /// `shopmesh.shop.v1`: the user, product and order services.
 pub mod shop {
     tonic::include_proto!("shopmesh.shop.v1");

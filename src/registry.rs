@@ -4,6 +4,7 @@
 //! watch that pushes every change at once.
 
 pub mod cluster;
+pub mod configs;
 pub mod console;
 mod grpc;
 mod http;
@@ -32,6 +33,7 @@ pub use store::{
 };
 pub use watch::{SNAPSHOT_CHUNK, Selector, WatchItem, WatchStream, Watcher};
 
+use crate::pb::config::configs_server::ConfigsServer;
 use crate::pb::registry::registry_server::RegistryServer;
 use crate::shutdown::Shutdown;
 
@@ -306,6 +308,8 @@ pub struct Config {
     pub console: ConsoleConfig,
     /// The `[registry.nacos]` section.
     pub nacos: NacosConfig,
+    /// The `[registry.configs]` section: the config centre's limits.
+    pub configs: configs::Limits,
 }
 
 impl Default for Config {
@@ -329,6 +333,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             console: ConsoleConfig::default(),
             nacos: NacosConfig::default(),
+            configs: configs::Limits::default(),
         }
     }
 }
@@ -386,6 +391,7 @@ pub async fn run(
         "registry.auth.identity_ttl is {:?}; it must be at least {MIN_IDENTITY_TTL:?}",
         config.auth.identity_ttl
     );
+    config.configs.validate(config.limits.max_message_size)?;
     // How persistent instances are probed: over TLS when the mesh is.
     let probe_tls = connections.tls.client()?;
     let (registry, _lock) = match config.store {
@@ -420,14 +426,23 @@ pub async fn run(
     };
     let service =
         RegistryServer::new(face.clone()).max_decoding_message_size(config.limits.max_message_size);
+    let configs = ConfigsServer::new(configs::grpc::ConfigService::new(
+        registry.clone(),
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(config.limits.max_message_size);
     let mut server = crate::server::Server::new(shutdown.clone(), connections).await?;
     server.limit_message_size(config.limits.max_message_size);
     // The JSON API shares the port, over HTTP/1.1 as well as HTTP/2.
     server.serve_http1();
     server.measure(&metrics, config.metrics_listen);
     let routes = server
-        .routes(&[<RegistryServer<RegistryService> as tonic::server::NamedService>::NAME])
-        .add_service(service);
+        .routes(&[
+            <RegistryServer<RegistryService> as tonic::server::NamedService>::NAME,
+            <ConfigsServer<configs::grpc::ConfigService> as tonic::server::NamedService>::NAME,
+        ])
+        .add_service(service)
+        .add_service(configs);
     let routes = tonic::service::Routes::from(
         routes
             .into_axum_router()

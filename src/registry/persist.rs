@@ -1,5 +1,5 @@
 //! Keeps what must survive a restart: persistent instances, services'
-//! own settings, and the grants of tokens. A snapshot file holds the state as of its writing and a
+//! own settings, the grants of tokens, and the config centre's items. A snapshot file holds the state as of its writing and a
 //! log holds each change since, one checksummed record apiece, so storing
 //! a change costs one append and one fsync however large the state is;
 //! once the log outgrows the snapshot, the two are folded into a new one.
@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::configs::model::{ConfigKey, Version};
 use super::model::{Instance, InstanceAddr, ServiceKey, ServiceSettings};
 use crate::auth::{Grant, TokenId};
 
@@ -49,6 +50,15 @@ pub enum Change {
     },
     /// A token's grant; `None` once it is revoked.
     Token { id: TokenId, grant: Option<Grant> },
+    /// A config item's new current version; the item keeps `keep`
+    /// versions at most.
+    ConfigVersion {
+        key: ConfigKey,
+        version: Version,
+        keep: usize,
+    },
+    /// A config item deleted with its history, at `revision`.
+    ConfigDeleted { key: ConfigKey, revision: u64 },
 }
 
 /// What a caller asks to have stored, as memory holds it when it asks.

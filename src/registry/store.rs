@@ -76,7 +76,9 @@ struct Inner {
     reaper: Arc<Notify>,
     /// One permit per watch stream open.
     watches: Arc<Semaphore>,
-    store: Option<persist::Store>,
+    store: Option<Arc<persist::Store>>,
+    /// The config centre, on the same store.
+    configs: super::configs::Configs,
     /// Set when the state lives in etcd: writes go there, and the view
     /// below is fed from there.
     node: Option<Arc<cluster::Node>>,
@@ -167,17 +169,41 @@ impl Registry {
         Registry::with_store(config, None, None, (Signer::generate(), None))
     }
 
+    /// A registry over `store` (and its config centre's `stored` items),
+    /// or on a cluster `node`.
     fn with_store(
         config: &Config,
-        store: Option<persist::Store>,
+        store: Option<(persist::Store, super::configs::Stored)>,
         node: Option<Arc<cluster::Node>>,
         (signer, probe_tls): (Signer, Option<crate::server::Dialer>),
     ) -> Registry {
+        use super::configs::Configs;
+        let incarnation = node
+            .as_ref()
+            .map_or_else(|| rand::random::<u64>() | 1, |node| node.incarnation);
+        let (store, configs) = match (store, &node) {
+            (_, Some(_)) => (
+                None,
+                Configs::unavailable(
+                    &config.configs,
+                    incarnation,
+                    "the config centre is not served on the etcd store yet; run it on a registry with store = \"memory\"",
+                ),
+            ),
+            (Some((store, stored)), None) => {
+                let store = Arc::new(store);
+                let configs =
+                    Configs::new(&config.configs, incarnation, stored, Some(store.clone()));
+                (Some(store), configs)
+            }
+            (None, None) => (
+                None,
+                Configs::new(&config.configs, incarnation, Default::default(), None),
+            ),
+        };
         let inner = Arc::new(Inner {
             config: config.clone(),
-            incarnation: node
-                .as_ref()
-                .map_or_else(|| rand::random::<u64>() | 1, |node| node.incarnation),
+            incarnation,
             state: Mutex::new(State {
                 revision: 0,
                 services: BTreeMap::new(),
@@ -197,6 +223,7 @@ impl Registry {
             reaper: Arc::new(Notify::new()),
             watches: Arc::new(Semaphore::new(config.limits.max_watches)),
             store,
+            configs,
             node,
             probes: Mutex::new(HashMap::new()),
             election: OnceLock::new(),
@@ -256,6 +283,11 @@ impl Registry {
     /// gets a reset snapshot, since revisions of another run mean nothing here.
     pub fn incarnation(&self) -> u64 {
         self.inner.incarnation
+    }
+
+    /// The config centre, on this registry's store.
+    pub fn configs(&self) -> &super::configs::Configs {
+        &self.inner.configs
     }
 
     /// The console's sessions, which [`Registry::authorize`] accepts as

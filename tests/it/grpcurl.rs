@@ -42,7 +42,11 @@ async fn grpcurl_lists_the_services_and_checks_health() {
     .await
     .unwrap();
     let Some(listed) = listed else { return };
-    for service in ["grpc.health.v1.Health", "shopmesh.registry.v1.Registry"] {
+    for service in [
+        "grpc.health.v1.Health",
+        "shopmesh.registry.v1.Registry",
+        "shopmesh.config.v1.Configs",
+    ] {
         assert!(
             listed.lines().any(|l| l == service),
             "{service} missing from:\n{listed}"

@@ -8,6 +8,7 @@ mod cluster;
 mod cluster_probes;
 mod cluster_process;
 mod config;
+mod configs;
 mod connections;
 mod console;
 mod discovery;

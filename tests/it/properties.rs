@@ -8,6 +8,8 @@ use std::future::Future;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use shop_mesh::pb::config as cfg;
+use shop_mesh::pb::config::configs_client::ConfigsClient;
 use shop_mesh::pb::registry as reg;
 use shop_mesh::pb::shop as pb;
 use shop_mesh::pb::shop::order_service_client::OrderServiceClient;
@@ -296,6 +298,82 @@ fn every_rpc_answers_any_field_with_a_code_a_person_can_act_on() {
                     }
                     Err(status) => check("KeepAlive", Err::<(), _>(status)),
                 }
+            }))
+        },
+    );
+
+    let client = runtime.block_on(async {
+        ConfigsClient::connect(shop.registry.url())
+            .await
+            .expect("connect to the config centre")
+    });
+    run(
+        &runtime,
+        (
+            (text(), text(), text(), text()),
+            (any::<i32>(), proptest::option::of(0u64..4), 0u64..4),
+            (any::<u32>(), any::<u32>()),
+        ),
+        move |(
+            (namespace, group, data_id, content),
+            (content_type, expected, version),
+            (page, page_size),
+        )| {
+            let mut client = client.clone();
+            Box::new(Box::pin(async move {
+                let publish = cfg::PublishRequest {
+                    namespace: namespace.clone(),
+                    group: group.clone(),
+                    data_id: data_id.clone(),
+                    content,
+                    content_type,
+                    expected_version: expected,
+                };
+                check("Configs.Publish", client.publish(publish).await)?;
+                let get = cfg::GetRequest {
+                    namespace: namespace.clone(),
+                    group: group.clone(),
+                    data_id: data_id.clone(),
+                    version: expected,
+                };
+                check("Configs.Get", client.get(get).await)?;
+                let history = cfg::HistoryRequest {
+                    namespace: namespace.clone(),
+                    group: group.clone(),
+                    data_id: data_id.clone(),
+                };
+                check("Configs.History", client.history(history).await)?;
+                let rollback = cfg::RollbackRequest {
+                    namespace: namespace.clone(),
+                    group: group.clone(),
+                    data_id: data_id.clone(),
+                    version,
+                    expected_version: expected,
+                };
+                check("Configs.Rollback", client.rollback(rollback).await)?;
+                let list = cfg::ListRequest {
+                    namespace: namespace.clone(),
+                    group: group.clone(),
+                    search: data_id.clone(),
+                    page,
+                    page_size,
+                };
+                check("Configs.List", client.list(list).await)?;
+                let watch = cfg::WatchRequest {
+                    namespace: namespace.clone(),
+                    group: group.clone(),
+                    data_id: data_id.clone(),
+                    start_revision: version,
+                    incarnation: page.into(),
+                };
+                check("Configs.Watch", client.watch(watch).await.map(drop))?;
+                let delete = cfg::DeleteRequest {
+                    namespace,
+                    group,
+                    data_id,
+                    expected_version: expected,
+                };
+                check("Configs.Delete", client.delete(delete).await)
             }))
         },
     );

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{Change, Error};
 use crate::auth::{Grant, TokenId};
+use crate::registry::configs::Stored;
+use crate::registry::configs::model::{ConfigKey, Item};
 use crate::registry::model::{Instance, InstanceAddr, ServiceKey, ServiceSettings};
 
 /// A snapshot with a change log beside it.
@@ -28,6 +30,9 @@ pub struct Snapshot {
     /// Absent in snapshots written before tokens were.
     #[serde(default)]
     pub tokens: Vec<Grant>,
+    /// The config centre's items; absent in snapshots written before it.
+    #[serde(default)]
+    pub configs: Stored,
 }
 
 impl Snapshot {
@@ -47,6 +52,8 @@ pub struct State {
     services: BTreeMap<ServiceKey, ServiceSettings>,
     instances: BTreeMap<(ServiceKey, InstanceAddr), Instance>,
     tokens: BTreeMap<TokenId, Grant>,
+    config_revision: u64,
+    configs: BTreeMap<ConfigKey, Item>,
 }
 
 impl From<Snapshot> for State {
@@ -54,6 +61,13 @@ impl From<Snapshot> for State {
         let mut state = State {
             services: snapshot.services.into_iter().collect(),
             tokens: snapshot.tokens.into_iter().map(|g| (g.id, g)).collect(),
+            config_revision: snapshot.configs.revision,
+            configs: snapshot
+                .configs
+                .items
+                .into_iter()
+                .map(|item| (item.key.clone(), item))
+                .collect(),
             ..State::default()
         };
         for instance in snapshot.instances {
@@ -94,6 +108,22 @@ impl State {
             Change::Token { id, grant: None } => {
                 self.tokens.remove(&id);
             }
+            Change::ConfigVersion { key, version, keep } => {
+                self.config_revision = self.config_revision.max(version.version);
+                let item = self.configs.entry(key.clone()).or_insert_with(|| Item {
+                    key,
+                    versions: Vec::new(),
+                });
+                // Replayed twice, a version replaces itself.
+                item.versions.retain(|v| v.version != version.version);
+                item.versions.insert(0, std::sync::Arc::new(version));
+                item.versions.sort_by_key(|v| std::cmp::Reverse(v.version));
+                item.versions.truncate(keep.max(1));
+            }
+            Change::ConfigDeleted { key, revision } => {
+                self.config_revision = self.config_revision.max(revision);
+                self.configs.remove(&key);
+            }
         }
     }
 
@@ -107,6 +137,10 @@ impl State {
                 .collect(),
             instances: self.instances.values().cloned().collect(),
             tokens: self.tokens.values().cloned().collect(),
+            configs: Stored {
+                revision: self.config_revision,
+                items: self.configs.values().cloned().collect(),
+            },
         }
     }
 }

@@ -20,9 +20,11 @@ impl Registry {
         config: &Config,
         probe_tls: Option<crate::server::Dialer>,
     ) -> Result<Registry, persist::Error> {
-        let (store, loaded) = persist::Store::open(&config.data_dir)?;
+        let (store, mut loaded) = persist::Store::open(&config.data_dir)?;
         let signer = super::identity::load_or_create(&config.data_dir)?;
-        let registry = Registry::with_store(config, Some(store), None, (signer, probe_tls));
+        let configs = std::mem::take(&mut loaded.configs);
+        let registry =
+            Registry::with_store(config, Some((store, configs)), None, (signer, probe_tls));
         {
             let mut state = registry.inner.state.lock();
             for (key, settings) in loaded.services {

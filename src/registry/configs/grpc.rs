@@ -1,0 +1,375 @@
+//! The config centre's gRPC face: each handler checks the caller's
+//! credential with the registry's rules, converts the request, calls
+//! [`Configs`], and converts the answer back.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::model::{ConfigKey, ContentType, Version};
+use super::{ChangeKind, Configs, Expect, Publish, Selector, WatchItem};
+use crate::auth::{Grant, Need};
+use crate::error::Error;
+use crate::pb::config as pb;
+use crate::registry::Registry;
+use crate::registry::model::GroupKey;
+use crate::shutdown::Shutdown;
+
+/// Bytes of content per snapshot message, so a large group stays under
+/// the message size limit (an item alone always fits: its content is
+/// bounded below the limit).
+const SNAPSHOT_BYTES: usize = 1024 * 1024;
+
+/// The config centre's gRPC face. Cheap to clone.
+#[derive(Clone)]
+pub struct ConfigService {
+    registry: Registry,
+    shutdown: Shutdown,
+}
+
+impl ConfigService {
+    /// Serves `registry`'s config centre; watch streams end when
+    /// `shutdown` fires.
+    pub fn new(registry: Registry, shutdown: Shutdown) -> ConfigService {
+        ConfigService { registry, shutdown }
+    }
+
+    fn configs(&self) -> &Configs {
+        self.registry.configs()
+    }
+
+    /// Checks that the caller may read `namespace`.
+    fn may_read<T>(&self, request: &Request<T>, namespace: &str) -> Result<(), Error> {
+        let token = crate::registry::grpc::presented(request);
+        self.registry
+            .authorize(token.as_deref(), Need::Read { namespace })
+            .map(drop)
+    }
+
+    /// Checks that the caller may change `key` (a write of the service
+    /// of its namespace named as its data id); answers who it is.
+    fn may_write<T>(&self, request: &Request<T>, key: &ConfigKey) -> Result<String, Error> {
+        let token = crate::registry::grpc::presented(request);
+        let grant = self.registry.authorize(token.as_deref(), write(key))?;
+        Ok(by(grant.as_deref()))
+    }
+}
+
+/// What changing `key` needs.
+fn write(key: &ConfigKey) -> Need<'_> {
+    Need::Write {
+        namespace: &key.namespace,
+        service: &key.data_id,
+    }
+}
+
+fn by(grant: Option<&Grant>) -> String {
+    grant.map(|g| g.name.clone()).unwrap_or_default()
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::configs_server::Configs for ConfigService {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let key = {
+            let r = request.get_ref();
+            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
+        };
+        let by = self.may_write(&request, &key)?;
+        let r = request.into_inner();
+        let content_type = content_type_from_pb(r.content_type)?;
+        let version = self
+            .configs()
+            .publish(Publish {
+                key: key.clone(),
+                content: r.content,
+                content_type,
+                expect: Expect::from_wire(r.expected_version),
+                by,
+            })
+            .await?;
+        Ok(Response::new(pb::PublishResponse {
+            revision: version.version,
+            item: Some(item_pb(&key, &version, true)),
+        }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let key = {
+            let r = request.get_ref();
+            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
+        };
+        self.may_read(&request, &key.namespace)?;
+        let version = match request.get_ref().version {
+            None => self.configs().get(&key)?.0,
+            Some(version) => self.configs().get_version(&key, version)?,
+        };
+        Ok(Response::new(pb::GetResponse {
+            item: Some(item_pb(&key, &version, true)),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let key = {
+            let r = request.get_ref();
+            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
+        };
+        self.may_write(&request, &key)?;
+        let expect = Expect::from_wire(request.get_ref().expected_version);
+        let revision = self.configs().delete(&key, expect).await?;
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let group = {
+            let r = request.get_ref();
+            GroupKey::parse(&r.namespace, &r.group)?
+        };
+        self.may_read(&request, &group.namespace)?;
+        let r = request.into_inner();
+        if r.search.len() > crate::registry::model::MAX_NAME_LEN {
+            return Err(Error::invalid(
+                "search",
+                format!("at most {} bytes", crate::registry::model::MAX_NAME_LEN),
+            )
+            .into());
+        }
+        let max = self.registry.config().limits.max_page_size;
+        let page_size = match r.page_size as usize {
+            0 => max.min(100),
+            n if n > max => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("{n} is above the maximum, {max}"),
+                )
+                .into());
+            }
+            n => n,
+        };
+        let page = (r.page as usize).max(1);
+        let (items, total, revision) = self.configs().list(&group, &r.search, page, page_size);
+        Ok(Response::new(pb::ListResponse {
+            items: items
+                .iter()
+                .map(|(key, version)| item_pb(key, version, false))
+                .collect(),
+            total: total as u32,
+            revision,
+        }))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let key = {
+            let r = request.get_ref();
+            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
+        };
+        self.may_read(&request, &key.namespace)?;
+        let versions = self.configs().history(&key)?;
+        Ok(Response::new(pb::HistoryResponse {
+            versions: versions.iter().map(|v| item_pb(&key, v, true)).collect(),
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let key = {
+            let r = request.get_ref();
+            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
+        };
+        let by = self.may_write(&request, &key)?;
+        let r = request.into_inner();
+        if r.version == 0 {
+            return Err(Error::invalid("version", "must be set: a version History lists").into());
+        }
+        let version = self
+            .configs()
+            .rollback(&key, r.version, Expect::from_wire(r.expected_version), by)
+            .await?;
+        Ok(Response::new(pb::PublishResponse {
+            revision: version.version,
+            item: Some(item_pb(&key, &version, true)),
+        }))
+    }
+
+    type WatchStream = BoxStream<pb::WatchResponse>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let token = crate::registry::grpc::presented(&request);
+        let r = request.into_inner();
+        let group = GroupKey::parse(&r.namespace, &r.group)?;
+        self.registry.authorize(
+            token.as_deref(),
+            Need::Read {
+                namespace: &group.namespace,
+            },
+        )?;
+        let namespace = group.namespace.clone();
+        let selector = if r.data_id.is_empty() {
+            Selector::Group(group)
+        } else {
+            Selector::Item(ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?)
+        };
+        let watch = self
+            .configs()
+            .watch(selector, r.start_revision, r.incarnation)?;
+        let incarnation = self.configs().incarnation();
+        let registry = self.registry.clone();
+        // A token revoked while its watch is open gets no further change:
+        // its next answer is the refusal, and the stream ends.
+        let mut refused = false;
+        let answers = watch
+            .into_stream()
+            .flat_map(move |item| {
+                let answers: Vec<Result<pb::WatchResponse, Status>> = match registry.authorize(
+                    token.as_deref(),
+                    Need::Read {
+                        namespace: &namespace,
+                    },
+                ) {
+                    Ok(_) => watch_responses(item, incarnation)
+                        .into_iter()
+                        .map(Ok)
+                        .collect(),
+                    Err(err) => vec![Err(err.into())],
+                };
+                futures::stream::iter(answers)
+            })
+            .take_while(move |answer| {
+                let go = !refused;
+                refused |= answer.is_err();
+                std::future::ready(go)
+            })
+            .take_until(self.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(answers)))
+    }
+}
+
+/// The content type a request names; TEXT when it names none.
+fn content_type_from_pb(value: i32) -> Result<ContentType, Error> {
+    match pb::ContentType::try_from(value) {
+        Ok(pb::ContentType::Unspecified | pb::ContentType::Text) => Ok(ContentType::Text),
+        Ok(pb::ContentType::Properties) => Ok(ContentType::Properties),
+        Ok(pb::ContentType::Yaml) => Ok(ContentType::Yaml),
+        Ok(pb::ContentType::Json) => Ok(ContentType::Json),
+        Ok(pb::ContentType::Toml) => Ok(ContentType::Toml),
+        Err(_) => Err(Error::invalid(
+            "content_type",
+            format!("{value} is not a content type; one of TEXT, PROPERTIES, YAML, JSON, TOML"),
+        )),
+    }
+}
+
+fn content_type_pb(kind: ContentType) -> pb::ContentType {
+    match kind {
+        ContentType::Text => pb::ContentType::Text,
+        ContentType::Properties => pb::ContentType::Properties,
+        ContentType::Yaml => pb::ContentType::Yaml,
+        ContentType::Json => pb::ContentType::Json,
+        ContentType::Toml => pb::ContentType::Toml,
+    }
+}
+
+/// `key` at `version`, with its content or without.
+pub fn item_pb(key: &ConfigKey, version: &Version, content: bool) -> pb::Item {
+    pb::Item {
+        namespace: String::from(&*key.namespace),
+        group: String::from(&*key.group),
+        data_id: String::from(&*key.data_id),
+        content: if content {
+            String::from(&*version.content)
+        } else {
+            String::new()
+        },
+        content_type: content_type_pb(version.content_type) as i32,
+        md5: version.md5.clone(),
+        version: version.version,
+        modified_by: version.by.clone(),
+        modified_ms: version.at_ms,
+        size: version.content.len() as u64,
+        rolled_back_from: version.rolled_back_from,
+    }
+}
+
+/// The answers one watch item becomes: a snapshot in messages of at
+/// most [`SNAPSHOT_BYTES`] of content, a replay as one change apiece.
+fn watch_responses(item: WatchItem, incarnation: u64) -> Vec<pb::WatchResponse> {
+    match item {
+        WatchItem::Snapshot {
+            reset,
+            items,
+            revision,
+        } => {
+            let mut chunks: Vec<Vec<pb::Item>> = vec![Vec::new()];
+            let mut bytes = 0;
+            for (key, version) in &items {
+                let size = version.content.len();
+                if bytes + size > SNAPSHOT_BYTES && !chunks.last().is_some_and(Vec::is_empty) {
+                    chunks.push(Vec::new());
+                    bytes = 0;
+                }
+                bytes += size;
+                chunks
+                    .last_mut()
+                    .expect("one chunk at least")
+                    .push(item_pb(key, version, true));
+            }
+            let last = chunks.len() - 1;
+            chunks
+                .into_iter()
+                .enumerate()
+                .map(|(n, items)| pb::WatchResponse {
+                    revision,
+                    incarnation,
+                    body: Some(pb::watch_response::Body::Snapshot(pb::Snapshot {
+                        reset,
+                        items,
+                        more: n < last,
+                    })),
+                })
+                .collect()
+        }
+        WatchItem::Replay(events, _) => events
+            .iter()
+            .map(|event| change_pb(event, incarnation))
+            .collect(),
+        WatchItem::Change(event) => vec![change_pb(&event, incarnation)],
+    }
+}
+
+fn change_pb(event: &Arc<super::Event>, incarnation: u64) -> pb::WatchResponse {
+    let (kind, content) = match event.kind {
+        ChangeKind::Put => (pb::change::Kind::Put, true),
+        ChangeKind::Deleted => (pb::change::Kind::Delete, false),
+    };
+    pb::WatchResponse {
+        revision: event.revision,
+        incarnation,
+        body: Some(pb::watch_response::Body::Change(pb::Change {
+            kind: kind as i32,
+            item: Some(item_pb(&event.key, &event.version, content)),
+        })),
+    }
+}

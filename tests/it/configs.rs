@@ -1,0 +1,695 @@
+//! The config centre over gRPC: publish, get, compare-and-set, history,
+//! rollback, delete, limits, credentials, a restart, and the watch's
+//! guarantees (snapshot, every change once and in order, resume, reset).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use shop_mesh::pb::config as pb;
+use shop_mesh::pb::config::configs_client::ConfigsClient;
+use shop_mesh::pb::registry as registry_pb;
+use shop_mesh::pb::registry::registry_client::RegistryClient;
+use shop_mesh::registry::configs::model::{ConfigKey, ContentType, md5_hex};
+use shop_mesh::registry::configs::{Expect, Publish, Selector, WatchItem};
+use shop_mesh::registry::model::GroupKey;
+use shop_mesh::registry::{self, Registry};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::{TestRegistry, admin_token, showing};
+
+async fn configs(registry: &TestRegistry) -> ConfigsClient<Channel> {
+    ConfigsClient::connect(registry.url())
+        .await
+        .expect("connect to the registry")
+}
+
+fn publish(data_id: &str, content: &str) -> pb::PublishRequest {
+    pb::PublishRequest {
+        data_id: data_id.into(),
+        content: content.into(),
+        ..Default::default()
+    }
+}
+
+fn get(data_id: &str) -> pb::GetRequest {
+    pb::GetRequest {
+        data_id: data_id.into(),
+        ..Default::default()
+    }
+}
+
+/// One answer of a watch, as a test compares them: a snapshot's
+/// (data id, content) pairs, or a change's (revision, kind, data id,
+/// content).
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    Snapshot {
+        reset: bool,
+        items: Vec<(String, String)>,
+    },
+    Change(u64, i32, String, String),
+}
+
+async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> (u64, u64, Seen) {
+    let answer = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a watch answer in time")
+        .expect("the watch goes on")
+        .expect("an answer");
+    let seen = match answer.body.expect("a body") {
+        pb::watch_response::Body::Snapshot(snapshot) => Seen::Snapshot {
+            reset: snapshot.reset,
+            items: snapshot
+                .items
+                .into_iter()
+                .map(|i| (i.data_id, i.content))
+                .collect(),
+        },
+        pb::watch_response::Body::Change(change) => {
+            let item = change.item.expect("a change names its item");
+            if change.kind == PUT {
+                assert_eq!(
+                    item.version, answer.revision,
+                    "a put's version is its revision"
+                );
+            }
+            Seen::Change(answer.revision, change.kind, item.data_id, item.content)
+        }
+    };
+    (answer.revision, answer.incarnation, seen)
+}
+
+async fn watch(
+    client: &mut ConfigsClient<Channel>,
+    request: pb::WatchRequest,
+) -> tonic::Streaming<pb::WatchResponse> {
+    client.watch(request).await.expect("watch").into_inner()
+}
+
+const PUT: i32 = pb::change::Kind::Put as i32;
+const DELETE: i32 = pb::change::Kind::Delete as i32;
+
+#[tokio::test]
+async fn publish_get_history_rollback_and_delete_with_compare_and_set() {
+    let registry = TestRegistry::start().await;
+    let mut client = configs(&registry).await;
+
+    let mut first = publish("app.json", r#"{"limit": 1}"#);
+    first.content_type = pb::ContentType::Json as i32;
+    first.expected_version = Some(0);
+    let v1 = client.publish(first.clone()).await.unwrap().into_inner();
+    let item = v1.item.unwrap();
+    assert_eq!(item.version, 1);
+    assert_eq!(item.md5, md5_hex(r#"{"limit": 1}"#));
+    assert_eq!(
+        (item.namespace.as_str(), item.group.as_str()),
+        ("public", "DEFAULT_GROUP")
+    );
+
+    // "Must not exist" refuses a second create.
+    let again = client.publish(first.clone()).await.unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+    assert!(
+        again.message().contains("at version 1"),
+        "{}",
+        again.message()
+    );
+
+    let mut second = publish("app.json", r#"{"limit": 2}"#);
+    second.content_type = pb::ContentType::Json as i32;
+    second.expected_version = Some(1);
+    let v2 = client.publish(second.clone()).await.unwrap().into_inner();
+    assert_eq!(v2.revision, 2);
+    // The same compare-and-set again is stale now, and changes nothing.
+    let stale = client.publish(second).await.unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
+    assert!(
+        stale.message().contains("at version 2, not at version 1"),
+        "{}",
+        stale.message()
+    );
+    let now = client
+        .get(get("app.json"))
+        .await
+        .unwrap()
+        .into_inner()
+        .item
+        .unwrap();
+    assert_eq!((now.version, now.content.as_str()), (2, r#"{"limit": 2}"#));
+
+    // History lists both, newest first; an old version can be read.
+    let history = client
+        .history(pb::HistoryRequest {
+            data_id: "app.json".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    let versions: Vec<(u64, &str)> = history
+        .iter()
+        .map(|v| (v.version, v.content.as_str()))
+        .collect();
+    assert_eq!(versions, [(2, r#"{"limit": 2}"#), (1, r#"{"limit": 1}"#)]);
+    let old = client
+        .get(pb::GetRequest {
+            version: Some(1),
+            ..get("app.json")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .item
+        .unwrap();
+    assert_eq!(old.md5, item.md5);
+
+    // A rollback to version 1 is a new version with version 1's content
+    // and digest, and says where it came from.
+    let rolled = client
+        .rollback(pb::RollbackRequest {
+            data_id: "app.json".into(),
+            version: 1,
+            expected_version: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .item
+        .unwrap();
+    assert_eq!(
+        (
+            rolled.version,
+            rolled.content.as_str(),
+            rolled.md5.as_str(),
+            rolled.rolled_back_from
+        ),
+        (3, r#"{"limit": 1}"#, item.md5.as_str(), 1)
+    );
+    let missing = client
+        .rollback(pb::RollbackRequest {
+            data_id: "app.json".into(),
+            version: 9,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    assert!(
+        missing.message().contains("keeps 3, 2, 1"),
+        "{}",
+        missing.message()
+    );
+
+    // A stale delete is refused; a current one deletes; a publish after it
+    // gets a version never used before.
+    let stale = client
+        .delete(pb::DeleteRequest {
+            data_id: "app.json".into(),
+            expected_version: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    client
+        .delete(pb::DeleteRequest {
+            data_id: "app.json".into(),
+            expected_version: Some(3),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let gone = client.get(get("app.json")).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    assert!(
+        gone.message().contains("public/DEFAULT_GROUP/app.json"),
+        "{}",
+        gone.message()
+    );
+    // The old version 1 cannot be compared-and-set against any more.
+    let stale = client
+        .publish(pb::PublishRequest {
+            expected_version: Some(1),
+            ..publish("app.json", "{}")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let reborn = client
+        .publish(publish("app.json", "x"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reborn.revision, 5);
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn bad_content_and_limits_are_refused_by_name_and_change_nothing() {
+    let registry = TestRegistry::start_with(|config| {
+        config.configs.max_content_bytes = 1024;
+        config.configs.max_items_per_namespace = 2;
+    })
+    .await;
+    let mut client = configs(&registry).await;
+    let typed = |data_id: &str, content: &str, kind: pb::ContentType| pb::PublishRequest {
+        content_type: kind as i32,
+        ..publish(data_id, content)
+    };
+    let cases = [
+        (
+            typed("a.json", "{ not json", pb::ContentType::Json),
+            Code::InvalidArgument,
+            "content: is not valid json",
+        ),
+        (
+            typed("a.toml", "a = = 1", pb::ContentType::Toml),
+            Code::InvalidArgument,
+            "content: is not valid toml",
+        ),
+        (
+            typed("a.yaml", "a: [1", pb::ContentType::Yaml),
+            Code::InvalidArgument,
+            "content: is not valid yaml",
+        ),
+        (
+            typed("a.properties", "=1", pb::ContentType::Properties),
+            Code::InvalidArgument,
+            "no key",
+        ),
+        (
+            publish("big", &"x".repeat(1025)),
+            Code::InvalidArgument,
+            "at most 1024",
+        ),
+        (
+            publish("", "x"),
+            Code::InvalidArgument,
+            "data_id: must not be empty",
+        ),
+        (
+            publish("a b", "x"),
+            Code::InvalidArgument,
+            "data_id: contains ' '",
+        ),
+        (
+            pb::PublishRequest {
+                content_type: 42,
+                ..publish("a", "x")
+            },
+            Code::InvalidArgument,
+            "content_type: 42",
+        ),
+    ];
+    for (request, code, says) in cases {
+        let err = client.publish(request.clone()).await.unwrap_err();
+        assert_eq!(err.code(), code, "{request:?}: {err:?}");
+        assert!(
+            err.message().contains(says),
+            "{request:?}: {}",
+            err.message()
+        );
+    }
+    // Nothing of those was written.
+    let listed = client
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((listed.total, listed.revision), (0, 0));
+
+    client.publish(publish("one", "1")).await.unwrap();
+    client.publish(publish("two", "2")).await.unwrap();
+    let full = client.publish(publish("three", "3")).await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    assert!(
+        full.message().contains("max_items_per_namespace"),
+        "{}",
+        full.message()
+    );
+    // An item held may still change, and another namespace has room.
+    client.publish(publish("two", "2b")).await.unwrap();
+    client
+        .publish(pb::PublishRequest {
+            namespace: "staging".into(),
+            ..publish("three", "3")
+        })
+        .await
+        .unwrap();
+    let listed = client
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<(&str, &str, u64)> = listed
+        .items
+        .iter()
+        .map(|i| (i.data_id.as_str(), i.content.as_str(), i.size))
+        .collect();
+    assert_eq!(names, [("one", "", 1), ("two", "", 2)]);
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn every_watcher_gets_each_change_once_in_order_and_a_resumed_one_what_it_missed() {
+    let registry = TestRegistry::start().await;
+    let mut client = configs(&registry).await;
+    client.publish(publish("before", "0")).await.unwrap();
+    let group = pb::WatchRequest::default();
+    let one = pb::WatchRequest {
+        data_id: "a".into(),
+        ..Default::default()
+    };
+    let mut watchers = Vec::new();
+    for request in [group.clone(), group.clone(), one.clone()] {
+        let mut stream = watch(&mut client, request.clone()).await;
+        let (revision, _, first) = next(&mut stream).await;
+        assert_eq!(revision, 1);
+        let expected = if request.data_id.is_empty() {
+            vec![("before".to_string(), "0".to_string())]
+        } else {
+            vec![]
+        };
+        assert_eq!(
+            first,
+            Seen::Snapshot {
+                reset: false,
+                items: expected
+            }
+        );
+        watchers.push((request, stream));
+    }
+
+    // Changes to two items from two publishers at once.
+    let (mut a, mut b) = (client.clone(), client.clone());
+    let publish_a = async move {
+        for n in 0..20 {
+            a.publish(publish("a", &n.to_string())).await.unwrap();
+        }
+    };
+    let publish_b = async move {
+        for n in 0..20 {
+            b.publish(publish("b", &n.to_string())).await.unwrap();
+        }
+        b.delete(pb::DeleteRequest {
+            data_id: "b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    };
+    tokio::join!(publish_a, publish_b);
+
+    let history_of = |data_id: Option<&str>, seen: &[Seen]| -> Vec<(i32, String, String)> {
+        seen.iter()
+            .filter_map(|s| match s {
+                Seen::Change(_, kind, id, content) if data_id.is_none_or(|d| d == id) => {
+                    Some((*kind, id.clone(), content.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let mut group_seen = None;
+    for (request, stream) in &mut watchers {
+        let wanted = if request.data_id.is_empty() { 41 } else { 20 };
+        let mut seen = Vec::new();
+        let mut last = 1;
+        while seen.len() < wanted {
+            let (revision, _, change) = next(stream).await;
+            assert!(
+                revision > last,
+                "in order, none twice: {revision} after {last}"
+            );
+            last = revision;
+            seen.push(change);
+        }
+        // Each item's own changes, in the order its publisher made them.
+        let a: Vec<_> = (0..20)
+            .map(|n| (PUT, "a".to_string(), n.to_string()))
+            .collect();
+        assert_eq!(history_of(Some("a"), &seen), a);
+        if request.data_id.is_empty() {
+            let mut b: Vec<_> = (0..20)
+                .map(|n| (PUT, "b".to_string(), n.to_string()))
+                .collect();
+            b.push((DELETE, "b".into(), String::new()));
+            assert_eq!(history_of(Some("b"), &seen), b);
+            // Both group watchers saw one and the same order.
+            match &group_seen {
+                None => group_seen = Some(seen),
+                Some(other) => assert_eq!(other, &seen),
+            }
+        }
+    }
+    // Nothing more is queued for anyone.
+    for (_, stream) in &mut watchers {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), stream.next())
+                .await
+                .is_err(),
+            "a watcher got a change twice"
+        );
+    }
+
+    // A watcher that left at revision 10 and comes back gets exactly the
+    // changes after it, then new ones; another incarnation gets a reset.
+    let seen = group_seen.unwrap();
+    let incarnation = {
+        let mut stream = watch(&mut client, group.clone()).await;
+        next(&mut stream).await.1
+    };
+    let mut resumed = watch(
+        &mut client,
+        pb::WatchRequest {
+            start_revision: 11,
+            incarnation,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut replayed = Vec::new();
+    for _ in 11..=42 {
+        replayed.push(next(&mut resumed).await.2);
+    }
+    assert_eq!(replayed, seen[9..], "exactly what it missed");
+    client.publish(publish("after", "1")).await.unwrap();
+    assert_eq!(
+        next(&mut resumed).await.2,
+        Seen::Change(43, PUT, "after".into(), "1".into())
+    );
+    let mut elsewhere = watch(
+        &mut client,
+        pb::WatchRequest {
+            start_revision: 11,
+            incarnation: incarnation ^ 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    match next(&mut elsewhere).await.2 {
+        Seen::Snapshot { reset, items } => {
+            assert!(reset);
+            let ids: Vec<&str> = items.iter().map(|(id, _)| id.as_str()).collect();
+            assert_eq!(ids, ["a", "after", "before"]);
+        }
+        other => panic!("a reset snapshot, not {other:?}"),
+    }
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn a_watcher_too_far_behind_is_reset_and_misses_nothing_after() {
+    let mut config = registry::Config::default();
+    config.configs.watch_buffer = 4;
+    config.configs.watch_history = 4;
+    let registry = Registry::in_memory(&config);
+    let configs = registry.configs();
+    let mut watch = configs
+        .watch(Selector::Group(GroupKey::parse("", "").unwrap()), 0, 0)
+        .unwrap();
+    assert!(matches!(
+        watch.next().await,
+        Some(WatchItem::Snapshot { reset: false, .. })
+    ));
+    let put = |content: &str| Publish {
+        key: ConfigKey::parse("", "", "k").unwrap(),
+        content: content.into(),
+        content_type: ContentType::Text,
+        expect: Expect::Any,
+        by: String::new(),
+    };
+    // It reads nothing while 50 changes are made: it holds no more than
+    // its buffer, and its next read is a reset showing the last value.
+    for n in 0..50 {
+        configs.publish(put(&n.to_string())).await.unwrap();
+    }
+    match watch.next().await {
+        Some(WatchItem::Snapshot {
+            reset: true,
+            items,
+            revision: 50,
+        }) => {
+            assert_eq!(items.len(), 1);
+            assert_eq!(&*items[0].1.content, "49");
+        }
+        other => panic!("a reset snapshot, not {other:?}"),
+    }
+    configs.publish(put("50")).await.unwrap();
+    match watch.next().await {
+        Some(WatchItem::Change(event)) => {
+            assert_eq!((event.revision, &*event.version.content), (51, "50"))
+        }
+        other => panic!("the next change, not {other:?}"),
+    }
+    // A resume from before what is kept is a reset too; from within it,
+    // a replay of exactly what followed.
+    let group = || Selector::Group(GroupKey::parse("", "").unwrap());
+    let mut old = configs.watch(group(), 2, 0).unwrap();
+    assert!(matches!(
+        old.next().await,
+        Some(WatchItem::Snapshot { reset: true, .. })
+    ));
+    let mut recent = configs.watch(group(), 50, 0).unwrap();
+    match recent.next().await {
+        Some(WatchItem::Replay(events, 51)) => {
+            let revisions: Vec<u64> = events.iter().map(|e| e.revision).collect();
+            assert_eq!(revisions, [50, 51]);
+        }
+        other => panic!("a replay, not {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn acknowledged_changes_survive_a_restart_and_versions_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = registry::Config {
+        data_dir: dir.path().to_path_buf(),
+        ..crate::without_credentials()
+    };
+    let registry = TestRegistry::start_on(config.clone()).await;
+    let mut client = configs(&registry).await;
+    for n in 0..3 {
+        client
+            .publish(publish("kept", &n.to_string()))
+            .await
+            .unwrap();
+    }
+    client.publish(publish("dropped", "x")).await.unwrap();
+    client
+        .delete(pb::DeleteRequest {
+            data_id: "dropped".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    registry.stop().await;
+
+    let registry = TestRegistry::start_on(config).await;
+    let mut client = configs(&registry).await;
+    let kept = client
+        .get(get("kept"))
+        .await
+        .unwrap()
+        .into_inner()
+        .item
+        .unwrap();
+    assert_eq!((kept.version, kept.content.as_str()), (3, "2"));
+    let history = client
+        .history(pb::HistoryRequest {
+            data_id: "kept".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(
+        history.iter().map(|v| v.version).collect::<Vec<_>>(),
+        [3, 2, 1]
+    );
+    assert_eq!(
+        client.get(get("dropped")).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // Revisions go on from where they were: no version is used twice.
+    let next = client
+        .publish(publish("kept", "3"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.revision, 6);
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn config_changes_need_a_token_that_may_write_the_data_id() {
+    let registry = TestRegistry::start_with(|config| config.auth.enabled = true).await;
+    let admin = admin_token(&[&registry.config.data_dir]).await;
+    let mut tokens = RegistryClient::connect(registry.url()).await.unwrap();
+    let order_token = tokens
+        .create_token(showing(
+            registry_pb::CreateTokenRequest {
+                name: "order".into(),
+                scope: Some(registry_pb::TokenScope {
+                    namespace: "public".into(),
+                    services: vec!["server-order".into()],
+                    ..Default::default()
+                }),
+            },
+            Some(&admin),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut client = configs(&registry).await;
+    let none = client
+        .publish(publish("server-order", "a = 1"))
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::Unauthenticated);
+    let other = client
+        .publish(showing(publish("server-user", "a = 1"), Some(&order_token)))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied, "{other:?}");
+    let mine = client
+        .publish(showing(
+            publish("server-order", "a = 1"),
+            Some(&order_token),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .item
+        .unwrap();
+    assert_eq!(mine.modified_by, "order");
+    // Reads need a token too; the order token reads its namespace.
+    assert_eq!(
+        client.get(get("server-order")).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    client
+        .get(showing(get("server-order"), Some(&order_token)))
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .watch(showing(
+                pb::WatchRequest {
+                    namespace: "staging".into(),
+                    ..Default::default()
+                },
+                Some(&order_token)
+            ))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    registry.stop().await;
+}
