@@ -56,6 +56,7 @@ pub mod error;
 pub mod etcd;
 pub mod harness;
 pub mod inspect;
+pub mod live;
 pub mod order;
 pub mod pb;
 pub mod product;

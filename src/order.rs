@@ -59,10 +59,8 @@ pub async fn run(
         config.shop.pending_timeout,
         shutdown.clone(),
     ));
-    let service = OrderServiceServer::new(OrderGrpc {
-        placer,
-        max_count: config.shop.max_order_count,
-    });
+    let live = crate::live::Live::follow(config, ShopRole::Order, &metrics, shutdown.clone())?;
+    let service = OrderServiceServer::new(OrderGrpc { placer, live });
     let served = shop::serve(
         (config, ShopRole::Order),
         &metrics,
@@ -79,20 +77,19 @@ pub async fn run(
 
 struct OrderGrpc {
     placer: Placer<RemoteUsers, RemoteProducts>,
-    max_count: u32,
+    /// Where `shop.max_order_count` is read, live.
+    live: crate::live::Live,
 }
 
 impl OrderGrpc {
     fn parse(&self, request: pb::PlaceOrderRequest) -> Result<PlaceOrder, Error> {
         let user_id = shop::parse_id("user_id", request.user_id)?;
         let product_id = shop::parse_id("product_id", request.product_id)?;
-        if request.count <= 0 || request.count as u32 > self.max_count {
+        let max_count = self.live.max_order_count();
+        if request.count <= 0 || request.count as u32 > max_count {
             return Err(Error::invalid(
                 "count",
-                format!(
-                    "must be between 1 and {}, got {}",
-                    self.max_count, request.count
-                ),
+                format!("must be between 1 and {max_count}, got {}", request.count),
             ));
         }
         let request_id = match request.request_id.as_str() {

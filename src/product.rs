@@ -41,6 +41,8 @@ pub async fn run(
         callers,
         metrics: StockMetrics::new(&metrics),
     });
+    // Its live settings: the log level.
+    crate::live::Live::follow(config, ShopRole::Product, &metrics, shutdown.clone())?;
     shop::serve(
         (config, ShopRole::Product),
         &metrics,

@@ -54,6 +54,7 @@ impl Config {
 pub fn init(config: &LogConfig) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let lines = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
@@ -62,10 +63,41 @@ pub fn init(config: &LogConfig) {
         LogFormat::Json => lines.json().with_filter(filter).boxed(),
     };
     let spans = Targets::new().with_target("shop_mesh", tracing::Level::INFO);
-    let _ = tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(lines)
         .with(trace::layer().with_filter(spans))
         .try_init();
+    if installed.is_ok() {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+/// The log lines' filter, once [`init`] installed it: what
+/// [`set_log_level`] replaces.
+static LOG_FILTER: std::sync::OnceLock<tracing_subscriber::reload::Handle<EnvFilter, Registry>> =
+    std::sync::OnceLock::new();
+
+/// Checks a log filter as [`set_log_level`] would take it.
+pub fn parse_log_level(level: &str) -> Result<EnvFilter, String> {
+    EnvFilter::builder()
+        .with_regex(false)
+        .parse(level)
+        .map_err(|err| err.to_string())
+}
+
+/// Replaces the process's log filter with `level` (a `tracing` filter,
+/// as `log.level` takes) while it runs. The filter is the process's: where
+/// several roles share one (`up`), the last set wins. Answers whether a
+/// filter was installed to replace.
+pub fn set_log_level(level: &str) -> Result<bool, String> {
+    let filter = parse_log_level(level)?;
+    match LOG_FILTER.get() {
+        Some(handle) => handle
+            .reload(filter)
+            .map(|()| true)
+            .map_err(|e| e.to_string()),
+        None => Ok(false),
+    }
 }
 
 /// Starts exporting traces when `config` names a collector; the answer

@@ -31,6 +31,8 @@ pub async fn run(
             .map_err(|err| anyhow::anyhow!("cannot load the seed's user: {err}"))?;
     }
     let service = UserServiceServer::new(UserGrpc { users });
+    // Its live settings: the log level.
+    crate::live::Live::follow(config, ShopRole::User, &metrics, shutdown.clone())?;
     shop::serve(
         (config, ShopRole::User),
         &metrics,

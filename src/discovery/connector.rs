@@ -138,16 +138,24 @@ impl Connector {
     /// [`Connector::connect`], also answering which address (as given)
     /// it reached.
     pub async fn connect_named(&self, shutdown: &Shutdown) -> Option<(RegistryClient, String)> {
+        let (channel, addr) = self.connect_channel(shutdown).await?;
+        Some((registry_client::RegistryClient::new(channel), addr))
+    }
+
+    /// A connected channel to the registry showing this process's
+    /// credential, for any of its APIs (the config centre's too), and the
+    /// address reached; `None` once `shutdown` fires.
+    pub async fn connect_channel(
+        &self,
+        shutdown: &Shutdown,
+    ) -> Option<(InterceptedService<Channel, Credential>, String)> {
         let mut delays = self.backoff();
         loop {
             for (addr, endpoint) in &self.endpoints {
                 match endpoint.connect().await {
                     Ok(channel) => {
-                        let client = registry_client::RegistryClient::with_interceptor(
-                            channel,
-                            self.credential.clone(),
-                        );
-                        return Some((client, addr.clone()));
+                        let channel = InterceptedService::new(channel, self.credential.clone());
+                        return Some((channel, addr.clone()));
                     }
                     Err(err) => {
                         tracing::debug!(registry = %endpoint.uri(), %err, "registry unreachable")

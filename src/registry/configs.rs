@@ -319,6 +319,7 @@ impl Configs {
             ));
         }
         publish.content_type.check(&publish.content)?;
+        crate::live::check(&publish.key, publish.content_type, &publish.content)?;
         let Publish {
             key,
             content,

@@ -16,7 +16,13 @@ use shop_mesh::registry::{self, Registry};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::{TestRegistry, admin_token, showing};
+use shop_mesh::live;
+use shop_mesh::pb::shop::PlaceOrderRequest;
+use shop_mesh::roles::ShopRole;
+use shop_mesh::shop::ORDER_SERVICE;
+
+use crate::shop::{Backend, TestShop};
+use crate::{TestRegistry, admin_token, showing, wait_until};
 
 async fn configs(registry: &TestRegistry) -> ConfigsClient<Channel> {
     ConfigsClient::connect(registry.url())
@@ -692,4 +698,119 @@ async fn config_changes_need_a_token_that_may_write_the_data_id() {
         Code::PermissionDenied
     );
     registry.stop().await;
+}
+
+/// The version of its live settings `addr`'s role says it runs.
+async fn live_version(addr: std::net::SocketAddr) -> Option<u64> {
+    let answer = crate::http::send(addr, "GET", "/metrics", &[], None).await;
+    answer
+        .body
+        .lines()
+        .find_map(|line| line.strip_prefix("shop_mesh_live_config_version "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_order_role_takes_max_order_count_live_and_refuses_a_bad_value() {
+    let shop = TestShop::start(Backend::Sqlite, "live-settings", 1, 1)
+        .await
+        .unwrap();
+    let order_role = shop.addr(ShopRole::Order);
+    let mut client = configs(&shop.registry).await;
+    let mut orders = shop.orders();
+    let order = |count: i32, id: &str| PlaceOrderRequest {
+        user_id: 1001,
+        product_id: 1001,
+        count,
+        request_id: id.into(),
+    };
+    orders.place_order(order(3, "live-1")).await.unwrap();
+    assert_eq!(live_version(order_role).await, Some(0));
+
+    let settings = |content: &str| pb::PublishRequest {
+        group: live::GROUP.into(),
+        data_id: ORDER_SERVICE.into(),
+        content: content.into(),
+        content_type: pb::ContentType::Toml as i32,
+        ..Default::default()
+    };
+    let published = client
+        .publish(settings("[shop]\nmax_order_count = 2\n"))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    wait_until(
+        "the order role to apply its live settings",
+        Duration::from_secs(10),
+        || async { live_version(order_role).await == Some(published) },
+    )
+    .await;
+    // No restart: the same instance refuses the next order over the new
+    // limit, and takes one within it.
+    assert_eq!(shop.addr(ShopRole::Order), order_role);
+    let refused = orders.place_order(order(3, "live-2")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("between 1 and 2"),
+        "{}",
+        refused.message()
+    );
+    orders.place_order(order(2, "live-3")).await.unwrap();
+
+    // Bad values are refused when published, naming what is wrong, and
+    // the role keeps its last good value.
+    for (request, says) in [
+        (
+            settings("[shop]\nmax_order_count = 0\n"),
+            "shop.max_order_count is 0",
+        ),
+        (
+            settings("[shop]\nmax_order_count = \"lots\"\n"),
+            "invalid type",
+        ),
+        (
+            settings("[shop]\nmax_orders = 5\n"),
+            "unknown field `max_orders`",
+        ),
+        (settings("[log]\nlevel = \"shop_mesh=[\"\n"), "log.level"),
+        (
+            pb::PublishRequest {
+                content_type: pb::ContentType::Text as i32,
+                ..settings("[shop]\nmax_order_count = 9\n")
+            },
+            "are TOML",
+        ),
+    ] {
+        let err = client.publish(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(says), "{says}: {}", err.message());
+    }
+    assert_eq!(live_version(order_role).await, Some(published));
+    assert_eq!(
+        orders
+            .place_order(order(3, "live-4"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+
+    // Deleted, the role is back on its own configuration's limit.
+    client
+        .delete(pb::DeleteRequest {
+            group: live::GROUP.into(),
+            data_id: ORDER_SERVICE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_until(
+        "the order role to drop its live settings",
+        Duration::from_secs(10),
+        || async { live_version(order_role).await == Some(0) },
+    )
+    .await;
+    orders.place_order(order(3, "live-5")).await.unwrap();
+    shop.stop().await;
 }
