@@ -89,6 +89,9 @@ pub enum Role {
     /// Makes, lists and revokes the registry's tokens (with an admin one).
     #[command(subcommand)]
     Token(crate::token::Command),
+    /// Reads, publishes, rolls back and watches the config centre's items.
+    #[command(name = "config", subcommand)]
+    Configs(crate::configs::Command),
     /// Makes a development CA and a certificate it signed, for TLS.
     Cert(crate::cert::Args),
     /// Runs the shop as processes under load and faults, and checks that
@@ -161,6 +164,7 @@ impl Role {
             | Role::Instances { scope, .. }
             | Role::Watch { scope, .. } => scope.apply(&mut config.discovery),
             Role::Token(command) => command.scope().apply(&mut config.discovery),
+            Role::Configs(command) => command.scope().apply(&mut config.discovery),
             _ => {}
         }
         if self.prints_for_people() {
@@ -182,6 +186,7 @@ impl Role {
             | Role::Instances { .. }
             | Role::Watch { .. }
             | Role::Token(_)
+            | Role::Configs(_)
             | Role::Cert(_) => true,
             Role::Registry(_) | Role::Bench(_) => false,
         }
@@ -293,6 +298,14 @@ async fn run(role: Role, config: Config) -> anyhow::Result<ExitCode> {
         }
         Role::Token(command) => command
             .run(&config.discovery, &config.connections)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Role::Configs(command) => command
+            .run(
+                &config.discovery,
+                &config.connections,
+                crate::shutdown::on_signal(),
+            )
             .await
             .map(|()| ExitCode::SUCCESS),
         Role::Instances { service, scope } => {

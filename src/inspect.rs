@@ -59,6 +59,25 @@ pub(crate) async fn client(
     config: &crate::discovery::Config,
     connections: &Connections,
 ) -> anyhow::Result<(RegistryClient, String)> {
+    let (channel, addr) = channel(config, connections).await?;
+    Ok((
+        crate::pb::registry::registry_client::RegistryClient::new(channel),
+        addr,
+    ))
+}
+
+/// A channel to the first registry address that answers, showing the
+/// configured token, for any of the registry's APIs; and that address.
+pub(crate) async fn channel(
+    config: &crate::discovery::Config,
+    connections: &Connections,
+) -> anyhow::Result<(
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        crate::discovery::Credential,
+    >,
+    String,
+)> {
     let connector = config.connector(connections)?;
     // No endless retrying: a person is waiting. Dropping the attempt at
     // the deadline stops it.
@@ -69,14 +88,14 @@ pub(crate) async fn client(
         .filter(|a| !a.trim().is_empty())
         .count() as u32;
     let patience = config.connect_timeout * (addrs.max(1) + 1);
-    match tokio::time::timeout(patience, connector.connect_named(&never)).await {
+    match tokio::time::timeout(patience, connector.connect_channel(&never)).await {
         Ok(Some(reached)) => Ok(reached),
         _ => anyhow::bail!("cannot reach the registry at {}", config.registry),
     }
 }
 
 /// The line under a table naming the registry node that answered.
-fn answered_by(addr: &str) -> String {
+pub(crate) fn answered_by(addr: &str) -> String {
     format!("\nanswered by {addr}\n")
 }
 

@@ -51,6 +51,7 @@ pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod configs;
 pub mod discovery;
 pub mod error;
 pub mod etcd;

@@ -22,7 +22,7 @@ use shop_mesh::roles::ShopRole;
 use shop_mesh::shop::ORDER_SERVICE;
 
 use crate::shop::{Backend, TestShop};
-use crate::{TestRegistry, admin_token, showing, wait_until};
+use crate::{TestRegistry, admin_token, run_bin, showing, wait_until};
 
 async fn configs(registry: &TestRegistry) -> ConfigsClient<Channel> {
     ConfigsClient::connect(registry.url())
@@ -813,4 +813,174 @@ async fn a_running_order_role_takes_max_order_count_live_and_refuses_a_bad_value
     .await;
     orders.place_order(order(3, "live-5")).await.unwrap();
     shop.stop().await;
+}
+
+#[tokio::test]
+async fn the_config_commands_take_files_in_and_give_them_back_byte_for_byte() {
+    let registry = TestRegistry::start().await;
+    let addr = registry.addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app.toml");
+    let first = "# the app\n[limits]\nmax = 1 # ünïcode kept\n";
+    std::fs::write(&file, first).unwrap();
+    let file_arg = file.display().to_string();
+    let at = ["--registry", addr.as_str()];
+    let run = |args: Vec<&str>| {
+        let args: Vec<String> = args.iter().chain(&at).map(|a| a.to_string()).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_bin(&args).await
+        }
+    };
+
+    // The type comes from the extension; the content is checked as it.
+    let (ok, out, err) = run(vec!["config", "put", "app", "--file", &file_arg]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("published public/DEFAULT_GROUP/app version 1 (toml,"),
+        "{out}"
+    );
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{ nope").unwrap();
+    let bad_arg = bad.display().to_string();
+    let (ok, _, err) = run(vec!["config", "put", "app", "--file", &bad_arg]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("InvalidArgument: content: is not valid json"),
+        "{err}"
+    );
+
+    // Out again, to standard output and to a file, byte for byte.
+    let (ok, out, _) = run(vec!["config", "get", "app"]).await;
+    assert!(ok);
+    assert_eq!(out, first);
+    let copy = dir.path().join("copy.toml");
+    let copy_arg = copy.display().to_string();
+    let (ok, _, err) = run(vec!["config", "get", "app", "--out", &copy_arg]).await;
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read_to_string(&copy).unwrap(), first);
+
+    // A compare-and-set that is stale is refused and says so.
+    let (ok, _, err) = run(vec![
+        "config",
+        "put",
+        "app",
+        "--content",
+        "[limits]\nmax = 2\n",
+        "--type",
+        "toml",
+        "--expect-version",
+        "5",
+    ])
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "FailedPrecondition: config public/DEFAULT_GROUP/app is at version 1, not at version 5"
+        ),
+        "{err}"
+    );
+    let (ok, _, err) = run(vec![
+        "config",
+        "put",
+        "app",
+        "--content",
+        "[limits]\nmax = 2\n",
+        "--type",
+        "toml",
+        "--expect-version",
+        "1",
+    ])
+    .await;
+    assert!(ok, "{err}");
+
+    let (ok, out, _) = run(vec!["config", "history", "app"]).await;
+    assert!(ok);
+    let rows: Vec<&str> = out.lines().skip(1).take_while(|l| !l.is_empty()).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(rows[0].starts_with("toml  2 "), "{out}");
+    let (ok, out, err) = run(vec!["config", "rollback", "app", "--to", "1"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("now version 3"), "{out}");
+    let (ok, out, _) = run(vec!["config", "get", "app"]).await;
+    assert!(ok);
+    assert_eq!(out, first);
+
+    let (ok, out, _) = run(vec!["config", "list", "--json"]).await;
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (
+            listed["data_id"].as_str(),
+            listed["version"].as_u64(),
+            listed["rolled_back_from"].as_u64()
+        ),
+        (Some("app"), Some(3), Some(1))
+    );
+    assert_eq!(listed["md5"], md5_hex(first));
+
+    let (ok, out, err) = run(vec!["config", "delete", "app"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "deleted public/DEFAULT_GROUP/app at revision 4");
+    let (ok, _, err) = run(vec!["config", "get", "app"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("NotFound: no config public/DEFAULT_GROUP/app"),
+        "{err}"
+    );
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn config_watch_prints_each_change_as_it_happens() {
+    let registry = TestRegistry::start().await;
+    let addr = registry.addr.to_string();
+    let mut child = tokio::process::Command::new(crate::BIN)
+        .args([
+            "config",
+            "watch",
+            "--group",
+            "shop-mesh",
+            "--registry",
+            &addr,
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let mut client = configs(&registry).await;
+    let put = pb::PublishRequest {
+        group: live::GROUP.into(),
+        content_type: pb::ContentType::Toml as i32,
+        ..publish(ORDER_SERVICE, "[shop]\nmax_order_count = 3\n")
+    };
+    client.publish(put).await.unwrap();
+    // The watch may start after the publish (then it is in its snapshot)
+    // or before.
+    let first = crate::inspect::next_json(&mut lines).await;
+    assert!(
+        ["put", "snapshot"].contains(&first["event"].as_str().unwrap()),
+        "{first}"
+    );
+    assert_eq!(first["content"], "[shop]\nmax_order_count = 3\n");
+    assert_eq!(first["type"], "toml");
+    client
+        .delete(pb::DeleteRequest {
+            group: live::GROUP.into(),
+            data_id: ORDER_SERVICE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let next = crate::inspect::next_json(&mut lines).await;
+    assert_eq!(
+        (next["event"].as_str(), next["revision"].as_u64()),
+        (Some("delete"), Some(2))
+    );
+    child.kill().await.unwrap();
+    registry.stop().await;
 }

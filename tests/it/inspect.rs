@@ -106,7 +106,9 @@ async fn services_and_instances_print_tables_and_json() {
 }
 
 /// The next line the watch prints, as JSON; within 10 s.
-async fn next_json<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut Lines<R>) -> serde_json::Value {
+pub async fn next_json<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut Lines<R>,
+) -> serde_json::Value {
     let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
         .await
         .expect("a line within 10 s")
