@@ -24,6 +24,7 @@ use crate::pb::registry as pb;
 type RegistryClient = crate::discovery::RegistryClient;
 
 mod cluster;
+mod config;
 mod console;
 mod discovery;
 mod idle;
@@ -32,6 +33,7 @@ mod orders;
 mod watchers;
 
 pub use cluster::ClusterBench;
+pub use config::ConfigBench;
 pub use console::ConsoleBench;
 pub use discovery::DiscoveryBench;
 pub use idle::IdleBench;
@@ -66,6 +68,9 @@ pub enum Bench {
     /// Nacos's 1.x HTTP API: shop-mesh beside r-nacos under the same wrk
     /// scripts, registrations/s, list queries/s and memory per instance.
     Nacos(NacosBench),
+    /// The config centre: publishes/s, gets/s, and the push of a publish
+    /// to a thousand watchers of one item.
+    Config(ConfigBench),
 }
 
 /// `shop-mesh bench registry`: [`RegistryBench`]'s options, and
@@ -433,6 +438,7 @@ impl Bench {
             Bench::Cluster(bench) => bench.run().await,
             Bench::Console(bench) => bench.run().await,
             Bench::Nacos(bench) => bench.run().await,
+            Bench::Config(bench) => bench.run().await,
         }
     }
 }
