@@ -1,4 +1,4 @@
-//! `shop-mesh config get|put|delete|list|history|rollback|watch`: the
+//! `shop-mesh config get|put|delete|list|history|rollback|promote|abandon|watch`: the
 //! registry's config centre from the command line. Content goes in from a
 //! file (or `-`, standard input) and comes out to standard output or a
 //! file, byte for byte, so `get` piped to `put` round-trips; everything
@@ -60,6 +60,38 @@ pub enum Command {
         /// exist yet).
         #[arg(long, value_name = "VERSION")]
         expect_version: Option<u64>,
+        /// Publish as the gray version, for clients at this address
+        /// (repeatable); others keep the current version.
+        #[arg(long, value_name = "IP")]
+        gray_ip: Vec<String>,
+        /// Publish as the gray version, for clients with this label
+        /// (key=value, repeatable: all must match); a role's labels are
+        /// `service` and `instance` (its ip:port).
+        #[arg(long, value_name = "KEY=VALUE", value_parser = label)]
+        gray_label: Vec<(String, String)>,
+        /// Where to publish.
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// Makes an item's gray version its current one, for every client.
+    Promote {
+        /// The item's data id.
+        data_id: String,
+        /// The gray version, as `history` lists it.
+        #[arg(long, value_name = "VERSION")]
+        gray_version: u64,
+        /// Where to publish.
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// Drops an item's gray version: its clients go back to the current
+    /// one.
+    Abandon {
+        /// The item's data id.
+        data_id: String,
+        /// The gray version, as `history` lists it.
+        #[arg(long, value_name = "VERSION")]
+        gray_version: u64,
         /// Where to publish.
         #[command(flatten)]
         scope: Scope,
@@ -127,6 +159,8 @@ impl Command {
             | Command::List { scope, .. }
             | Command::History { scope, .. }
             | Command::Rollback { scope, .. }
+            | Command::Promote { scope, .. }
+            | Command::Abandon { scope, .. }
             | Command::Watch { scope, .. } => scope,
         }
     }
@@ -155,6 +189,7 @@ impl Command {
                         group,
                         data_id,
                         version,
+                        client: None,
                     })
                     .await
                     .map_err(status)?
@@ -184,6 +219,8 @@ impl Command {
                 content,
                 content_type,
                 expect_version,
+                gray_ip,
+                gray_label,
                 scope,
             } => {
                 let content = match (content, &file) {
@@ -205,6 +242,12 @@ impl Command {
                         content,
                         content_type: pb_type(kind) as i32,
                         expected_version: expect_version,
+                        gray: (!gray_ip.is_empty() || !gray_label.is_empty()).then(|| {
+                            pb::GrayRule {
+                                ips: gray_ip,
+                                labels: gray_label.into_iter().collect(),
+                            }
+                        }),
                     })
                     .await
                     .map_err(status)?
@@ -215,10 +258,11 @@ impl Command {
                 } else {
                     writeln!(
                         out,
-                        "published {}/{}/{} version {} ({}, {} bytes, md5 {})",
+                        "published {}/{}/{} {}version {} ({}, {} bytes, md5 {})",
                         item.namespace,
                         item.group,
                         item.data_id,
+                        if item.gray.is_some() { "gray " } else { "" },
                         item.version,
                         kind.name(),
                         item.size,
@@ -363,6 +407,63 @@ impl Command {
                     )?;
                 }
             }
+            Command::Promote {
+                data_id,
+                gray_version,
+                scope,
+            } => {
+                let item = client
+                    .promote(pb::PromoteRequest {
+                        namespace,
+                        group,
+                        data_id,
+                        gray_version,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .item
+                    .unwrap_or_default();
+                if scope.json {
+                    writeln!(out, "{}", item_json(&item, false, &answered))?;
+                } else {
+                    writeln!(
+                        out,
+                        "promoted gray version {gray_version} of {}/{}/{}: now version {} for every client",
+                        item.namespace, item.group, item.data_id, item.version
+                    )?;
+                }
+            }
+            Command::Abandon {
+                data_id,
+                gray_version,
+                scope,
+            } => {
+                let answer = client
+                    .abandon(pb::AbandonRequest {
+                        namespace: namespace.clone(),
+                        group: group.clone(),
+                        data_id: data_id.clone(),
+                        gray_version,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if scope.json {
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"namespace": namespace, "group": group, "data_id": data_id,
+                            "abandoned_at_revision": answer.revision, "answered_by": answered})
+                    )?;
+                } else {
+                    writeln!(
+                        out,
+                        "abandoned gray version {gray_version} of {namespace}/{group}/{data_id} at revision {}",
+                        answer.revision
+                    )?;
+                }
+            }
             Command::Watch { data_id, scope } => {
                 drop(out);
                 return watch(
@@ -446,6 +547,13 @@ where
     }
 }
 
+/// A `key=value` label.
+fn label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not key=value"))
+}
+
 /// A file's content, or standard input's for `-`; it must be UTF-8.
 fn read_content(file: &Path) -> anyhow::Result<String> {
     let mut bytes = Vec::new();
@@ -501,10 +609,15 @@ fn when(ms: u64) -> String {
 }
 
 fn item_row(item: &pb::Item) -> Vec<String> {
+    let version = match (&item.gray, item.gray_version) {
+        (Some(_), _) => format!("{} (gray)", item.version),
+        (None, 0) => item.version.to_string(),
+        (None, gray) => format!("{} (gray {gray} beside)", item.version),
+    };
     vec![
         item.data_id.clone(),
         type_name(item).into(),
-        item.version.to_string(),
+        version,
         item.size.to_string(),
         item.md5.clone(),
         item.modified_by.clone(),
@@ -516,7 +629,9 @@ fn item_json(item: &pb::Item, content: bool, answered: &str) -> serde_json::Valu
     let mut line = json!({"namespace": item.namespace, "group": item.group, "data_id": item.data_id,
         "type": type_name(item), "version": item.version, "bytes": item.size, "md5": item.md5,
         "modified_by": item.modified_by, "modified_ms": item.modified_ms,
-        "rolled_back_from": item.rolled_back_from, "answered_by": answered});
+        "rolled_back_from": item.rolled_back_from, "answered_by": answered,
+        "gray": item.gray.as_ref().map(|g| json!({"ips": g.ips, "labels": g.labels})),
+        "gray_version": item.gray_version});
     if content {
         line["content"] = item.content.clone().into();
     }

@@ -170,19 +170,33 @@ impl Live {
     }
 
     /// Follows `role`'s item at the registry `config` names, applying each
-    /// version as it comes, until `shutdown`.
+    /// version as it comes, until `shutdown`. The role serving on `bound`
+    /// presents itself to gray rules by the address it registers and the
+    /// labels `service` (its service name) and `instance` (that address,
+    /// `ip:port`).
     pub fn follow(
         config: &Config,
-        role: ShopRole,
+        (role, bound): (ShopRole, std::net::SocketAddr),
         metrics: &Metrics,
         shutdown: Shutdown,
     ) -> anyhow::Result<Live> {
         let connector = config.discovery.connector(&config.connections)?;
         let key = ConfigKey::parse(&config.discovery.namespace, GROUP, role.service())?;
+        let addr =
+            crate::discovery::advertise_addr(bound, role.config(config).advertise.as_deref())?;
+        let client = pb::Client {
+            ip: addr.ip().to_string(),
+            labels: [
+                ("service".to_string(), role.service().to_string()),
+                ("instance".to_string(), addr.to_string()),
+            ]
+            .into(),
+        };
         let base = Applied::of(config);
         let (sender, applied) = watch::channel(base.clone());
         let follower = Follower {
             key,
+            client,
             base,
             sender,
             metrics: LiveMetrics::new(metrics),
@@ -230,6 +244,8 @@ impl LiveMetrics {
 /// Applies each version of one item to a role.
 struct Follower {
     key: ConfigKey,
+    /// How it presents itself to gray rules.
+    client: pb::Client,
     /// The role's own values: what a key left out means.
     base: Applied,
     sender: watch::Sender<Applied>,
@@ -251,6 +267,7 @@ impl Follower {
                 data_id: self.key.data_id.to_string(),
                 start_revision: position.map_or(0, |(revision, _)| revision + 1),
                 incarnation: position.map_or(0, |(_, incarnation)| incarnation),
+                client: Some(self.client.clone()),
             };
             match ConfigsClient::new(channel).watch(request).await {
                 Ok(stream) => {
@@ -362,6 +379,7 @@ mod tests {
         let (sender, receiver) = watch::channel(base.clone());
         let follower = Follower {
             key: ConfigKey::parse("", GROUP, ORDER_SERVICE).unwrap(),
+            client: pb::Client::default(),
             base,
             sender,
             metrics: LiveMetrics::default(),

@@ -59,7 +59,12 @@ pub async fn run(
         config.shop.pending_timeout,
         shutdown.clone(),
     ));
-    let live = crate::live::Live::follow(config, ShopRole::Order, &metrics, shutdown.clone())?;
+    let live = crate::live::Live::follow(
+        config,
+        (ShopRole::Order, listener.local_addr()?),
+        &metrics,
+        shutdown.clone(),
+    )?;
     let service = OrderServiceServer::new(OrderGrpc { placer, live });
     let served = shop::serve(
         (config, ShopRole::Order),

@@ -42,7 +42,12 @@ pub async fn run(
         metrics: StockMetrics::new(&metrics),
     });
     // Its live settings: the log level.
-    crate::live::Live::follow(config, ShopRole::Product, &metrics, shutdown.clone())?;
+    crate::live::Live::follow(
+        config,
+        (ShopRole::Product, listener.local_addr()?),
+        &metrics,
+        shutdown.clone(),
+    )?;
     shop::serve(
         (config, ShopRole::Product),
         &metrics,

@@ -32,7 +32,12 @@ pub async fn run(
     }
     let service = UserServiceServer::new(UserGrpc { users });
     // Its live settings: the log level.
-    crate::live::Live::follow(config, ShopRole::User, &metrics, shutdown.clone())?;
+    crate::live::Live::follow(
+        config,
+        (ShopRole::User, listener.local_addr()?),
+        &metrics,
+        shutdown.clone(),
+    )?;
     shop::serve(
         (config, ShopRole::User),
         &metrics,

@@ -32,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use super::model::GroupKey;
 use super::persist;
 use crate::error::Error;
-use model::{ConfigKey, ContentType, Item, Version};
+use model::{Client, ConfigKey, ContentType, Gray, GrayRule, Item, Seen, Version};
 
 /// The `[registry.configs]` section: the config centre's limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,8 +108,11 @@ pub struct Event {
     pub kind: ChangeKind,
     /// The item changed.
     pub key: ConfigKey,
-    /// Its new current version; of a delete, the last it had.
+    /// Its current version after the change; of a delete, the last it
+    /// had.
     pub version: Arc<Version>,
+    /// Its gray version after the change.
+    pub gray: Option<Arc<Gray>>,
 }
 
 /// What a watch follows.
@@ -186,6 +189,8 @@ pub struct Publish {
     pub expect: Expect,
     /// Who publishes: a credential's name, or empty.
     pub by: String,
+    /// Publish as the gray version for the clients this rule picks.
+    pub gray: Option<GrayRule>,
 }
 
 /// The config centre. Cheap to clone: clones share one state.
@@ -305,7 +310,8 @@ impl Configs {
     }
 
     /// Publishes `publish`: its content, checked against its type, becomes
-    /// the item's new current version. Answers that version once durable.
+    /// the item's new current version, or with a gray rule its gray
+    /// version. Answers that version once durable.
     pub async fn publish(&self, publish: Publish) -> Result<Arc<Version>, Error> {
         self.writable()?;
         let limit = self.inner.limits.max_content_bytes;
@@ -326,21 +332,30 @@ impl Configs {
             content_type,
             expect,
             by,
+            gray,
         } = publish;
         let content: Arc<str> = Arc::from(content);
-        self.change(&key, expect, |revision| {
-            Some(Version {
-                version: revision,
-                md5: model::md5_hex(&content),
-                content,
-                content_type,
-                by,
-                at_ms: now_ms(),
-                rolled_back_from: 0,
-            })
+        let version = |revision| Version {
+            version: revision,
+            md5: model::md5_hex(&content),
+            content: content.clone(),
+            content_type,
+            by,
+            at_ms: now_ms(),
+            rolled_back_from: 0,
+        };
+        self.change(&key, expect, |revision, item| match gray {
+            None => Ok(Mutation::Put(version(revision))),
+            Some(rule) if item.is_some() => Ok(Mutation::Gray(Some(Gray {
+                version: Arc::new(version(revision)),
+                rule,
+            }))),
+            Some(_) => Err(Error::FailedPrecondition(format!(
+                "config {key} does not exist; a gray version goes beside a current one, so publish that first"
+            ))),
         })
         .await
-        .map(|v| v.expect("a publish makes a version"))
+        .map(|made| made.expect("a publish makes a version"))
     }
 
     /// Publishes the kept version `version` of `key` again, as its new
@@ -353,10 +368,9 @@ impl Configs {
         by: String,
     ) -> Result<Arc<Version>, Error> {
         self.writable()?;
-        let kept = {
-            let state = self.inner.state.lock();
-            let item = state.items.get(key).ok_or_else(|| not_found(key))?;
-            item.version(version).cloned().ok_or_else(|| {
+        self.change(key, expect, |revision, item| {
+            let item = item.ok_or_else(|| not_found(key))?;
+            let kept = item.version(version).ok_or_else(|| {
                 let kept: Vec<String> = item
                     .versions
                     .iter()
@@ -366,10 +380,8 @@ impl Configs {
                     "config {key} keeps no version {version}; it keeps {}",
                     kept.join(", ")
                 ))
-            })?
-        };
-        self.change(key, expect, |revision| {
-            Some(Version {
+            })?;
+            Ok(Mutation::Put(Version {
                 version: revision,
                 content: kept.content.clone(),
                 content_type: kept.content_type,
@@ -377,37 +389,82 @@ impl Configs {
                 by,
                 at_ms: now_ms(),
                 rolled_back_from: kept.version,
-            })
+            }))
         })
         .await
-        .map(|v| v.expect("a rollback makes a version"))
+        .map(|made| made.expect("a rollback makes a version"))
+    }
+
+    /// Makes the gray version `gray_version` of `key` its current one,
+    /// for every client.
+    pub async fn promote(
+        &self,
+        key: &ConfigKey,
+        gray_version: u64,
+        by: String,
+    ) -> Result<Arc<Version>, Error> {
+        self.writable()?;
+        self.change(key, Expect::Any, |revision, item| {
+            let gray = the_gray(key, item, gray_version)?;
+            Ok(Mutation::Promote(Version {
+                version: revision,
+                content: gray.version.content.clone(),
+                content_type: gray.version.content_type,
+                md5: gray.version.md5.clone(),
+                by,
+                at_ms: now_ms(),
+                rolled_back_from: 0,
+            }))
+        })
+        .await
+        .map(|made| made.expect("a promotion makes a version"))
+    }
+
+    /// Drops the gray version `gray_version` of `key`; answers the
+    /// revision of the change.
+    pub async fn abandon(&self, key: &ConfigKey, gray_version: u64) -> Result<u64, Error> {
+        self.writable()?;
+        let mut at = 0;
+        self.change(key, Expect::Any, |revision, item| {
+            the_gray(key, item, gray_version)?;
+            at = revision;
+            Ok(Mutation::Gray(None))
+        })
+        .await?;
+        Ok(at)
     }
 
     /// Deletes `key` and its history; answers the revision of the change.
     pub async fn delete(&self, key: &ConfigKey, expect: Expect) -> Result<u64, Error> {
         self.writable()?;
-        if !self.inner.state.lock().items.contains_key(key) {
-            return Err(not_found(key));
-        }
-        self.change(key, expect, |_| None).await?;
-        Ok(self.revision())
+        let mut at = 0;
+        self.change(key, expect, |revision, item| {
+            item.ok_or_else(|| not_found(key))?;
+            at = revision;
+            Ok(Mutation::Delete)
+        })
+        .await?;
+        Ok(at)
     }
 
     /// The one way an item changes: under the lock, checks `expect`,
-    /// makes the new version (or none: a delete) at the next revision,
-    /// hands the change to the store in that order, applies it and tells
-    /// the watchers; then waits until the change is durable.
+    /// asks `make` for the change at the next revision (given the item as
+    /// it is), hands it to the store in that order, applies it and tells
+    /// the watchers; then waits until it is durable. Answers the version
+    /// the change made, if it made one.
     async fn change(
         &self,
         key: &ConfigKey,
         expect: Expect,
-        make: impl FnOnce(u64) -> Option<Version>,
+        make: impl FnOnce(u64, Option<&Item>) -> Result<Mutation, Error>,
     ) -> Result<Option<Arc<Version>>, Error> {
         let (made, durable) = {
             let mut state = self.inner.state.lock();
-            let current = state.items.get(key).map(|item| item.current().version);
-            expect.check(key, current)?;
-            if current.is_none() {
+            let item = state.items.get(key);
+            expect.check(key, item.map(|item| item.current().version))?;
+            let revision = state.revision + 1;
+            let mutation = make(revision, item)?;
+            if item.is_none() {
                 let held = state
                     .per_namespace
                     .get(&key.namespace)
@@ -421,21 +478,44 @@ impl Configs {
                     )));
                 }
             }
-            let revision = state.revision + 1;
-            let made = make(revision).map(Arc::new);
-            let record = match &made {
-                Some(version) => persist::Change::ConfigVersion {
+            let put = |version: Version, promoted: bool| {
+                let version = Arc::new(version);
+                let record = persist::Change::ConfigVersion {
                     key: key.clone(),
                     version: version.as_ref().clone(),
                     keep: self.inner.limits.history,
-                },
-                None => persist::Change::ConfigDeleted {
-                    key: key.clone(),
-                    revision,
-                },
+                    clear_gray: promoted,
+                };
+                let applied = Applied::Put {
+                    version: version.clone(),
+                    clear_gray: promoted,
+                };
+                (record, (applied, Some(version)))
+            };
+            let (record, made) = match mutation {
+                Mutation::Put(version) => put(version, false),
+                Mutation::Promote(version) => put(version, true),
+                Mutation::Gray(gray) => {
+                    let gray = gray.map(Arc::new);
+                    let record = persist::Change::ConfigGray {
+                        key: key.clone(),
+                        gray: gray.as_deref().cloned(),
+                        revision,
+                    };
+                    let made = gray.as_ref().map(|g| g.version.clone());
+                    (record, (Applied::Gray(gray), made))
+                }
+                Mutation::Delete => (
+                    persist::Change::ConfigDeleted {
+                        key: key.clone(),
+                        revision,
+                    },
+                    (Applied::Delete, None),
+                ),
             };
             let durable = self.inner.store.as_ref().map(|store| store.submit(record));
-            let event = state.apply(key, made.clone(), revision, &self.inner.limits);
+            let (applied, made) = made;
+            let event = state.apply(key, applied, revision, &self.inner.limits);
             let _ = self.inner.events.send(event);
             (made, durable)
         };
@@ -455,29 +535,54 @@ impl Configs {
         }
     }
 
-    /// The item `key` as it is now.
-    pub fn get(&self, key: &ConfigKey) -> Result<(Arc<Version>, u64), Error> {
+    /// The item `key` as `client` reads it now.
+    pub fn get(&self, key: &ConfigKey, client: &Client) -> Result<Seen, Error> {
         let state = self.inner.state.lock();
         let item = state.items.get(key).ok_or_else(|| not_found(key))?;
-        Ok((item.current().clone(), state.revision))
+        Ok(item.seen_by(client))
     }
 
-    /// The kept version `version` of `key`.
-    pub fn get_version(&self, key: &ConfigKey, version: u64) -> Result<Arc<Version>, Error> {
+    /// The kept version `version` of `key` (its gray one too).
+    pub fn get_version(&self, key: &ConfigKey, version: u64) -> Result<Seen, Error> {
         let state = self.inner.state.lock();
         let item = state.items.get(key).ok_or_else(|| not_found(key))?;
-        item.version(version).cloned().ok_or_else(|| {
+        if let Some(gray) = item.gray.as_ref().filter(|g| g.version.version == version) {
+            return Ok(Seen {
+                key: key.clone(),
+                version: gray.version.clone(),
+                gray_rule: Some(gray.rule.clone()),
+                gray_version: 0,
+            });
+        }
+        let kept = item.version(version).ok_or_else(|| {
             Error::NotFound(format!(
                 "config {key} keeps no version {version}; History lists those it keeps"
             ))
-        })
+        })?;
+        Ok(Seen::of(key.clone(), kept, None, &Client::default()))
     }
 
-    /// The versions kept of `key`, newest first.
-    pub fn history(&self, key: &ConfigKey) -> Result<Vec<Arc<Version>>, Error> {
+    /// The item `key` as History lists it: its gray version (if any),
+    /// then the versions kept, newest first.
+    pub fn history(&self, key: &ConfigKey) -> Result<Vec<Seen>, Error> {
         let state = self.inner.state.lock();
         let item = state.items.get(key).ok_or_else(|| not_found(key))?;
-        Ok(item.versions.clone())
+        let gray = item.gray.iter().map(|gray| Seen {
+            key: key.clone(),
+            version: gray.version.clone(),
+            gray_rule: Some(gray.rule.clone()),
+            gray_version: 0,
+        });
+        let kept = item.versions.iter().enumerate().map(|(n, version)| {
+            let beside = if n == 0 { item.gray.as_ref() } else { None };
+            Seen {
+                key: key.clone(),
+                version: version.clone(),
+                gray_rule: None,
+                gray_version: beside.map_or(0, |g| g.version.version),
+            }
+        });
+        Ok(gray.chain(kept).collect())
     }
 
     /// One page of the items of `group` whose data id contains `search`,
@@ -488,7 +593,7 @@ impl Configs {
         search: &str,
         page: usize,
         page_size: usize,
-    ) -> (Vec<(ConfigKey, Arc<Version>)>, usize, u64) {
+    ) -> (Vec<Seen>, usize, u64) {
         let state = self.inner.state.lock();
         let start = ConfigKey {
             namespace: group.namespace.clone(),
@@ -502,20 +607,22 @@ impl Configs {
             .filter(|(key, _)| key.data_id.contains(search));
         let mut total = 0;
         let mut items = Vec::new();
-        for (key, item) in matching {
+        for (_, item) in matching {
             if total >= page.saturating_sub(1) * page_size && items.len() < page_size {
-                items.push((key.clone(), item.current().clone()));
+                items.push(item.seen_by(&Client::default()));
             }
             total += 1;
         }
         (items, total, state.revision)
     }
 
-    /// Watches `selector` from `start_revision` (0: a snapshot first);
-    /// `incarnation` is the one the revision came from (0: this one).
+    /// Watches `selector` for `client` from `start_revision` (0: a
+    /// snapshot first); `incarnation` is the one the revision came from
+    /// (0: this one).
     pub fn watch(
         &self,
         selector: Selector,
+        client: Client,
         start_revision: u64,
         incarnation: u64,
     ) -> Result<ConfigWatch, Error> {
@@ -530,25 +637,52 @@ impl Configs {
                     self.inner.limits.max_watches
                 ))
             })?;
+        let mut watch = ConfigWatch {
+            configs: self.clone(),
+            selector,
+            client,
+            receiver: self.inner.events.subscribe(),
+            pending: None,
+            sent: HashMap::new(),
+            _permit: permit,
+        };
         let state = self.inner.state.lock();
-        let receiver = self.inner.events.subscribe();
+        // Subscribed again under the lock: every change after what the
+        // first answer shows, and none before.
+        watch.receiver = self.inner.events.subscribe();
         let stale = incarnation != 0 && incarnation != self.inner.incarnation;
         let first = match start_revision {
-            0 => state.snapshot(&selector, false),
-            _ if stale => state.snapshot(&selector, true),
-            from => match state.replay(&selector, from) {
-                Some(events) => WatchItem::Replay(events, state.revision),
-                None => state.snapshot(&selector, true),
+            0 => watch.snapshot(&state, false),
+            _ if stale => watch.snapshot(&state, true),
+            from => match state.replay(&watch.selector, from) {
+                Some(events) => {
+                    WatchItem::Changes(events.iter().filter_map(|e| watch.seen(e)).collect())
+                }
+                None => watch.snapshot(&state, true),
             },
         };
         drop(state);
-        Ok(ConfigWatch {
-            configs: self.clone(),
-            selector,
-            receiver,
-            pending: Some(first),
-            _permit: permit,
-        })
+        watch.pending = Some(first);
+        Ok(watch)
+    }
+}
+
+/// The gray version of `key` that `item` has, if it is `version`.
+fn the_gray<'a>(
+    key: &ConfigKey,
+    item: Option<&'a Item>,
+    version: u64,
+) -> Result<&'a Arc<Gray>, Error> {
+    let item = item.ok_or_else(|| not_found(key))?;
+    match &item.gray {
+        Some(gray) if gray.version.version == version => Ok(gray),
+        Some(gray) => Err(Error::FailedPrecondition(format!(
+            "config {key}'s gray version is {}, not {version}; read it again and retry",
+            gray.version.version
+        ))),
+        None => Err(Error::FailedPrecondition(format!(
+            "config {key} has no gray version"
+        ))),
     }
 }
 
@@ -562,43 +696,73 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A change as `change` decides it, before it is numbered into the state.
+enum Mutation {
+    /// A new current version.
+    Put(Version),
+    /// The gray version's content as the new current version; the gray
+    /// version goes.
+    Promote(Version),
+    /// The gray version set, or dropped.
+    Gray(Option<Gray>),
+    Delete,
+}
+
+/// A mutation as the state applies it.
+enum Applied {
+    Put {
+        version: Arc<Version>,
+        clear_gray: bool,
+    },
+    Gray(Option<Arc<Gray>>),
+    Delete,
+}
+
 impl State {
-    /// Applies a change made at `revision` to `key` (`None`: deleted) and
-    /// keeps it in the history; answers the event watchers are sent.
+    /// Applies a change made at `revision` to `key` and keeps it in the
+    /// history; answers the event watchers are sent.
     fn apply(
         &mut self,
         key: &ConfigKey,
-        made: Option<Arc<Version>>,
+        applied: Applied,
         revision: u64,
         limits: &Limits,
     ) -> Arc<Event> {
         self.revision = revision;
-        let event = match made {
-            Some(version) => {
-                match self.items.get_mut(key) {
+        let (kind, item) = match applied {
+            Applied::Put {
+                version,
+                clear_gray,
+            } => {
+                let item = match self.items.get_mut(key) {
                     Some(item) => {
-                        item.versions.insert(0, version.clone());
+                        item.versions.insert(0, version);
                         item.versions.truncate(limits.history);
+                        if clear_gray {
+                            item.gray = None;
+                        }
+                        item
                     }
                     None => {
                         *self.per_namespace.entry(key.namespace.clone()).or_default() += 1;
-                        self.items.insert(
-                            key.clone(),
-                            Item {
-                                key: key.clone(),
-                                versions: vec![version.clone()],
-                            },
-                        );
+                        self.items.entry(key.clone()).or_insert(Item {
+                            key: key.clone(),
+                            versions: vec![version],
+                            gray: None,
+                        })
                     }
-                }
-                Event {
-                    revision,
-                    kind: ChangeKind::Put,
-                    key: key.clone(),
-                    version,
-                }
+                };
+                (ChangeKind::Put, item.clone())
             }
-            None => {
+            Applied::Gray(gray) => {
+                let item = self
+                    .items
+                    .get_mut(key)
+                    .expect("a gray change of an item held");
+                item.gray = gray;
+                (ChangeKind::Put, item.clone())
+            }
+            Applied::Delete => {
                 let item = self.items.remove(key).expect("a delete of an item held");
                 if let Some(count) = self.per_namespace.get_mut(&key.namespace) {
                     *count -= 1;
@@ -606,15 +770,16 @@ impl State {
                         self.per_namespace.remove(&key.namespace);
                     }
                 }
-                Event {
-                    revision,
-                    kind: ChangeKind::Deleted,
-                    key: key.clone(),
-                    version: item.current().clone(),
-                }
+                (ChangeKind::Deleted, item)
             }
         };
-        let event = Arc::new(event);
+        let event = Arc::new(Event {
+            revision,
+            kind,
+            key: key.clone(),
+            version: item.current().clone(),
+            gray: item.gray.clone(),
+        });
         self.history.push_back(event.clone());
         while self.history.len() > limits.watch_history {
             if let Some(old) = self.history.pop_front() {
@@ -638,57 +803,48 @@ impl State {
                 .collect(),
         )
     }
-
-    fn snapshot(&self, selector: &Selector, reset: bool) -> WatchItem {
-        let items = match selector {
-            Selector::Item(key) => self
-                .items
-                .get(key)
-                .map(|item| (key.clone(), item.current().clone()))
-                .into_iter()
-                .collect(),
-            Selector::Group(group) => self
-                .items
-                .iter()
-                .filter(|(key, _)| key.in_group(group))
-                .map(|(key, item)| (key.clone(), item.current().clone()))
-                .collect(),
-        };
-        WatchItem::Snapshot {
-            reset,
-            items,
-            revision: self.revision,
-        }
-    }
 }
 
 /// What a config watch yields.
 #[derive(Debug, Clone)]
 pub enum WatchItem {
-    /// Every item watched, as of `revision`.
+    /// Every item watched, as the watcher reads it, as of `revision`.
     Snapshot {
         /// The watcher's earlier state is void.
         reset: bool,
-        /// Each item with its current version.
-        items: Vec<(ConfigKey, Arc<Version>)>,
+        /// Each item as the watcher reads it.
+        items: Vec<Seen>,
         /// The revision it was read at.
         revision: u64,
     },
-    /// The changes a resuming watcher missed, up to `revision` (the
-    /// second field), in order; none when it missed nothing.
-    Replay(Vec<Arc<Event>>, u64),
-    /// One change.
-    Change(Arc<Event>),
+    /// Changes, in order: one as it happens, or those a resuming watcher
+    /// missed (none when it missed nothing).
+    Changes(Vec<WatchChange>),
 }
 
-/// A watch of the config centre: its first item, then each change in
-/// order, a reset snapshot when it fell too far behind; ends when the
-/// centre is dropped (the gRPC face ends it at shutdown).
+/// One change, as one watcher reads it.
+#[derive(Debug, Clone)]
+pub struct WatchChange {
+    /// The config revision it made.
+    pub revision: u64,
+    /// What it did.
+    pub kind: ChangeKind,
+    /// The item as the watcher reads it now; of a delete, as it was.
+    pub seen: Seen,
+}
+
+/// A watch of the config centre for one client: its first item, then each
+/// change in order (a change that leaves what the client reads as it was,
+/// such as a gray version for other clients, is not sent), a reset
+/// snapshot when it fell too far behind.
 pub struct ConfigWatch {
     configs: Configs,
     selector: Selector,
+    client: Client,
     receiver: broadcast::Receiver<Arc<Event>>,
     pending: Option<WatchItem>,
+    /// The version of each item last sent.
+    sent: HashMap<ConfigKey, u64>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -701,18 +857,74 @@ impl ConfigWatch {
         loop {
             match self.receiver.recv().await {
                 Ok(event) if self.selector.matches(&event.key) => {
-                    return Some(WatchItem::Change(event));
+                    if let Some(change) = self.seen(&event) {
+                        return Some(WatchItem::Changes(vec![change]));
+                    }
                 }
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    let state = self.configs.inner.state.lock();
+                    let configs = self.configs.clone();
+                    let state = configs.inner.state.lock();
                     // Taken together under the lock: nothing falls between
                     // the snapshot and the changes after it.
-                    self.receiver = self.configs.inner.events.subscribe();
-                    return Some(state.snapshot(&self.selector, true));
+                    self.receiver = configs.inner.events.subscribe();
+                    return Some(self.snapshot(&state, true));
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
+        }
+    }
+
+    /// `event` as this watcher reads it; none when what it reads did not
+    /// change.
+    fn seen(&mut self, event: &Event) -> Option<WatchChange> {
+        let seen = Seen::of(
+            event.key.clone(),
+            &event.version,
+            event.gray.as_ref(),
+            &self.client,
+        );
+        match event.kind {
+            ChangeKind::Deleted => {
+                self.sent.remove(&event.key);
+            }
+            ChangeKind::Put => {
+                let before = self.sent.insert(event.key.clone(), seen.version.version);
+                if before == Some(seen.version.version) {
+                    return None;
+                }
+            }
+        }
+        Some(WatchChange {
+            revision: event.revision,
+            kind: event.kind,
+            seen,
+        })
+    }
+
+    fn snapshot(&mut self, state: &State, reset: bool) -> WatchItem {
+        let items: Vec<Seen> = match &self.selector {
+            Selector::Item(key) => state
+                .items
+                .get(key)
+                .map(|item| item.seen_by(&self.client))
+                .into_iter()
+                .collect(),
+            Selector::Group(group) => state
+                .items
+                .values()
+                .filter(|item| item.key.in_group(group))
+                .map(|item| item.seen_by(&self.client))
+                .collect(),
+        };
+        self.sent = items
+            .iter()
+            .map(|seen| (seen.key.clone(), seen.version.version))
+            .collect();
+        WatchItem::Snapshot {
+            reset,
+            items,
+            revision: state.revision,
         }
     }
 

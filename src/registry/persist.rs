@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::configs::model::{ConfigKey, Version};
+use super::configs::model::{ConfigKey, Gray, Version};
 use super::model::{Instance, InstanceAddr, ServiceKey, ServiceSettings};
 use crate::auth::{Grant, TokenId};
 
@@ -56,6 +56,15 @@ pub enum Change {
         key: ConfigKey,
         version: Version,
         keep: usize,
+        /// A promotion: the gray version goes.
+        #[serde(default)]
+        clear_gray: bool,
+    },
+    /// A config item's gray version set (or dropped), at `revision`.
+    ConfigGray {
+        key: ConfigKey,
+        gray: Option<Gray>,
+        revision: u64,
     },
     /// A config item deleted with its history, at `revision`.
     ConfigDeleted { key: ConfigKey, revision: u64 },

@@ -9,7 +9,7 @@ use shop_mesh::pb::config as pb;
 use shop_mesh::pb::config::configs_client::ConfigsClient;
 use shop_mesh::pb::registry as registry_pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
-use shop_mesh::registry::configs::model::{ConfigKey, ContentType, md5_hex};
+use shop_mesh::registry::configs::model::{Client, ConfigKey, ContentType, md5_hex};
 use shop_mesh::registry::configs::{Expect, Publish, Selector, WatchItem};
 use shop_mesh::registry::model::GroupKey;
 use shop_mesh::registry::{self, Registry};
@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 
 use shop_mesh::live;
 use shop_mesh::pb::shop::PlaceOrderRequest;
+use shop_mesh::pb::shop::order_service_client::OrderServiceClient;
 use shop_mesh::roles::ShopRole;
 use shop_mesh::shop::ORDER_SERVICE;
 
@@ -74,12 +75,13 @@ async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> (u64, u64, Se
         },
         pb::watch_response::Body::Change(change) => {
             let item = change.item.expect("a change names its item");
-            if change.kind == PUT {
-                assert_eq!(
-                    item.version, answer.revision,
-                    "a put's version is its revision"
-                );
-            }
+            // A put's version is its revision, or an earlier one when
+            // what the watcher reads went back (a gray version abandoned).
+            assert!(
+                item.version <= answer.revision,
+                "{item:?} at {}",
+                answer.revision
+            );
             Seen::Change(answer.revision, change.kind, item.data_id, item.content)
         }
     };
@@ -515,7 +517,12 @@ async fn a_watcher_too_far_behind_is_reset_and_misses_nothing_after() {
     let registry = Registry::in_memory(&config);
     let configs = registry.configs();
     let mut watch = configs
-        .watch(Selector::Group(GroupKey::parse("", "").unwrap()), 0, 0)
+        .watch(
+            Selector::Group(GroupKey::parse("", "").unwrap()),
+            Client::default(),
+            0,
+            0,
+        )
         .unwrap();
     assert!(matches!(
         watch.next().await,
@@ -527,6 +534,7 @@ async fn a_watcher_too_far_behind_is_reset_and_misses_nothing_after() {
         content_type: ContentType::Text,
         expect: Expect::Any,
         by: String::new(),
+        gray: None,
     };
     // It reads nothing while 50 changes are made: it holds no more than
     // its buffer, and its next read is a reset showing the last value.
@@ -540,29 +548,33 @@ async fn a_watcher_too_far_behind_is_reset_and_misses_nothing_after() {
             revision: 50,
         }) => {
             assert_eq!(items.len(), 1);
-            assert_eq!(&*items[0].1.content, "49");
+            assert_eq!(&*items[0].version.content, "49");
         }
         other => panic!("a reset snapshot, not {other:?}"),
     }
     configs.publish(put("50")).await.unwrap();
     match watch.next().await {
-        Some(WatchItem::Change(event)) => {
-            assert_eq!((event.revision, &*event.version.content), (51, "50"))
+        Some(WatchItem::Changes(changes)) => {
+            let seen: Vec<(u64, &str)> = changes
+                .iter()
+                .map(|c| (c.revision, &*c.seen.version.content))
+                .collect();
+            assert_eq!(seen, [(51, "50")]);
         }
         other => panic!("the next change, not {other:?}"),
     }
     // A resume from before what is kept is a reset too; from within it,
     // a replay of exactly what followed.
     let group = || Selector::Group(GroupKey::parse("", "").unwrap());
-    let mut old = configs.watch(group(), 2, 0).unwrap();
+    let mut old = configs.watch(group(), Client::default(), 2, 0).unwrap();
     assert!(matches!(
         old.next().await,
         Some(WatchItem::Snapshot { reset: true, .. })
     ));
-    let mut recent = configs.watch(group(), 50, 0).unwrap();
+    let mut recent = configs.watch(group(), Client::default(), 50, 0).unwrap();
     match recent.next().await {
-        Some(WatchItem::Replay(events, 51)) => {
-            let revisions: Vec<u64> = events.iter().map(|e| e.revision).collect();
+        Some(WatchItem::Changes(changes)) => {
+            let revisions: Vec<u64> = changes.iter().map(|c| c.revision).collect();
             assert_eq!(revisions, [50, 51]);
         }
         other => panic!("a replay, not {other:?}"),
@@ -592,6 +604,16 @@ async fn acknowledged_changes_survive_a_restart_and_versions_go_on() {
         })
         .await
         .unwrap();
+    client
+        .publish(pb::PublishRequest {
+            gray: Some(pb::GrayRule {
+                ips: vec!["10.0.0.7".into()],
+                ..Default::default()
+            }),
+            ..publish("kept", "gray")
+        })
+        .await
+        .unwrap();
     registry.stop().await;
 
     let registry = TestRegistry::start_on(config).await;
@@ -613,9 +635,13 @@ async fn acknowledged_changes_survive_a_restart_and_versions_go_on() {
         .unwrap()
         .into_inner()
         .versions;
+    // The gray version first, as History lists it, then those kept.
     assert_eq!(
-        history.iter().map(|v| v.version).collect::<Vec<_>>(),
-        [3, 2, 1]
+        history
+            .iter()
+            .map(|v| (v.version, v.gray.is_some()))
+            .collect::<Vec<_>>(),
+        [(6, true), (3, false), (2, false), (1, false)]
     );
     assert_eq!(
         client.get(get("dropped")).await.unwrap_err().code(),
@@ -627,7 +653,7 @@ async fn acknowledged_changes_survive_a_restart_and_versions_go_on() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(next.revision, 6);
+    assert_eq!(next.revision, 7);
     registry.stop().await;
 }
 
@@ -983,4 +1009,280 @@ async fn config_watch_prints_each_change_as_it_happens() {
     );
     child.kill().await.unwrap();
     registry.stop().await;
+}
+
+#[tokio::test]
+async fn a_gray_version_reaches_only_the_clients_its_rule_picks_until_promoted_or_abandoned() {
+    let registry = TestRegistry::start().await;
+    let mut client = configs(&registry).await;
+    let current = client
+        .publish(publish("app", "v1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    let picked = pb::Client {
+        ip: "10.0.0.7".into(),
+        ..Default::default()
+    };
+    let labelled = pb::Client {
+        ip: "10.0.0.9".into(),
+        labels: [("zone".to_string(), "a".to_string())].into(),
+    };
+    let other = pb::Client {
+        ip: "10.0.0.8".into(),
+        labels: [("zone".to_string(), "b".to_string())].into(),
+    };
+    let watch_as = |who: &pb::Client| pb::WatchRequest {
+        data_id: "app".into(),
+        client: Some(who.clone()),
+        ..Default::default()
+    };
+    let mut watches = Vec::new();
+    for who in [&picked, &labelled, &other] {
+        let mut stream = watch(&mut client, watch_as(who)).await;
+        next(&mut stream).await;
+        watches.push(stream);
+    }
+
+    // A gray version needs a current one beside it.
+    let orphan = client
+        .publish(pb::PublishRequest {
+            gray: Some(pb::GrayRule {
+                ips: vec!["10.0.0.7".into()],
+                ..Default::default()
+            }),
+            ..publish("nothing-yet", "x")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(orphan.code(), Code::FailedPrecondition, "{orphan:?}");
+
+    let gray = client
+        .publish(pb::PublishRequest {
+            gray: Some(pb::GrayRule {
+                ips: vec!["10.0.0.7".into()],
+                labels: [("zone".to_string(), "a".to_string())].into(),
+            }),
+            ..publish("app", "v2-gray")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .item
+        .unwrap();
+    assert!(gray.gray.is_some());
+    let get_as = |who: Option<&pb::Client>| pb::GetRequest {
+        client: who.cloned(),
+        ..get("app")
+    };
+    for (who, content) in [
+        (Some(&picked), "v2-gray"),
+        (Some(&labelled), "v2-gray"),
+        (Some(&other), "v1"),
+        (None, "v1"),
+    ] {
+        let item = client
+            .get(get_as(who))
+            .await
+            .unwrap()
+            .into_inner()
+            .item
+            .unwrap();
+        assert_eq!(item.content, content, "{who:?}");
+    }
+    let current_item = client
+        .get(get_as(None))
+        .await
+        .unwrap()
+        .into_inner()
+        .item
+        .unwrap();
+    assert_eq!(current_item.gray_version, gray.version);
+    // The picked watchers are pushed the gray version; the other is not
+    // told of a change that changes nothing it reads.
+    for stream in &mut watches[..2] {
+        assert_eq!(
+            next(stream).await.2,
+            Seen::Change(gray.version, PUT, "app".into(), "v2-gray".into())
+        );
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), watches[2].next())
+            .await
+            .is_err(),
+        "a client the rule does not pick was sent the gray version"
+    );
+
+    // Promoting another version than the gray one is refused; promoting
+    // it makes it everyone's, as a new current version.
+    let wrong = client
+        .promote(pb::PromoteRequest {
+            data_id: "app".into(),
+            gray_version: current,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::FailedPrecondition, "{wrong:?}");
+    let promoted = client
+        .promote(pb::PromoteRequest {
+            data_id: "app".into(),
+            gray_version: gray.version,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .item
+        .unwrap();
+    assert_eq!(
+        (promoted.content.as_str(), promoted.md5.as_str()),
+        ("v2-gray", gray.md5.as_str())
+    );
+    // Only the client that had not read it hears of it.
+    assert_eq!(
+        next(&mut watches[2]).await.2,
+        Seen::Change(promoted.version, PUT, "app".into(), "v2-gray".into())
+    );
+    for stream in &mut watches[..2] {
+        let answer = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+        if let Ok(Some(Ok(answer))) = answer {
+            // Its content is the same, its version the promoted one.
+            let pb::watch_response::Body::Change(change) = answer.body.unwrap() else {
+                panic!("a change");
+            };
+            assert_eq!(change.item.unwrap().content, "v2-gray");
+        }
+    }
+
+    // Abandoned, a gray version's clients go back to the current one.
+    let second = client
+        .publish(pb::PublishRequest {
+            gray: Some(pb::GrayRule {
+                ips: vec!["10.0.0.8".into()],
+                ..Default::default()
+            }),
+            ..publish("app", "v3-gray")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    assert_eq!(
+        next(&mut watches[2]).await.2,
+        Seen::Change(second, PUT, "app".into(), "v3-gray".into())
+    );
+    client
+        .abandon(pb::AbandonRequest {
+            data_id: "app".into(),
+            gray_version: second,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    match next(&mut watches[2]).await.2 {
+        Seen::Change(_, PUT, id, content) => {
+            assert_eq!((id.as_str(), content.as_str()), ("app", "v2-gray"))
+        }
+        other => panic!("back to the current version, not {other:?}"),
+    }
+    let item = client
+        .get(get_as(Some(&other)))
+        .await
+        .unwrap()
+        .into_inner()
+        .item
+        .unwrap();
+    assert_eq!((item.content.as_str(), item.gray_version), ("v2-gray", 0));
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gray_max_order_count_reaches_one_order_instance_until_promoted() {
+    let shop = TestShop::start(Backend::Sqlite, "live-gray", 1, 2)
+        .await
+        .unwrap();
+    let instances = shop.addrs(ShopRole::Order);
+    assert_eq!(instances.len(), 2);
+    let other = instances[1];
+    let mut client = configs(&shop.registry).await;
+    let settings = |content: &str| pb::PublishRequest {
+        group: live::GROUP.into(),
+        data_id: ORDER_SERVICE.into(),
+        content: content.into(),
+        content_type: pb::ContentType::Toml as i32,
+        ..Default::default()
+    };
+    let current = client
+        .publish(settings("[shop]\nmax_order_count = 100\n"))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    let gray = client
+        .publish(pb::PublishRequest {
+            gray: Some(pb::GrayRule {
+                labels: [("instance".to_string(), instances[0].to_string())].into(),
+                ..Default::default()
+            }),
+            ..settings("[shop]\nmax_order_count = 2\n")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    for (addr, version) in [(instances[0], gray), (instances[1], current)] {
+        wait_until(
+            &format!("{addr} to run version {version}"),
+            Duration::from_secs(10),
+            || async move { live_version(addr).await == Some(version) },
+        )
+        .await;
+    }
+    // Straight to each instance: the gray one refuses 3, the other not.
+    let order = |count: i32, id: &str| PlaceOrderRequest {
+        user_id: 1001,
+        product_id: 1001,
+        count,
+        request_id: id.into(),
+    };
+    let mut gray_one = OrderServiceClient::connect(format!("http://{}", instances[0]))
+        .await
+        .unwrap();
+    let mut other_one = OrderServiceClient::connect(format!("http://{}", instances[1]))
+        .await
+        .unwrap();
+    let refused = gray_one.place_order(order(3, "gray-1")).await.unwrap_err();
+    assert!(
+        refused.message().contains("between 1 and 2"),
+        "{}",
+        refused.message()
+    );
+    other_one.place_order(order(3, "gray-2")).await.unwrap();
+
+    let promoted = client
+        .promote(pb::PromoteRequest {
+            group: live::GROUP.into(),
+            data_id: ORDER_SERVICE.into(),
+            gray_version: gray,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    wait_until(
+        "the other instance to run the promoted version",
+        Duration::from_secs(10),
+        || async move { live_version(other).await == Some(promoted) },
+    )
+    .await;
+    let refused = other_one.place_order(order(3, "gray-3")).await.unwrap_err();
+    assert!(
+        refused.message().contains("between 1 and 2"),
+        "{}",
+        refused.message()
+    );
+    shop.stop().await;
 }

@@ -313,11 +313,13 @@ fn every_rpc_answers_any_field_with_a_code_a_person_can_act_on() {
             (text(), text(), text(), text()),
             (any::<i32>(), proptest::option::of(0u64..4), 0u64..4),
             (any::<u32>(), any::<u32>()),
+            (text(), text(), any::<bool>()),
         ),
         move |(
             (namespace, group, data_id, content),
             (content_type, expected, version),
             (page, page_size),
+            (ip, label, gray),
         )| {
             let mut client = client.clone();
             Box::new(Box::pin(async move {
@@ -328,13 +330,22 @@ fn every_rpc_answers_any_field_with_a_code_a_person_can_act_on() {
                     content,
                     content_type,
                     expected_version: expected,
+                    gray: gray.then(|| cfg::GrayRule {
+                        ips: vec![ip.clone()],
+                        labels: HashMap::from([(label.clone(), ip.clone())]),
+                    }),
                 };
                 check("Configs.Publish", client.publish(publish).await)?;
+                let asking = cfg::Client {
+                    ip: ip.clone(),
+                    labels: HashMap::from([(label.clone(), ip.clone())]),
+                };
                 let get = cfg::GetRequest {
                     namespace: namespace.clone(),
                     group: group.clone(),
                     data_id: data_id.clone(),
                     version: expected,
+                    client: Some(asking.clone()),
                 };
                 check("Configs.Get", client.get(get).await)?;
                 let history = cfg::HistoryRequest {
@@ -365,8 +376,23 @@ fn every_rpc_answers_any_field_with_a_code_a_person_can_act_on() {
                     data_id: data_id.clone(),
                     start_revision: version,
                     incarnation: page.into(),
+                    client: Some(asking),
                 };
                 check("Configs.Watch", client.watch(watch).await.map(drop))?;
+                let promote = cfg::PromoteRequest {
+                    namespace: namespace.clone(),
+                    group: group.clone(),
+                    data_id: data_id.clone(),
+                    gray_version: version,
+                };
+                check("Configs.Promote", client.promote(promote).await)?;
+                let abandon = cfg::AbandonRequest {
+                    namespace: namespace.clone(),
+                    group: group.clone(),
+                    data_id: data_id.clone(),
+                    gray_version: version,
+                };
+                check("Configs.Abandon", client.abandon(abandon).await)?;
                 let delete = cfg::DeleteRequest {
                     namespace,
                     group,

@@ -279,6 +279,15 @@ impl TestShop {
         spawned.addr
     }
 
+    /// Where every instance of `role` serves, in the order they started.
+    pub fn addrs(&self, role: ShopRole) -> Vec<std::net::SocketAddr> {
+        self.roles
+            .iter()
+            .filter(|(running, _)| *running == role)
+            .map(|(_, spawned)| spawned.addr)
+            .collect()
+    }
+
     /// PlaceOrder and friends, through the registry like any caller.
     pub fn orders(&self) -> OrderServiceClient<BalancedChannel> {
         OrderServiceClient::new(self.mesh.channel(ORDER_SERVICE))

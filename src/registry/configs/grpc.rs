@@ -8,8 +8,8 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::model::{ConfigKey, ContentType, Version};
-use super::{ChangeKind, Configs, Expect, Publish, Selector, WatchItem};
+use super::model::{Client, ConfigKey, ContentType, GrayRule, Seen, Version};
+use super::{ChangeKind, Configs, Expect, Publish, Selector, WatchChange, WatchItem};
 use crate::auth::{Grant, Need};
 use crate::error::Error;
 use crate::pb::config as pb;
@@ -84,6 +84,10 @@ impl pb::configs_server::Configs for ConfigService {
         let by = self.may_write(&request, &key)?;
         let r = request.into_inner();
         let content_type = content_type_from_pb(r.content_type)?;
+        let gray = r
+            .gray
+            .map(|rule| GrayRule::parse(&rule.ips, rule.labels))
+            .transpose()?;
         let version = self
             .configs()
             .publish(Publish {
@@ -92,11 +96,18 @@ impl pb::configs_server::Configs for ConfigService {
                 content_type,
                 expect: Expect::from_wire(r.expected_version),
                 by,
+                gray: gray.clone(),
             })
             .await?;
+        let seen = Seen {
+            key,
+            version,
+            gray_rule: gray,
+            gray_version: 0,
+        };
         Ok(Response::new(pb::PublishResponse {
-            revision: version.version,
-            item: Some(item_pb(&key, &version, true)),
+            revision: seen.version.version,
+            item: Some(item_pb(&seen, true)),
         }))
     }
 
@@ -109,12 +120,13 @@ impl pb::configs_server::Configs for ConfigService {
             ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
         };
         self.may_read(&request, &key.namespace)?;
-        let version = match request.get_ref().version {
-            None => self.configs().get(&key)?.0,
+        let r = request.into_inner();
+        let seen = match r.version {
+            None => self.configs().get(&key, &client_from_pb(r.client)?)?,
             Some(version) => self.configs().get_version(&key, version)?,
         };
         Ok(Response::new(pb::GetResponse {
-            item: Some(item_pb(&key, &version, true)),
+            item: Some(item_pb(&seen, true)),
         }))
     }
 
@@ -164,10 +176,7 @@ impl pb::configs_server::Configs for ConfigService {
         let page = (r.page as usize).max(1);
         let (items, total, revision) = self.configs().list(&group, &r.search, page, page_size);
         Ok(Response::new(pb::ListResponse {
-            items: items
-                .iter()
-                .map(|(key, version)| item_pb(key, version, false))
-                .collect(),
+            items: items.iter().map(|seen| item_pb(seen, false)).collect(),
             total: total as u32,
             revision,
         }))
@@ -184,7 +193,7 @@ impl pb::configs_server::Configs for ConfigService {
         self.may_read(&request, &key.namespace)?;
         let versions = self.configs().history(&key)?;
         Ok(Response::new(pb::HistoryResponse {
-            versions: versions.iter().map(|v| item_pb(&key, v, true)).collect(),
+            versions: versions.iter().map(|seen| item_pb(seen, true)).collect(),
         }))
     }
 
@@ -205,10 +214,35 @@ impl pb::configs_server::Configs for ConfigService {
             .configs()
             .rollback(&key, r.version, Expect::from_wire(r.expected_version), by)
             .await?;
-        Ok(Response::new(pb::PublishResponse {
-            revision: version.version,
-            item: Some(item_pb(&key, &version, true)),
-        }))
+        Ok(Response::new(published(key, version)))
+    }
+
+    async fn promote(
+        &self,
+        request: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let key = {
+            let r = request.get_ref();
+            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
+        };
+        let by = self.may_write(&request, &key)?;
+        let gray_version = gray_version(request.get_ref().gray_version)?;
+        let version = self.configs().promote(&key, gray_version, by).await?;
+        Ok(Response::new(published(key, version)))
+    }
+
+    async fn abandon(
+        &self,
+        request: Request<pb::AbandonRequest>,
+    ) -> Result<Response<pb::AbandonResponse>, Status> {
+        let key = {
+            let r = request.get_ref();
+            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
+        };
+        self.may_write(&request, &key)?;
+        let gray_version = gray_version(request.get_ref().gray_version)?;
+        let revision = self.configs().abandon(&key, gray_version).await?;
+        Ok(Response::new(pb::AbandonResponse { revision }))
     }
 
     type WatchStream = BoxStream<pb::WatchResponse>;
@@ -232,9 +266,10 @@ impl pb::configs_server::Configs for ConfigService {
         } else {
             Selector::Item(ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?)
         };
+        let client = client_from_pb(r.client)?;
         let watch = self
             .configs()
-            .watch(selector, r.start_revision, r.incarnation)?;
+            .watch(selector, client, r.start_revision, r.incarnation)?;
         let incarnation = self.configs().incarnation();
         let registry = self.registry.clone();
         // A token revoked while its watch is open gets no further change:
@@ -292,8 +327,37 @@ fn content_type_pb(kind: ContentType) -> pb::ContentType {
     }
 }
 
-/// `key` at `version`, with its content or without.
-pub fn item_pb(key: &ConfigKey, version: &Version, content: bool) -> pb::Item {
+/// The version a current one became, as Publish answers it.
+fn published(key: ConfigKey, version: Arc<Version>) -> pb::PublishResponse {
+    let seen = Seen::of(key, &version, None, &Client::default());
+    pb::PublishResponse {
+        revision: version.version,
+        item: Some(item_pb(&seen, true)),
+    }
+}
+
+/// The gray version a request names; it must name one.
+fn gray_version(version: u64) -> Result<u64, Error> {
+    match version {
+        0 => Err(Error::invalid(
+            "gray_version",
+            "must be set: the gray version, as Get or History show it",
+        )),
+        version => Ok(version),
+    }
+}
+
+/// Who a request says asks; anyone when it says nothing.
+fn client_from_pb(client: Option<pb::Client>) -> Result<Client, Error> {
+    match client {
+        None => Ok(Client::default()),
+        Some(client) => Client::parse(&client.ip, client.labels),
+    }
+}
+
+/// An item as a client reads it, with its content or without.
+pub fn item_pb(seen: &Seen, content: bool) -> pb::Item {
+    let (key, version) = (&seen.key, &seen.version);
     pb::Item {
         namespace: String::from(&*key.namespace),
         group: String::from(&*key.group),
@@ -310,11 +374,20 @@ pub fn item_pb(key: &ConfigKey, version: &Version, content: bool) -> pb::Item {
         modified_ms: version.at_ms,
         size: version.content.len() as u64,
         rolled_back_from: version.rolled_back_from,
+        gray: seen.gray_rule.as_ref().map(|rule| pb::GrayRule {
+            ips: rule.ips.iter().map(|ip| ip.to_string()).collect(),
+            labels: rule
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }),
+        gray_version: seen.gray_version,
     }
 }
 
 /// The answers one watch item becomes: a snapshot in messages of at
-/// most [`SNAPSHOT_BYTES`] of content, a replay as one change apiece.
+/// most [`SNAPSHOT_BYTES`] of content, changes one apiece.
 fn watch_responses(item: WatchItem, incarnation: u64) -> Vec<pb::WatchResponse> {
     match item {
         WatchItem::Snapshot {
@@ -324,8 +397,8 @@ fn watch_responses(item: WatchItem, incarnation: u64) -> Vec<pb::WatchResponse> 
         } => {
             let mut chunks: Vec<Vec<pb::Item>> = vec![Vec::new()];
             let mut bytes = 0;
-            for (key, version) in &items {
-                let size = version.content.len();
+            for seen in &items {
+                let size = seen.version.content.len();
                 if bytes + size > SNAPSHOT_BYTES && !chunks.last().is_some_and(Vec::is_empty) {
                     chunks.push(Vec::new());
                     bytes = 0;
@@ -334,7 +407,7 @@ fn watch_responses(item: WatchItem, incarnation: u64) -> Vec<pb::WatchResponse> 
                 chunks
                     .last_mut()
                     .expect("one chunk at least")
-                    .push(item_pb(key, version, true));
+                    .push(item_pb(seen, true));
             }
             let last = chunks.len() - 1;
             chunks
@@ -351,25 +424,24 @@ fn watch_responses(item: WatchItem, incarnation: u64) -> Vec<pb::WatchResponse> 
                 })
                 .collect()
         }
-        WatchItem::Replay(events, _) => events
+        WatchItem::Changes(changes) => changes
             .iter()
-            .map(|event| change_pb(event, incarnation))
+            .map(|change| change_pb(change, incarnation))
             .collect(),
-        WatchItem::Change(event) => vec![change_pb(&event, incarnation)],
     }
 }
 
-fn change_pb(event: &Arc<super::Event>, incarnation: u64) -> pb::WatchResponse {
-    let (kind, content) = match event.kind {
+fn change_pb(change: &WatchChange, incarnation: u64) -> pb::WatchResponse {
+    let (kind, content) = match change.kind {
         ChangeKind::Put => (pb::change::Kind::Put, true),
         ChangeKind::Deleted => (pb::change::Kind::Delete, false),
     };
     pb::WatchResponse {
-        revision: event.revision,
+        revision: change.revision,
         incarnation,
         body: Some(pb::watch_response::Body::Change(pb::Change {
             kind: kind as i32,
-            item: Some(item_pb(&event.key, &event.version, content)),
+            item: Some(item_pb(&change.seen, content)),
         })),
     }
 }

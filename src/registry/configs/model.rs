@@ -1,7 +1,9 @@
 //! The config centre's domain types, built only through parse functions
 //! that name the field they reject, as the registry's are.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use md5::{Digest, Md5};
@@ -190,13 +192,16 @@ pub struct Version {
 }
 
 /// An item as the centre holds it: its current version first, then the
-/// older versions kept, newest first.
+/// older versions kept, newest first; and a gray version beside them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
     /// Its name.
     pub key: ConfigKey,
     /// Never empty: the current version is `versions[0]`.
     pub versions: Vec<Arc<Version>>,
+    /// A version for some clients only, until promoted or abandoned.
+    #[serde(default)]
+    pub gray: Option<Arc<Gray>>,
 }
 
 impl Item {
@@ -208,6 +213,148 @@ impl Item {
     /// The kept version `version`, if it is kept.
     pub fn version(&self, version: u64) -> Option<&Arc<Version>> {
         self.versions.iter().find(|v| v.version == version)
+    }
+
+    /// The item as `client` reads it: the gray version when its rule
+    /// picks the client, else the current one.
+    pub fn seen_by(&self, client: &Client) -> Seen {
+        Seen::of(self.key.clone(), self.current(), self.gray.as_ref(), client)
+    }
+}
+
+/// A version for the clients a rule picks, beside an item's current one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gray {
+    /// What those clients read.
+    pub version: Arc<Version>,
+    /// Which clients.
+    pub rule: GrayRule,
+}
+
+/// The clients a gray version is for: those at one of `ips`, and those
+/// whose labels include every one of `labels`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GrayRule {
+    /// Client addresses.
+    pub ips: Vec<IpAddr>,
+    /// Labels a client must all have.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Most addresses one gray rule may list.
+pub const MAX_GRAY_IPS: usize = 1000;
+
+impl GrayRule {
+    /// Checks a rule as a request gives it: at least one address or
+    /// label, each address an IP, labels as metadata is checked.
+    pub fn parse(ips: &[String], labels: HashMap<String, String>) -> Result<GrayRule, Error> {
+        if ips.is_empty() && labels.is_empty() {
+            return Err(Error::invalid(
+                "gray",
+                "name the clients: at least one ip or label",
+            ));
+        }
+        if ips.len() > MAX_GRAY_IPS {
+            return Err(Error::invalid(
+                "gray.ips",
+                format!("{} addresses; at most {MAX_GRAY_IPS}", ips.len()),
+            ));
+        }
+        let ips = ips
+            .iter()
+            .map(|ip| {
+                ip.trim().parse::<IpAddr>().map_err(|_| {
+                    Error::invalid(
+                        "gray.ips",
+                        format!("{} is not an IP address", crate::quote::quoted(ip)),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let labels = crate::registry::model::parse_metadata("gray.labels", labels)?;
+        Ok(GrayRule {
+            ips,
+            labels: labels.into_iter().collect(),
+        })
+    }
+
+    /// Whether this rule picks `client`.
+    pub fn picks(&self, client: &Client) -> bool {
+        let by_ip = client.ip.is_some_and(|ip| self.ips.contains(&ip));
+        let by_labels = !self.labels.is_empty()
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| client.labels.get(k) == Some(v));
+        by_ip || by_labels
+    }
+}
+
+/// Who reads or watches, for gray rules to pick from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Client {
+    /// Its address, when it gave one.
+    pub ip: Option<IpAddr>,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+}
+
+impl Client {
+    /// Checks a client as a request describes it.
+    pub fn parse(ip: &str, labels: HashMap<String, String>) -> Result<Client, Error> {
+        let ip = match ip.trim() {
+            "" => None,
+            ip => Some(ip.parse::<IpAddr>().map_err(|_| {
+                Error::invalid(
+                    "client.ip",
+                    format!("{} is not an IP address", crate::quote::quoted(ip)),
+                )
+            })?),
+        };
+        let labels = crate::registry::model::parse_metadata("client.labels", labels)?;
+        Ok(Client {
+            ip,
+            labels: labels.into_iter().collect(),
+        })
+    }
+}
+
+/// An item as one client reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// The item.
+    pub key: ConfigKey,
+    /// The version this client reads.
+    pub version: Arc<Version>,
+    /// When that is the gray version: its rule.
+    pub gray_rule: Option<GrayRule>,
+    /// When it is the current version and a gray one is beside it: the
+    /// gray one's version (0: none).
+    pub gray_version: u64,
+}
+
+impl Seen {
+    /// `current` (or `gray`, when it picks `client`) as `client` reads it.
+    pub fn of(
+        key: ConfigKey,
+        current: &Arc<Version>,
+        gray: Option<&Arc<Gray>>,
+        client: &Client,
+    ) -> Seen {
+        match gray {
+            Some(gray) if gray.rule.picks(client) => Seen {
+                key,
+                version: gray.version.clone(),
+                gray_rule: Some(gray.rule.clone()),
+                gray_version: 0,
+            },
+            _ => Seen {
+                key,
+                version: current.clone(),
+                gray_rule: None,
+                gray_version: gray.map_or(0, |g| g.version.version),
+            },
+        }
     }
 }
 
@@ -259,6 +406,37 @@ mod tests {
     fn the_digest_is_nacos_md5() {
         assert_eq!(md5_hex(""), "d41d8cd98f00b204e9800998ecf8427e");
         assert_eq!(md5_hex("hello"), "5d41402abc4b2a76b9719d911017c592");
+    }
+
+    #[test]
+    fn a_gray_rule_picks_by_address_or_by_every_label() {
+        let rule = GrayRule::parse(
+            &["10.0.0.7".into()],
+            [("zone".to_string(), "a".to_string())].into(),
+        )
+        .unwrap();
+        let client = |ip: &str, labels: &[(&str, &str)]| {
+            Client::parse(
+                ip,
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+            .unwrap()
+        };
+        assert!(rule.picks(&client("10.0.0.7", &[])));
+        assert!(rule.picks(&client("10.0.0.8", &[("zone", "a"), ("x", "y")])));
+        assert!(!rule.picks(&client("10.0.0.8", &[("zone", "b")])));
+        assert!(!rule.picks(&client("", &[])));
+        let err = GrayRule::parse(&[], HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("gray:"), "{err}");
+        let err = GrayRule::parse(&["nope".into()], HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("gray.ips:"), "{err}");
     }
 
     #[test]

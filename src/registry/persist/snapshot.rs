@@ -108,17 +108,36 @@ impl State {
             Change::Token { id, grant: None } => {
                 self.tokens.remove(&id);
             }
-            Change::ConfigVersion { key, version, keep } => {
+            Change::ConfigVersion {
+                key,
+                version,
+                keep,
+                clear_gray,
+            } => {
                 self.config_revision = self.config_revision.max(version.version);
                 let item = self.configs.entry(key.clone()).or_insert_with(|| Item {
                     key,
                     versions: Vec::new(),
+                    gray: None,
                 });
+                if clear_gray {
+                    item.gray = None;
+                }
                 // Replayed twice, a version replaces itself.
                 item.versions.retain(|v| v.version != version.version);
                 item.versions.insert(0, std::sync::Arc::new(version));
                 item.versions.sort_by_key(|v| std::cmp::Reverse(v.version));
                 item.versions.truncate(keep.max(1));
+            }
+            Change::ConfigGray {
+                key,
+                gray,
+                revision,
+            } => {
+                self.config_revision = self.config_revision.max(revision);
+                if let Some(item) = self.configs.get_mut(&key) {
+                    item.gray = gray.map(std::sync::Arc::new);
+                }
             }
             Change::ConfigDeleted { key, revision } => {
                 self.config_revision = self.config_revision.max(revision);
