@@ -270,14 +270,14 @@ async fn a_nacos_2x_client_registers_subscribes_and_its_broken_connection_orphan
     assert_eq!(query["serviceInfo"]["hosts"].as_array().unwrap().len(), 2);
 
     // What is not served is refused by name; bad input is refused, saying why.
-    let (kind, refused) = client.call("ConfigQueryRequest", json!({})).await;
+    let (kind, refused) = client.call("ClientConfigMetricRequest", json!({})).await;
     assert_eq!(kind, "ErrorResponse");
     assert_eq!(refused["errorCode"], 302);
     assert!(
         refused["message"]
             .as_str()
             .unwrap()
-            .contains("ConfigQueryRequest"),
+            .contains("ClientConfigMetricRequest"),
         "{refused}"
     );
     let (_, refused) = client

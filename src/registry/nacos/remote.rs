@@ -16,6 +16,8 @@
 //! subscription is a watch of the service; each change it brings is
 //! pushed down the bi-stream as a `NotifySubscriberRequest`.
 
+mod config;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,6 +69,10 @@ const SERVED: &[&str] = &[
     "ServiceQueryRequest",
     "SubscribeServiceRequest",
     "ServiceListRequest",
+    "ConfigQueryRequest",
+    "ConfigPublishRequest",
+    "ConfigRemoveRequest",
+    "ConfigBatchListenRequest",
 ];
 
 /// The 2.x gRPC API: its `Request` and `BiRequestStream` services share it.
@@ -77,6 +83,8 @@ pub struct Remote {
 
 struct Shared {
     face: RegistryService,
+    /// The config centre's gRPC face, which config requests go through.
+    configs: crate::registry::configs::grpc::ConfigService,
     registry: Registry,
     /// Connections by the peer address of their HTTP/2 connection.
     connections: parking_lot::Mutex<HashMap<SocketAddr, Arc<Connection>>>,
@@ -113,6 +121,8 @@ struct Held {
     instances: HashSet<(ServiceKey, InstanceAddr)>,
     /// Its subscriptions, by service and the clusters asked for.
     subscriptions: HashMap<(ServiceKey, String), Following>,
+    /// The config items it listens to.
+    config_listens: HashMap<crate::registry::configs::model::ConfigKey, Following>,
 }
 
 /// A subscription's task, stopped when the subscription is dropped.
@@ -130,6 +140,10 @@ impl Remote {
     pub fn new(face: RegistryService, shutdown: Shutdown) -> Remote {
         Remote {
             shared: Arc::new(Shared {
+                configs: crate::registry::configs::grpc::ConfigService::new(
+                    face.registry().clone(),
+                    shutdown.clone(),
+                ),
                 registry: face.registry().clone(),
                 face,
                 connections: parking_lot::Mutex::new(HashMap::new()),
@@ -171,6 +185,7 @@ impl Shared {
                 lease: 0,
                 instances: HashSet::new(),
                 subscriptions: HashMap::new(),
+                config_listens: HashMap::new(),
             })),
             last_ref_time: AtomicU64::new(0),
         });
@@ -413,7 +428,7 @@ impl Remote {
                 NO_HANDLER,
                 id,
                 &format!(
-                    "RequestHandler Not Found: shop-mesh serves Nacos's naming requests ({}); {:?} is not one of them",
+                    "RequestHandler Not Found: shop-mesh serves Nacos's naming and config requests ({}); {:?} is not one of them",
                     SERVED.join(", "),
                     call.kind
                 ),
@@ -445,6 +460,10 @@ impl Remote {
             "ServiceQueryRequest" => self.query(&connection, call).await,
             "SubscribeServiceRequest" => self.subscribe(&connection, call).await,
             "ServiceListRequest" => self.list(call).await,
+            "ConfigQueryRequest" => self.config_query(&connection, call).await,
+            "ConfigPublishRequest" => self.config_publish(&connection, call).await,
+            "ConfigRemoveRequest" => self.config_remove(call).await,
+            "ConfigBatchListenRequest" => self.config_listen(&connection, call).await,
             other => Err(Status::unimplemented(format!("{other:?} is not served"))),
         };
         handled.unwrap_or_else(|status| {

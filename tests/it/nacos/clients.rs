@@ -13,6 +13,8 @@ use nacos_sdk::api::naming::{
     NamingChangeEvent, NamingEventListener, NamingServiceBuilder, ServiceInstance,
 };
 use nacos_sdk::api::props::ClientProps;
+use shop_mesh::pb::config as config_pb;
+use shop_mesh::pb::config::configs_client::ConfigsClient;
 use shop_mesh::pb::shop as shop_pb;
 use shop_mesh::pb::shop::product_service_server::{ProductService, ProductServiceServer};
 use shop_mesh::shop::{PRODUCT_SERVICE, USER_SERVICE};
@@ -153,6 +155,71 @@ async fn nacos_sdk_python_registers_discovers_and_is_pushed_changes() {
         }
     };
     assert_eq!(pushed, "PUSHED 9101");
+    client.exits_cleanly().await;
+}
+
+#[tokio::test]
+async fn nacos_sdk_python_publishes_reads_and_listens_to_config() {
+    let Some(python) = nacos_sdk_python() else {
+        return;
+    };
+    let (registry, nacos) = nacos_registry().await;
+    let mut configs = ConfigsClient::connect(registry.url()).await.unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/nacos/python_config_client.py"
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(python);
+    command.args([
+        script,
+        &registry.addr.port().to_string(),
+        &nacos.port().to_string(),
+        scratch.path().to_str().unwrap(),
+    ]);
+    let mut client = Driven::spawn(command, "the Python config client");
+
+    // What it published is shop-mesh's item, typed as it said.
+    assert_eq!(client.next().await, "PUBLISHED");
+    let item = configs
+        .get(config_pb::GetRequest {
+            data_id: "py-app".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .item
+        .unwrap();
+    assert_eq!(
+        (item.content.as_str(), item.content_type()),
+        ("a=1", config_pb::ContentType::Properties)
+    );
+    assert_eq!(client.next().await, "GOT a=1");
+    // A publish whose casMd5 is not the content's is refused, and an item
+    // that is not there reads as empty, as Nacos has it.
+    assert_eq!(client.next().await, "STALE-CAS refused");
+    assert_eq!(client.next().await, "MISSING ");
+    assert_eq!(client.next().await, "LISTENING");
+
+    // Published through shop-mesh: its listener is called with it.
+    configs
+        .publish(config_pb::PublishRequest {
+            data_id: "py-app".into(),
+            content: "a=2".into(),
+            content_type: config_pb::ContentType::Properties as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client.tell("EXPECT a=2").await;
+    loop {
+        let line = client.next().await;
+        assert!(line.starts_with("CHANGED "), "{line}");
+        if line == "CHANGED a=2" {
+            break;
+        }
+    }
     client.exits_cleanly().await;
 }
 
