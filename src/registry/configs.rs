@@ -68,16 +68,19 @@ impl Default for Limits {
     }
 }
 
+/// Bytes of a publish request beside its content (names, type, rule):
+/// the content limit leaves this much under the message size limit.
+pub const REQUEST_OVERHEAD: usize = 4 * 1024;
+
 impl Limits {
-    /// Checks the limits against each other and the registry's message
-    /// size, naming the key at fault.
+    /// Checks the limits, naming the key at fault.
     pub fn validate(&self, max_message_size: usize) -> anyhow::Result<()> {
         anyhow::ensure!(
-            self.max_content_bytes >= 1 && self.max_content_bytes + 64 * 1024 <= max_message_size,
-            "registry.configs.max_content_bytes is {}; it must be at least 1 and leave 64 KiB under registry.limits.max_message_size ({max_message_size})",
-            self.max_content_bytes
+            max_message_size > REQUEST_OVERHEAD,
+            "registry.limits.max_message_size is {max_message_size}; the config centre needs more than {REQUEST_OVERHEAD} bytes"
         );
         for (key, value) in [
+            ("max_content_bytes", self.max_content_bytes),
             ("history", self.history),
             ("watch_history", self.watch_history),
             ("watch_buffer", self.watch_buffer),
@@ -87,6 +90,13 @@ impl Limits {
             anyhow::ensure!(value >= 1, "registry.configs.{key} must be at least 1");
         }
         Ok(())
+    }
+
+    /// The largest content a publish may carry: `max_content_bytes`, or
+    /// less when a request that large would not fit in a message.
+    pub fn content_limit(&self, max_message_size: usize) -> usize {
+        self.max_content_bytes
+            .min(max_message_size.saturating_sub(REQUEST_OVERHEAD))
     }
 }
 
@@ -201,6 +211,8 @@ pub struct Configs {
 
 struct Inner {
     limits: Limits,
+    /// The largest content a publish may carry.
+    content_limit: usize,
     incarnation: u64,
     state: Mutex<State>,
     events: broadcast::Sender<Arc<Event>>,
@@ -233,14 +245,16 @@ pub struct Stored {
 }
 
 impl Configs {
-    /// A config centre over `stored`, making changes durable in `store`
-    /// when there is one; `incarnation` is the registry's.
+    /// A config centre over `stored`, with the limits of the registry's
+    /// `config`, making changes durable in `store` when there is one;
+    /// `incarnation` is the registry's.
     pub fn new(
-        limits: &Limits,
+        config: &super::Config,
         incarnation: u64,
         stored: Stored,
         store: Option<Arc<persist::Store>>,
     ) -> Configs {
+        let limits = &config.configs;
         let mut state = State {
             revision: stored.revision,
             history_floor: stored.revision,
@@ -259,6 +273,7 @@ impl Configs {
         Configs {
             inner: Arc::new(Inner {
                 limits: limits.clone(),
+                content_limit: limits.content_limit(config.limits.max_message_size),
                 incarnation,
                 state: Mutex::new(state),
                 events: broadcast::channel(limits.watch_buffer).0,
@@ -271,8 +286,8 @@ impl Configs {
 
     /// A config centre whose store cannot hold it yet: reads answer
     /// nothing and changes are refused, saying `why`.
-    pub fn unavailable(limits: &Limits, incarnation: u64, why: &'static str) -> Configs {
-        let mut configs = Configs::new(limits, incarnation, Stored::default(), None);
+    pub fn unavailable(config: &super::Config, incarnation: u64, why: &'static str) -> Configs {
+        let mut configs = Configs::new(config, incarnation, Stored::default(), None);
         Arc::get_mut(&mut configs.inner)
             .expect("just made")
             .refuse_changes = Some(why);
@@ -314,12 +329,12 @@ impl Configs {
     /// version. Answers that version once durable.
     pub async fn publish(&self, publish: Publish) -> Result<Arc<Version>, Error> {
         self.writable()?;
-        let limit = self.inner.limits.max_content_bytes;
+        let limit = self.inner.content_limit;
         if publish.content.len() > limit {
             return Err(Error::invalid(
                 "content",
                 format!(
-                    "is {} bytes; at most {limit} are allowed (registry.configs.max_content_bytes)",
+                    "is {} bytes; at most {limit} are allowed (registry.configs.max_content_bytes, within registry.limits.max_message_size)",
                     publish.content.len()
                 ),
             ));
@@ -933,5 +948,19 @@ impl ConfigWatch {
         futures::stream::unfold(self, |mut watch| async move {
             watch.next().await.map(|item| (item, watch))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_is_limited_to_what_a_message_can_carry() {
+        let limits = Limits::default();
+        assert_eq!(limits.content_limit(4 * 1024 * 1024), 256 * 1024);
+        assert_eq!(limits.content_limit(16 * 1024), 12 * 1024);
+        assert!(limits.validate(16 * 1024).is_ok());
+        assert!(limits.validate(REQUEST_OVERHEAD).is_err());
     }
 }

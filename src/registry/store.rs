@@ -185,7 +185,7 @@ impl Registry {
             (_, Some(_)) => (
                 None,
                 Configs::unavailable(
-                    &config.configs,
+                    config,
                     incarnation,
                     "the config centre is not served on the etcd store yet; run it on a registry with store = \"memory\"",
                 ),
@@ -193,12 +193,12 @@ impl Registry {
             (Some((store, stored)), None) => {
                 let store = Arc::new(store);
                 let configs =
-                    Configs::new(&config.configs, incarnation, stored, Some(store.clone()));
+                    Configs::new(config, incarnation, stored, Some(store.clone()));
                 (Some(store), configs)
             }
             (None, None) => (
                 None,
-                Configs::new(&config.configs, incarnation, Default::default(), None),
+                Configs::new(config, incarnation, Default::default(), None),
             ),
         };
         let inner = Arc::new(Inner {
