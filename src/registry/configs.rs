@@ -13,8 +13,9 @@
 //! registry's change log, in the order memory took it), so a registry
 //! that dies after answering has it when it starts again.
 //!
-//! Watchers share one bounded broadcast of changes: publishing costs one
-//! send however many watch, and a watcher that falls more than the buffer
+//! The watchers of one item (or one group) share a bounded broadcast of
+//! its changes: publishing costs a send to the item's and the group's,
+//! however many watch, and a watcher that falls more than the buffer
 //! behind is sent a fresh snapshot marked as a reset, so a slow reader
 //! holds nothing but its place.
 
@@ -126,7 +127,7 @@ pub struct Event {
 }
 
 /// What a watch follows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Selector {
     /// One item.
     Item(ConfigKey),
@@ -215,7 +216,6 @@ struct Inner {
     content_limit: usize,
     incarnation: u64,
     state: Mutex<State>,
-    events: broadcast::Sender<Arc<Event>>,
     watches: Arc<Semaphore>,
     /// Where changes are made durable; none: memory only.
     store: Option<Arc<persist::Store>>,
@@ -231,6 +231,12 @@ struct State {
     history: VecDeque<Arc<Event>>,
     /// The latest revision whose change is no longer in `history`.
     history_floor: u64,
+    /// The changes of each item and each group watched, each a bounded
+    /// broadcast its watchers share: a change costs a send to its item's
+    /// and its group's, however many watch other items.
+    channels: HashMap<Selector, broadcast::Sender<Arc<Event>>>,
+    /// Changes a watcher may fall behind on its channel.
+    watch_buffer: usize,
 }
 
 /// What a config store loaded from the data dir.
@@ -258,6 +264,7 @@ impl Configs {
         let mut state = State {
             revision: stored.revision,
             history_floor: stored.revision,
+            watch_buffer: limits.watch_buffer,
             ..State::default()
         };
         for item in stored.items {
@@ -276,7 +283,6 @@ impl Configs {
                 content_limit: limits.content_limit(config.limits.max_message_size),
                 incarnation,
                 state: Mutex::new(state),
-                events: broadcast::channel(limits.watch_buffer).0,
                 watches: Arc::new(Semaphore::new(limits.max_watches)),
                 store,
                 refuse_changes: None,
@@ -321,7 +327,8 @@ impl Configs {
 
     /// Config watch streams open now.
     pub fn watchers(&self) -> usize {
-        self.inner.events.receiver_count()
+        let state = self.inner.state.lock();
+        state.channels.values().map(|c| c.receiver_count()).sum()
     }
 
     /// Publishes `publish`: its content, checked against its type, becomes
@@ -531,7 +538,7 @@ impl Configs {
             let durable = self.inner.store.as_ref().map(|store| store.submit(record));
             let (applied, made) = made;
             let event = state.apply(key, applied, revision, &self.inner.limits);
-            let _ = self.inner.events.send(event);
+            state.send(event);
             (made, durable)
         };
         if let Some(durable) = durable {
@@ -652,19 +659,18 @@ impl Configs {
                     self.inner.limits.max_watches
                 ))
             })?;
+        let mut state = self.inner.state.lock();
+        // Subscribed under the lock: every change after what the first
+        // answer shows, and none before.
         let mut watch = ConfigWatch {
             configs: self.clone(),
+            receiver: state.subscribe(&selector),
             selector,
             client,
-            receiver: self.inner.events.subscribe(),
             pending: None,
             sent: HashMap::new(),
             _permit: permit,
         };
-        let state = self.inner.state.lock();
-        // Subscribed again under the lock: every change after what the
-        // first answer shows, and none before.
-        watch.receiver = self.inner.events.subscribe();
         let stale = incarnation != 0 && incarnation != self.inner.incarnation;
         let first = match start_revision {
             0 => watch.snapshot(&state, false),
@@ -804,6 +810,33 @@ impl State {
         event
     }
 
+    /// A receiver of the changes `selector` covers, from now on.
+    fn subscribe(&mut self, selector: &Selector) -> broadcast::Receiver<Arc<Event>> {
+        let capacity = self.watch_buffer;
+        self.channels
+            .entry(selector.clone())
+            .or_insert_with(|| broadcast::channel(capacity).0)
+            .subscribe()
+    }
+
+    /// Sends `event` to the watchers of its item and of its group; a
+    /// channel no one reads any more goes.
+    fn send(&mut self, event: Arc<Event>) {
+        for selector in [
+            Selector::Item(event.key.clone()),
+            Selector::Group(GroupKey {
+                namespace: event.key.namespace.clone(),
+                group: event.key.group.clone(),
+            }),
+        ] {
+            if let Some(channel) = self.channels.get(&selector)
+                && channel.send(event.clone()).is_err()
+            {
+                self.channels.remove(&selector);
+            }
+        }
+    }
+
     /// Every change after `from - 1` that `selector` covers, if the
     /// history still holds them all.
     fn replay(&self, selector: &Selector, from: u64) -> Option<Vec<Arc<Event>>> {
@@ -863,6 +896,20 @@ pub struct ConfigWatch {
     _permit: OwnedSemaphorePermit,
 }
 
+impl Drop for ConfigWatch {
+    fn drop(&mut self) {
+        // The last watcher of its item or group takes the channel along.
+        let mut state = self.configs.inner.state.lock();
+        if state
+            .channels
+            .get(&self.selector)
+            .is_some_and(|channel| channel.receiver_count() <= 1)
+        {
+            state.channels.remove(&self.selector);
+        }
+    }
+}
+
 impl ConfigWatch {
     /// The next item, or `None` once the centre is gone.
     pub async fn next(&mut self) -> Option<WatchItem> {
@@ -879,10 +926,10 @@ impl ConfigWatch {
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     let configs = self.configs.clone();
-                    let state = configs.inner.state.lock();
+                    let mut state = configs.inner.state.lock();
                     // Taken together under the lock: nothing falls between
                     // the snapshot and the changes after it.
-                    self.receiver = configs.inner.events.subscribe();
+                    self.receiver = state.subscribe(&self.selector);
                     return Some(self.snapshot(&state, true));
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,

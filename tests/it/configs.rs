@@ -579,6 +579,10 @@ async fn a_watcher_too_far_behind_is_reset_and_misses_nothing_after() {
         }
         other => panic!("a replay, not {other:?}"),
     }
+    // Watches that end leave nothing behind.
+    assert_eq!(configs.watchers(), 3);
+    drop((watch, old, recent));
+    assert_eq!(configs.watchers(), 0);
 }
 
 #[tokio::test]
