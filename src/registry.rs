@@ -407,7 +407,8 @@ pub async fn run(
     registry.measure(&metrics);
     let face = RegistryService::new(registry.clone(), shutdown.clone())
         .listening_on(listener.local_addr()?);
-    let api = http::routes(face.clone());
+    let config_face = configs::grpc::ConfigService::new(registry.clone(), shutdown.clone());
+    let api = http::routes(face.clone()).merge(http::configs::routes(config_face.clone()));
     let api = if config.nacos.enabled {
         api.merge(nacos::open_api::routes(face.clone()))
     } else {
@@ -426,11 +427,8 @@ pub async fn run(
     };
     let service =
         RegistryServer::new(face.clone()).max_decoding_message_size(config.limits.max_message_size);
-    let configs = ConfigsServer::new(configs::grpc::ConfigService::new(
-        registry.clone(),
-        shutdown.clone(),
-    ))
-    .max_decoding_message_size(config.limits.max_message_size);
+    let configs =
+        ConfigsServer::new(config_face).max_decoding_message_size(config.limits.max_message_size);
     let mut server = crate::server::Server::new(shutdown.clone(), connections).await?;
     server.limit_message_size(config.limits.max_message_size);
     // The JSON API shares the port, over HTTP/1.1 as well as HTTP/2.

@@ -18,6 +18,8 @@
 //! GET    /api/v1/cluster
 //! ```
 //!
+//! The config centre's calls, under `/api/v1/configs`, are in [`configs`].
+//!
 //! The change feed, the namespaces and a service's watchers have no gRPC
 //! twin (Watch streams what follows; these read what the registry holds):
 //! they check the credential and their fields the way the handlers do,
@@ -35,6 +37,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tonic::Code;
 
+pub(super) mod configs;
 mod live;
 
 use super::RegistryService;

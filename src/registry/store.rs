@@ -192,8 +192,7 @@ impl Registry {
             ),
             (Some((store, stored)), None) => {
                 let store = Arc::new(store);
-                let configs =
-                    Configs::new(config, incarnation, stored, Some(store.clone()));
+                let configs = Configs::new(config, incarnation, stored, Some(store.clone()));
                 (Some(store), configs)
             }
             (None, None) => (

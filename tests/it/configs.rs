@@ -1290,3 +1290,85 @@ async fn a_gray_max_order_count_reaches_one_order_instance_until_promoted() {
     );
     shop.stop().await;
 }
+
+#[tokio::test]
+async fn the_json_api_publishes_reads_and_refuses_as_the_grpc_api_does() {
+    let registry = TestRegistry::start().await;
+    let addr = registry.addr;
+    let json = crate::http::Answer::json;
+    let put = |body: &'static str| async move {
+        crate::http::send(
+            addr,
+            "PUT",
+            "/api/v1/configs/app?group=web",
+            &[("content-type", "application/json")],
+            Some(body),
+        )
+        .await
+    };
+    let first = put(r#"{"content": "[a]\nb = 1\n", "type": "toml", "expected_version": 0}"#).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let first = json(&first);
+    assert_eq!(
+        (
+            first["item"]["version"].as_u64(),
+            first["item"]["type"].as_str()
+        ),
+        (Some(1), Some("toml"))
+    );
+    // The same refusals, as HTTP statuses.
+    let stale = put(r#"{"content": "x", "expected_version": 0}"#).await;
+    assert_eq!(stale.status, 409, "{}", stale.body);
+    assert_eq!(json(&stale)["code"], "FAILED_PRECONDITION");
+    let bad = put(r#"{"content": "b = = 1", "type": "toml"}"#).await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(
+        json(&bad)["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("content: is not valid toml")
+    );
+    let unknown = put(r#"{"content": "x", "kind": "toml"}"#).await;
+    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    put(r#"{"content": "[a]\nb = 2\n", "type": "toml"}"#).await;
+
+    let read = crate::http::send(addr, "GET", "/api/v1/configs/app?group=web", &[], None).await;
+    assert_eq!(read.status, 200);
+    assert_eq!(json(&read)["content"], "[a]\nb = 2\n");
+    let history = crate::http::send(
+        addr,
+        "GET",
+        "/api/v1/configs/app/history?group=web",
+        &[],
+        None,
+    )
+    .await;
+    let versions: Vec<u64> = json(&history)["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [2, 1]);
+    let rolled = crate::http::send(
+        addr,
+        "POST",
+        "/api/v1/configs/app/rollback?group=web",
+        &[("content-type", "application/json")],
+        Some(r#"{"version": 1}"#),
+    )
+    .await;
+    assert_eq!(rolled.status, 200, "{}", rolled.body);
+    assert_eq!(json(&rolled)["item"]["content"], "[a]\nb = 1\n");
+    let listed = crate::http::send(addr, "GET", "/api/v1/configs?group=web", &[], None).await;
+    assert_eq!(json(&listed)["total"], 1);
+    let removed =
+        crate::http::send(addr, "DELETE", "/api/v1/configs/app?group=web", &[], None).await;
+    assert_eq!(removed.status, 200, "{}", removed.body);
+    let gone = crate::http::send(addr, "GET", "/api/v1/configs/app?group=web", &[], None).await;
+    assert_eq!(
+        (gone.status, json(&gone)["code"].as_str()),
+        (404, Some("NOT_FOUND"))
+    );
+    registry.stop().await;
+}
