@@ -162,13 +162,6 @@ pub struct Live {
 }
 
 impl Live {
-    /// The values of `config`, never changed.
-    pub fn fixed(config: &Config) -> Live {
-        Live {
-            applied: watch::channel(Applied::of(config)).1,
-        }
-    }
-
     /// Follows `role`'s item at the registry `config` names, applying each
     /// version as it comes, until `shutdown`. The role serving on `bound`
     /// presents itself to gray rules by the address it registers and the
@@ -208,11 +201,6 @@ impl Live {
     /// `shop.max_order_count` now.
     pub fn max_order_count(&self) -> u32 {
         self.applied.borrow().max_order_count
-    }
-
-    /// Every live value now.
-    pub fn applied(&self) -> Applied {
-        self.applied.borrow().clone()
     }
 }
 

@@ -300,29 +300,9 @@ impl Configs {
         configs
     }
 
-    /// The limits it keeps to.
-    pub fn limits(&self) -> &Limits {
-        &self.inner.limits
-    }
-
     /// The registry's incarnation: revisions of another mean nothing here.
     pub fn incarnation(&self) -> u64 {
         self.inner.incarnation
-    }
-
-    /// The config revision reached.
-    pub fn revision(&self) -> u64 {
-        self.inner.state.lock().revision
-    }
-
-    /// Items held, over all namespaces.
-    pub fn len(&self) -> usize {
-        self.inner.state.lock().items.len()
-    }
-
-    /// Whether it holds no item.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Config watch streams open now.
@@ -917,13 +897,14 @@ impl ConfigWatch {
             return Some(first);
         }
         loop {
+            // The channel is this selector's own: every event is one of
+            // its items'.
             match self.receiver.recv().await {
-                Ok(event) if self.selector.matches(&event.key) => {
+                Ok(event) => {
                     if let Some(change) = self.seen(&event) {
                         return Some(WatchItem::Changes(vec![change]));
                     }
                 }
-                Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     let configs = self.configs.clone();
                     let mut state = configs.inner.state.lock();
