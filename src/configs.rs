@@ -240,7 +240,7 @@ impl Command {
                         group,
                         data_id,
                         content,
-                        content_type: pb_type(kind) as i32,
+                        content_type: pb::ContentType::from(kind) as i32,
                         expected_version: expect_version,
                         gray: (!gray_ip.is_empty() || !gray_label.is_empty()).then(|| {
                             pb::GrayRule {
@@ -581,24 +581,8 @@ fn type_of_file(file: &Path) -> ContentType {
     ContentType::parse("extension", extension).unwrap_or(ContentType::Text)
 }
 
-fn pb_type(kind: ContentType) -> pb::ContentType {
-    match kind {
-        ContentType::Text => pb::ContentType::Text,
-        ContentType::Properties => pb::ContentType::Properties,
-        ContentType::Yaml => pb::ContentType::Yaml,
-        ContentType::Json => pb::ContentType::Json,
-        ContentType::Toml => pb::ContentType::Toml,
-    }
-}
-
 fn type_name(item: &pb::Item) -> &'static str {
-    match item.content_type() {
-        pb::ContentType::Unspecified | pb::ContentType::Text => "text",
-        pb::ContentType::Properties => "properties",
-        pb::ContentType::Yaml => "yaml",
-        pb::ContentType::Json => "json",
-        pb::ContentType::Toml => "toml",
-    }
+    ContentType::from(item.content_type()).name()
 }
 
 /// When, as a person reads it: UTC, to the second.
@@ -625,15 +609,12 @@ fn item_row(item: &pb::Item) -> Vec<String> {
     ]
 }
 
+/// The JSON API's item, with or without its content, and who answered.
 fn item_json(item: &pb::Item, content: bool, answered: &str) -> serde_json::Value {
-    let mut line = json!({"namespace": item.namespace, "group": item.group, "data_id": item.data_id,
-        "type": type_name(item), "version": item.version, "bytes": item.size, "md5": item.md5,
-        "modified_by": item.modified_by, "modified_ms": item.modified_ms,
-        "rolled_back_from": item.rolled_back_from, "answered_by": answered,
-        "gray": item.gray.as_ref().map(|g| json!({"ips": g.ips, "labels": g.labels})),
-        "gray_version": item.gray_version});
-    if content {
-        line["content"] = item.content.clone().into();
+    let mut line = crate::registry::configs::grpc::item_json(item);
+    if let Some(fields) = line.as_object_mut().filter(|_| !content) {
+        fields.remove("content");
     }
+    line["answered_by"] = answered.into();
     line
 }

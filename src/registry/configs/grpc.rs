@@ -304,27 +304,59 @@ impl pb::configs_server::Configs for ConfigService {
 
 /// The content type a request names; TEXT when it names none.
 fn content_type_from_pb(value: i32) -> Result<ContentType, Error> {
-    match pb::ContentType::try_from(value) {
-        Ok(pb::ContentType::Unspecified | pb::ContentType::Text) => Ok(ContentType::Text),
-        Ok(pb::ContentType::Properties) => Ok(ContentType::Properties),
-        Ok(pb::ContentType::Yaml) => Ok(ContentType::Yaml),
-        Ok(pb::ContentType::Json) => Ok(ContentType::Json),
-        Ok(pb::ContentType::Toml) => Ok(ContentType::Toml),
-        Err(_) => Err(Error::invalid(
-            "content_type",
-            format!("{value} is not a content type; one of TEXT, PROPERTIES, YAML, JSON, TOML"),
-        )),
+    pb::ContentType::try_from(value)
+        .map(ContentType::from)
+        .map_err(|_| {
+            Error::invalid(
+                "content_type",
+                format!("{value} is not a content type; one of TEXT, PROPERTIES, YAML, JSON, TOML"),
+            )
+        })
+}
+
+impl From<pb::ContentType> for ContentType {
+    /// Unspecified is text, as Publish takes it.
+    fn from(kind: pb::ContentType) -> ContentType {
+        match kind {
+            pb::ContentType::Unspecified | pb::ContentType::Text => ContentType::Text,
+            pb::ContentType::Properties => ContentType::Properties,
+            pb::ContentType::Yaml => ContentType::Yaml,
+            pb::ContentType::Json => ContentType::Json,
+            pb::ContentType::Toml => ContentType::Toml,
+        }
     }
 }
 
-fn content_type_pb(kind: ContentType) -> pb::ContentType {
-    match kind {
-        ContentType::Text => pb::ContentType::Text,
-        ContentType::Properties => pb::ContentType::Properties,
-        ContentType::Yaml => pb::ContentType::Yaml,
-        ContentType::Json => pb::ContentType::Json,
-        ContentType::Toml => pb::ContentType::Toml,
+impl From<ContentType> for pb::ContentType {
+    fn from(kind: ContentType) -> pb::ContentType {
+        match kind {
+            ContentType::Text => pb::ContentType::Text,
+            ContentType::Properties => pb::ContentType::Properties,
+            ContentType::Yaml => pb::ContentType::Yaml,
+            ContentType::Json => pb::ContentType::Json,
+            ContentType::Toml => pb::ContentType::Toml,
+        }
     }
+}
+
+/// An item of this face as JSON, as the JSON API and the CLI's `--json`
+/// give it.
+pub fn item_json(item: &pb::Item) -> serde_json::Value {
+    serde_json::json!({
+        "namespace": item.namespace,
+        "group": item.group,
+        "data_id": item.data_id,
+        "content": item.content,
+        "type": ContentType::from(item.content_type()).name(),
+        "md5": item.md5,
+        "version": item.version,
+        "size": item.size,
+        "modified_by": item.modified_by,
+        "modified_ms": item.modified_ms,
+        "rolled_back_from": item.rolled_back_from,
+        "gray": item.gray.as_ref().map(|g| serde_json::json!({"ips": g.ips, "labels": g.labels})),
+        "gray_version": item.gray_version,
+    })
 }
 
 /// The version a current one became, as Publish answers it.
@@ -367,7 +399,7 @@ pub fn item_pb(seen: &Seen, content: bool) -> pb::Item {
         } else {
             String::new()
         },
-        content_type: content_type_pb(version.content_type) as i32,
+        content_type: pb::ContentType::from(version.content_type) as i32,
         md5: version.md5.clone(),
         version: version.version,
         modified_by: version.by.clone(),

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use super::{Refused, invalid, request};
 use crate::pb::config as pb;
 use crate::pb::config::configs_server::Configs as _;
-use crate::registry::configs::grpc::ConfigService;
+use crate::registry::configs::grpc::{ConfigService, item_json};
 use crate::registry::configs::model::ContentType;
 
 /// The config centre's routes, served by `configs`.
@@ -45,44 +45,13 @@ pub fn routes(configs: ConfigService) -> axum::Router {
         .with_state(configs)
 }
 
-/// An item as the API answers it.
-fn item_json(item: &pb::Item) -> Value {
-    let kind = match item.content_type() {
-        pb::ContentType::Unspecified | pb::ContentType::Text => ContentType::Text,
-        pb::ContentType::Properties => ContentType::Properties,
-        pb::ContentType::Yaml => ContentType::Yaml,
-        pb::ContentType::Json => ContentType::Json,
-        pb::ContentType::Toml => ContentType::Toml,
-    };
-    json!({
-        "namespace": item.namespace,
-        "group": item.group,
-        "data_id": item.data_id,
-        "content": item.content,
-        "type": kind.name(),
-        "md5": item.md5,
-        "version": item.version,
-        "size": item.size,
-        "modified_by": item.modified_by,
-        "modified_ms": item.modified_ms,
-        "rolled_back_from": item.rolled_back_from,
-        "gray": item.gray.as_ref().map(|g| json!({"ips": g.ips, "labels": g.labels})),
-        "gray_version": item.gray_version,
-    })
-}
-
 fn type_pb(name: Option<&str>) -> Result<pb::ContentType, Refused> {
-    let Some(name) = name else {
-        return Ok(pb::ContentType::Text);
-    };
-    let kind = ContentType::parse("type", name).map_err(|err| Refused(tonic::Status::from(err)))?;
-    Ok(match kind {
-        ContentType::Text => pb::ContentType::Text,
-        ContentType::Properties => pb::ContentType::Properties,
-        ContentType::Yaml => pb::ContentType::Yaml,
-        ContentType::Json => pb::ContentType::Json,
-        ContentType::Toml => pb::ContentType::Toml,
-    })
+    match name {
+        None => Ok(pb::ContentType::Text),
+        Some(name) => ContentType::parse("type", name)
+            .map(pb::ContentType::from)
+            .map_err(|err| Refused(tonic::Status::from(err))),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

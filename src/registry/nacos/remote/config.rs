@@ -20,7 +20,7 @@ use super::{Call, Connection, Following, Remote, answer, payload};
 use crate::pb::config as pb;
 use crate::pb::config::configs_server::Configs as _;
 use crate::pb::nacos::Payload;
-use crate::registry::configs::model::ConfigKey;
+use crate::registry::configs::model::{ConfigKey, ContentType};
 use crate::registry::nacos::with_token;
 
 /// Nacos's code for a config that does not exist (its SDKs read it as
@@ -68,23 +68,9 @@ fn scope(
 /// The config centre's type for a Nacos type name; Nacos's `xml` and
 /// `html` (and anything else) are kept as text.
 fn content_type(name: &str) -> pb::ContentType {
-    match name.to_ascii_lowercase().as_str() {
-        "json" => pb::ContentType::Json,
-        "yaml" | "yml" => pb::ContentType::Yaml,
-        "properties" => pb::ContentType::Properties,
-        "toml" => pb::ContentType::Toml,
-        _ => pb::ContentType::Text,
-    }
-}
-
-fn type_name(item: &pb::Item) -> &'static str {
-    match item.content_type() {
-        pb::ContentType::Unspecified | pb::ContentType::Text => "text",
-        pb::ContentType::Properties => "properties",
-        pb::ContentType::Yaml => "yaml",
-        pb::ContentType::Json => "json",
-        pb::ContentType::Toml => "toml",
-    }
+    ContentType::parse("type", name)
+        .unwrap_or(ContentType::Text)
+        .into()
 }
 
 /// How a connection reads: as its peer's address, for gray rules.
@@ -149,7 +135,7 @@ impl Remote {
             &call.request_id,
             json!({
                 "content": item.content,
-                "contentType": type_name(&item),
+                "contentType": ContentType::from(item.content_type()).name(),
                 "md5": item.md5,
                 "lastModified": item.modified_ms,
                 "isBeta": item.gray.is_some(),
