@@ -549,12 +549,7 @@ impl Configs {
         let state = self.inner.state.lock();
         let item = state.items.get(key).ok_or_else(|| not_found(key))?;
         if let Some(gray) = item.gray.as_ref().filter(|g| g.version.version == version) {
-            return Ok(Seen {
-                key: key.clone(),
-                version: gray.version.clone(),
-                gray_rule: Some(gray.rule.clone()),
-                gray_version: 0,
-            });
+            return Ok(gray.seen(key.clone()));
         }
         let kept = item.version(version).ok_or_else(|| {
             Error::NotFound(format!(
@@ -569,12 +564,7 @@ impl Configs {
     pub fn history(&self, key: &ConfigKey) -> Result<Vec<Seen>, Error> {
         let state = self.inner.state.lock();
         let item = state.items.get(key).ok_or_else(|| not_found(key))?;
-        let gray = item.gray.iter().map(|gray| Seen {
-            key: key.clone(),
-            version: gray.version.clone(),
-            gray_rule: Some(gray.rule.clone()),
-            gray_version: 0,
-        });
+        let gray = item.gray.iter().map(|gray| gray.seen(key.clone()));
         let kept = item.versions.iter().enumerate().map(|(n, version)| {
             let beside = if n == 0 { item.gray.as_ref() } else { None };
             Seen {

@@ -57,6 +57,33 @@ impl ConfigService {
     }
 }
 
+/// A request that names one item.
+trait Names {
+    /// The item it names, checked.
+    fn key(&self) -> Result<ConfigKey, Error>;
+}
+
+macro_rules! names {
+    ($($request:ty),*) => {$(
+        impl Names for $request {
+            fn key(&self) -> Result<ConfigKey, Error> {
+                ConfigKey::parse(&self.namespace, &self.group, &self.data_id)
+            }
+        }
+    )*};
+}
+
+names!(
+    pb::PublishRequest,
+    pb::GetRequest,
+    pb::DeleteRequest,
+    pb::HistoryRequest,
+    pb::RollbackRequest,
+    pb::PromoteRequest,
+    pb::AbandonRequest,
+    pb::WatchRequest
+);
+
 /// What changing `key` needs.
 fn write(key: &ConfigKey) -> Need<'_> {
     Need::Write {
@@ -77,10 +104,7 @@ impl pb::configs_server::Configs for ConfigService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let key = {
-            let r = request.get_ref();
-            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
-        };
+        let key = request.get_ref().key()?;
         let by = self.may_write(&request, &key)?;
         let r = request.into_inner();
         let content_type = content_type_from_pb(r.content_type)?;
@@ -115,10 +139,7 @@ impl pb::configs_server::Configs for ConfigService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let key = {
-            let r = request.get_ref();
-            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
-        };
+        let key = request.get_ref().key()?;
         self.may_read(&request, &key.namespace)?;
         let r = request.into_inner();
         let seen = match r.version {
@@ -134,10 +155,7 @@ impl pb::configs_server::Configs for ConfigService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let key = {
-            let r = request.get_ref();
-            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
-        };
+        let key = request.get_ref().key()?;
         self.may_write(&request, &key)?;
         let expect = Expect::from_wire(request.get_ref().expected_version);
         let revision = self.configs().delete(&key, expect).await?;
@@ -186,10 +204,7 @@ impl pb::configs_server::Configs for ConfigService {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryResponse>, Status> {
-        let key = {
-            let r = request.get_ref();
-            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
-        };
+        let key = request.get_ref().key()?;
         self.may_read(&request, &key.namespace)?;
         let versions = self.configs().history(&key)?;
         Ok(Response::new(pb::HistoryResponse {
@@ -201,10 +216,7 @@ impl pb::configs_server::Configs for ConfigService {
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let key = {
-            let r = request.get_ref();
-            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
-        };
+        let key = request.get_ref().key()?;
         let by = self.may_write(&request, &key)?;
         let r = request.into_inner();
         if r.version == 0 {
@@ -221,10 +233,7 @@ impl pb::configs_server::Configs for ConfigService {
         &self,
         request: Request<pb::PromoteRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let key = {
-            let r = request.get_ref();
-            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
-        };
+        let key = request.get_ref().key()?;
         let by = self.may_write(&request, &key)?;
         let gray_version = gray_version(request.get_ref().gray_version)?;
         let version = self.configs().promote(&key, gray_version, by).await?;
@@ -235,10 +244,7 @@ impl pb::configs_server::Configs for ConfigService {
         &self,
         request: Request<pb::AbandonRequest>,
     ) -> Result<Response<pb::AbandonResponse>, Status> {
-        let key = {
-            let r = request.get_ref();
-            ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?
-        };
+        let key = request.get_ref().key()?;
         self.may_write(&request, &key)?;
         let gray_version = gray_version(request.get_ref().gray_version)?;
         let revision = self.configs().abandon(&key, gray_version).await?;
@@ -264,7 +270,7 @@ impl pb::configs_server::Configs for ConfigService {
         let selector = if r.data_id.is_empty() {
             Selector::Group(group)
         } else {
-            Selector::Item(ConfigKey::parse(&r.namespace, &r.group, &r.data_id)?)
+            Selector::Item(r.key()?)
         };
         let client = client_from_pb(r.client)?;
         let watch = self

@@ -231,6 +231,18 @@ pub struct Gray {
     pub rule: GrayRule,
 }
 
+impl Gray {
+    /// This version as the clients it picks read it.
+    pub fn seen(&self, key: ConfigKey) -> Seen {
+        Seen {
+            key,
+            version: self.version.clone(),
+            gray_rule: Some(self.rule.clone()),
+            gray_version: 0,
+        }
+    }
+}
+
 /// The clients a gray version is for: those at one of `ips`, and those
 /// whose labels include every one of `labels`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -342,12 +354,7 @@ impl Seen {
         client: &Client,
     ) -> Seen {
         match gray {
-            Some(gray) if gray.rule.picks(client) => Seen {
-                key,
-                version: gray.version.clone(),
-                gray_rule: Some(gray.rule.clone()),
-                gray_version: 0,
-            },
+            Some(gray) if gray.rule.picks(client) => gray.seen(key),
             _ => Seen {
                 key,
                 version: current.clone(),
