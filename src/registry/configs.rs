@@ -260,6 +260,21 @@ impl Configs {
         stored: Stored,
         store: Option<Arc<persist::Store>>,
     ) -> Configs {
+        Configs::build(config, incarnation, (stored, store), None)
+    }
+
+    /// A config centre whose store cannot hold it yet: reads answer
+    /// nothing and changes are refused, saying `why`.
+    pub fn unavailable(config: &super::Config, incarnation: u64, why: &'static str) -> Configs {
+        Configs::build(config, incarnation, (Stored::default(), None), Some(why))
+    }
+
+    fn build(
+        config: &super::Config,
+        incarnation: u64,
+        (stored, store): (Stored, Option<Arc<persist::Store>>),
+        refuse_changes: Option<&'static str>,
+    ) -> Configs {
         let limits = &config.configs;
         let mut state = State {
             revision: stored.revision,
@@ -285,19 +300,9 @@ impl Configs {
                 state: Mutex::new(state),
                 watches: Arc::new(Semaphore::new(limits.max_watches)),
                 store,
-                refuse_changes: None,
+                refuse_changes,
             }),
         }
-    }
-
-    /// A config centre whose store cannot hold it yet: reads answer
-    /// nothing and changes are refused, saying `why`.
-    pub fn unavailable(config: &super::Config, incarnation: u64, why: &'static str) -> Configs {
-        let mut configs = Configs::new(config, incarnation, Stored::default(), None);
-        Arc::get_mut(&mut configs.inner)
-            .expect("just made")
-            .refuse_changes = Some(why);
-        configs
     }
 
     /// The registry's incarnation: revisions of another mean nothing here.

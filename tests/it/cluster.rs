@@ -822,3 +822,42 @@ async fn a_node_whose_key_went_with_its_lease_announces_itself_again() {
     .await;
     assert_eq!(listed(node).await, as_listed_by(node, &[node]));
 }
+
+/// The config centre is not kept on the etcd store yet: a cluster node
+/// refuses a change, saying so, rather than keep it in its memory alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_refuses_config_changes_it_could_not_share() {
+    let Some(cluster) = nodes(1, SHORT).await else {
+        return;
+    };
+    let mut configs =
+        shop_mesh::pb::config::configs_client::ConfigsClient::connect(cluster.nodes[0].url())
+            .await
+            .unwrap();
+    let refused = configs
+        .publish(shop_mesh::pb::config::PublishRequest {
+            data_id: "app".into(),
+            content: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("etcd store"),
+        "{}",
+        refused.message()
+    );
+    let read = configs
+        .get(shop_mesh::pb::config::GetRequest {
+            data_id: "app".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(read.code(), tonic::Code::NotFound);
+}

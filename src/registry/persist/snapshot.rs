@@ -125,7 +125,7 @@ impl State {
                 }
                 // Replayed twice, a version replaces itself.
                 item.versions.retain(|v| v.version != version.version);
-                item.versions.insert(0, std::sync::Arc::new(version));
+                item.versions.push(std::sync::Arc::new(version));
                 item.versions.sort_by_key(|v| std::cmp::Reverse(v.version));
                 item.versions.truncate(keep.max(1));
             }
