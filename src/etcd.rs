@@ -325,8 +325,14 @@ impl Etcd {
                     })?
                     .connect_lazy();
                 Ok(Clients {
-                    kv: KvClient::with_interceptor(channel.clone(), HasLeader),
-                    watch: WatchClient::with_interceptor(channel.clone(), HasLeader),
+                    // etcd bounds what it answers (its request limit
+                    // bounds each value); a page of large values, or a
+                    // watch answer of many changes, may pass tonic's
+                    // default 4 MiB.
+                    kv: KvClient::with_interceptor(channel.clone(), HasLeader)
+                        .max_decoding_message_size(usize::MAX),
+                    watch: WatchClient::with_interceptor(channel.clone(), HasLeader)
+                        .max_decoding_message_size(usize::MAX),
                     lease: LeaseClient::with_interceptor(channel.clone(), HasLeader),
                     cluster: ClusterClient::with_interceptor(channel.clone(), HasLeader),
                     maintenance: MaintenanceClient::with_interceptor(channel, HasLeader),

@@ -392,6 +392,9 @@ pub async fn run(
         config.auth.identity_ttl
     );
     config.configs.validate(config.limits.max_message_size)?;
+    if config.store == StoreKind::Etcd {
+        config.configs.fits_in_etcd()?;
+    }
     // How persistent instances are probed: over TLS when the mesh is.
     let probe_tls = connections.tls.client()?;
     let (registry, _lock) = match config.store {

@@ -154,6 +154,18 @@ impl Op {
         ))
     }
 
+    /// Deletes every key under `prefix`.
+    pub fn delete_prefix(prefix: impl AsRef<[u8]>) -> Op {
+        let prefix = prefix.as_ref();
+        Self::of(pb::request_op::Request::RequestDeleteRange(
+            pb::DeleteRangeRequest {
+                key: prefix.to_vec(),
+                range_end: super::prefix_end(prefix),
+                ..Default::default()
+            },
+        ))
+    }
+
     /// The key (or the first key of the range) the operation is on.
     pub fn key(&self) -> &[u8] {
         use pb::request_op::Request;

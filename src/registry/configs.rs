@@ -11,7 +11,10 @@
 //!
 //! A change is written to the data dir before it is acknowledged (the
 //! registry's change log, in the order memory took it), so a registry
-//! that dies after answering has it when it starts again.
+//! that dies after answering has it when it starts again. On a cluster
+//! node the change is made in etcd instead, and acknowledged once etcd
+//! committed it and this node's view applied it (see [`replicated`]):
+//! there the revisions are etcd's, which only go up.
 //!
 //! The watchers of one item (or one group) share a bounded broadcast of
 //! its changes: publishing costs a send to the item's and the group's,
@@ -21,6 +24,7 @@
 
 pub mod grpc;
 pub mod model;
+pub mod replicated;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -30,6 +34,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 
+use super::cluster::Node;
 use super::model::GroupKey;
 use super::persist;
 use crate::error::Error;
@@ -69,6 +74,11 @@ impl Default for Limits {
     }
 }
 
+/// The most `max_content_bytes` may be on the etcd store: a version is
+/// written in one request, which etcd limits to 1.5 MiB by default;
+/// this leaves room for the item's head and the encoding.
+pub const MAX_CONTENT_ON_ETCD: usize = 1024 * 1024;
+
 /// Bytes of a publish request beside its content (names, type, rule):
 /// the content limit leaves this much under the message size limit.
 pub const REQUEST_OVERHEAD: usize = 4 * 1024;
@@ -90,6 +100,18 @@ impl Limits {
         ] {
             anyhow::ensure!(value >= 1, "registry.configs.{key} must be at least 1");
         }
+        Ok(())
+    }
+
+    /// Checks that a version of the largest content fits in one etcd
+    /// request, as etcd accepts them by default (`--max-request-bytes`,
+    /// 1.5 MiB).
+    pub fn fits_in_etcd(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_content_bytes <= MAX_CONTENT_ON_ETCD,
+            "registry.configs.max_content_bytes is {}; on the etcd store at most {MAX_CONTENT_ON_ETCD} bytes, for a version is one etcd request and etcd refuses requests over 1.5 MiB",
+            self.max_content_bytes
+        );
         Ok(())
     }
 
@@ -210,6 +232,17 @@ pub struct Configs {
     inner: Arc<Inner>,
 }
 
+/// Where the centre's changes are made to last.
+pub(in crate::registry) enum Keeper {
+    /// Nowhere: memory only, for tests and benchmarks.
+    Memory,
+    /// The data dir's change log.
+    Disk(Arc<persist::Store>),
+    /// etcd, on a cluster node: a change is made there, and this node's
+    /// view learns it from the cluster's feed like every other node's.
+    Etcd(Arc<Node>),
+}
+
 struct Inner {
     limits: Limits,
     /// The largest content a publish may carry.
@@ -217,10 +250,7 @@ struct Inner {
     incarnation: u64,
     state: Mutex<State>,
     watches: Arc<Semaphore>,
-    /// Where changes are made durable; none: memory only.
-    store: Option<Arc<persist::Store>>,
-    /// Why changes are refused, when this store cannot keep them.
-    refuse_changes: Option<&'static str>,
+    keeper: Keeper,
 }
 
 #[derive(Default)]
@@ -237,6 +267,8 @@ struct State {
     channels: HashMap<Selector, broadcast::Sender<Arc<Event>>>,
     /// Changes a watcher may fall behind on its channel.
     watch_buffer: usize,
+    /// On a cluster node: the items as etcd holds them.
+    replica: replicated::Replica,
 }
 
 /// What a config store loaded from the data dir.
@@ -252,28 +284,13 @@ pub struct Stored {
 
 impl Configs {
     /// A config centre over `stored`, with the limits of the registry's
-    /// `config`, making changes durable in `store` when there is one;
-    /// `incarnation` is the registry's.
-    pub fn new(
+    /// `config`, making changes last in `keeper`; `incarnation` is the
+    /// registry's.
+    pub(in crate::registry) fn new(
         config: &super::Config,
         incarnation: u64,
         stored: Stored,
-        store: Option<Arc<persist::Store>>,
-    ) -> Configs {
-        Configs::build(config, incarnation, (stored, store), None)
-    }
-
-    /// A config centre whose store cannot hold it yet: reads answer
-    /// nothing and changes are refused, saying `why`.
-    pub fn unavailable(config: &super::Config, incarnation: u64, why: &'static str) -> Configs {
-        Configs::build(config, incarnation, (Stored::default(), None), Some(why))
-    }
-
-    fn build(
-        config: &super::Config,
-        incarnation: u64,
-        (stored, store): (Stored, Option<Arc<persist::Store>>),
-        refuse_changes: Option<&'static str>,
+        keeper: Keeper,
     ) -> Configs {
         let limits = &config.configs;
         let mut state = State {
@@ -299,8 +316,7 @@ impl Configs {
                 incarnation,
                 state: Mutex::new(state),
                 watches: Arc::new(Semaphore::new(limits.max_watches)),
-                store,
-                refuse_changes,
+                keeper,
             }),
         }
     }
@@ -320,7 +336,6 @@ impl Configs {
     /// the item's new current version, or with a gray rule its gray
     /// version. Answers that version once durable.
     pub async fn publish(&self, publish: Publish) -> Result<Arc<Version>, Error> {
-        self.writable()?;
         let limit = self.inner.content_limit;
         if publish.content.len() > limit {
             return Err(Error::invalid(
@@ -342,27 +357,24 @@ impl Configs {
             gray,
         } = publish;
         let content: Arc<str> = Arc::from(content);
-        let version = |revision| Version {
-            version: revision,
+        let version = Version {
+            version: 0,
             md5: model::md5_hex(&content),
-            content: content.clone(),
+            content,
             content_type,
             by,
             at_ms: now_ms(),
             rolled_back_from: 0,
         };
-        self.change(&key, expect, |revision, item| match gray {
-            None => Ok(Mutation::Put(version(revision))),
-            Some(rule) if item.is_some() => Ok(Mutation::Gray(Some(Gray {
-                version: Arc::new(version(revision)),
-                rule,
-            }))),
+        self.change(&key, expect, |item| match &gray {
+            None => Ok(Mutation::Put(version.clone())),
+            Some(rule) if item.is_some() => Ok(Mutation::Gray(Some((version.clone(), rule.clone())))),
             Some(_) => Err(Error::FailedPrecondition(format!(
                 "config {key} does not exist; a gray version goes beside a current one, so publish that first"
             ))),
         })
         .await
-        .map(|made| made.expect("a publish makes a version"))
+        .map(|(_, made)| made.expect("a publish makes a version"))
     }
 
     /// Publishes the kept version `version` of `key` again, as its new
@@ -374,8 +386,7 @@ impl Configs {
         expect: Expect,
         by: String,
     ) -> Result<Arc<Version>, Error> {
-        self.writable()?;
-        self.change(key, expect, |revision, item| {
+        self.change(key, expect, |item| {
             let item = item.ok_or_else(|| not_found(key))?;
             let kept = item.version(version).ok_or_else(|| {
                 let kept: Vec<String> = item
@@ -389,17 +400,17 @@ impl Configs {
                 ))
             })?;
             Ok(Mutation::Put(Version {
-                version: revision,
+                version: 0,
                 content: kept.content.clone(),
                 content_type: kept.content_type,
                 md5: kept.md5.clone(),
-                by,
+                by: by.clone(),
                 at_ms: now_ms(),
                 rolled_back_from: kept.version,
             }))
         })
         .await
-        .map(|made| made.expect("a rollback makes a version"))
+        .map(|(_, made)| made.expect("a rollback makes a version"))
     }
 
     /// Makes the gray version `gray_version` of `key` its current one,
@@ -410,82 +421,75 @@ impl Configs {
         gray_version: u64,
         by: String,
     ) -> Result<Arc<Version>, Error> {
-        self.writable()?;
-        self.change(key, Expect::Any, |revision, item| {
+        self.change(key, Expect::Any, |item| {
             let gray = the_gray(key, item, gray_version)?;
             Ok(Mutation::Promote(Version {
-                version: revision,
+                version: 0,
                 content: gray.version.content.clone(),
                 content_type: gray.version.content_type,
                 md5: gray.version.md5.clone(),
-                by,
+                by: by.clone(),
                 at_ms: now_ms(),
                 rolled_back_from: 0,
             }))
         })
         .await
-        .map(|made| made.expect("a promotion makes a version"))
+        .map(|(_, made)| made.expect("a promotion makes a version"))
     }
 
     /// Drops the gray version `gray_version` of `key`; answers the
     /// revision of the change.
     pub async fn abandon(&self, key: &ConfigKey, gray_version: u64) -> Result<u64, Error> {
-        self.writable()?;
-        let mut at = 0;
-        self.change(key, Expect::Any, |revision, item| {
+        self.change(key, Expect::Any, |item| {
             the_gray(key, item, gray_version)?;
-            at = revision;
             Ok(Mutation::Gray(None))
         })
-        .await?;
-        Ok(at)
+        .await
+        .map(|(at, _)| at)
     }
 
     /// Deletes `key` and its history; answers the revision of the change.
     pub async fn delete(&self, key: &ConfigKey, expect: Expect) -> Result<u64, Error> {
-        self.writable()?;
-        let mut at = 0;
-        self.change(key, expect, |revision, item| {
+        self.change(key, expect, |item| {
             item.ok_or_else(|| not_found(key))?;
-            at = revision;
             Ok(Mutation::Delete)
         })
-        .await?;
-        Ok(at)
+        .await
+        .map(|(at, _)| at)
     }
 
-    /// The one way an item changes: under the lock, checks `expect`,
-    /// asks `make` for the change at the next revision (given the item as
-    /// it is), hands it to the store in that order, applies it and tells
-    /// the watchers; then waits until it is durable. Answers the version
-    /// the change made, if it made one.
+    /// The one way an item changes: asks `make` for the change given the
+    /// item as it is, once `expect` holds, and makes it where the centre
+    /// keeps its changes. Answers the revision of the change and the
+    /// version it made, if it made one, once the change will last.
     async fn change(
         &self,
         key: &ConfigKey,
         expect: Expect,
-        make: impl FnOnce(u64, Option<&Item>) -> Result<Mutation, Error>,
-    ) -> Result<Option<Arc<Version>>, Error> {
-        let (made, durable) = {
+        make: impl Fn(Option<&Item>) -> Result<Mutation, Error>,
+    ) -> Result<(u64, Option<Arc<Version>>), Error> {
+        match &self.inner.keeper {
+            Keeper::Etcd(node) => self.change_replicated(node, key, expect, make).await,
+            Keeper::Memory | Keeper::Disk(_) => self.change_local(key, expect, make).await,
+        }
+    }
+
+    /// [`Configs::change`] in this process: under the lock, numbers the
+    /// change with the next revision, hands it to the data dir in that
+    /// order, applies it and tells the watchers; then waits until it is
+    /// durable.
+    async fn change_local(
+        &self,
+        key: &ConfigKey,
+        expect: Expect,
+        make: impl Fn(Option<&Item>) -> Result<Mutation, Error>,
+    ) -> Result<(u64, Option<Arc<Version>>), Error> {
+        let (revision, made, durable) = {
             let mut state = self.inner.state.lock();
-            let item = state.items.get(key);
-            expect.check(key, item.map(|item| item.current().version))?;
+            let mutation = state.decide(key, expect, &self.inner.limits, make)?;
             let revision = state.revision + 1;
-            let mutation = make(revision, item)?;
-            if item.is_none() {
-                let held = state
-                    .per_namespace
-                    .get(&key.namespace)
-                    .copied()
-                    .unwrap_or(0);
-                let max = self.inner.limits.max_items_per_namespace;
-                if held >= max {
-                    return Err(Error::ResourceExhausted(format!(
-                        "namespace {} holds {held} config items, the most allowed (registry.configs.max_items_per_namespace); delete one first",
-                        key.namespace
-                    )));
-                }
-            }
-            let put = |version: Version, promoted: bool| {
+            let put = |mut version: Version, promoted: bool| {
+                version.version = revision;
                 let version = Arc::new(version);
                 let record = persist::Change::ConfigVersion {
                     key: key.clone(),
@@ -503,7 +507,13 @@ impl Configs {
                 Mutation::Put(version) => put(version, false),
                 Mutation::Promote(version) => put(version, true),
                 Mutation::Gray(gray) => {
-                    let gray = gray.map(Arc::new);
+                    let gray = gray.map(|(mut version, rule)| {
+                        version.version = revision;
+                        Arc::new(Gray {
+                            version: Arc::new(version),
+                            rule,
+                        })
+                    });
                     let record = persist::Change::ConfigGray {
                         key: key.clone(),
                         gray: gray.as_deref().cloned(),
@@ -520,11 +530,14 @@ impl Configs {
                     (Applied::Delete, None),
                 ),
             };
-            let durable = self.inner.store.as_ref().map(|store| store.submit(record));
+            let durable = match &self.inner.keeper {
+                Keeper::Disk(store) => Some(store.submit(record)),
+                Keeper::Memory | Keeper::Etcd(_) => None,
+            };
             let (applied, made) = made;
             let event = state.apply(key, applied, revision, &self.inner.limits);
             state.send(event);
-            (made, durable)
+            (revision, made, durable)
         };
         if let Some(durable) = durable {
             durable.await.map_err(|err| {
@@ -532,14 +545,7 @@ impl Configs {
                 Error::Unavailable("the registry cannot store config changes now; try again".into())
             })?;
         }
-        Ok(made)
-    }
-
-    fn writable(&self) -> Result<(), Error> {
-        match self.inner.refuse_changes {
-            None => Ok(()),
-            Some(why) => Err(Error::FailedPrecondition(why.into())),
-        }
+        Ok((revision, made))
     }
 
     /// The item `key` as `client` reads it now.
@@ -692,15 +698,17 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A change as `change` decides it, before it is numbered into the state.
+/// A change as `change` decides it, before it is numbered: its versions'
+/// numbers are the revision that makes them, not yet known.
 enum Mutation {
     /// A new current version.
     Put(Version),
     /// The gray version's content as the new current version; the gray
     /// version goes.
     Promote(Version),
-    /// The gray version set, or dropped.
-    Gray(Option<Gray>),
+    /// The gray version set, with the rule that picks its clients, or
+    /// dropped.
+    Gray(Option<(Version, GrayRule)>),
     Delete,
 }
 
@@ -711,10 +719,37 @@ enum Applied {
         clear_gray: bool,
     },
     Gray(Option<Arc<Gray>>),
+    /// The whole item, as a cluster's store holds it.
+    Replace(Item),
     Delete,
 }
 
 impl State {
+    /// Checks `expect` against `key` as it is, asks `make` for the change
+    /// and checks that a new item fits its namespace.
+    fn decide(
+        &self,
+        key: &ConfigKey,
+        expect: Expect,
+        limits: &Limits,
+        make: impl Fn(Option<&Item>) -> Result<Mutation, Error>,
+    ) -> Result<Mutation, Error> {
+        let item = self.items.get(key);
+        expect.check(key, item.map(|item| item.current().version))?;
+        let mutation = make(item)?;
+        if item.is_none() {
+            let held = self.per_namespace.get(&key.namespace).copied().unwrap_or(0);
+            let max = limits.max_items_per_namespace;
+            if held >= max {
+                return Err(Error::ResourceExhausted(format!(
+                    "namespace {} holds {held} config items, the most allowed (registry.configs.max_items_per_namespace); delete one first",
+                    key.namespace
+                )));
+            }
+        }
+        Ok(mutation)
+    }
+
     /// Applies a change made at `revision` to `key` and keeps it in the
     /// history; answers the event watchers are sent.
     fn apply(
@@ -757,6 +792,13 @@ impl State {
                     .expect("a gray change of an item held");
                 item.gray = gray;
                 (ChangeKind::Put, item.clone())
+            }
+            Applied::Replace(item) => {
+                if !self.items.contains_key(key) {
+                    *self.per_namespace.entry(key.namespace.clone()).or_default() += 1;
+                }
+                self.items.insert(key.clone(), item.clone());
+                (ChangeKind::Put, item)
             }
             Applied::Delete => {
                 let item = self.items.remove(key).expect("a delete of an item held");

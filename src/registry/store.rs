@@ -177,27 +177,31 @@ impl Registry {
         node: Option<Arc<cluster::Node>>,
         (signer, probe_tls): (Signer, Option<crate::server::Dialer>),
     ) -> Registry {
-        use super::configs::Configs;
+        use super::configs::{Configs, Keeper};
         let incarnation = node
             .as_ref()
             .map_or_else(|| rand::random::<u64>() | 1, |node| node.incarnation);
         let (store, configs) = match (store, &node) {
-            (_, Some(_)) => (
+            (_, Some(node)) => (
                 None,
-                Configs::unavailable(
+                Configs::new(
                     config,
                     incarnation,
-                    "the config centre is not served on the etcd store yet; run it on a registry with store = \"memory\"",
+                    Default::default(),
+                    Keeper::Etcd(node.clone()),
                 ),
             ),
             (Some((store, stored)), None) => {
                 let store = Arc::new(store);
-                let configs = Configs::new(config, incarnation, stored, Some(store.clone()));
-                (Some(store), configs)
+                let keeper = Keeper::Disk(store.clone());
+                (
+                    Some(store),
+                    Configs::new(config, incarnation, stored, keeper),
+                )
             }
             (None, None) => (
                 None,
-                Configs::new(config, incarnation, Default::default(), None),
+                Configs::new(config, incarnation, Default::default(), Keeper::Memory),
             ),
         };
         let inner = Arc::new(Inner {

@@ -9,7 +9,9 @@
 //! that service is removed within the delete timeout, as a surviving node
 //! sees it. And the etcd leader is killed under a load of registrations
 //! through every node: nothing acknowledged is lost, and each node's
-//! watcher saw exactly etcd's history.
+//! watcher saw exactly etcd's history. Last, the node config publishes go
+//! through is killed while they are in flight: no acknowledged version
+//! is lost, and the survivors' watchers saw each once, in order.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,6 +22,8 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use shop_mesh::etcd::{Etcd, EventKind, WatchBatch};
 use shop_mesh::harness::{EtcdCluster, Process};
+use shop_mesh::pb::config as cfg;
+use shop_mesh::pb::config::configs_client::ConfigsClient;
 use shop_mesh::pb::registry as pb;
 use shop_mesh::pb::registry::registry_client::RegistryClient;
 use tokio::time::Instant;
@@ -45,6 +49,16 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 /// A registry node on port 0 over `etcd`, under `prefix`.
 async fn registry_node(etcd: &EtcdCluster, prefix: &str, dir: &Path) -> Process {
+    registry_node_with(etcd, prefix, dir, &[]).await
+}
+
+/// [`registry_node`] with settings of its own in `env`.
+async fn registry_node_with(
+    etcd: &EtcdCluster,
+    prefix: &str,
+    dir: &Path,
+    more: &[(&str, &str)],
+) -> Process {
     let args = vec![
         "registry".to_string(),
         "--listen".into(),
@@ -61,6 +75,7 @@ async fn registry_node(etcd: &EtcdCluster, prefix: &str, dir: &Path) -> Process 
     // These are about the cluster; credentials on a cluster are the
     // cluster credential tests' (and the etcd soak's).
     env.push(crate::CREDENTIALS_OFF);
+    env.extend_from_slice(more);
     Process::start(Path::new(BIN), "registry", args, &env)
         .await
         .expect("a registry node starts")
@@ -683,6 +698,211 @@ async fn killing_the_etcd_leader_under_load_loses_no_registration_and_no_watcher
         );
     }
     for node in &mut nodes {
+        assert_eq!(node.terminate().await.unwrap(), Some(0));
+    }
+    drop(etcd);
+}
+
+/// What one config writer had acknowledged: (version, content) in order,
+/// and the content of the publish in flight when its node died, if any.
+type Published = (Vec<(u64, String)>, Option<String>);
+
+/// Publishes `{item}:{n}` to `item` through `addr`, each on the version
+/// before (compare-and-set, so a version lost or made twice would show),
+/// until a publish fails.
+async fn publish_until_refused(addr: String, item: String) -> Published {
+    let mut configs = ConfigsClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to a registry node");
+    let mut acknowledged: Vec<(u64, String)> = Vec::new();
+    for n in 0.. {
+        let content = format!("{item}:{n}");
+        let answer = configs
+            .publish(cfg::PublishRequest {
+                data_id: item.clone(),
+                content: content.clone(),
+                expected_version: Some(acknowledged.last().map_or(0, |(v, _)| *v)),
+                ..Default::default()
+            })
+            .await;
+        match answer {
+            Ok(answer) => {
+                let version = answer.into_inner().item.expect("an item").version;
+                acknowledged.push((version, content));
+            }
+            Err(_) => return (acknowledged, Some(content)),
+        }
+    }
+    unreachable!("publishes go on until the node dies")
+}
+
+/// Watches every config item of the default group through `addr` and
+/// records each change as (revision, data id, version, content).
+async fn record_configs(addr: &str) -> Arc<Mutex<Vec<(u64, String, u64, String)>>> {
+    let mut configs = ConfigsClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to a registry node");
+    let mut stream = configs
+        .watch(cfg::WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = stream.next().await.expect("an answer").expect("a snapshot");
+    assert!(matches!(
+        first.body,
+        Some(cfg::watch_response::Body::Snapshot(ref s)) if s.items.is_empty()
+    ));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            while let Some(Ok(answer)) = stream.next().await {
+                match answer.body {
+                    Some(cfg::watch_response::Body::Change(change)) => {
+                        let item = change.item.expect("a change names its item");
+                        seen.lock().push((
+                            answer.revision,
+                            item.data_id,
+                            item.version,
+                            item.content,
+                        ));
+                    }
+                    // A reset would void what the test compares: record it
+                    // so that the comparison fails.
+                    other => {
+                        seen.lock()
+                            .push((answer.revision, format!("{other:?}"), 0, String::new()))
+                    }
+                }
+            }
+        }
+    });
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_publish_loses_no_acknowledged_config_change() {
+    let Some(etcd) = EtcdCluster::start(3).await.expect("etcd cluster") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("/test-{:08x}", rand::random::<u32>());
+    // Every version kept, so that each acknowledged one can be found.
+    let keep_all = [("SHOP_MESH__REGISTRY__CONFIGS__HISTORY", "100000")];
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let dir = dir.path().join(format!("registry-{i}"));
+        nodes.push(registry_node_with(&etcd, &prefix, &dir, &keep_all).await);
+    }
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let watchers = [
+        record_configs(&addrs[1]).await,
+        record_configs(&addrs[2]).await,
+    ];
+
+    const ITEMS: usize = 4;
+    let items: Vec<String> = (0..ITEMS).map(|k| format!("app-{k}")).collect();
+    let writers: Vec<_> = items
+        .iter()
+        .map(|item| tokio::spawn(publish_until_refused(addrs[0].clone(), item.clone())))
+        .collect();
+    wait_until("publishes to be under way", PATIENCE, || {
+        let seen = watchers[0].clone();
+        async move { seen.lock().len() >= 200 }
+    })
+    .await;
+    nodes[0]
+        .kill()
+        .await
+        .expect("kill -9 the node written through");
+    let mut published = Vec::new();
+    for writer in writers {
+        published.push(writer.await.expect("a writer"));
+    }
+
+    let mut survivor = ConfigsClient::connect(format!("http://{}", addrs[1]))
+        .await
+        .unwrap();
+    let mut expected: Vec<(String, Vec<(u64, String)>)> = Vec::new();
+    for (item, (acknowledged, in_flight)) in items.iter().zip(published) {
+        assert!(!acknowledged.is_empty(), "{item}: nothing acknowledged");
+        let mut history = survivor
+            .history(cfg::HistoryRequest {
+                data_id: item.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("the item is there")
+            .into_inner()
+            .versions
+            .into_iter()
+            .map(|v| (v.version, v.content))
+            .collect::<Vec<_>>();
+        history.reverse();
+        // Every acknowledged version, in order, with its content; then at
+        // most the one in flight, whole.
+        assert_eq!(
+            history[..acknowledged.len().min(history.len())],
+            acknowledged[..],
+            "{item}: etcd's history against what was acknowledged"
+        );
+        let beyond = &history[acknowledged.len()..];
+        assert!(
+            beyond.is_empty() || (beyond.len() == 1 && Some(&beyond[0].1) == in_flight.as_ref()),
+            "{item}: more than the publish in flight: {beyond:?}"
+        );
+        expected.push((item.clone(), history));
+    }
+
+    // Each surviving node's watcher saw every version of every item once,
+    // in order.
+    for (addr, seen) in addrs[1..].iter().zip(&watchers) {
+        wait_until(
+            &format!("the watcher on {addr} to see every version"),
+            PATIENCE,
+            || {
+                let (seen, expected) = (seen.clone(), expected.clone());
+                async move {
+                    let seen = seen.lock();
+                    expected.iter().all(|(item, history)| {
+                        let last = history.last().map(|(v, _)| *v);
+                        seen.iter().any(|c| &c.1 == item && Some(c.2) == last)
+                    })
+                }
+            },
+        )
+        .await;
+        let changes = seen.lock().clone();
+        for pair in changes.windows(2) {
+            assert!(
+                pair[0].0 < pair[1].0,
+                "{addr}: out of order or repeated: {pair:?}"
+            );
+        }
+        for (item, history) in &expected {
+            let watched: Vec<(u64, String)> = changes
+                .iter()
+                .filter(|c| &c.1 == item)
+                .map(|c| (c.2, c.3.clone()))
+                .collect();
+            assert_eq!(&watched, history, "{addr}: {item} as watched");
+        }
+    }
+
+    // The items take the next version through a survivor.
+    for (item, history) in &expected {
+        let last = history.last().map(|(v, _)| *v);
+        survivor
+            .publish(cfg::PublishRequest {
+                data_id: item.clone(),
+                content: "after".into(),
+                expected_version: last,
+                ..Default::default()
+            })
+            .await
+            .expect("a publish on the last version, through a survivor");
+    }
+    for node in &mut nodes[1..] {
         assert_eq!(node.terminate().await.unwrap(), Some(0));
     }
     drop(etcd);

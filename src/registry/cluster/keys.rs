@@ -1,6 +1,7 @@
 //! Where each part of the registry's state lives in etcd, and back: one
 //! key a service's settings, one key an instance, one key a live lease,
-//! one key a registry node that is up.
+//! one key a registry node that is up, one key a config item's head and
+//! one key each version it keeps.
 //! Names allow only letters, digits and `. _ : @ -` (see
 //! [`crate::registry::model::parse_name`]), so `/` separates the parts
 //! without escaping, and a service's instances share a key prefix that a
@@ -10,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::auth::TokenId;
+use crate::registry::configs::model::ConfigKey;
 use crate::registry::model::{InstanceAddr, LeaseId, ServiceKey};
 
 /// What one key under the registry's prefix holds.
@@ -29,6 +31,14 @@ pub enum Key {
     Alive(LeaseId),
     /// A token's grant (see [`crate::auth`]).
     Token(TokenId),
+    /// A config item's head: which of its versions it keeps, and its gray
+    /// one (see [`crate::registry::configs::replicated`]). Every change
+    /// of the item rewrites it, so its mod revision is what a change
+    /// compares.
+    Config(ConfigKey),
+    /// One version of a config item, by its place in the item's own
+    /// sequence; written once, so its create revision is its version.
+    ConfigVersion(ConfigKey, u64),
     /// A registry node that is up, attached to that node's own etcd
     /// lease (see [`super::announce`]). Read when GetCluster asks, not
     /// kept in the view.
@@ -55,6 +65,10 @@ impl Key {
             ),
             Key::Alive(lease) => format!("{prefix}/a/{lease:016x}"),
             Key::Token(id) => format!("{prefix}/t/{id}"),
+            Key::Config(key) => format!("{prefix}/c/{}", config_path(key)),
+            Key::ConfigVersion(key, seq) => {
+                format!("{}{seq:016x}", versions_of(prefix, key))
+            }
             Key::Node { addr, id } => format!("{prefix}/n/{addr}/{id:016x}"),
         }
     }
@@ -80,6 +94,15 @@ impl Key {
                 u64::from_str_radix(lease, 16).ok().map(Key::Alive)
             }
             ("t", [id]) => id.parse().ok().map(Key::Token),
+            ("c", [namespace, group, data_id]) => {
+                Some(Key::Config(config(namespace, group, data_id)))
+            }
+            ("cv", [namespace, group, data_id, seq]) if seq.len() == 16 => {
+                Some(Key::ConfigVersion(
+                    config(namespace, group, data_id),
+                    u64::from_str_radix(seq, 16).ok()?,
+                ))
+            }
             ("n", [addr, id]) if id.len() == 16 => Some(Key::Node {
                 addr: addr.parse().ok()?,
                 id: u64::from_str_radix(id, 16).ok()?,
@@ -92,6 +115,11 @@ impl Key {
 /// The prefix every instance of `service` shares.
 pub fn instances_of(prefix: &str, service: &ServiceKey) -> String {
     format!("{prefix}/i/{}/", service_path(service))
+}
+
+/// The prefix every kept version of the config item `key` shares.
+pub fn versions_of(prefix: &str, key: &ConfigKey) -> String {
+    format!("{prefix}/cv/{}/", config_path(key))
 }
 
 /// The prefix every registry node's [`Key::Node`] shares.
@@ -108,6 +136,18 @@ pub fn prober(prefix: &str) -> String {
 
 fn service_path(service: &ServiceKey) -> String {
     format!("{}/{}/{}", service.namespace, service.group, service.name)
+}
+
+fn config_path(key: &ConfigKey) -> String {
+    format!("{}/{}/{}", key.namespace, key.group, key.data_id)
+}
+
+fn config(namespace: &str, group: &str, data_id: &str) -> ConfigKey {
+    ConfigKey {
+        namespace: Arc::from(namespace),
+        group: Arc::from(group),
+        data_id: Arc::from(data_id),
+    }
 }
 
 fn service(namespace: &str, group: &str, name: &str) -> ServiceKey {
@@ -137,6 +177,9 @@ mod tests {
             Key::Alive(u64::MAX),
             Key::Alive(1),
             Key::Token(TokenId(0x0123_4567_89ab_cdef)),
+            Key::Config(config("public", "shop-mesh", "server-order")),
+            Key::ConfigVersion(config("public", "shop-mesh", "server-order"), 0),
+            Key::ConfigVersion(config("dev", "g", "a.toml"), u64::MAX),
             Key::Node {
                 addr: "127.0.0.1:8848".parse().unwrap(),
                 id: 1,
@@ -165,6 +208,19 @@ mod tests {
     }
 
     #[test]
+    fn a_config_items_versions_lie_under_its_prefix_and_no_other() {
+        let item = config("public", "g", "app");
+        let version = Key::ConfigVersion(item.clone(), 3).encode("/p");
+        assert!(version.starts_with(&versions_of("/p", &item)));
+        assert!(!version.starts_with(&versions_of("/p", &config("public", "g", "ap"))));
+        assert!(
+            !Key::Config(item.clone())
+                .encode("/p")
+                .starts_with(&versions_of("/p", &item))
+        );
+    }
+
+    #[test]
     fn a_node_key_lies_under_the_nodes_prefix() {
         let node = Key::Node {
             addr: "0.0.0.0:8848".parse().unwrap(),
@@ -184,6 +240,9 @@ mod tests {
             "/p/a/12",
             "/p/t/12",
             "/p/x/1",
+            "/p/c/public/g",
+            "/p/cv/public/g/app/3",
+            "/p/cv/public/g/app",
             "/p/n/127.0.0.1:8848",
             "/p/n/127.0.0.1/0000000000000001",
             "/p/n/127.0.0.1:8848/1",

@@ -81,6 +81,7 @@ impl Registry {
         let prefix = node.prefix.clone();
         let apply = move |feed: Feed| {
             if let Some(inner) = weak.upgrade() {
+                inner.configs.apply_feed(&prefix, &feed);
                 inner.state.lock().apply_feed(&prefix, feed);
             }
         };
@@ -194,8 +195,9 @@ impl State {
                 (Key::Token(id), None) => {
                     self.tokens.remove(&id);
                 }
-                // Which nodes are up is read from etcd when asked.
-                (Key::Node { .. }, _) => {}
+                // Which nodes are up is read from etcd when asked; the
+                // config centre keeps its own view.
+                (Key::Node { .. } | Key::Config(_) | Key::ConfigVersion(..), _) => {}
             }
         }
         let held = self.held_back.take().unwrap_or_default();
