@@ -122,6 +122,15 @@ pub fn versions_of(prefix: &str, key: &ConfigKey) -> String {
     format!("{prefix}/cv/{}/", config_path(key))
 }
 
+/// Whether `key` is a config item's ([`Key::Config`] or
+/// [`Key::ConfigVersion`]), told from its bytes alone: the config
+/// centre's part of the cluster's feed is picked out of every change
+/// without decoding the others.
+pub fn is_config(prefix: &str, key: &[u8]) -> bool {
+    key.strip_prefix(prefix.as_bytes())
+        .is_some_and(|rest| rest.starts_with(b"/c/") || rest.starts_with(b"/cv/"))
+}
+
 /// The prefix every registry node's [`Key::Node`] shares.
 pub fn nodes(prefix: &str) -> String {
     format!("{prefix}/n/")

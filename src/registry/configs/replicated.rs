@@ -89,22 +89,32 @@ impl Configs {
     /// etcd's changes of one revision, or its whole state at a revision
     /// (at the node's start, or after a gap in its watch), whose
     /// difference from the view the watchers are sent as changes.
+    /// A step with no config key in it (most are: registrations, leases)
+    /// costs a look at each key's bytes, and not the centre's lock.
     pub(in crate::registry) fn apply_feed(&self, prefix: &str, feed: &Feed) {
-        let mut state = self.inner.state.lock();
         let limits = &self.inner.limits;
+        let ours = |kv: &&etcd::Kv| keys::is_config(prefix, &kv.key);
         match feed {
             Feed::Changes { revision, events } => {
-                let changes = events
+                let changes: Vec<(&etcd::Kv, bool)> = events
                     .iter()
-                    .map(|event| (&event.kv, event.kind == EventKind::Put));
-                let touched = state.replica.take(prefix, changes);
+                    .map(|event| (&event.kv, event.kind == EventKind::Put))
+                    .filter(|(kv, _)| ours(kv))
+                    .collect();
+                if changes.is_empty() {
+                    return;
+                }
+                let mut state = self.inner.state.lock();
+                let touched = state.replica.take(prefix, changes.into_iter());
                 state.settle(touched, (*revision).max(0) as u64, limits);
             }
             Feed::Load { revision, kvs } => {
                 let revision = (*revision).max(0) as u64;
+                let mut state = self.inner.state.lock();
                 let held: Vec<ConfigKey> = state.items.keys().cloned().collect();
                 state.replica = Replica::default();
-                let mut touched = state.replica.take(prefix, kvs.iter().map(|kv| (kv, true)));
+                let changes = kvs.iter().filter(ours).map(|kv| (kv, true));
+                let mut touched = state.replica.take(prefix, changes);
                 touched.extend(held);
                 state.settle(touched, revision, limits);
                 // What came before the gap cannot be replayed across it.
