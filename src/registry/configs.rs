@@ -37,6 +37,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use super::cluster::Node;
 use super::model::GroupKey;
 use super::persist;
+use crate::auth::identity::now_ms;
 use crate::error::Error;
 use model::{Client, ConfigKey, ContentType, Gray, GrayRule, Item, Seen, Version};
 
@@ -399,15 +400,7 @@ impl Configs {
                     kept.join(", ")
                 ))
             })?;
-            Ok(Mutation::Put(Version {
-                version: 0,
-                content: kept.content.clone(),
-                content_type: kept.content_type,
-                md5: kept.md5.clone(),
-                by: by.clone(),
-                at_ms: now_ms(),
-                rolled_back_from: kept.version,
-            }))
+            Ok(Mutation::Put(kept.again(by.clone(), kept.version)))
         })
         .await
         .map(|(_, made)| made.expect("a rollback makes a version"))
@@ -423,15 +416,7 @@ impl Configs {
     ) -> Result<Arc<Version>, Error> {
         self.change(key, Expect::Any, |item| {
             let gray = the_gray(key, item, gray_version)?;
-            Ok(Mutation::Promote(Version {
-                version: 0,
-                content: gray.version.content.clone(),
-                content_type: gray.version.content_type,
-                md5: gray.version.md5.clone(),
-                by: by.clone(),
-                at_ms: now_ms(),
-                rolled_back_from: 0,
-            }))
+            Ok(Mutation::Promote(gray.version.again(by.clone(), 0)))
         })
         .await
         .map(|(_, made)| made.expect("a promotion makes a version"))
@@ -690,12 +675,6 @@ fn the_gray<'a>(
 
 fn not_found(key: &ConfigKey) -> Error {
     Error::NotFound(format!("no config {key}"))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A change as `change` decides it, before it is numbered: its versions'

@@ -191,6 +191,23 @@ pub struct Version {
     pub rolled_back_from: u64,
 }
 
+impl Version {
+    /// This version's content made a new version by `by`, now (numbered
+    /// by the change that makes it); `rolled_back_from` names the version
+    /// a rollback restores, 0 for none.
+    pub fn again(&self, by: String, rolled_back_from: u64) -> Version {
+        Version {
+            version: 0,
+            content: self.content.clone(),
+            content_type: self.content_type,
+            md5: self.md5.clone(),
+            by,
+            at_ms: crate::auth::identity::now_ms(),
+            rolled_back_from,
+        }
+    }
+}
+
 /// An item as the centre holds it: its current version first, then the
 /// older versions kept, newest first; and a gray version beside them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
