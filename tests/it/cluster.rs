@@ -18,6 +18,7 @@ use shop_mesh::pb::registry::registry_client::RegistryClient;
 use shop_mesh::registry::{self, StoreKind};
 use tonic::transport::Channel;
 
+use crate::configs::{configs, get, publish};
 use crate::{
     TestRegistry, admin_token, deregister, instance, instances, keep_alive, keep_beating, register,
     register_refused, showing, wait_until,
@@ -43,25 +44,28 @@ async fn nodes(count: usize, timeouts: (u64, u64)) -> Option<Nodes> {
     let prefix = format!("/test-{:08x}", rand::random::<u32>());
     let mut nodes = Vec::new();
     for _ in 0..count {
-        let endpoints = etcd.endpoints();
-        let prefix = prefix.clone();
-        nodes.push(
-            TestRegistry::start_with(move |config: &mut registry::Config| {
-                config.store = StoreKind::Etcd;
-                config.etcd.endpoints = endpoints;
-                config.etcd.prefix = prefix;
-                config.unhealthy_timeout = Duration::from_secs(timeouts.0);
-                config.delete_timeout = Duration::from_secs(timeouts.1);
-                config.heartbeat_interval = Duration::from_secs(1);
-            })
-            .await,
-        );
+        nodes.push(node(&etcd, &prefix, timeouts).await);
     }
     Some(Nodes {
         etcd,
         nodes,
         prefix,
     })
+}
+
+/// One registry node over `etcd`, under `prefix`, with `timeouts` as
+/// [`nodes`] takes them.
+async fn node(etcd: &EtcdCluster, prefix: &str, timeouts: (u64, u64)) -> TestRegistry {
+    let (endpoints, prefix) = (etcd.endpoints(), prefix.to_string());
+    TestRegistry::start_with(move |config: &mut registry::Config| {
+        config.store = StoreKind::Etcd;
+        config.etcd.endpoints = endpoints;
+        config.etcd.prefix = prefix;
+        config.unhealthy_timeout = Duration::from_secs(timeouts.0);
+        config.delete_timeout = Duration::from_secs(timeouts.1);
+        config.heartbeat_interval = Duration::from_secs(1);
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -825,16 +829,27 @@ async fn a_node_whose_key_went_with_its_lease_announces_itself_again() {
     assert_eq!(listed(node).await, as_listed_by(node, &[node]));
 }
 
-/// A config watch's answers as (revision, data id, version, content):
-/// a snapshot's items at its revision, or one change.
-async fn config_answer(
+/// A config watch's next answer.
+async fn next_config_answer(
     stream: &mut tonic::Streaming<cfg::WatchResponse>,
-) -> (bool, Vec<(u64, String, u64, String)>) {
-    let answer = tokio::time::timeout(PATIENCE, stream.next())
+) -> cfg::WatchResponse {
+    tokio::time::timeout(PATIENCE, stream.next())
         .await
         .expect("a config watch answer in time")
         .expect("the watch goes on")
-        .expect("an answer");
+        .expect("an answer")
+}
+
+/// A config watch's next answer as (revision, data id, version,
+/// content): whether it is a snapshot, and its items at its revision, or
+/// its one change.
+async fn config_answer(
+    stream: &mut tonic::Streaming<cfg::WatchResponse>,
+) -> (bool, Vec<(u64, String, u64, String)>) {
+    seen_in(next_config_answer(stream).await)
+}
+
+fn seen_in(answer: cfg::WatchResponse) -> (bool, Vec<(u64, String, u64, String)>) {
     let at = answer.revision;
     let seen = |item: cfg::Item| (at, item.data_id, item.version, item.content);
     match answer.body.expect("a body") {
@@ -847,17 +862,25 @@ async fn config_answer(
     }
 }
 
-async fn configs_of(node: &TestRegistry) -> ConfigsClient<Channel> {
-    ConfigsClient::connect(node.url()).await.unwrap()
+/// Publishes `request`; the version it made.
+async fn published(configs: &mut ConfigsClient<Channel>, request: cfg::PublishRequest) -> u64 {
+    let answer = configs.publish(request).await.expect("published");
+    answer.into_inner().item.expect("an item").version
 }
 
-fn publishing(data_id: &str, content: &str, expected: Option<u64>) -> cfg::PublishRequest {
+/// `content` for `data_id`, on the condition that it is at `expected`.
+fn publish_on(data_id: &str, content: &str, expected: u64) -> cfg::PublishRequest {
     cfg::PublishRequest {
-        data_id: data_id.into(),
-        content: content.into(),
-        expected_version: expected,
-        ..Default::default()
+        expected_version: Some(expected),
+        ..publish(data_id, content)
     }
+}
+
+/// How many versions of `data_id` (in the default namespace and group)
+/// etcd holds under `prefix`.
+async fn versions_in_etcd(etcd: &Etcd, prefix: &str, data_id: &str) -> usize {
+    let under = format!("{prefix}/cv/public/DEFAULT_GROUP/{data_id}/");
+    etcd.get_prefix(under).await.expect("read etcd").0.len()
 }
 
 /// The config centre on etcd: a change made through one node reaches the
@@ -872,16 +895,18 @@ async fn config_changes_through_one_node_reach_every_node_in_order_at_one_versio
         return;
     };
     let [a, b] = [0, 1].map(|i| &cluster.nodes[i]);
-    let (mut on_a, mut on_b) = (configs_of(a).await, configs_of(b).await);
+    let (mut on_a, mut on_b) = (configs(a).await, configs(b).await);
     let watch = cfg::WatchRequest {
         data_id: "app".into(),
         ..Default::default()
     };
     let mut watcher = on_b.watch(watch.clone()).await.unwrap().into_inner();
-    assert_eq!(config_answer(&mut watcher).await, (true, vec![]));
+    let snapshot = next_config_answer(&mut watcher).await;
+    let incarnation = snapshot.incarnation;
+    assert_eq!(seen_in(snapshot), (true, vec![]));
 
     let first = on_a
-        .publish(publishing("app", "v1", Some(0)))
+        .publish(publish_on("app", "v1", 0))
         .await
         .unwrap()
         .into_inner();
@@ -893,17 +918,10 @@ async fn config_changes_through_one_node_reach_every_node_in_order_at_one_versio
     );
     // Written through b against what it has seen: a, whose view may not
     // have caught up, must still refuse the stale version it holds.
-    let v2 = on_b
-        .publish(publishing("app", "v2", Some(v1)))
-        .await
-        .unwrap()
-        .into_inner()
-        .item
-        .unwrap()
-        .version;
+    let v2 = published(&mut on_b, publish_on("app", "v2", v1)).await;
     assert!(v2 > v1);
     let stale = on_a
-        .publish(publishing("app", "lost", Some(v1)))
+        .publish(publish_on("app", "lost", v1))
         .await
         .unwrap_err();
     assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");
@@ -913,10 +931,7 @@ async fn config_changes_through_one_node_reach_every_node_in_order_at_one_versio
         stale.message()
     );
     let read = on_a
-        .get(cfg::GetRequest {
-            data_id: "app".into(),
-            ..Default::default()
-        })
+        .get(get("app"))
         .await
         .unwrap()
         .into_inner()
@@ -932,20 +947,13 @@ async fn config_changes_through_one_node_reach_every_node_in_order_at_one_versio
     drop(watcher);
     let mut made = Vec::new();
     for n in 3..=5 {
-        let version = on_b
-            .publish(publishing("app", &format!("v{n}"), None))
-            .await
-            .unwrap()
-            .into_inner()
-            .item
-            .unwrap()
-            .version;
+        let version = published(&mut on_b, publish("app", &format!("v{n}"))).await;
         made.push((version, "app".to_string(), version, format!("v{n}")));
     }
     let mut resumed = on_a
         .watch(cfg::WatchRequest {
             start_revision: v2 + 1,
-            incarnation: first_incarnation(&mut on_b).await,
+            incarnation,
             ..watch
         })
         .await
@@ -983,19 +991,10 @@ async fn config_changes_through_one_node_reach_every_node_in_order_at_one_versio
 
     // etcd keeps what the history allows (20 by default), no more.
     for n in 0..25 {
-        on_b.publish(publishing("app", &format!("more {n}"), None))
-            .await
-            .unwrap();
+        published(&mut on_b, publish("app", &format!("more {n}"))).await;
     }
     let etcd = Etcd::connect(&cluster.etcd.endpoints(), PATIENCE).expect("etcd client");
-    let versions = |etcd: Etcd, prefix: String| async move {
-        let (kvs, _) = etcd
-            .get_prefix(format!("{prefix}/cv/public/DEFAULT_GROUP/app/"))
-            .await
-            .unwrap();
-        kvs.len()
-    };
-    assert_eq!(versions(etcd.clone(), cluster.prefix.clone()).await, 20);
+    assert_eq!(versions_in_etcd(&etcd, &cluster.prefix, "app").await, 20);
     let history = on_a
         .history(cfg::HistoryRequest {
             data_id: "app".into(),
@@ -1015,33 +1014,16 @@ async fn config_changes_through_one_node_reach_every_node_in_order_at_one_versio
     })
     .await
     .unwrap();
-    assert_eq!(versions(etcd.clone(), cluster.prefix.clone()).await, 0);
+    assert_eq!(versions_in_etcd(&etcd, &cluster.prefix, "app").await, 0);
     wait_until("b to forget the item", PATIENCE, || {
         let mut on_b = on_b.clone();
         async move {
-            on_b.get(cfg::GetRequest {
-                data_id: "app".into(),
-                ..Default::default()
-            })
-            .await
-            .is_err_and(|status| status.code() == tonic::Code::NotFound)
+            on_b.get(get("app"))
+                .await
+                .is_err_and(|status| status.code() == tonic::Code::NotFound)
         }
     })
     .await;
-}
-
-/// The incarnation a node's config watch answers with.
-async fn first_incarnation(configs: &mut ConfigsClient<Channel>) -> u64 {
-    let mut stream = configs
-        .watch(cfg::WatchRequest {
-            data_id: "none".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let answer = stream.next().await.unwrap().unwrap();
-    answer.incarnation
 }
 
 /// A node that joins later reads every item from etcd, however large:
@@ -1049,28 +1031,17 @@ async fn first_incarnation(configs: &mut ConfigsClient<Channel>) -> u64 {
 /// default size in one page of etcd's answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_joins_later_loads_config_history_larger_than_a_message() {
-    let Some(mut cluster) = nodes(1, SHORT).await else {
+    let Some(cluster) = nodes(1, SHORT).await else {
         return;
     };
-    let mut writer = configs_of(&cluster.nodes[0]).await;
+    let mut writer = configs(&cluster.nodes[0]).await;
     let content = |n: usize| format!("{n:04}").repeat(60 * 1024);
     for n in 0..20 {
-        writer
-            .publish(publishing("big", &content(n), None))
-            .await
-            .unwrap();
+        published(&mut writer, publish("big", &content(n))).await;
     }
-    let (endpoints, prefix) = (cluster.etcd.endpoints(), cluster.prefix.clone());
-    cluster.nodes.push(
-        TestRegistry::start_with(move |config: &mut registry::Config| {
-            config.store = StoreKind::Etcd;
-            config.etcd.endpoints = endpoints;
-            config.etcd.prefix = prefix;
-        })
-        .await,
-    );
+    let later = node(&cluster.etcd, &cluster.prefix, SHORT).await;
     // Twenty such versions pass a client's default message size too.
-    let history = configs_of(&cluster.nodes[1])
+    let history = configs(&later)
         .await
         .max_decoding_message_size(16 * 1024 * 1024)
         .history(cfg::HistoryRequest {

@@ -25,13 +25,13 @@ use shop_mesh::shop::ORDER_SERVICE;
 use crate::shop::{Backend, TestShop};
 use crate::{TestRegistry, admin_token, run_bin, showing, wait_until};
 
-async fn configs(registry: &TestRegistry) -> ConfigsClient<Channel> {
+pub(crate) async fn configs(registry: &TestRegistry) -> ConfigsClient<Channel> {
     ConfigsClient::connect(registry.url())
         .await
         .expect("connect to the registry")
 }
 
-fn publish(data_id: &str, content: &str) -> pb::PublishRequest {
+pub(crate) fn publish(data_id: &str, content: &str) -> pb::PublishRequest {
     pb::PublishRequest {
         data_id: data_id.into(),
         content: content.into(),
@@ -39,7 +39,7 @@ fn publish(data_id: &str, content: &str) -> pb::PublishRequest {
     }
 }
 
-fn get(data_id: &str) -> pb::GetRequest {
+pub(crate) fn get(data_id: &str) -> pb::GetRequest {
     pb::GetRequest {
         data_id: data_id.into(),
         ..Default::default()
